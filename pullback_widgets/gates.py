@@ -1,0 +1,199 @@
+"""Soft-gated autograd ops: the hard op runs forward bit for bit; only the backward is soft.
+
+Each op keeps a reference to a :class:`GateSettings` object and reads it when its backward runs,
+so one retained forward graph can be pulled back at many temperatures.
+
+ReLU family (ReLU, ReLU6, hardtanh): the incoming gradient is multiplied by a gate of the
+pre-activation ``z`` instead of the hard indicator ``1[low < z < high]``:
+
+- ``sigmoid``:    g(z) = sigmoid(z / T)                      (the paper's first version, T = 0.3)
+- ``normal_cdf``: g(z) = Phi(z / T)                          (the paper's later version, T = 0.6)
+- ``hard``:       g(z) = 1[z > 0]                            (the plain gradient)
+
+A two-sided clamp such as ReLU6 gets g(z - low) * g(high - z).
+
+Max-pool: the backward is the gradient of the soft pool ``y = sum_j softmax(w / T)_j * w_j`` over
+each window ``w``, the softmax weights differentiated too. Its closed form per window entry is
+``dy/dw_j = p_j * (1 + (w_j - y) / T)``. Padded positions are -inf, so they get zero weight.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+GATES = ("sigmoid", "normal_cdf", "hard")
+
+
+def check_temperature(value: float, name: str = "temperature") -> float:
+    """Return ``value`` as a float if it is a finite number > 0, else raise a ValueError/TypeError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_gate(gate: str) -> str:
+    if not isinstance(gate, str):
+        raise TypeError(f"gate must be a string, one of {GATES}, got {type(gate).__name__}")
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    return gate
+
+
+@dataclass
+class GateSettings:
+    """What the soft backward of every gated op reads at the moment it runs.
+
+    ``temperature`` is in the units of the pre-activations; ``pool_temperature=None`` means
+    "same as ``temperature``".
+    """
+
+    temperature: float = 0.3
+    gate: str = "sigmoid"
+    pool_temperature: float | None = None
+
+    def __post_init__(self) -> None:
+        self.update(self.temperature, self.gate, self.pool_temperature)
+
+    def update(self, temperature: float, gate: str, pool_temperature: float | None) -> None:
+        self.temperature = check_temperature(temperature)
+        self.gate = check_gate(gate)
+        self.pool_temperature = (
+            None if pool_temperature is None
+            else check_temperature(pool_temperature, "pool_temperature")
+        )
+
+    @property
+    def effective_pool_temperature(self) -> float:
+        return self.temperature if self.pool_temperature is None else self.pool_temperature
+
+
+def soft_step(z: Tensor, settings: GateSettings) -> Tensor:
+    """The gate g(z) as a new tensor of ``z``'s shape: a soft version of 1[z > 0]."""
+    if settings.gate == "hard":
+        return (z > 0).to(z.dtype)
+    scaled = z / settings.temperature
+    if settings.gate == "sigmoid":
+        return scaled.sigmoid_()
+    return torch.special.ndtr(scaled)
+
+
+class SoftClamp(torch.autograd.Function):
+    """ReLU-family op: runs ``hard_op`` forward, pulls back through g(z - low) * g(high - z)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, hard_op: Callable[[Tensor], Tensor], low: float,
+                high: float | None, inplace: bool, settings: GateSettings) -> Tensor:
+        # An in-place op destroys z, and the soft gate needs its negative part.
+        pre_activation = z.clone() if inplace else z
+        out = hard_op(z)
+        if inplace:
+            ctx.mark_dirty(z)
+        ctx.save_for_backward(pre_activation)
+        ctx.low, ctx.high, ctx.settings = low, high, settings
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        (z,) = ctx.saved_tensors
+        low, high, settings = ctx.low, ctx.high, ctx.settings
+        if settings.gate == "hard":
+            # torch.where, not a product, so that the result equals autograd's bit for bit.
+            inside = z > low if high is None else (z > low) & (z < high)
+            grad_in = torch.where(inside, grad_out, torch.zeros((), dtype=grad_out.dtype))
+        else:
+            gate = soft_step(z - low if low else z, settings)
+            if high is not None:
+                gate.mul_(soft_step(high - z, settings))
+            grad_in = gate.mul_(grad_out)
+        return grad_in, None, None, None, None, None
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """A 2-D max-pool's arguments, each as an (h, w) pair."""
+
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    ceil_mode: bool
+
+    @staticmethod
+    def of(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False) -> PoolGeometry:
+        def pair(v):
+            return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[-1]))
+
+        kernel = pair(kernel_size)
+        stride = kernel if stride is None or (not isinstance(stride, int) and len(stride) == 0) \
+            else pair(stride)
+        return PoolGeometry(kernel, stride, pair(padding), pair(dilation), bool(ceil_mode))
+
+    def as_args(self) -> tuple:
+        return self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode
+
+
+def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
+                           temperature: float) -> Tensor:
+    """Gradient of the soft pool at ``x`` (N, C, H, W), given ``grad_out`` (N, C, Ho, Wo)."""
+    n, c, h, w = x.shape
+    out_h, out_w = grad_out.shape[-2:]
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry.as_args()[:4]
+    # ceil_mode adds a last window that hangs over the right/bottom edge: pad for it too.
+    extra_h = max(0, (out_h - 1) * sh + dh * (kh - 1) + 1 - (h + 2 * ph))
+    extra_w = max(0, (out_w - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw))
+    padded = x
+    if ph or pw or extra_h or extra_w:
+        padded = F.pad(x, (pw, pw + extra_w, ph, ph + extra_h), value=-math.inf)
+    padded_hw = padded.shape[-2:]
+    windows = F.unfold(padded, (kh, kw), dilation=(dh, dw), stride=(sh, sw))
+    windows = windows.view(n, c, kh * kw, out_h * out_w)
+    weights = torch.softmax(windows / temperature, dim=2)
+    finite_windows = windows.nan_to_num(neginf=0.0) if padded is not x else windows
+    soft_max = (weights * finite_windows).sum(dim=2, keepdim=True)
+    local = weights * (1 + (finite_windows - soft_max) / temperature)
+    local.mul_(grad_out.reshape(n, c, 1, out_h * out_w))
+    grad_padded = F.fold(local.view(n, c * kh * kw, out_h * out_w), padded_hw, (kh, kw),
+                         dilation=(dh, dw), stride=(sh, sw))
+    return grad_padded[..., ph:ph + h, pw:pw + w]
+
+
+def hard_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry) -> Tensor:
+    """Autograd's own max-pool gradient (all of it to each window's first maximum)."""
+    _, indices = torch.ops.aten.max_pool2d_with_indices(x, *geometry.as_args())
+    return torch.ops.aten.max_pool2d_with_indices_backward(
+        grad_out, x, *geometry.as_args(), indices)
+
+
+class SoftMaxPool2d(torch.autograd.Function):
+    """Max-pool: runs ``hard_op`` forward, pulls back through the soft pool."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, hard_op: Callable[[Tensor], Tensor], geometry: PoolGeometry,
+                settings: GateSettings) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.geometry, ctx.settings = geometry, settings
+        return hard_op(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        (x,) = ctx.saved_tensors
+        unbatched = x.dim() == 3
+        if unbatched:
+            x, grad_out = x.unsqueeze(0), grad_out.unsqueeze(0)
+        if ctx.settings.gate == "hard":
+            grad_in = hard_max_pool_backward(grad_out, x, ctx.geometry)
+        else:
+            grad_in = soft_max_pool_backward(
+                grad_out, x, ctx.geometry, ctx.settings.effective_pool_temperature)
+        return (grad_in.squeeze(0) if unbatched else grad_in), None, None, None

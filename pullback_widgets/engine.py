@@ -14,7 +14,6 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +53,7 @@ class Unit:
             raise ValueError("Unit y and x must both be given or both be None")
 
 
-Target = Union[int, Sequence[int], Tensor, Unit]
+Target = int | Sequence[int] | Tensor | Unit
 
 
 # --------------------------------------------------------------------------- interception
@@ -389,7 +388,7 @@ class PullbackSession:
         self.settings.update(
             self.settings.temperature if temperature is None else temperature,
             self.settings.gate if gate is None else gate,
-            pool_temperature)
+            self.settings.pool_temperature if pool_temperature is None else pool_temperature)
 
     def _record_layers_of(self, targets: Iterable[Target]) -> None:
         """Re-run the forward once if a Unit target names a layer this session did not record."""
@@ -413,7 +412,7 @@ class PullbackSession:
                  gate: str | None = None, pool_temperature: float | None = None) -> Tensor:
         """The excitation pullback of ``target``: (B, C, H, W), like ``inputs``.
 
-        ``temperature``/``gate`` of None keep the session's current ones.
+        ``temperature``, ``gate`` and ``pool_temperature`` of None keep the session's current ones.
         """
         self._configure(temperature, gate, pool_temperature)
         self._record_layers_of([target])

@@ -32,7 +32,7 @@ GATES = ("sigmoid", "normal_cdf", "hard")
 
 
 def check_temperature(value: float, name: str = "temperature") -> float:
-    """Return ``value`` as a float if it is a finite number > 0, else raise a ValueError/TypeError."""
+    """``value`` as a float if it is a finite number > 0; else a ValueError or TypeError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value) or value <= 0:
@@ -114,7 +114,7 @@ class SoftClamp(torch.autograd.Function):
             gate = soft_step(z - low if low else z, settings)
             if high is not None:
                 gate.mul_(soft_step(high - z, settings))
-            grad_in = gate.mul_(grad_out)
+            grad_in = gate * grad_out  # out of place: grad_out may be vmapped (batched targets)
         return grad_in, None, None, None, None, None
 
 
@@ -161,10 +161,12 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
     finite_windows = windows.nan_to_num(neginf=0.0) if padded is not x else windows
     soft_max = (weights * finite_windows).sum(dim=2, keepdim=True)
     local = weights * (1 + (finite_windows - soft_max) / temperature)
-    local.mul_(grad_out.reshape(n, c, 1, out_h * out_w))
+    local = local * grad_out.reshape(n, c, 1, out_h * out_w)
     grad_padded = F.fold(local.view(n, c * kh * kw, out_h * out_w), padded_hw, (kh, kw),
                          dilation=(dh, dw), stride=(sh, sw))
-    return grad_padded[..., ph:ph + h, pw:pw + w]
+    if padded is x:
+        return grad_padded
+    return grad_padded.narrow(-2, ph, h).narrow(-1, pw, w)
 
 
 def hard_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry) -> Tensor:

@@ -1,0 +1,176 @@
+"""Slow, textbook forms of the excitation pullback, written independently of the package.
+
+Nothing here imports pullback_widgets: these are the oracles the engine is compared with.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def gate_value(z: Tensor, temperature: float, gate: str) -> Tensor:
+    if gate == "sigmoid":
+        return torch.sigmoid(z / temperature)
+    if gate == "normal_cdf":
+        return 0.5 * (1 + torch.erf(z / (temperature * math.sqrt(2.0))))
+    return (z > 0).to(z.dtype)
+
+
+# ---------------------------------------------------------------- path-sum form
+
+def path_sum_pullback(weights: list[Tensor], x: Tensor, output: int, temperature: float,
+                      gate: str) -> Tensor:
+    """Pullback of a bias-free MLP ``W_L relu(... relu(W_1 x))`` as an explicit sum over paths.
+
+    Every input-to-output path contributes the product of its weights and of the gates of the
+    hidden neurons it passes through; x is (D,), the result is (D,).
+    """
+    gates, h = [], x
+    for w in weights[:-1]:
+        z = w @ h
+        gates.append(gate_value(z, temperature, gate))
+        h = torch.relu(z)
+    widths = [w.shape[0] for w in weights[:-1]]
+    result = torch.zeros_like(x)
+    for i in range(x.shape[0]):
+        total = 0.0
+        for hidden in itertools.product(*[range(n) for n in widths]):
+            nodes = (i, *hidden, output)
+            term = 1.0
+            for layer, w in enumerate(weights):
+                term = term * w[nodes[layer + 1], nodes[layer]]
+                if layer < len(hidden):
+                    term = term * gates[layer][hidden[layer]]
+            total = total + term
+        result[i] = total
+    return result
+
+
+# ---------------------------------------------------------------- frozen-gate ops
+
+def frozen_gate_clamp(z: Tensor, temperature: float, gate: str, low: float = 0.0,
+                      high: float | None = None) -> Tensor:
+    """clamp(z, low, high) in value, gradient g(z - low) g(high - z): z sg(g) + sg(f(z) - z g)."""
+    g = gate_value(z - low, temperature, gate)
+    if high is not None:
+        g = g * gate_value(high - z, temperature, gate)
+    if gate == "hard":
+        g = ((z > low) & (z < high if high is not None else True)).to(z.dtype)
+    hard = torch.clamp(z, low, high)
+    return z * g.detach() + (hard - z * g).detach()
+
+
+def soft_pool_autograd(x: Tensor, kernel: int, stride: int, padding: int, temperature: float,
+                       dilation: int = 1, ceil_mode: bool = False) -> Tensor:
+    """Soft pool sum softmax(w/T) w per window, built from unfolded windows so autograd
+    differentiates it (weights included); padding is -inf. Same output size as max_pool2d."""
+    n, c, h, w = x.shape
+    out_h, out_w = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode).shape[-2:]
+    span = dilation * (kernel - 1) + 1
+    extra_h = max(0, (out_h - 1) * stride + span - (h + 2 * padding))
+    extra_w = max(0, (out_w - 1) * stride + span - (w + 2 * padding))
+    padded = F.pad(x, (padding, padding + extra_w, padding, padding + extra_h), value=-math.inf)
+    windows = F.unfold(padded, kernel, dilation=dilation, stride=stride)
+    windows = windows.view(n, c, kernel * kernel, out_h * out_w)
+    p = torch.softmax(windows / temperature, dim=2)
+    soft = (p * torch.where(torch.isinf(windows), 0.0, windows)).sum(2)
+    return soft.view(n, c, out_h, out_w)
+
+
+def frozen_gate_pool(x: Tensor, kernel: int, stride: int, padding: int, temperature: float,
+                     gate: str, dilation: int = 1, ceil_mode: bool = False) -> Tensor:
+    """Hard max-pool in value, soft-pool gradient."""
+    hard = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
+    if gate == "hard":
+        return hard
+    soft = soft_pool_autograd(x, kernel, stride, padding, temperature, dilation, ceil_mode)
+    return hard.detach() + soft - soft.detach()
+
+
+def window_loop_pool_grad(x: Tensor, grad_out: Tensor, kernel: int, stride: int, padding: int,
+                          temperature: float, dilation: int = 1,
+                          ceil_mode: bool = False) -> Tensor:
+    """The soft-pool gradient one window at a time, each by autograd on that window alone."""
+    n, c, h, w = x.shape
+    out_h, out_w = grad_out.shape[-2:]
+    grad = torch.zeros_like(x)
+    for b, ch, oy, ox in itertools.product(range(n), range(c), range(out_h), range(out_w)):
+        coords = []
+        for ky, kx in itertools.product(range(kernel), range(kernel)):
+            yy = oy * stride - padding + ky * dilation
+            xx = ox * stride - padding + kx * dilation
+            if 0 <= yy < h and 0 <= xx < w:  # padded positions take no part
+                coords.append((yy, xx))
+        values = torch.stack([x[b, ch, yy, xx] for yy, xx in coords]).detach().requires_grad_()
+        soft = (torch.softmax(values / temperature, 0) * values).sum()
+        (local,) = torch.autograd.grad(soft, values)
+        for (yy, xx), d in zip(coords, local):
+            grad[b, ch, yy, xx] += d * grad_out[b, ch, oy, ox]
+    return grad
+
+
+# ---------------------------------------------------------------- a network with every op form
+
+class EveryOpNet(nn.Module):
+    """Small CNN that calls ReLU and max-pool in every supported form (see forward)."""
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.relu = nn.ReLU(inplace=True)  # reused below
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.conv3 = nn.Conv2d(6, 6, 3, padding=1)
+        self.relu6 = nn.ReLU6()
+        self.conv4 = nn.Conv2d(6, 8, 1)
+        self.conv5 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+        with torch.no_grad():  # non-trivial eval-mode batch norm
+            self.bn1.running_mean.uniform_(-0.2, 0.2)
+            self.bn1.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))            # nn.ReLU(inplace=True)
+        x = self.pool(x)                                  # nn.MaxPool2d with padding
+        y = self.relu(self.conv2(x))                      # the same module again
+        y = self.relu6(self.conv3(y) * 4)                 # nn.ReLU6
+        x = torch.relu_(x + y)                            # functional, in place, residual
+        x = F.max_pool2d(x, 2, ceil_mode=True)            # functional, ceil_mode
+        x = self.conv4(x).relu()                          # Tensor.relu
+        x = F.hardtanh(self.conv5(x) * 3, 0.0, 6.0)       # hardtanh(0, 6)
+        x = F.relu(x - 0.5)                               # F.relu
+        return self.fc(x.mean((2, 3)))
+
+
+def every_op_reference(net: EveryOpNet, x: Tensor, temperature: float, gate: str,
+                       pool_temperature: float | None = None) -> Tensor:
+    """EveryOpNet's forward with frozen-gate ops: its input gradient is the pullback."""
+    tp = temperature if pool_temperature is None else pool_temperature
+
+    def clamp(z, low=0.0, high=None):
+        return frozen_gate_clamp(z, temperature, gate, low, high)
+
+    x = clamp(net.bn1(net.conv1(x)))
+    x = frozen_gate_pool(x, 3, 2, 1, tp, gate)
+    y = clamp(net.conv2(x))
+    y = clamp(net.conv3(y) * 4, 0.0, 6.0)
+    x = clamp(x + y)
+    x = frozen_gate_pool(x, 2, 2, 0, tp, gate, ceil_mode=True)
+    x = clamp(net.conv4(x))
+    x = clamp(net.conv5(x) * 3, 0.0, 6.0)
+    x = clamp(x - 0.5)
+    return net.fc(x.mean((2, 3)))
+
+
+def reference_pullback(net: EveryOpNet, x: Tensor, target: int, temperature: float,
+                       gate: str, pool_temperature: float | None = None) -> Tensor:
+    x = x.detach().clone().requires_grad_()
+    logits = every_op_reference(net, x, temperature, gate, pool_temperature)
+    (grad,) = torch.autograd.grad(logits[:, target].sum(), x)
+    return grad

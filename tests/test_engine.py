@@ -1,0 +1,431 @@
+"""The engine against the slow references, and every promise it makes about the model."""
+
+import copy
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import pullback_widgets as pw
+from pullback_widgets.engine import _active_gating_mode
+from tests.reference import EveryOpNet, path_sum_pullback, reference_pullback
+
+
+def _net(seed: int = 0, dtype=torch.float64) -> EveryOpNet:
+    torch.manual_seed(seed)
+    return EveryOpNet().to(dtype).eval()
+
+
+def _image(batch: int = 2, size: int = 12, seed: int = 1, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return torch.rand(batch, 3, size, size, dtype=dtype)
+
+
+def _plain_gradient(model, x, target):
+    x = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(model(x)[:, target].sum(), x)
+    return grad
+
+
+def _model_snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grads": [p.grad for p in model.parameters()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+                  for m in model.modules()],
+        "modules": [type(m) for m in model.modules()],
+    }
+
+
+def _assert_untouched(model: nn.Module, before: dict) -> None:
+    after = _model_snapshot(model)
+    assert before["state"].keys() == after["state"].keys()
+    for key in before["state"]:
+        assert torch.equal(before["state"][key], after["state"][key]), key
+    for field in ("training", "requires_grad", "hooks", "modules"):
+        assert before[field] == after[field], field
+    assert all(g is None for g in after["grads"])
+    assert _active_gating_mode() is None
+
+
+# ---------------------------------------------------------------- against the references
+
+@pytest.mark.parametrize("gate", ["sigmoid", "normal_cdf", "hard"])
+@pytest.mark.parametrize("temperature", [0.1, 0.6, 2.0])
+def test_pullback_equals_frozen_gate_reference(gate, temperature):
+    net, x = _net(), _image()
+    actual = pw.excitation_pullback(net, x, 3, temperature=temperature, gate=gate)
+    expected = reference_pullback(net, x, 3, temperature, gate)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_pool_temperature_is_separate():
+    net, x = _net(), _image()
+    actual = pw.excitation_pullback(net, x, 1, temperature=0.4, pool_temperature=2.5)
+    torch.testing.assert_close(actual, reference_pullback(net, x, 1, 0.4, "sigmoid", 2.5))
+    assert not torch.allclose(actual, reference_pullback(net, x, 1, 0.4, "sigmoid"))
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "normal_cdf"])
+def test_path_sum_form_on_bias_free_mlp(gate):
+    torch.manual_seed(3)
+    widths = [4, 3, 3, 2]
+    weights = [torch.randn(o, i, dtype=torch.float64) for i, o in itertools.pairwise(widths)]
+    mlp = nn.Sequential(nn.Linear(4, 3, bias=False), nn.ReLU(), nn.Linear(3, 3, bias=False),
+                        nn.ReLU(), nn.Linear(3, 2, bias=False)).double()
+    for layer, w in zip(mlp[::2], weights):
+        layer.weight.data.copy_(w)
+    x = torch.randn(1, 4, dtype=torch.float64)
+    with pw.soft_gating(mlp, temperature=0.8, gate=gate):
+        xg = x.clone().requires_grad_()
+        (actual,) = torch.autograd.grad(mlp(xg)[0, 1], xg)
+    expected = path_sum_pullback(weights, x[0], 1, 0.8, gate)
+    torch.testing.assert_close(actual[0], expected)
+
+
+def test_sigmoid_gate_matches_zennit_relu_beta_smooth():
+    zennit_core = pytest.importorskip("zennit.core")
+    from zennit.rules import ReLUBetaSmooth
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Conv2d(5, 5, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(5 * 6 * 6, 4)).double().eval()
+    x = _image(1, 10)
+    temperature = 0.25
+    composite = zennit_core.Composite(module_map=lambda ctx, name, module: (
+        ReLUBetaSmooth(beta_smooth=1 / temperature) if isinstance(module, nn.ReLU) else None))
+    with composite.context(model) as modified:
+        xg = x.clone().requires_grad_()
+        (expected,) = torch.autograd.grad(modified(xg)[0, 2], xg)
+    actual = pw.excitation_pullback(model, x, 2, temperature=temperature)
+    torch.testing.assert_close(actual, expected)
+
+
+# ---------------------------------------------------------------- forward and limits
+
+def test_forward_is_bit_identical_inside_and_outside():
+    net, x = _net(dtype=torch.float32), _image(dtype=torch.float32)
+    with torch.no_grad():
+        plain = net(x)
+    with pw.soft_gating(net, temperature=0.3):
+        inside = net(x.clone().requires_grad_())
+    assert torch.equal(inside, plain)
+    session = pw.PullbackSession(net, x)
+    assert torch.equal(session.logits, plain)
+    with torch.no_grad():
+        assert torch.equal(net(x), plain)
+
+
+def test_forward_of_resnet_is_bit_identical():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        plain = model(x)
+    session = pw.PullbackSession(model, x)
+    assert torch.equal(session.logits, plain)
+    assert session.gated_calls == 1 + 1 + 8 * 2  # stem ReLU, stem max-pool, 2 per block
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "normal_cdf"])
+def test_small_temperature_gives_the_plain_gradient(gate):
+    net, x = _net(), _image()
+    pullback = pw.excitation_pullback(net, x, 2, temperature=1e-7, gate=gate)
+    torch.testing.assert_close(pullback, _plain_gradient(net, x, 2), rtol=1e-5, atol=1e-9)
+
+
+def test_hard_gate_is_the_plain_gradient_bit_for_bit():
+    net, x = _net(dtype=torch.float32), _image(dtype=torch.float32)
+    pullback = pw.excitation_pullback(net, x, 2, gate="hard")
+    assert torch.equal(pullback, _plain_gradient(net, x, 2))
+
+
+def test_large_temperature_makes_the_pullback_input_independent():
+    net = _net()
+    a = pw.excitation_pullback(net, _image(1, seed=5), 0, temperature=1e7)
+    b = pw.excitation_pullback(net, _image(1, seed=6), 0, temperature=1e7)
+    # Gates deviate from 1/2 by O(z / T): compare at that scale.
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(a.abs().max()))
+    c = pw.excitation_pullback(net, _image(1, seed=5), 0, temperature=0.3)
+    d = pw.excitation_pullback(net, _image(1, seed=6), 0, temperature=0.3)
+    assert not torch.allclose(c, d, rtol=1e-2)
+
+
+# ---------------------------------------------------------------- every form of ReLU
+
+def test_densenet_functional_relu_is_gated():
+    torch.manual_seed(0)
+    model = torchvision.models.DenseNet(growth_rate=4, block_config=(1, 1), num_init_features=8,
+                                        bn_size=2, num_classes=5).eval()
+    relu_module_calls = []
+    handles = [m.register_forward_hook(lambda *a: relu_module_calls.append(1))
+               for m in model.modules() if isinstance(m, nn.ReLU)]
+    session = pw.PullbackSession(model, torch.rand(1, 3, 32, 32))
+    for handle in handles:
+        handle.remove()
+    # every nn.ReLU call, the stem max-pool, and the final functional F.relu in forward()
+    assert session.gated_calls == len(relu_module_calls) + 1 + 1
+
+
+def test_functional_relu_changes_the_result():
+    """A module-swapping implementation would miss DenseNet-style functional calls."""
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin1, self.lin2 = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.lin2(F.relu(self.lin1(x.flatten(1)), inplace=True))
+
+    torch.manual_seed(2)
+    model = Functional().double()
+    x = torch.rand(1, 6, 1, 1, dtype=torch.float64)
+    soft = pw.excitation_pullback(model, x, 0, temperature=1.0)
+    hard = _plain_gradient(model, x, 0)
+    assert not torch.allclose(soft, hard)
+
+
+# ---------------------------------------------------------------- targets
+
+def test_per_example_targets_equal_single_example_pullbacks():
+    net, x = _net(), _image(3)
+    together = pw.excitation_pullback(net, x, [0, 4, 2], temperature=0.5)
+    for i, target in enumerate([0, 4, 2]):
+        alone = pw.excitation_pullback(net, x[i:i + 1], target, temperature=0.5)
+        torch.testing.assert_close(together[i:i + 1], alone)
+    as_tensor = pw.excitation_pullback(net, x, torch.tensor([0, 4, 2]), temperature=0.5)
+    torch.testing.assert_close(as_tensor, together)
+
+
+def test_unit_target_matches_the_reference_hidden_unit():
+    net, x = _net(), _image(1)
+    unit_map = pw.excitation_pullback(net, x, pw.Unit("conv4", 3), temperature=0.5)
+    unit_px = pw.excitation_pullback(net, x, pw.Unit("conv4", 3, y=1, x=2), temperature=0.5)
+
+    def reference(select):
+        from tests.reference import frozen_gate_clamp, frozen_gate_pool
+        xg = x.clone().requires_grad_()
+        h = frozen_gate_clamp(net.bn1(net.conv1(xg)), 0.5, "sigmoid")
+        h = frozen_gate_pool(h, 3, 2, 1, 0.5, "sigmoid")
+        y = frozen_gate_clamp(net.conv2(h), 0.5, "sigmoid")
+        y = frozen_gate_clamp(net.conv3(y) * 4, 0.5, "sigmoid", 0.0, 6.0)
+        h = frozen_gate_clamp(h + y, 0.5, "sigmoid")
+        h = frozen_gate_pool(h, 2, 2, 0, 0.5, "sigmoid", ceil_mode=True)
+        (grad,) = torch.autograd.grad(select(net.conv4(h)), xg)
+        return grad
+
+    torch.testing.assert_close(unit_map, reference(lambda a: a[0, 3].mean()))
+    torch.testing.assert_close(unit_px, reference(lambda a: a[0, 3, 1, 2]))
+
+
+def test_unit_on_a_layer_whose_output_is_overwritten_in_place():
+    """bn1's output is overwritten by ReLU(inplace=True); the Unit must see the pre-ReLU value."""
+    net, x = _net(), _image(1)
+    session = pw.PullbackSession(net, x, layers=["bn1"])
+    with torch.no_grad():
+        expected = net.bn1(net.conv1(x))
+    torch.testing.assert_close(session.activations["bn1"], expected)
+    assert (expected < 0).any()
+
+
+def test_session_update_equals_fresh_computation():
+    net, x = _net(), _image()
+    session = pw.PullbackSession(net, x, temperature=0.3, layers=["conv5"])
+    session.pullback(1)
+    for temperature, gate, target in [(0.05, "sigmoid", 4), (3.0, "normal_cdf", 0),
+                                      (1.0, "hard", 2), (0.7, "sigmoid", pw.Unit("conv5", 1))]:
+        updated = session.pullback(target, temperature=temperature, gate=gate)
+        fresh = pw.excitation_pullback(net, x, target, temperature=temperature, gate=gate)
+        torch.testing.assert_close(updated, fresh)
+
+
+def test_batched_targets_equal_a_loop():
+    net, x = _net(), _image(2)
+    session = pw.PullbackSession(net, x, layers=["conv4"])
+    targets = [0, [1, 3], pw.Unit("conv4", 2), pw.Unit("conv4", 5, 0, 1), 4]
+    batched = session.pullbacks(targets, temperature=0.4)
+    assert batched.shape == (5, *x.shape)
+    for k, target in enumerate(targets):
+        torch.testing.assert_close(batched[k], session.pullback(target, temperature=0.4))
+
+
+def test_unit_on_unrecorded_layer_costs_one_more_forward():
+    net, x = _net(), _image(1)
+    session = pw.PullbackSession(net, x)
+    result = session.pullback(pw.Unit("conv2", 0))
+    assert session.layers == ("conv2",)
+    torch.testing.assert_close(result, pw.excitation_pullback(
+        net, x, pw.Unit("conv2", 0), temperature=pw.engine.default_temperature(net)))
+
+
+def test_captum_style_attribute():
+    net, x = _net(), _image(2)
+    method = pw.ExcitationPullback(net, temperature=0.5, gate="normal_cdf")
+    torch.testing.assert_close(method.attribute(x, target=[1, 2]),
+                               pw.excitation_pullback(net, x, [1, 2], temperature=0.5,
+                                                      gate="normal_cdf"))
+    predicted = net(x).argmax(1)
+    torch.testing.assert_close(method.attribute(x),
+                               pw.excitation_pullback(net, x, predicted, temperature=0.5,
+                                                      gate="normal_cdf"))
+    assert method.has_convergence_delta() is False
+
+
+# ---------------------------------------------------------------- the model is never harmed
+
+def test_model_untouched_after_use():
+    net, x = _net(), _image()
+    net.fc.weight.requires_grad_(False)
+    before = _model_snapshot(net)
+    pw.excitation_pullback(net, x, 1)
+    session = pw.PullbackSession(net, x, layers=["conv3", "bn1"])
+    session.pullbacks([1, pw.Unit("conv3", 0)])
+    _assert_untouched(net, before)
+
+
+def test_model_untouched_after_exception_in_forward():
+    class Exploding(EveryOpNet):
+        def forward(self, x):
+            F.relu(self.conv1(x))
+            raise RuntimeError("boom")
+
+    torch.manual_seed(0)
+    net = Exploding().double().train()
+    before = _model_snapshot(net)
+    with pytest.raises(RuntimeError, match="boom"):
+        pw.PullbackSession(net, _image(), layers=["conv1", "bn1"])
+    _assert_untouched(net, before)
+    assert net.training  # train mode was restored
+
+
+def test_model_untouched_after_exception_inside_context():
+    net, x = _net(), _image()
+    before = _model_snapshot(net)
+    with pytest.raises(KeyError), pw.soft_gating(net, temperature=0.5):
+        net(x.clone().requires_grad_())
+        raise KeyError("user code failed")
+    _assert_untouched(net, before)
+    with torch.no_grad():
+        assert torch.equal(net(x), before_logits(net, x))
+
+
+def before_logits(net, x):
+    with torch.no_grad():
+        return net(x)
+
+
+def test_train_mode_model_is_run_in_eval_and_restored():
+    net, x = _net(), _image()
+    expected = pw.excitation_pullback(net, x, 0)
+    net.train()
+    running_mean = net.bn1.running_mean.clone()
+    actual = pw.excitation_pullback(net, x, 0)
+    torch.testing.assert_close(actual, expected)
+    assert net.training and net.bn1.training
+    assert torch.equal(net.bn1.running_mean, running_mean)
+
+
+def test_nested_soft_gating_is_a_clear_error():
+    net, x = _net(), _image()
+    with pw.soft_gating(net), pytest.raises(RuntimeError, match="already active"):
+        pw.excitation_pullback(net, x, 0)
+    assert _active_gating_mode() is None
+
+
+def test_model_without_relu_gives_gradient_with_warning():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(3)).double()
+    x = _image(1, 6)
+    model(x)
+    with pytest.warns(UserWarning, match="no ReLU"):
+        pullback = pw.excitation_pullback(model, x, 1)
+    torch.testing.assert_close(pullback, _plain_gradient(model, x, 1))
+
+
+def test_no_grad_context_does_not_gate_or_break():
+    net, x = _net(), _image()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            pullback = pw.excitation_pullback(net, x, 0)
+    torch.testing.assert_close(pullback, reference_pullback(net, x, 0, 0.3, "sigmoid"))
+
+
+def test_two_sessions_on_one_model_do_not_interfere():
+    net, x = _net(), _image()
+    a = pw.PullbackSession(net, x, temperature=0.2)
+    b = pw.PullbackSession(net, x, temperature=2.0)
+    first = a.pullback(0)
+    b.pullback(0)
+    torch.testing.assert_close(a.pullback(0), first)
+    torch.testing.assert_close(b.pullback(0), reference_pullback(net, x, 0, 2.0, "sigmoid"))
+
+
+def test_copy_of_model_behaves_the_same_after_use():
+    net, x = _net(), _image()
+    pristine = copy.deepcopy(net)
+    pw.PullbackSession(net, x).pullbacks([0, 1])
+    with torch.no_grad():
+        assert torch.equal(net(x), pristine(x))
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"temperature": 0.0}, ValueError, "temperature"),
+    ({"temperature": -2.0}, ValueError, "temperature"),
+    ({"temperature": float("nan")}, ValueError, "temperature"),
+    ({"temperature": float("inf")}, ValueError, "temperature"),
+    ({"pool_temperature": 0.0}, ValueError, "pool_temperature"),
+    ({"gate": "softplus"}, ValueError, "gate"),
+    ({"gate": 3}, TypeError, "gate"),
+])
+def test_bad_settings(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pw.excitation_pullback(_net(), _image(), 0, **kwargs)
+
+
+@pytest.mark.parametrize(("target", "error", "match"), [
+    (5, ValueError, "out of range"),
+    (-1, ValueError, "out of range"),
+    ([0], ValueError, "batch of 2"),
+    (True, TypeError, "bool"),
+    (1.5, TypeError, "target"),
+    ("cat", TypeError, "target"),
+    (torch.tensor([0.0, 1.0]), TypeError, "integer"),
+    (pw.Unit("conv9", 0), ValueError, "unknown layer 'conv9'.*conv"),
+    (pw.Unit("conv2", 6), ValueError, "channel 6 is out of range"),
+    (pw.Unit("conv2", 0, 99, 0), ValueError, "outside"),
+    (pw.Unit("relu", 0), ValueError, "ran 2 times"),
+])
+def test_bad_targets(target, error, match):
+    with pytest.raises(error, match=match):
+        pw.excitation_pullback(_net(), _image(), target)
+
+
+@pytest.mark.parametrize(("inputs", "error", "match"), [
+    (torch.rand(3, 12, 12, dtype=torch.float64), ValueError, r"\(B, C, H, W\)"),
+    (torch.rand(1, 4, 12, 12, dtype=torch.float64), ValueError, "3 channels"),
+    ((torch.rand(1, 3, 12, 12) * 255).to(torch.uint8), TypeError, "floating-point"),
+    (torch.full((1, 3, 12, 12), float("nan"), dtype=torch.float64), ValueError, "NaN"),
+    ([[0.0]], TypeError, "torch.Tensor"),
+])
+def test_bad_inputs(inputs, error, match):
+    with pytest.raises(error, match=match):
+        pw.excitation_pullback(_net(), inputs, 0)
+
+
+def test_bad_unit_and_model_arguments():
+    with pytest.raises(TypeError, match="model"):
+        pw.excitation_pullback(lambda x: x, _image(), 0)
+    with pytest.raises(ValueError, match="y and x"):
+        pw.Unit("conv2", 0, y=3)
+    with pytest.raises(TypeError, match="channel"):
+        pw.Unit("conv2", "0")
+    with pytest.raises(TypeError, match="list of targets"):
+        pw.PullbackSession(_net(), _image()).pullbacks(0)

@@ -1,0 +1,107 @@
+"""The soft-gated ops against textbook forms: window loops, frozen gates, autograd."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pullback_widgets.gates import (
+    GateSettings,
+    PoolGeometry,
+    SoftClamp,
+    SoftMaxPool2d,
+    soft_max_pool_backward,
+)
+from tests.reference import gate_value, window_loop_pool_grad
+
+POOL_CASES = [
+    # kernel, stride, padding, dilation, ceil_mode, (H, W)
+    (2, 2, 0, 1, False, (6, 6)),
+    (3, 2, 1, 1, False, (7, 7)),
+    (3, 2, 1, 1, True, (8, 8)),
+    (3, 1, 1, 2, False, (6, 5)),
+    (2, 2, 0, 1, True, (5, 7)),
+    (3, 3, 0, 1, True, (7, 8)),
+]
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation", "ceil_mode", "hw"),
+                         POOL_CASES)
+@pytest.mark.parametrize("temperature", [0.05, 0.5, 3.0])
+def test_soft_pool_backward_equals_window_loop(kernel, stride, padding, dilation, ceil_mode,
+                                               hw, temperature):
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, *hw, dtype=torch.float64)
+    out = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
+    grad_out = torch.randn_like(out)
+    expected = window_loop_pool_grad(x, grad_out, kernel, stride, padding, temperature,
+                                     dilation, ceil_mode)
+    geometry = PoolGeometry.of(kernel, stride, padding, dilation, ceil_mode)
+    actual = soft_max_pool_backward(grad_out, x, geometry, temperature)
+    torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "normal_cdf"])
+def test_soft_clamp_backward_is_gate_times_grad(gate):
+    z = torch.linspace(-8, 14, 101, dtype=torch.float64, requires_grad=True)
+    settings = GateSettings(0.7, gate)
+    out = SoftClamp.apply(z, lambda t: F.hardtanh(t, 0.0, 6.0), 0.0, 6.0, False, settings)
+    assert torch.equal(out, F.relu6(z))
+    grad_out = torch.randn_like(z)
+    (grad,) = torch.autograd.grad(out, z, grad_out)
+    expected = gate_value(z, 0.7, gate) * gate_value(6 - z, 0.7, gate) * grad_out
+    torch.testing.assert_close(grad, expected.detach())
+
+
+def test_settings_are_read_when_the_backward_runs():
+    z = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    settings = GateSettings(0.3, "sigmoid")
+    out = SoftClamp.apply(z, torch.relu, 0.0, None, False, settings)
+    settings.update(2.0, "normal_cdf", None)
+    (grad,) = torch.autograd.grad(out.sum(), z)
+    torch.testing.assert_close(grad, gate_value(z, 2.0, "normal_cdf").detach())
+
+
+def test_hard_gate_equals_autograd_bit_for_bit():
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    settings = GateSettings(0.3, "hard")
+    geometry = PoolGeometry.of(3, 2, 1, 1, True)
+    pooled = SoftMaxPool2d.apply(x, lambda t: F.max_pool2d(t, 3, 2, 1, ceil_mode=True),
+                                 geometry, settings)
+    out = SoftClamp.apply(pooled - 0.1, torch.relu, 0.0, None, False, settings)
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    (plain,) = torch.autograd.grad(F.relu(F.max_pool2d(x, 3, 2, 1, ceil_mode=True) - 0.1), x,
+                                   grad_out)
+    assert torch.equal(grad, plain)
+
+
+def test_inplace_clamp_keeps_the_pre_activation_for_the_gate():
+    base = torch.randn(30, dtype=torch.float64, requires_grad=True)
+    z = base * 1.0
+    settings = GateSettings(0.5, "sigmoid")
+    out = SoftClamp.apply(z, torch.relu_, 0.0, None, True, settings)
+    assert out is z and torch.equal(z, torch.relu(base))
+    (grad,) = torch.autograd.grad(out.sum(), base)
+    torch.testing.assert_close(grad, gate_value(base, 0.5, "sigmoid").detach())
+
+
+def test_unbatched_pool_input():
+    x = torch.randn(2, 6, 6, dtype=torch.float64, requires_grad=True)
+    settings = GateSettings(0.4, "sigmoid")
+    out = SoftMaxPool2d.apply(x, lambda t: F.max_pool2d(t, 2), PoolGeometry.of(2), settings)
+    assert torch.equal(out, F.max_pool2d(x, 2))
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    expected = window_loop_pool_grad(x[None].detach(), grad_out[None], 2, 2, 0, 0.4)[0]
+    torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize(("temperature", "gate", "error"), [
+    (0.0, "sigmoid", ValueError), (-1.0, "sigmoid", ValueError),
+    (float("nan"), "sigmoid", ValueError), (float("inf"), "sigmoid", ValueError),
+    ("0.3", "sigmoid", TypeError), (0.3, "relu", ValueError), (0.3, None, TypeError),
+])
+def test_settings_reject_bad_values(temperature, gate, error):
+    with pytest.raises(error, match=r"temperature|gate"):
+        GateSettings(temperature, gate)

@@ -76,14 +76,18 @@ class GateSettings:
         return self.temperature if self.pool_temperature is None else self.pool_temperature
 
 
-def soft_step(z: Tensor, settings: GateSettings) -> Tensor:
-    """The gate g(z) as a new tensor of ``z``'s shape: a soft version of 1[z > 0]."""
-    if settings.gate == "hard":
-        return (z > 0).to(z.dtype)
-    scaled = z / settings.temperature
-    if settings.gate == "sigmoid":
-        return scaled.sigmoid_()
-    return torch.special.ndtr(scaled)
+# Past this, sigmoid(x) is 1 to within float64 rounding.
+_SIGMOID_SATURATION = 40.0
+
+
+def gate_times(grad: Tensor, x: Tensor, scale: float, gate: str) -> Tensor:
+    """``grad * g(scale * x)`` for a soft gate, as a new tensor.
+
+    softplus's backward is exactly ``grad * sigmoid(beta * x)``, fused into one pass.
+    """
+    if gate == "sigmoid":
+        return torch.ops.aten.softplus_backward(grad, x, scale, _SIGMOID_SATURATION)
+    return grad * torch.special.ndtr(x * scale)
 
 
 class SoftClamp(torch.autograd.Function):
@@ -111,10 +115,11 @@ class SoftClamp(torch.autograd.Function):
             inside = z > low if high is None else (z > low) & (z < high)
             grad_in = torch.where(inside, grad_out, torch.zeros((), dtype=grad_out.dtype))
         else:
-            gate = soft_step(z - low if low else z, settings)
-            if high is not None:
-                gate.mul_(soft_step(high - z, settings))
-            grad_in = gate * grad_out  # out of place: grad_out may be vmapped (batched targets)
+            # Out of place throughout: under batched targets grad_out is vmapped.
+            scale = 1.0 / settings.temperature
+            grad_in = gate_times(grad_out, z - low if low else z, scale, settings.gate)
+            if high is not None:  # g(high - z) = g(-(z - high))
+                grad_in = gate_times(grad_in, z - high, -scale, settings.gate)
         return grad_in, None, None, None, None, None
 
 
@@ -144,29 +149,33 @@ class PoolGeometry:
 
 def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
                            temperature: float) -> Tensor:
-    """Gradient of the soft pool at ``x`` (N, C, H, W), given ``grad_out`` (N, C, Ho, Wo)."""
+    """Gradient of the soft pool at ``x`` (N, C, H, W), given ``grad_out`` (N, C, Ho, Wo).
+
+    Works in units of T, s = w / T: the local gradient is p_j (1 + s_j - sum_i p_i s_i).
+    """
     n, c, h, w = x.shape
     out_h, out_w = grad_out.shape[-2:]
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry.as_args()[:4]
+    scaled = x / temperature
     # ceil_mode adds a last window that hangs over the right/bottom edge: pad for it too.
     extra_h = max(0, (out_h - 1) * sh + dh * (kh - 1) + 1 - (h + 2 * ph))
     extra_w = max(0, (out_w - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw))
-    padded = x
-    if ph or pw or extra_h or extra_w:
-        padded = F.pad(x, (pw, pw + extra_w, ph, ph + extra_h), value=-math.inf)
-    padded_hw = padded.shape[-2:]
-    windows = F.unfold(padded, (kh, kw), dilation=(dh, dw), stride=(sh, sw))
+    padded = ph or pw or extra_h or extra_w
+    if padded:
+        # Far enough below every window's maximum that its softmax weight is exactly 0, and
+        # finite, so that 0 * value stays 0 (with -inf it would be NaN).
+        far_below = float(scaled.min()) - 1e4
+        scaled = F.pad(scaled, (pw, pw + extra_w, ph, ph + extra_h), value=far_below)
+    padded_hw = scaled.shape[-2:]
+    windows = F.unfold(scaled, (kh, kw), dilation=(dh, dw), stride=(sh, sw))
     windows = windows.view(n, c, kh * kw, out_h * out_w)
-    weights = torch.softmax(windows / temperature, dim=2)
-    finite_windows = windows.nan_to_num(neginf=0.0) if padded is not x else windows
-    soft_max = (weights * finite_windows).sum(dim=2, keepdim=True)
-    local = weights * (1 + (finite_windows - soft_max) / temperature)
-    local = local * grad_out.reshape(n, c, 1, out_h * out_w)
-    grad_padded = F.fold(local.view(n, c * kh * kw, out_h * out_w), padded_hw, (kh, kw),
-                         dilation=(dh, dw), stride=(sh, sw))
-    if padded is x:
-        return grad_padded
-    return grad_padded.narrow(-2, ph, h).narrow(-1, pw, w)
+    weights = torch.softmax(windows, dim=2)
+    soft_max = torch.linalg.vecdot(weights, windows, dim=2).unsqueeze(2)
+    local = windows.sub_(soft_max - 1).mul_(weights)
+    local = local * grad_out.reshape(n, c, 1, out_h * out_w)  # new: grad_out may be vmapped
+    grad = F.fold(local.view(n, c * kh * kw, out_h * out_w), padded_hw, (kh, kw),
+                  dilation=(dh, dw), stride=(sh, sw))
+    return grad.narrow(-2, ph, h).narrow(-1, pw, w) if padded else grad
 
 
 def hard_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry) -> Tensor:

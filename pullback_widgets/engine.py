@@ -236,7 +236,7 @@ def _is_class_target(target: object) -> bool:
     return not isinstance(target, Unit)
 
 
-def _class_indices(target: object, batch: int, num_classes: int, device) -> Tensor:
+def class_indices(target: object, batch: int, num_classes: int, device) -> Tensor:
     """One class index per example, as a LongTensor (B,)."""
     if isinstance(target, bool):
         raise TypeError("target must be a class index, a sequence of them, or a pw.Unit; "
@@ -401,7 +401,7 @@ class PullbackSession:
         """(output tensor, gradient seed on it) that selects ``target``."""
         if _is_class_target(target):
             batch, num_classes = self.logits.shape
-            classes = _class_indices(target, batch, num_classes, self.logits.device)
+            classes = class_indices(target, batch, num_classes, self.logits.device)
             seed = torch.zeros_like(self.logits)
             seed[torch.arange(batch, device=seed.device), classes] = 1.0
             return self.logits, seed

@@ -1,0 +1,644 @@
+"""Plotly figures for attribution maps: pure functions, arrays in, ``go.Figure`` out.
+
+Conventions shared by every builder:
+
+- Attributions are ``(3, H, W)``, ``(1, 3, H, W)`` (a batch of one) or ``(H, W)``, in the units of
+  the model's output per unit of (normalised) input; heatmaps show them summed over channels.
+- Images are ``(3, H, W)``, ``(1, 3, H, W)`` or ``(H, W, 3)`` floats in [0, 1] (uint8 is taken as
+  0..255). Torch tensors are accepted anywhere an array is (duck-typed via ``.detach``).
+- Signed maps use a diverging colour scale centred on 0 with a symmetric range ``[-zmax, zmax]``,
+  ``zmax`` being a high percentile of ``|a|`` (:func:`signed_range`) so a few extreme pixels do not
+  wash out the rest. Non-finite values count as 0 when computing ranges.
+- Images are drawn with row 0 at the top, square pixels and no ticks. No plotly.js is embedded;
+  writing HTML is someone else's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+__all__ = [
+    "ascent_frames",
+    "channel_sum",
+    "labelled_grid",
+    "magnitude_overlay",
+    "rgb_difference",
+    "rgb_difference_image",
+    "shared_signed_range",
+    "side_by_side",
+    "signed_heatmap",
+    "signed_range",
+    "temperature_strip",
+    "to_uint8_image",
+    "topk_bar",
+]
+
+_TINY = 1e-12
+_PANEL_PX = 220  # one cell of a grid or strip
+_SINGLE_PX = 380  # a figure with one image
+_IMAGE_AXIS = dict(
+    showticklabels=False,
+    ticks="",
+    showgrid=False,
+    zeroline=False,
+    showline=False,
+    constrain="domain",
+)
+# Transparent where the attribution is 0, so the photo shows through untouched there.
+_OVERLAY_SCALE = [
+    [0.0, "rgba(255, 230, 0, 0)"],
+    [0.35, "rgba(255, 170, 0, 0.55)"],
+    [1.0, "rgba(215, 0, 0, 1)"],
+]
+_SIGNED_HOVER = "x=%{x}, y=%{y}<br>%{z:.3g}<extra></extra>"
+
+
+# --------------------------------------------------------------------------- array helpers
+
+
+def _raw_array(x: Any, name: str) -> np.ndarray:
+    """``x`` as a numpy array, keeping its dtype; torch tensors are detached and moved to CPU."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        try:
+            arr = np.asarray(x)
+        except TypeError:
+            # numpy has no bfloat16; such tensors go through float32.
+            arr = np.asarray(x.float())
+    else:
+        arr = np.asarray(x)
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise ValueError(f"{name} must be a numeric array, got dtype {arr.dtype}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape})")
+    return arr
+
+
+def _finite_or_zero(a: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(a), a, 0.0)
+
+
+def _check_percentile(percentile: float) -> float:
+    p = float(percentile)
+    if not 0.0 <= p <= 100.0:
+        raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
+    return p
+
+
+def _check_zmax(zmax: float) -> float:
+    z = float(zmax)
+    if not (np.isfinite(z) and z > 0):
+        raise ValueError(f"zmax must be a finite number > 0, got {zmax!r}")
+    return z
+
+
+def _abs_percentile(values: np.ndarray, percentile: float) -> float:
+    """The ``percentile`` of ``|values|`` (non-finite as 0), never 0."""
+    mags = np.abs(_finite_or_zero(np.asarray(values, dtype=np.float64))).ravel()
+    p = _check_percentile(percentile)
+    limit = float(np.percentile(mags, p))
+    if limit > 0:
+        return limit
+    # A sparse map can have most of its mass at 0; the peak is then the only usable scale.
+    peak = float(mags.max())
+    return peak if peak > 0 else _TINY
+
+
+def _channel_sum(attribution: Any, name: str) -> np.ndarray:
+    a = _raw_array(attribution, name).astype(np.float64, copy=False)
+    if a.ndim == 4:
+        if a.shape[0] != 1:
+            raise ValueError(f"{name} must be a batch of one (1, 3, H, W), got shape {a.shape}")
+        a = a[0]
+    if a.ndim == 3:
+        if a.shape[0] not in (1, 3):
+            raise ValueError(
+                f"{name} must be channels-first (3, H, W) or (1, H, W), got shape {a.shape}"
+            )
+        a = a.sum(axis=0)
+    elif a.ndim != 2:
+        raise ValueError(f"{name} must be (3, H, W), (1, 3, H, W) or (H, W), got shape {a.shape}")
+    return a
+
+
+def _to_hwc(x: Any, name: str) -> tuple[np.ndarray, bool]:
+    """``x`` as float64 (H, W, 3) and whether it came in as uint8; values are not rescaled."""
+    arr = _raw_array(x, name)
+    is_uint8 = arr.dtype == np.uint8
+    arr = arr.astype(np.float64, copy=False)
+    if arr.ndim == 4:
+        if arr.shape[0] != 1:
+            raise ValueError(f"{name} must be a batch of one (1, 3, H, W), got shape {arr.shape}")
+        arr = arr[0]
+    if arr.ndim != 3:
+        raise ValueError(f"{name} must be (3, H, W) or (H, W, 3), got shape {arr.shape}")
+    # Channels-first wins a tie such as (3, H, 3): tensors from torch are CHW.
+    if arr.shape[0] == 3:
+        arr = arr.transpose(1, 2, 0)
+    elif arr.shape[-1] != 3:
+        raise ValueError(f"{name} must have 3 colour channels, got shape {arr.shape}")
+    return arr, is_uint8
+
+
+# --------------------------------------------------------------------------- public array API
+
+
+def signed_range(attribution: Any, percentile: float = 99.5) -> float:
+    """The symmetric colour limit ``zmax`` for ``attribution``: ``percentile`` of ``|a|``.
+
+    Computed over every entry of ``attribution`` as given (any shape): pass
+    ``channel_sum(a)`` to match what :func:`signed_heatmap` shows. Non-finite entries count
+    as 0. Never 0: falls back to ``max|a|``, then to 1e-12 for an all-zero map.
+    Same units as ``attribution``.
+    """
+    return _abs_percentile(_raw_array(attribution, "attribution"), percentile)
+
+
+def shared_signed_range(attributions: Sequence[Any], percentile: float = 99.5) -> float:
+    """One ``zmax`` for several attribution maps: the ``percentile`` of ``|channel_sum(a)|``
+    pooled over all their pixels (maps may differ in size). Pass it as ``zmax=`` to builders."""
+    if len(attributions) == 0:
+        raise ValueError("attributions is empty")
+    pooled = [_channel_sum(a, f"attributions[{i}]").ravel() for i, a in enumerate(attributions)]
+    return _abs_percentile(np.concatenate(pooled), percentile)
+
+
+def channel_sum(attribution: Any) -> np.ndarray:
+    """(3, H, W), (1, 3, H, W), (1, H, W) or (H, W) -> float64 (H, W), summed over channels."""
+    return _channel_sum(attribution, "attribution")
+
+
+def to_uint8_image(image: Any) -> np.ndarray:
+    """A [0, 1] float image (3, H, W), (1, 3, H, W) or (H, W, 3) -> uint8 (H, W, 3).
+
+    Values outside [0, 1] are clipped and NaN becomes 0; a uint8 input is passed through.
+    """
+    return _to_uint8(image, "image")
+
+
+def _to_uint8(image: Any, name: str) -> np.ndarray:
+    hwc, is_uint8 = _to_hwc(image, name)
+    if is_uint8:
+        return hwc.astype(np.uint8)
+    hwc = np.clip(np.nan_to_num(hwc, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    return np.rint(hwc * 255.0).astype(np.uint8)
+
+
+def rgb_difference_image(
+    diff: Any,
+    mode: Literal["minmax", "percentile"] = "minmax",
+    percentile: float = 99.0,
+) -> np.ndarray:
+    """An RGB difference (e.g. final ascent image minus start), (3, H, W) or (H, W, 3) in image
+    units -> uint8 (H, W, 3) for display.
+
+    - ``"minmax"`` (the paper's): per-image min-max scaling over all pixels and channels,
+      min -> 0 and max -> 255. A constant difference maps to mid-grey (128).
+    - ``"percentile"``: robust and sign-preserving: ``d / L`` clipped to [-1, 1] and mapped
+      affinely to [0, 255], ``L`` being the ``percentile`` of ``|d|``; so 0 -> 128 (mid-grey),
+      ``+L`` and above -> 255, ``-L`` and below -> 0.
+
+    Non-finite entries are treated as 0 (no change).
+    """
+    d, _ = _to_hwc(diff, "diff")
+    d = _finite_or_zero(d)
+    if mode == "minmax":
+        lo, hi = float(d.min()), float(d.max())
+        if hi <= lo:
+            return np.full(d.shape, 128, dtype=np.uint8)
+        scaled = (d - lo) / (hi - lo) * 255.0
+    elif mode == "percentile":
+        limit = _abs_percentile(d, percentile)
+        scaled = 127.5 + 127.5 * np.clip(d / limit, -1.0, 1.0)
+    else:
+        raise ValueError(f"mode must be 'minmax' or 'percentile', got {mode!r}")
+    return np.rint(scaled).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- figure helpers
+
+
+def _grid(
+    rows: int,
+    cols: int,
+    *,
+    subplot_titles: Sequence[str] | None = None,
+    column_titles: Sequence[str] | None = None,
+) -> go.Figure:
+    # Images sit edge to edge, so the default spacing (0.2 / cols) would waste most of the width.
+    v_gap = 0.0 if rows == 1 else min(0.06 if subplot_titles else 0.03, 0.5 / (rows - 1))
+    h_gap = 0.0 if cols == 1 else min(0.02, 0.5 / (cols - 1))
+    return make_subplots(
+        rows=rows,
+        cols=cols,
+        subplot_titles=list(subplot_titles) if subplot_titles else None,
+        column_titles=list(column_titles) if column_titles else None,
+        horizontal_spacing=h_gap,
+        vertical_spacing=v_gap,
+    )
+
+
+def _style_image_figure(
+    fig: go.Figure,
+    *,
+    title: str | None,
+    width: int,
+    height: int,
+    left: int = 10,
+    right: int = 10,
+    top: int | None = None,
+    bottom: int = 10,
+) -> go.Figure:
+    fig.update_xaxes(**_IMAGE_AXIS)
+    # Row 0 at the top and square pixels, each y axis tied to its own x axis.
+    fig.for_each_yaxis(
+        lambda ax: ax.update(
+            autorange="reversed", scaleanchor=ax.anchor or "x", scaleratio=1, **_IMAGE_AXIS
+        )
+    )
+    if top is None:
+        top = 50 if title else 30
+    fig.update_layout(
+        title=dict(text=title, x=0.5, xanchor="center") if title else None,
+        width=width,
+        height=height,
+        margin=dict(l=left, r=right, t=top, b=bottom),
+        template="plotly_white",
+        showlegend=False,
+    )
+    return fig
+
+
+def _single_size(shape: tuple[int, ...], extra_width: int) -> tuple[int, int]:
+    """(width, height) in px of a one-image figure: the longer image side is _SINGLE_PX,
+    plus room for a colour bar (``extra_width``) and a title."""
+    h, w = shape[0], shape[1]
+    scale = _SINGLE_PX / max(h, w)
+    return int(w * scale) + extra_width, int(h * scale) + 60
+
+
+def _signed_trace(
+    z: np.ndarray, zmax: float, colorscale: str, *, showscale: bool, colorbar_title: str = ""
+) -> go.Heatmap:
+    return go.Heatmap(
+        # float32 halves the figure's size; the colour mapping needs no more precision.
+        z=z.astype(np.float32),
+        colorscale=colorscale,
+        zmid=0.0,
+        zmin=-zmax,
+        zmax=zmax,
+        showscale=showscale,
+        colorbar=dict(thickness=12, len=0.9, title=dict(text=colorbar_title)),
+        hovertemplate=_SIGNED_HOVER,
+    )
+
+
+def _image_trace(image: Any, name: str) -> go.Image:
+    return go.Image(z=_to_uint8(image, name))
+
+
+def _check_labels(labels: Sequence[str] | None, n: int, name: str) -> list[str] | None:
+    if labels is None:
+        return None
+    if isinstance(labels, str) or len(labels) != n:
+        raise ValueError(f"{name} must be a sequence of {n} strings, got {labels!r}")
+    return [str(s) for s in labels]
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def signed_heatmap(
+    attribution: Any,
+    *,
+    percentile: float = 99.5,
+    zmax: float | None = None,
+    title: str | None = None,
+    colorscale: str = "RdBu_r",
+) -> go.Figure:
+    """One signed heatmap of ``channel_sum(attribution)``, (H, W), on a diverging scale.
+
+    The colour range is ``[-zmax, zmax]`` centred on 0, ``zmax`` being
+    ``signed_range(channel_sum(attribution), percentile)`` unless given (give the same ``zmax``
+    to several figures to make them comparable). Values beyond it saturate.
+    """
+    z = _channel_sum(attribution, "attribution")
+    zmax = _abs_percentile(z, percentile) if zmax is None else _check_zmax(zmax)
+    fig = _grid(1, 1)
+    fig.add_trace(_signed_trace(z, zmax, colorscale, showscale=True), row=1, col=1)
+    width, height = _single_size(z.shape, extra_width=90)
+    return _style_image_figure(
+        fig, title=title, width=width, height=height, top=50 if title else 20
+    )
+
+
+def magnitude_overlay(
+    image: Any,
+    attribution: Any,
+    *,
+    percentile: float = 99.5,
+    opacity: float = 0.6,
+    title: str | None = None,
+) -> go.Figure:
+    """The photo with the attribution's magnitude laid over it.
+
+    ``image`` is (3, H, W) or (H, W, 3) in [0, 1]; ``attribution`` any shape accepted by
+    :func:`channel_sum` with the same (H, W). The overlay is ``|channel_sum(attribution)|``
+    clipped at its ``percentile`` and divided by it, so unitless in [0, 1]; 0 is fully
+    transparent and ``opacity`` (0..1) scales the whole layer.
+    """
+    if not 0.0 <= float(opacity) <= 1.0:
+        raise ValueError(f"opacity must be in [0, 1], got {opacity!r}")
+    photo = _image_trace(image, "image")
+    mags = np.abs(_finite_or_zero(_channel_sum(attribution, "attribution")))
+    h, w = photo.z.shape[:2]
+    if mags.shape != (h, w):
+        raise ValueError(
+            f"attribution is {mags.shape[0]}x{mags.shape[1]} but image is {h}x{w}; they must match"
+        )
+    limit = _abs_percentile(mags, percentile)
+    overlay = np.clip(mags / limit, 0.0, 1.0).astype(np.float32)
+
+    fig = _grid(1, 1)
+    fig.add_trace(photo, row=1, col=1)
+    fig.add_trace(
+        go.Heatmap(
+            z=overlay,
+            colorscale=_OVERLAY_SCALE,
+            zmin=0.0,
+            zmax=1.0,
+            opacity=float(opacity),
+            showscale=True,
+            colorbar=dict(thickness=12, len=0.9, title=dict(text="|a| rel.")),
+            hovertemplate="x=%{x}, y=%{y}<br>|a| / limit = %{z:.2f}<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    width, height = _single_size((h, w), extra_width=90)
+    return _style_image_figure(
+        fig, title=title, width=width, height=height, top=50 if title else 20
+    )
+
+
+def rgb_difference(
+    diff: Any,
+    *,
+    mode: Literal["minmax", "percentile"] = "minmax",
+    percentile: float = 99.0,
+    title: str | None = None,
+) -> go.Figure:
+    """The RGB difference ``diff`` (3, H, W) or (H, W, 3) as an image; see
+    :func:`rgb_difference_image` for the two scalings."""
+    rgb = rgb_difference_image(diff, mode, percentile)
+    fig = _grid(1, 1)
+    fig.add_trace(go.Image(z=rgb), row=1, col=1)
+    width, height = _single_size(rgb.shape[:2], extra_width=20)
+    return _style_image_figure(
+        fig, title=title, width=width, height=height, top=50 if title else 20
+    )
+
+
+def labelled_grid(
+    panels: Sequence[Sequence[Any]],
+    *,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    kind: Literal["image", "signed"] = "image",
+    zmax: float | None = None,
+    percentile: float = 99.5,
+    colorscale: str = "RdBu_r",
+    title: str | None = None,
+) -> go.Figure:
+    """A grid of panels with column titles on top and row labels on the left.
+
+    ``panels`` is a list of rows, each a list of the same length; a ``None`` cell stays blank.
+    ``kind="image"``: cells are images (3, H, W) in [0, 1]. ``kind="signed"``: cells are
+    attributions, drawn as channel-summed heatmaps that all share ONE range ``[-zmax, zmax]``
+    (default: :func:`shared_signed_range` over every cell) and one colour bar.
+    """
+    if kind not in ("image", "signed"):
+        raise ValueError(f"kind must be 'image' or 'signed', got {kind!r}")
+    rows = [list(r) for r in panels]
+    if not rows or not rows[0]:
+        raise ValueError("panels must be a non-empty list of non-empty rows")
+    n_cols = len(rows[0])
+    if any(len(r) != n_cols for r in rows):
+        raise ValueError(f"panels rows must all have {n_cols} cells, got {[len(r) for r in rows]}")
+    cells = [(i, j, p) for i, r in enumerate(rows) for j, p in enumerate(r) if p is not None]
+    if not cells:
+        raise ValueError("panels has no non-None cell")
+    row_labels = _check_labels(row_labels, len(rows), "row_labels")
+    col_labels = _check_labels(col_labels, n_cols, "col_labels")
+
+    fig = _grid(len(rows), n_cols, column_titles=col_labels)
+    if kind == "signed":
+        maps = {(i, j): _channel_sum(p, f"panels[{i}][{j}]") for i, j, p in cells}
+        if zmax is None:
+            zmax = _abs_percentile(np.concatenate([m.ravel() for m in maps.values()]), percentile)
+        zmax = _check_zmax(zmax)
+        for n, ((i, j), z) in enumerate(maps.items()):
+            trace = _signed_trace(z, zmax, colorscale, showscale=n == 0)
+            fig.add_trace(trace, row=i + 1, col=j + 1)
+    else:
+        for i, j, p in cells:
+            fig.add_trace(_image_trace(p, f"panels[{i}][{j}]"), row=i + 1, col=j + 1)
+
+    _style_image_figure(
+        fig,
+        title=title,
+        width=_PANEL_PX * n_cols + (70 if row_labels else 10) + (80 if kind == "signed" else 10),
+        height=_PANEL_PX * len(rows) + 60,
+        left=70 if row_labels else 10,
+        right=80 if kind == "signed" else 10,
+        top=(40 if col_labels else 10) + (30 if title else 0),
+    )
+    # Axis titles survive showticklabels=False, so they make simple left-hand row labels.
+    for i, label in enumerate(row_labels or []):
+        fig.update_yaxes(title=dict(text=label, standoff=4), row=i + 1, col=1)
+    return fig
+
+
+def temperature_strip(
+    attributions: Sequence[Any],
+    temperatures: Sequence[float],
+    *,
+    shared_range: bool = False,
+    percentile: float = 99.5,
+    colorscale: str = "RdBu_r",
+    title: str | None = None,
+) -> go.Figure:
+    """One row of signed heatmaps of the same target at several temperatures, titled "T = 0.01".
+
+    By default each panel gets its own symmetric range (its ``percentile`` of ``|a|``, printed
+    under it as "±zmax"): across T = 0.01 .. 10 the pullback's overall magnitude changes by
+    orders of magnitude, and one shared range would leave all but one panel blank, while the
+    interesting change is in the spatial pattern. ``shared_range=True`` uses one range (from
+    :func:`shared_signed_range`) and one colour bar, to compare the magnitudes themselves.
+    """
+    attributions = list(attributions)
+    temps = [float(t) for t in temperatures]
+    if not attributions:
+        raise ValueError("attributions is empty")
+    if len(temps) != len(attributions):
+        raise ValueError(
+            f"temperatures has {len(temps)} entries but attributions has {len(attributions)}"
+        )
+    if any(not (np.isfinite(t) and t > 0) for t in temps):
+        raise ValueError(f"temperatures must be finite and > 0, got {temps}")
+    maps = [_channel_sum(a, f"attributions[{i}]") for i, a in enumerate(attributions)]
+    shared = (
+        _abs_percentile(np.concatenate([m.ravel() for m in maps]), percentile)
+        if shared_range
+        else None
+    )
+
+    fig = _grid(1, len(maps), subplot_titles=[f"T = {t:.3g}" for t in temps])
+    for j, z in enumerate(maps):
+        zmax = shared if shared is not None else _abs_percentile(z, percentile)
+        fig.add_trace(
+            _signed_trace(z, zmax, colorscale, showscale=shared is not None and j == 0),
+            row=1,
+            col=j + 1,
+        )
+        if shared is None:
+            fig.update_xaxes(title=dict(text=f"±{zmax:.2g}", standoff=2), row=1, col=j + 1)
+    return _style_image_figure(
+        fig,
+        title=title,
+        width=_PANEL_PX * len(maps) + (90 if shared_range else 20),
+        height=_PANEL_PX + 90 + (30 if title else 0),
+        right=80 if shared_range else 10,
+        top=40 + (30 if title else 0),
+        bottom=10 if shared_range else 35,
+    )
+
+
+def topk_bar(
+    probabilities: Any,
+    labels: Sequence[str],
+    *,
+    k: int = 5,
+    title: str | None = None,
+    highlight: int | None = None,
+) -> go.Figure:
+    """A horizontal bar chart of the ``k`` largest ``probabilities`` (1-D, one per class, in
+    [0, 1]) named by ``labels`` (one per class), largest on top, percentages as text.
+
+    ``highlight`` is a class index drawn in another colour when it is among the top ``k``.
+    Bars are placed by rank, not by name, so duplicate class names stay separate bars.
+    """
+    p = _raw_array(probabilities, "probabilities").astype(np.float64, copy=False)
+    if p.ndim != 1:
+        raise ValueError(f"probabilities must be 1-D (one per class), got shape {p.shape}")
+    if isinstance(labels, str) or len(labels) != p.size:
+        raise ValueError(f"labels must have one name per class ({p.size}), got {len(labels)}")
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if highlight is not None and not 0 <= int(highlight) < p.size:
+        raise ValueError(f"highlight must be a class index in [0, {p.size}), got {highlight!r}")
+    k = min(int(k), p.size)
+    # NaN sorts last, and a stable sort keeps ties in class order.
+    top = np.argsort(-_finite_or_zero(p), kind="stable")[:k]
+    values = p[top]
+    colors = ["#d62728" if highlight is not None and c == highlight else "#1f77b4" for c in top]
+
+    fig = go.Figure(
+        go.Bar(
+            x=values,
+            y=list(range(k)),
+            orientation="h",
+            marker=dict(color=colors),
+            text=[f"{v * 100:.1f}%" for v in values],
+            textposition="auto",
+            customdata=top,
+            hovertemplate="class %{customdata}: %{x:.2%}<extra></extra>",
+        )
+    )
+    fig.update_yaxes(
+        tickmode="array",
+        tickvals=list(range(k)),
+        ticktext=[str(labels[c]) for c in top],
+        autorange="reversed",  # rank 0 on top
+    )
+    fig.update_xaxes(range=[0, max(1.0, float(np.nanmax(values)))], tickformat=".0%")
+    fig.update_layout(
+        title=dict(text=title, x=0.5, xanchor="center") if title else None,
+        width=420,
+        height=60 + 32 * k + (30 if title else 0),
+        margin=dict(l=10, r=20, t=40 if title else 10, b=30),
+        template="plotly_white",
+        showlegend=False,
+    )
+    return fig
+
+
+def side_by_side(
+    attributions: Mapping[str, Any],
+    *,
+    percentile: float = 99.5,
+    normalize: bool = False,
+    colorscale: str = "RdBu_r",
+    title: str | None = None,
+) -> go.Figure:
+    """Several signed heatmaps in one row, titled by their keys, sharing ONE colour range.
+
+    ``normalize=False`` (default): raw values on one range, the ``percentile`` of ``|a|`` pooled
+    over all maps, so a map much smaller in overall scale (a plain gradient vs a pullback can
+    differ a lot) looks faint: that difference is real. ``normalize=True``: each map is first
+    divided by its own :func:`signed_range`, so all are unitless and shown on [-1, 1], which
+    compares the spatial patterns only.
+    """
+    if not attributions:
+        raise ValueError("attributions is empty")
+    names = [str(k) for k in attributions]
+    maps = [_channel_sum(a, f"attributions[{k!r}]") for k, a in attributions.items()]
+    if normalize:
+        maps = [m / _abs_percentile(m, percentile) for m in maps]
+        zmax = 1.0
+    else:
+        zmax = _abs_percentile(np.concatenate([m.ravel() for m in maps]), percentile)
+
+    fig = _grid(1, len(maps), subplot_titles=names)
+    for j, z in enumerate(maps):
+        trace = _signed_trace(
+            z, zmax, colorscale, showscale=j == 0, colorbar_title="rel." if normalize else ""
+        )
+        fig.add_trace(trace, row=1, col=j + 1)
+    return _style_image_figure(
+        fig,
+        title=title,
+        width=_PANEL_PX * len(maps) + 90,
+        height=_PANEL_PX + 60 + (30 if title else 0),
+        right=80,
+        top=40 + (30 if title else 0),
+    )
+
+
+def ascent_frames(
+    images: Sequence[Any],
+    *,
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """A row of images (e.g. a gradient-ascent trajectory), each (3, H, W) in [0, 1], each
+    titled by its entry of ``labels`` (e.g. "step 2 · p=0.83")."""
+    images = list(images)
+    if not images:
+        raise ValueError("images is empty")
+    labels = _check_labels(labels, len(images), "labels")
+    fig = _grid(1, len(images), subplot_titles=labels)
+    for j, img in enumerate(images):
+        fig.add_trace(_image_trace(img, f"images[{j}]"), row=1, col=j + 1)
+    return _style_image_figure(
+        fig,
+        title=title,
+        width=_PANEL_PX * len(images) + 20,
+        height=_PANEL_PX + (40 if labels else 10) + (30 if title else 0) + 10,
+        top=(40 if labels else 10) + (30 if title else 0),
+    )

@@ -1,5 +1,6 @@
 """pullback-widgets: excitation pullbacks (arXiv 2507.22832) with live Jupyter widgets."""
 
+from .ascent import AscentGrid, AscentResult, ascent_grid, pullback_ascent
 from .engine import (
     ExcitationPullback,
     PullbackSession,
@@ -7,14 +8,48 @@ from .engine import (
     excitation_pullback,
     soft_gating,
 )
+from .figures import (
+    ascent_frames,
+    labelled_grid,
+    magnitude_overlay,
+    rgb_difference,
+    side_by_side,
+    signed_heatmap,
+    signed_range,
+    temperature_strip,
+    topk_bar,
+)
 from .gates import GATES, GateSettings
+from .images import SAMPLE_IMAGES, load_image, sample_image
+from .models import MODELS, imagenet_labels, load_model
+from .widgets import PullbackExplorer
 
 __all__ = [
     "GATES",
+    "MODELS",
+    "SAMPLE_IMAGES",
+    "AscentGrid",
+    "AscentResult",
     "ExcitationPullback",
     "GateSettings",
+    "PullbackExplorer",
     "PullbackSession",
     "Unit",
+    "ascent_frames",
+    "ascent_grid",
     "excitation_pullback",
+    "imagenet_labels",
+    "labelled_grid",
+    "load_image",
+    "load_model",
+    "magnitude_overlay",
+    "pullback_ascent",
+    "rgb_difference",
+    "sample_image",
+    "side_by_side",
+    "signed_heatmap",
+    "signed_range",
     "soft_gating",
+    "temperature_strip",
+    "topk_bar",
 ]

@@ -1,0 +1,342 @@
+"""Every way a picture gets in: :func:`load_image`, :func:`sample_image`.
+
+All roads end in the standard ImageNet evaluation transform on a float RGB image in [0, 1]:
+resize so the shorter side is ``round(size / 0.875)`` pixels (bicubic, antialiased), then
+centre-crop to ``size`` x ``size``. The result is a float32 tensor (1, 3, size, size) in
+pixel space [0, 1], ready for a model from :func:`pullback_widgets.load_model`.
+
+Colour handling: grayscale is repeated to RGB; transparency (RGBA, LA, palette with a
+transparent index, or a 4-channel array) is composited onto a white background; CMYK and
+other modes go through Pillow's conversion (no ICC colour management); 16-bit grayscale
+keeps its 16 bits. EXIF orientation is applied to files and PIL images.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+__all__ = ["CROP_FRACTION", "SAMPLE_IMAGES", "load_image", "sample_image", "sample_image_array"]
+
+# Fraction of the resized shorter side kept by the centre crop (timm's crop_pct for Lite0;
+# torchvision's 224/256 for the V1 weights).
+CROP_FRACTION = 0.875
+DEFAULT_MAX_PIXELS = 50_000_000
+# Past this long/short side ratio the long side is trimmed before resizing, so that a
+# 1 x 10^7 strip does not become a multi-gigabyte tensor; the centre crop lies inside anyway.
+_MAX_ASPECT = 4.0
+
+SAMPLE_IMAGES = ("chelsea", "coffee", "astronaut", "rocket", "motorcycle")
+
+ImageSource = (
+    str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray | Tensor
+)
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _check_pixel_count(width: int, height: int, max_pixels: int) -> None:
+    if width < 1 or height < 1:
+        raise ValueError(f"image is empty: {width} x {height} pixels")
+    if width * height > max_pixels:
+        raise ValueError(
+            f"image is {width} x {height} = {width * height} pixels, more than "
+            f"max_pixels={max_pixels} (a guard against decompression bombs; raise max_pixels "
+            "to load it)"
+        )
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _open_pil(opener: object, what: str, max_pixels: int) -> Tensor:
+    """Decode the image ``Image.open(opener)`` gives into a (3, H, W) float tensor.
+
+    The size is checked before any pixel is decoded (``Image.open`` only reads the header).
+    """
+    # Our max_pixels is the policy, so Pillow's own (global) warning is noise here; its hard
+    # error (over 2 * Image.MAX_IMAGE_PIXELS) still comes and is converted.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(opener)
+        except Image.DecompressionBombError as err:
+            raise ValueError(
+                f"{what} is too large to decode: {err} (Pillow's global limit, "
+                f"independent of max_pixels={max_pixels})"
+            ) from None
+        except Exception as err:
+            raise _unreadable(what, err) from None
+        with img:
+            _check_pixel_count(img.width, img.height, max_pixels)
+            try:
+                img.load()
+            except Exception as err:
+                raise _unreadable(what, err) from None
+            return _pil_to_tensor(img, max_pixels)
+
+
+def _unreadable(what: str, err: Exception) -> ValueError:
+    # Pillow reports bad files through many types (UnidentifiedImageError, OSError for
+    # truncation, SyntaxError, struct.error, ...); callers get one clear ValueError line.
+    if isinstance(err, UnidentifiedImageError):
+        detail = "not a format Pillow recognises"  # its own message just prints a repr
+    else:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return ValueError(f"could not read {what} as an image: {detail}")
+
+
+def _load_path(src: str | os.PathLike, max_pixels: int) -> Tensor:
+    path = Path(os.fspath(src))
+    if not path.exists():
+        raise ValueError(f"image file not found: {str(path)!r}")
+    if path.is_dir():
+        raise ValueError(f"image path is a directory, not a file: {str(path)!r}")
+    return _open_pil(path, f"file {str(path)!r}", max_pixels)
+
+
+def _pil_to_tensor(img: Image.Image, max_pixels: int) -> Tensor:
+    """A PIL image of any mode -> (3, H, W) float32 in [0, 1]."""
+    _check_pixel_count(img.width, img.height, max_pixels)
+    img = _apply_exif_orientation(img)
+    if img.mode.startswith("I;16"):
+        return _array_to_tensor(np.asarray(img), max_pixels)  # uint16, full precision
+    if img.mode == "I":
+        # 32-bit integer images come from 16-bit PNG/TIFF decoders; read them as 16-bit.
+        values = np.asarray(img)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(
+                f"32-bit integer image has values in [{values.min()}, {values.max()}]; "
+                "expected 16-bit data in [0, 65535]"
+            )
+        return _array_to_tensor(values.astype(np.uint16), max_pixels)
+    if img.mode == "F":
+        return _array_to_tensor(np.asarray(img), max_pixels)  # float, must lie in [0, 1]
+    has_alpha = "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info
+    try:
+        rgb = img.convert("RGBA" if has_alpha else "RGB")
+    except Exception as err:
+        raise ValueError(f"cannot convert image mode {img.mode!r} to RGB: {err}") from None
+    return _array_to_tensor(np.asarray(rgb), max_pixels)
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def _apply_exif_orientation(img: Image.Image) -> Image.Image:
+    """Rotate/flip as the EXIF orientation tag says (phone photos), else return ``img`` as is."""
+    try:
+        if img.getexif().get(_EXIF_ORIENTATION, 1) == 1:
+            return img  # the common case: no copy
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block should not cost the picture
+        return img
+
+
+def _array_to_tensor(array: np.ndarray, max_pixels: int) -> Tensor:
+    """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array -> (3, H, W) float32 in [0, 1]."""
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise ValueError(
+            "image array must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); "
+            f"got {array.shape}"
+        )
+    _check_pixel_count(array.shape[1], array.shape[0], max_pixels)
+    # Compare kind and size, not dtypes: big-endian data (Pillow's "I;16B") is still uint16.
+    kind, bits = array.dtype.kind, array.dtype.itemsize * 8
+    if kind == "u" and bits in (8, 16):
+        # float32 holds every 16-bit level exactly; no detour through 8 bits.
+        values = torch.from_numpy(array.astype(np.float32)) / (2**bits - 1)
+    elif kind == "b":
+        values = torch.from_numpy(array.astype(np.float32))
+    elif kind == "f":
+        values = torch.from_numpy(array.astype(np.float32))
+        _check_float_range(values, "image array")
+    else:
+        raise TypeError(
+            f"image array dtype must be uint8, uint16, bool or float in [0, 1]; got {array.dtype}"
+            " (for 8-bit data in an int array use array.astype(np.uint8))"
+        )
+    if values.ndim == 2:
+        values = values[:, :, None]
+    return _to_rgb(values.permute(2, 0, 1))
+
+
+def _check_float_range(values: Tensor, what: str) -> None:
+    if not torch.isfinite(values).all():
+        raise ValueError(f"{what} contains NaN or infinite values")
+    low, high = values.min().item(), values.max().item()
+    if low < 0 or high > 1:
+        raise ValueError(
+            f"float {what} values must lie in [0, 1]; got [{low:.4g}, {high:.4g}] "
+            "(divide 8-bit data by 255)"
+        )
+
+
+def _to_rgb(chw: Tensor) -> Tensor:
+    """(1, H, W) gray, (3, H, W) RGB or (4, H, W) RGBA in [0, 1] -> (3, H, W) RGB."""
+    if chw.shape[0] == 1:
+        return chw.expand(3, -1, -1).contiguous()
+    if chw.shape[0] == 4:
+        rgb, alpha = chw[:3], chw[3:]
+        return rgb * alpha + (1 - alpha)  # composite onto white
+    return chw
+
+
+def _tensor_to_chw(tensor: Tensor, max_pixels: int) -> Tensor:
+    """(H, W), (1, H, W), (3, H, W) or (1, 3, H, W) tensor -> (3, H, W) float32 in [0, 1]."""
+    shape = tuple(tensor.shape)
+    if tensor.ndim == 4 and shape[0] == 1 and shape[1] == 3:
+        chw = tensor[0]
+    elif tensor.ndim == 3 and shape[0] in (1, 3):
+        chw = tensor
+    elif tensor.ndim == 2:
+        chw = tensor[None]
+    else:
+        raise ValueError(
+            "image tensor must be one channels-first image of shape (H, W), (1, H, W), "
+            f"(3, H, W) or (1, 3, H, W); got {shape} (for (H, W, 3) use .permute(2, 0, 1))"
+        )
+    _check_pixel_count(chw.shape[2], chw.shape[1], max_pixels)
+    chw = chw.detach()
+    if chw.dtype == torch.uint8:
+        chw = chw.float() / 255
+    elif chw.dtype == torch.bool:
+        chw = chw.float()
+    elif chw.is_floating_point():
+        chw = chw.float()
+        _check_float_range(chw, "image tensor")
+    else:
+        raise TypeError(
+            f"image tensor dtype must be uint8, bool or float in [0, 1]; got {chw.dtype}"
+        )
+    return _to_rgb(chw)
+
+
+# --------------------------------------------------------------------------- the transform
+
+
+def _resize_and_crop(chw: Tensor, size: int) -> Tensor:
+    """(3, H, W) in [0, 1] -> (1, 3, size, size): shorter side to round(size / 0.875) pixels,
+    then the centre size x size crop."""
+    height, width = chw.shape[-2:]
+    short, long = min(height, width), max(height, width)
+    if long > _MAX_ASPECT * short:
+        keep = math.ceil(_MAX_ASPECT * short)
+        chw = TF.center_crop(chw, [keep, width] if height > width else [height, keep])
+    resized = TF.resize(
+        chw,
+        round(size / CROP_FRACTION),
+        interpolation=InterpolationMode.BICUBIC,
+        antialias=True,
+    )
+    # Bicubic overshoots at sharp edges; the model expects pixel values in [0, 1].
+    cropped = TF.center_crop(resized, [size, size]).clamp_(0, 1)
+    return cropped.unsqueeze(0).contiguous()
+
+
+def load_image(
+    src: ImageSource,
+    *,
+    size: int = 224,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Tensor:
+    """Load a picture and apply the ImageNet evaluation transform.
+
+    Args:
+        src: any of
+            - a file path (str or PathLike) or the encoded file's bytes (PNG, JPEG, ...);
+            - a PIL image of any mode;
+            - a numpy array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), dtype uint8, uint16,
+              bool or float in [0, 1];
+            - a torch tensor (H, W), (1, H, W), (3, H, W) or (1, 3, H, W), dtype uint8, bool
+              or float in [0, 1] (channels first).
+        size: output side in pixels.
+        max_pixels: refuse images with more than this many pixels (width * height), checked
+            from the header before any pixel is decoded.
+
+    Returns:
+        float32 tensor (1, 3, size, size), RGB in [0, 1]; on the input tensor's device for a
+        tensor, else on the CPU.
+
+    Raises:
+        ValueError: missing or unreadable file, corrupt or truncated data, too many pixels,
+            NaN/inf or out-of-range values, unsupported shape.
+        TypeError: unsupported ``src`` type or dtype, non-int ``size``/``max_pixels``.
+    """
+    size = _check_positive_int(size, "size")
+    max_pixels = _check_positive_int(max_pixels, "max_pixels")
+    if isinstance(src, (str, os.PathLike)):
+        chw = _load_path(src, max_pixels)
+    elif isinstance(src, (bytes, bytearray, memoryview)):
+        if len(src) == 0:
+            raise ValueError("src is empty bytes, not an encoded image")
+        chw = _open_pil(io.BytesIO(bytes(src)), "bytes", max_pixels)
+    elif isinstance(src, Image.Image):
+        # Check the size first: an image from Image.open() decodes lazily, on load().
+        _check_pixel_count(src.width, src.height, max_pixels)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                src.load()
+            except Exception as err:
+                raise _unreadable("the PIL image", err) from None
+        chw = _pil_to_tensor(src, max_pixels)
+    elif isinstance(src, np.ndarray):
+        chw = _array_to_tensor(src, max_pixels)
+    elif isinstance(src, Tensor):
+        chw = _tensor_to_chw(src, max_pixels)
+    else:
+        raise TypeError(
+            "src must be a path, bytes, PIL image, numpy array or torch tensor; "
+            f"got {type(src).__name__}"
+        )
+    return _resize_and_crop(chw, size)
+
+
+# --------------------------------------------------------------------------- samples
+
+
+def _check_sample_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string, one of {SAMPLE_IMAGES}, got {type(name).__name__}")
+    if name not in SAMPLE_IMAGES:
+        close = difflib.get_close_matches(name.lower(), SAMPLE_IMAGES, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown sample image {name!r}: known names are {SAMPLE_IMAGES}{hint}")
+    return name
+
+
+def sample_image_array(name: str) -> np.ndarray:
+    """A bundled scikit-image sample picture as uint8 RGB, shape (H, W, 3). No download."""
+    import skimage.data  # imported here: it is slow to import and only the samples need it
+
+    name = _check_sample_name(name)
+    if name == "motorcycle":
+        return skimage.data.stereo_motorcycle()[0]  # the left view of the stereo pair
+    return getattr(skimage.data, name)()
+
+
+def sample_image(name: str, *, size: int = 224) -> Tensor:
+    """A sample picture (one of :data:`SAMPLE_IMAGES`) through :func:`load_image`:
+    float32 (1, 3, size, size), RGB in [0, 1]."""
+    return load_image(sample_image_array(name), size=size)

@@ -47,6 +47,10 @@ class AscentResult:
         """Final image minus start, (B, 3, H, W)."""
         return self.images[-1] - self.images[0]
 
+    def images_of(self, example: int) -> list[Tensor]:
+        """The trajectory of one example of the batch: steps+1 tensors (3, H, W)."""
+        return [image[example] for image in self.images]
+
     @property
     def gain(self) -> Tensor:
         """Target logit at the final image minus at the start, (B,)."""

@@ -23,6 +23,8 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from .gates import GateSettings, PoolGeometry, SoftClamp, SoftMaxPool2d
 
 DEFAULT_TEMPERATURE = 0.3
+# The temperature strip's walk from gradient-like (0.01) to nearly linear in path space (10).
+STRIP_TEMPERATURES = (0.01, 0.0316, 0.1, 0.316, 1.0, 3.16, 10.0)
 
 
 @dataclass(frozen=True)
@@ -319,6 +321,37 @@ class _LayerRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def feature_layers(model: nn.Module, inputs: Tensor) -> dict[str, tuple[int, ...]]:
+    """Layers worth pulling back from, with their output shapes (C, H, W) for ``inputs``.
+
+    Top-level modules and containers (blocks, stages) that run exactly once and return a
+    (B, C, H, W) tensor, in ``named_modules()`` order. Runs one plain forward, no gradients.
+    """
+    _check_model(model)
+    check_inputs(model, inputs)
+    shapes: dict[str, tuple[int, ...]] = {}
+    calls: dict[str, int] = {}
+
+    def hook(name):
+        def record(module, args, output):
+            calls[name] = calls.get(name, 0) + 1
+            if isinstance(output, Tensor) and output.dim() == 4:
+                shapes[name] = tuple(output.shape[1:])
+        return record
+
+    handles = [module.register_forward_hook(hook(name))
+               for name, module in model.named_modules()
+               if name and ("." not in name or next(module.children(), None) is not None)]
+    try:
+        with evaluation_mode(model), torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: shapes[name] for name, _ in model.named_modules()
+            if name in shapes and calls[name] == 1}
 
 
 def _suggest(name: str, choices: Iterable[str]) -> str:

@@ -173,6 +173,13 @@ def channel_sum(attribution: Any) -> np.ndarray:
     return _channel_sum(attribution, "attribution")
 
 
+def relative_map(attribution: Any, percentile: float = 99.5) -> np.ndarray:
+    """``channel_sum(attribution)`` divided by its own :func:`signed_range`: unitless (H, W),
+    mostly in [-1, 1], so that maps of very different overall scale share one colour range."""
+    summed = _channel_sum(attribution, "attribution")
+    return summed / _abs_percentile(summed, percentile)
+
+
 def to_uint8_image(image: Any) -> np.ndarray:
     """A [0, 1] float image (3, H, W), (1, 3, H, W) or (H, W, 3) -> uint8 (H, W, 3).
 
@@ -599,7 +606,7 @@ def side_by_side(
     names = [str(k) for k in attributions]
     maps = [_channel_sum(a, f"attributions[{k!r}]") for k, a in attributions.items()]
     if normalize:
-        maps = [m / _abs_percentile(m, percentile) for m in maps]
+        maps = [relative_map(m, percentile) for m in maps]
         zmax = 1.0
     else:
         zmax = _abs_percentile(np.concatenate([m.ravel() for m in maps]), percentile)

@@ -1,0 +1,154 @@
+"""``pullback-widgets explain | grid``: reports from the command line.
+
+Errors are one line on stderr and exit status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import __name__ as package_name
+from .ascent import ascent_grid
+from .images import SAMPLE_IMAGES, load_image, sample_image
+from .labels import find_class
+from .models import MODELS, load_model
+from .report import explain, explain_html, grid_html
+
+EXIT_ERROR = 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's usage dump is not one line
+        raise ValueError(message)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="pullback-widgets",
+                            description="Excitation pullbacks (arXiv 2507.22832) as reports.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--model", default="efficientnet_lite0", choices=sorted(MODELS),
+                         help="model name (default: the embedded offline efficientnet_lite0)")
+        sub.add_argument("--temperature", type=_positive_float, default=None,
+                         help="gate temperature T (default: the model's own)")
+        sub.add_argument("--gate", default="sigmoid", choices=["sigmoid", "normal_cdf", "hard"])
+        sub.add_argument("--steps", type=int, default=5, help="ascent steps (default 5)")
+        sub.add_argument("--step-size", type=_positive_float, default=10.0,
+                         help="L2 step in [0, 1] pixel units (default 10; the paper's 20 in "
+                              "[-1, 1] units)")
+        sub.add_argument("--eps", type=_positive_float, default=50.0,
+                         help="L2 radius around the start (default 50; the paper's 100)")
+        sub.add_argument("--out", type=Path, required=True, help="the HTML file to write")
+
+    explain_parser = commands.add_parser("explain", help="report on one image")
+    explain_parser.add_argument("image", nargs="?", help="an image file")
+    explain_parser.add_argument("--sample", choices=SAMPLE_IMAGES,
+                                help="a bundled sample photo instead of a file")
+    explain_parser.add_argument("--target", default=None,
+                                help="class index or name (default: the predicted class)")
+    common(explain_parser)
+
+    grid_parser = commands.add_parser("grid", help="the counterfactual grid (paper's Figure 1)")
+    grid_parser.add_argument("images", nargs="*", help="image files (rows)")
+    grid_parser.add_argument("--samples", nargs="+", choices=SAMPLE_IMAGES, default=None,
+                             help="bundled sample photos (rows)")
+    grid_parser.add_argument("--targets", nargs="+", default=None,
+                             help="class indices or names (columns; default: each image's "
+                                  "predicted class)")
+    common(grid_parser)
+    return parser
+
+
+def _load_rows(files: list[str], samples: list[str] | None) -> tuple[torch.Tensor, list[str]]:
+    rows = [(Path(f).name, load_image(f)) for f in files]
+    rows += [(name, sample_image(name)) for name in samples or []]
+    if not rows:
+        raise ValueError("give an image file or --sample NAME")
+    return torch.cat([image for _, image in rows]), [name for name, _ in rows]
+
+
+def _parameters(args: argparse.Namespace, model, source: str) -> dict[str, object]:
+    from importlib.metadata import version
+
+    return {"model": args.model, "image": source,
+            "temperature T": args.temperature or model.default_temperature, "gate": args.gate,
+            "ascent steps": args.steps, "step size (L2, [0, 1] units)": args.step_size,
+            "eps (L2, [0, 1] units)": args.eps, "pullback-widgets": version(package_name)}
+
+
+def _run_explain(args: argparse.Namespace) -> str:
+    if (args.image is None) == (args.sample is None):
+        raise ValueError("give exactly one of IMAGE or --sample NAME")
+    image, names = _load_rows([args.image] if args.image else [], [args.sample] if args.sample
+                              else None)
+    stages = ["loading model", "forward pass", "pullback and gradient", "temperature strip",
+              "pullback ascent", "gradient ascent", "writing report"]
+    with tqdm(total=len(stages), desc="explain", unit="stage") as bar:
+        def on_stage(stage: str) -> None:
+            bar.set_postfix_str(stage)
+            bar.update(1)
+
+        bar.set_postfix_str(stages[0])
+        model = load_model(args.model)
+        target = None if args.target is None else find_class(args.target, model.labels)
+        temperature = args.temperature or model.default_temperature
+        explanation = explain(model, image, target, temperature=temperature, gate=args.gate,
+                              steps=args.steps, step_size=args.step_size, eps=args.eps,
+                              on_stage=on_stage)
+        explanation.parameters = _parameters(args, model, names[0])
+        explanation.parameters["target"] = f"{model.labels[explanation.target]} " \
+                                           f"({explanation.target})"
+        on_stage("writing report")
+        return explain_html(explanation, model.labels)
+
+
+def _run_grid(args: argparse.Namespace) -> str:
+    images, names = _load_rows(args.images, args.samples)
+    model = load_model(args.model)
+    targets = None if args.targets is None else [find_class(t, model.labels)
+                                                 for t in args.targets]
+    temperature = args.temperature or model.default_temperature
+    grid = ascent_grid(model, images, targets, steps=args.steps, step_size=args.step_size,
+                       eps=args.eps, temperature=temperature, gate=args.gate)
+    parameters = _parameters(args, model, ", ".join(names))
+    return grid_html(grid, names, model.labels, parameters)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pullback-widgets`` console script; returns the exit status."""
+    try:
+        args = _build_parser().parse_args(argv)
+        if args.steps < 0:
+            raise ValueError(f"--steps must be >= 0, got {args.steps}")
+        page = _run_explain(args) if args.command == "explain" else _run_grid(args)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(page, encoding="utf-8")
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"pullback-widgets: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("pullback-widgets: interrupted", file=sys.stderr)
+        return 130
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

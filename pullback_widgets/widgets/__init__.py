@@ -1,0 +1,5 @@
+"""The Jupyter widgets: PullbackExplorer and AscentExplorer."""
+
+from .explorer import PullbackExplorer
+
+__all__ = ["PullbackExplorer"]

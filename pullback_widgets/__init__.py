@@ -22,12 +22,13 @@ from .figures import (
 from .gates import GATES, GateSettings
 from .images import SAMPLE_IMAGES, load_image, sample_image
 from .models import MODELS, imagenet_labels, load_model
-from .widgets import PullbackExplorer
+from .widgets import AscentExplorer, PullbackExplorer
 
 __all__ = [
     "GATES",
     "MODELS",
     "SAMPLE_IMAGES",
+    "AscentExplorer",
     "AscentGrid",
     "AscentResult",
     "ExcitationPullback",

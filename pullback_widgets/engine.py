@@ -204,6 +204,12 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def predict(model: nn.Module, inputs: Tensor) -> Tensor:
+    """Plain logits (B, num_classes) for ``inputs``, in eval mode, without gradients."""
+    with evaluation_mode(model), torch.no_grad():
+        return model(inputs)
+
+
 def _expected_channels(model: nn.Module) -> int | None:
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return None if first_conv is None else first_conv.in_channels

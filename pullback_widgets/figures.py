@@ -649,3 +649,25 @@ def ascent_frames(
         height=_PANEL_PX + (40 if labels else 10) + (30 if title else 0) + 10,
         top=(40 if labels else 10) + (30 if title else 0),
     )
+
+
+def logit_curves(
+    logits: Any,
+    names: Sequence[str],
+    *,
+    title: str | None = None,
+) -> go.Figure:
+    """Target logit per ascent step: ``logits`` (steps+1, K), one line per target in ``names``."""
+    values = _raw_array(logits, "logits")
+    if values.ndim != 2 or values.shape[0] == 0:
+        raise ValueError(f"logits must have shape (steps+1, K), got {values.shape}")
+    names = _check_labels(names, values.shape[1], "names")
+    fig = go.Figure([go.Scatter(x=list(range(values.shape[0])), y=values[:, k], name=name,
+                                mode="lines+markers") for k, name in enumerate(names)])
+    fig.update_layout(
+        title=dict(text=title, x=0.5, xanchor="center") if title else None,
+        xaxis_title="step", yaxis_title="target logit", template="plotly_white",
+        width=380, height=260, margin=dict(l=50, r=10, t=40 if title else 10, b=40),
+        showlegend=values.shape[1] > 1,
+    )
+    return fig

@@ -371,3 +371,15 @@ def test_figures_serialise_without_plotlyjs():
     fig = fg.labelled_grid([[_attr(70)]], row_labels=["r"], col_labels=["c"], kind="signed")
     text = fig.to_json()
     assert "heatmap" in text and "cdn.plot.ly" not in text and len(text) < 50_000
+
+
+def test_logit_curves_one_line_per_target():
+    logits = np.array([[1.0, 2.0], [1.5, 1.0], [3.0, 0.5]])
+    fig = fg.logit_curves(logits, ["cat", "dog"])
+    assert [t.type for t in fig.data] == ["scatter", "scatter"]
+    np.testing.assert_array_equal(fig.data[1].y, [2.0, 1.0, 0.5])
+    assert list(fig.data[0].x) == [0, 1, 2] and fig.data[0].name == "cat"
+    with pytest.raises(ValueError, match="names"):
+        fg.logit_curves(logits, ["cat"])
+    with pytest.raises(ValueError, match="logits"):
+        fg.logit_curves(np.zeros(3), ["cat"])

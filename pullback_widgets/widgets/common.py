@@ -10,9 +10,10 @@ from typing import Any
 import ipywidgets as w
 import plotly.graph_objects as go
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from ..engine import evaluation_mode
+from ..engine import predict
+from ..images import SAMPLE_IMAGES, load_image, sample_image
 from ..models import load_model
 
 # Wide enough for "Temperature" and "Step size": ipywidgets' default cuts them to "Temperat…".
@@ -105,10 +106,41 @@ def prepare_model(model: str | nn.Module, labels: Sequence[str] | None
     if labels is None:  # a user's model without names: number its classes
         parameter = next(model.parameters(), torch.empty(0))
         probe = torch.zeros(1, 3, input_size, input_size, device=parameter.device)
-        with evaluation_mode(model), torch.no_grad():
-            num_classes = model(probe).shape[-1]
+        num_classes = predict(model, probe).shape[-1]
         labels = [f"class {i}" for i in range(num_classes)]
     return model, list(labels), input_size
+
+
+def class_options(labels: Sequence[str]) -> list[str]:
+    """Unique, searchable option strings "name (index)": ImageNet has two "crane"s."""
+    return [f"{name} ({index})" for index, name in enumerate(labels)]
+
+
+def option_index(option: str) -> int | None:
+    """The class index in a :func:`class_options` string; None when none is chosen yet."""
+    if not option.endswith(")") or "(" not in option:
+        return None
+    return int(option.rsplit("(", 1)[1][:-1])
+
+
+def load_choice(source: object, size: int, name: str | None = None,
+                max_pixels: int | None = None) -> tuple[str, Tensor]:
+    """(dropdown key, image (1, 3, size, size) in [0, 1]) for a sample name or any image."""
+    if isinstance(source, str) and source in SAMPLE_IMAGES:
+        return source, sample_image(source, size=size)
+    limits = {} if max_pixels is None else {"max_pixels": max_pixels}
+    key = name or (str(source) if isinstance(source, str) else "your image")
+    return key, load_image(source, size=size, **limits)
+
+
+def image_choices(first: object, size: int) -> tuple[dict[str, Tensor], str]:
+    """Every sample photo plus ``first`` (a sample name or any image), and ``first``'s key."""
+    key, tensor = load_choice(first, size)
+    choices = {key: tensor}
+    for name in SAMPLE_IMAGES:
+        if name not in choices:
+            choices[name] = sample_image(name, size=size)
+    return choices, key
 
 
 def status_html(message: str, *, error: bool = False) -> str:

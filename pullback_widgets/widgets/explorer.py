@@ -26,12 +26,15 @@ from ..engine import (
     feature_layers,
 )
 from ..gates import GATES
-from ..images import SAMPLE_IMAGES, load_image, sample_image
 from .common import (
     STYLE,
     WIDE,
     LatestOnlyWorker,
+    class_options,
     describe,
+    image_choices,
+    load_choice,
+    option_index,
     prepare_model,
     status_html,
     sync_figure,
@@ -57,11 +60,6 @@ class _Request:
     strip_token: int
 
 
-def class_options(labels: Sequence[str]) -> list[str]:
-    """Unique, searchable option strings, "name (index)": ImageNet has two "crane"s."""
-    return [f"{name} ({index})" for index, name in enumerate(labels)]
-
-
 class PullbackExplorer(w.VBox):
     """Live excitation pullbacks of one image.
 
@@ -77,8 +75,7 @@ class PullbackExplorer(w.VBox):
                  max_upload_pixels: int = MAX_UPLOAD_PIXELS) -> None:
         self.model, self.labels, self.input_size = prepare_model(model, labels)
         self.max_upload_bytes, self.max_upload_pixels = max_upload_bytes, max_upload_pixels
-        self._images: dict[str, Tensor] = {}
-        first_key = self._add_image(image)
+        self._images, first_key = image_choices(image, self.input_size)
         self.layer_shapes = feature_layers(self.model, self._images[first_key])
         self._session: PullbackSession | None = None
         self._session_key: str | None = None
@@ -136,17 +133,6 @@ class PullbackExplorer(w.VBox):
 
     # ------------------------------------------------------------------ controls -> request
 
-    def _add_image(self, source: object, name: str | None = None) -> str:
-        if isinstance(source, str) and source in SAMPLE_IMAGES:
-            key, tensor = source, sample_image(source, size=self.input_size)
-        else:
-            tensor = load_image(source, size=self.input_size,
-                                **({"max_pixels": self.max_upload_pixels}
-                                   if isinstance(source, bytes) else {}))
-            key = name or (str(source) if isinstance(source, str) else "your image")
-        self._images[key] = tensor
-        return key
-
     def _layer_options(self) -> list[tuple[str, str]]:
         options = [(f"{LOGITS} ({len(self.labels)} classes)", LOGITS)]
         options += [(f"{name} ({'×'.join(map(str, shape))})", name)
@@ -154,15 +140,10 @@ class PullbackExplorer(w.VBox):
         return options
 
     def _request(self) -> _Request:
-        return _Request(self.image.value, self._target_index(), self.temperature.value,
+        return _Request(self.image.value, option_index(self.target.value), self.temperature.value,
                         self.gate.value, self.layer.value, self.channel.value, self.view.value,
                         self._strip_token)
 
-    def _target_index(self) -> int | None:
-        text = self.target.value
-        if not text.endswith(")") or "(" not in text:
-            return None  # nothing chosen yet: the predicted class
-        return int(text.rsplit("(", 1)[1][:-1])
 
     def _on_change(self, change=None) -> None:
         self._worker.submit(self._request())
@@ -196,7 +177,9 @@ class PullbackExplorer(w.VBox):
                                  f"{self.max_upload_bytes / 1e6:.0f} MB")
             data = bytes(upload["content"])
             digest = hashlib.sha1(data).hexdigest()[:6]
-            key = self._add_image(data, name=f"upload: {upload['name']} [{digest}]")
+            key, tensor = load_choice(data, self.input_size, max_pixels=self.max_upload_pixels,
+                                      name=f"upload: {upload['name']} [{digest}]")
+            self._images[key] = tensor
         except Exception as error:  # the status line says what went wrong
             self._show_error(error)
             return

@@ -1,0 +1,317 @@
+"""The widgets without a browser: set controls, check the figures against the engine."""
+
+import datetime
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pullback_widgets as pw
+from pullback_widgets import figures
+from pullback_widgets.widgets.common import LatestOnlyWorker
+from tests.reference import EveryOpNet
+from tests.test_engine import _assert_untouched, _model_snapshot
+
+LABELS = ["ant", "bee", "cat", "dog", "eel"]
+
+
+@pytest.fixture
+def net() -> EveryOpNet:
+    torch.manual_seed(0)
+    model = EveryOpNet().eval()
+    model.input_size = 32
+    return model
+
+
+def _heatmap_z(figure) -> np.ndarray:
+    return np.asarray(figure.data[0].z, dtype=np.float64)
+
+
+def _expected_relative(model, image, target, **settings) -> np.ndarray:
+    pullback = pw.excitation_pullback(model, image, target, **settings)[0]
+    return figures.relative_map(pullback).astype(np.float32).astype(np.float64)
+
+
+def _forward_counter(model):
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+def test_heatmap_equals_the_engine_for_each_setting(net):
+    explorer = pw.PullbackExplorer(net, "chelsea", labels=LABELS, temperature=0.5)
+    assert explorer.wait()
+    image = explorer._images["chelsea"]
+    predicted = int(net(image).argmax())
+    np.testing.assert_allclose(_heatmap_z(explorer.pullback_figure),
+                               _expected_relative(net, image, predicted, temperature=0.5),
+                               rtol=1e-5, atol=1e-6)
+    figure_before = explorer.pullback_figure
+    z_before = _heatmap_z(explorer.pullback_figure)
+    explorer.temperature.value = 2.0
+    explorer.gate.value = "normal_cdf"
+    explorer.target.value = "eel (4)"
+    assert explorer.wait()
+    assert explorer.pullback_figure is figure_before
+    z_after = _heatmap_z(explorer.pullback_figure)
+    assert not np.allclose(z_before, z_after)
+    np.testing.assert_allclose(
+        z_after, _expected_relative(net, image, 4, temperature=2.0, gate="normal_cdf"),
+        rtol=1e-5, atol=1e-6)
+    gradient = pw.excitation_pullback(net, image, 4, gate="hard")[0]
+    np.testing.assert_allclose(_heatmap_z(explorer.gradient_figure),
+                               figures.relative_map(gradient).astype(np.float32), rtol=1e-5)
+    assert "eel" in explorer.status.value and "⚠" not in explorer.status.value
+
+
+def test_layer_and_channel_make_a_unit_target(net):
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS, temperature=0.7)
+    explorer.wait()
+    assert "conv4" in explorer.layer_shapes
+    explorer.layer.value = "conv4"
+    assert not explorer.channel.disabled and explorer.channel.max == 7
+    explorer.channel.value = 5
+    explorer.wait()
+    image = explorer._images["coffee"]
+    np.testing.assert_allclose(
+        _heatmap_z(explorer.pullback_figure),
+        _expected_relative(net, image, pw.Unit("conv4", 5), temperature=0.7),
+        rtol=1e-5, atol=1e-6)
+
+
+def test_only_the_image_reruns_the_forward(net):
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS)
+    explorer.wait()
+    calls, handle = _forward_counter(net)
+    try:
+        explorer.temperature.value = 0.05
+        explorer.wait()
+        explorer.gate.value = "hard"
+        explorer.wait()
+        explorer.layer.value = "conv5"
+        explorer.wait()
+        explorer.channel.value = 3
+        explorer.wait()
+        explorer.view.value = "RGB"
+        explorer.wait()
+        assert calls == []
+        explorer.image.value = "rocket"
+        explorer.wait()
+        assert len(calls) == 1
+    finally:
+        handle.remove()
+
+
+def test_views_switch_trace_types_in_the_same_figure_widget(net):
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS)
+    explorer.wait()
+    widget = explorer.pullback_figure
+    assert [t.type for t in widget.data] == ["heatmap"]
+    explorer.view.value = "magnitude overlay"
+    explorer.wait()
+    assert [t.type for t in widget.data] == ["image", "heatmap"]
+    explorer.view.value = "RGB"
+    explorer.wait()
+    assert [t.type for t in widget.data] == ["image"]
+    assert explorer.pullback_figure is widget
+
+
+def test_top5_buttons_and_strip(net):
+    explorer = pw.PullbackExplorer(net, "astronaut", labels=LABELS)
+    explorer.wait()
+    probabilities = pw.PullbackSession(net, explorer._images["astronaut"]).probabilities[0]
+    order = probabilities.argsort(descending=True).tolist()
+    assert [b.class_index for b in explorer.top_buttons] == order
+    assert explorer.top_buttons[0].description.startswith(LABELS[order[0]])
+    explorer.top_buttons[2].click()
+    explorer.wait()
+    assert explorer.target.value == f"{LABELS[order[2]]} ({order[2]})"
+    assert len(explorer.strip_figure.data) == 0
+    explorer.strip_button.click()
+    explorer.wait()
+    assert len(explorer.strip_figure.data) == len(pw.engine.STRIP_TEMPERATURES)
+
+
+def test_labels_are_wide_enough_to_read(net):
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS)
+    for control in (explorer.image, explorer.target, explorer.temperature, explorer.gate,
+                    explorer.layer, explorer.channel, explorer.view):
+        assert control.style.description_width == "90px", control.description
+    assert [c.description for c in (explorer.image, explorer.target, explorer.temperature,
+                                    explorer.gate, explorer.layer, explorer.channel,
+                                    explorer.view)] == [
+        "Image", "Target", "Temperature", "Gate", "Layer", "Channel", "View"]
+
+
+def _png_bytes(size=(40, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _upload(explorer, data: bytes, name="mine.png"):
+    explorer.upload.value = ({"name": name, "type": "image/png", "size": len(data),
+                              "content": memoryview(data),
+                              "last_modified": datetime.datetime.now(datetime.timezone.utc)},)
+
+
+def test_upload_adds_an_image_and_bad_uploads_show_in_the_status_line(net):
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS, max_upload_bytes=10_000,
+                                   max_upload_pixels=5_000)
+    explorer.wait()
+    _upload(explorer, _png_bytes())
+    explorer.wait()
+    assert explorer.image.value.startswith("upload: mine.png")
+    assert "⚠" not in explorer.status.value
+    _upload(explorer, b"this is not a picture", name="notes.png")
+    assert "⚠" in explorer.status.value and "notes" not in explorer.image.value
+    _upload(explorer, _png_bytes((200, 100)), name="big.png")
+    assert "⚠" in explorer.status.value and "max_pixels" in explorer.status.value
+    _upload(explorer, b"x" * 20_000, name="huge.png")
+    assert "limit" in explorer.status.value
+    explorer.temperature.value = 0.2  # still usable afterwards
+    explorer.wait()
+    assert "⚠" not in explorer.status.value
+
+
+def test_errors_during_compute_become_a_status_line(net):
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS)
+    explorer.wait()
+    broken = {"on": True}
+
+    def explode(module, args):
+        if broken["on"]:
+            raise RuntimeError("the model fell over")
+
+    handle = net.register_forward_pre_hook(explode)
+    try:
+        explorer.image.value = "rocket"
+        explorer.wait()
+        assert "⚠" in explorer.status.value and "fell over" in explorer.status.value
+        broken["on"] = False
+        explorer.image.value = "chelsea"
+        explorer.wait()
+        assert "⚠" not in explorer.status.value
+    finally:
+        handle.remove()
+
+
+def test_bad_constructor_arguments_raise_clear_errors(net):
+    with pytest.raises(TypeError, match="model"):
+        pw.PullbackExplorer(42)
+    with pytest.raises(ValueError, match="sample|image"):
+        pw.PullbackExplorer(net, "no-such-photo.png", labels=LABELS)
+
+
+def test_two_explorers_on_one_model_do_not_interfere(net):
+    before = _model_snapshot(net)
+    a = pw.PullbackExplorer(net, "coffee", labels=LABELS, temperature=0.1)
+    b = pw.PullbackExplorer(net, "coffee", labels=LABELS, temperature=3.0)
+    a.wait()
+    b.wait()
+    image = a._images["coffee"]
+    predicted = int(net(image).argmax())
+    np.testing.assert_allclose(_heatmap_z(a.pullback_figure),
+                               _expected_relative(net, image, predicted, temperature=0.1),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_heatmap_z(b.pullback_figure),
+                               _expected_relative(net, image, predicted, temperature=3.0),
+                               rtol=1e-5, atol=1e-6)
+    _assert_untouched(net, before)
+
+
+def test_worker_computes_only_the_latest_of_a_burst():
+    seen, release = [], threading.Event()
+
+    def job(request):
+        release.wait(5)
+        seen.append(request)
+
+    worker = LatestOnlyWorker(job, on_error=lambda e: None)
+    worker.submit(0)
+    time.sleep(0.05)  # the worker is now blocked inside job(0)
+    for value in range(1, 50):
+        worker.submit(value)
+    release.set()
+    assert worker.wait(5)
+    assert seen == [0, 49]
+
+
+def test_worker_survives_a_failing_job():
+    errors = []
+
+    def job(request):
+        if request == "bad":
+            raise ValueError("nope")
+
+    worker = LatestOnlyWorker(job, on_error=errors.append)
+    worker.submit("bad")
+    worker.wait(5)
+    worker.submit("good")
+    worker.wait(5)
+    assert [str(e) for e in errors] == ["nope"] and worker.completed == 1
+
+
+# ---------------------------------------------------------------- AscentExplorer
+
+def test_ascent_explorer_streams_frames_and_matches_the_engine(net):
+    explorer = pw.AscentExplorer(net, "coffee", labels=LABELS, temperature=0.5)
+    explorer.steps.value, explorer.step_size.value, explorer.eps.value = 3, 2.0, 4.0
+    explorer.target.value = "cat (2)"
+    frames_seen = []
+    original = explorer._on_step
+
+    def spy(step, result):
+        frames_seen.append((step, len(explorer.frames_figure.layout.annotations)))
+        return original(step, result)
+
+    explorer._on_step = spy
+    explorer.run()
+    assert explorer.wait()
+    assert [s for s, _ in frames_seen] == [1, 2, 3]
+    expected = pw.pullback_ascent(net, explorer._images["coffee"], 2, steps=3, step_size=2.0,
+                                  eps=4.0, temperature=0.5, progress=False)
+    torch.testing.assert_close(explorer.result.images[-1], expected.images[-1])
+    assert explorer.progress.value == 3 and explorer.frame.max == 3
+    assert not explorer.frame.disabled and explorer.run_button.disabled is False
+    explorer.frame.value = 1
+    assert "step 1" in explorer.frames_figure.layout.annotations[0].text
+    assert len(explorer.curve_figure.data[0].y) == 2
+    assert "gain" in explorer.status.value
+
+
+def test_ascent_explorer_counterfactual_and_stop(net):
+    explorer = pw.AscentExplorer(net, "chelsea", labels=LABELS)
+    explorer.counterfactual.value = True
+    explorer.run()
+    assert "⚠" in explorer.status.value and "Targets" in explorer.status.value
+    explorer.targets.value = ["ant (0)", "dog (3)", "eel (4)"]
+    explorer.steps.value = 2
+    explorer.run()
+    explorer.wait()
+    assert explorer.result.images[-1].shape[0] == 3
+    assert len(explorer.frames_figure.data) == 3
+    explorer.counterfactual.value = False
+    explorer.steps.value = 30
+    explorer.run()
+    explorer.stop()
+    explorer.wait()
+    assert explorer.result.stopped and len(explorer.result.images) < 31
+    assert "stopped" in explorer.status.value
+
+
+def test_real_model_explorer_end_to_end():
+    """The embedded EfficientNet-Lite0 on a sample photo: espresso, and live updates."""
+    explorer = pw.PullbackExplorer()
+    explorer.wait()
+    assert explorer.top_buttons[0].description.startswith("espresso")
+    z_before = _heatmap_z(explorer.pullback_figure)
+    explorer.temperature.value = 0.1
+    explorer.wait()
+    assert not np.allclose(z_before, _heatmap_z(explorer.pullback_figure))
+    assert explorer.layer.options[0][1] == "logits"
+    assert any("blocks.5" == value for _, value in explorer.layer.options)

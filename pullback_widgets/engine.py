@@ -162,8 +162,8 @@ def _gating(settings: GateSettings) -> Iterator[_SoftGatingMode]:
 
 @contextlib.contextmanager
 def soft_gating(model: nn.Module, temperature: float = DEFAULT_TEMPERATURE,
-                gate: str = "sigmoid", pool_temperature: float | None = None
-                ) -> Iterator[GateSettings]:
+                gate: str = "sigmoid", pool_temperature: float | None = None,
+                temperature_mode: str = "absolute") -> Iterator[GateSettings]:
     """Inside this context, any backward through ReLUs and max-pools is an excitation pullback.
 
     The forward is unchanged bit for bit, and ``model`` is not modified in any way. Yields the
@@ -171,7 +171,7 @@ def soft_gating(model: nn.Module, temperature: float = DEFAULT_TEMPERATURE,
     between backward passes of one graph changes the temperature.
     """
     _check_model(model)
-    settings = GateSettings(temperature, gate, pool_temperature)
+    settings = GateSettings(temperature, gate, pool_temperature, temperature_mode)
     with _gating(settings):
         yield settings
 
@@ -382,13 +382,13 @@ class PullbackSession:
 
     def __init__(self, model: nn.Module, inputs: Tensor, *, temperature: float | None = None,
                  gate: str = "sigmoid", pool_temperature: float | None = None,
-                 layers: Iterable[str] = ()) -> None:
+                 temperature_mode: str = "absolute", layers: Iterable[str] = ()) -> None:
         _check_model(model)
         self.model = model
         self.inputs = check_inputs(model, inputs).detach()
         self.settings = GateSettings(
             default_temperature(model) if temperature is None else temperature,
-            gate, pool_temperature)
+            gate, pool_temperature, temperature_mode)
         self._forward(tuple(dict.fromkeys(layers)))
 
     def _forward(self, layers: tuple[str, ...]) -> None:
@@ -423,11 +423,13 @@ class PullbackSession:
         """Softmax of the logits, (B, num_classes), detached."""
         return self.logits.detach().softmax(dim=1)
 
-    def _configure(self, temperature, gate, pool_temperature) -> None:
-        self.settings.update(
-            self.settings.temperature if temperature is None else temperature,
-            self.settings.gate if gate is None else gate,
-            self.settings.pool_temperature if pool_temperature is None else pool_temperature)
+    def _configure(self, temperature, gate, pool_temperature, temperature_mode) -> None:
+        current = self.settings
+        current.update(
+            current.temperature if temperature is None else temperature,
+            current.gate if gate is None else gate,
+            current.pool_temperature if pool_temperature is None else pool_temperature,
+            current.temperature_mode if temperature_mode is None else temperature_mode)
 
     def _record_layers_of(self, targets: Iterable[Target]) -> None:
         """Re-run the forward once if a Unit target names a layer this session did not record."""
@@ -448,24 +450,26 @@ class PullbackSession:
         return activation, _unit_seed(target, activation)
 
     def pullback(self, target: Target, *, temperature: float | None = None,
-                 gate: str | None = None, pool_temperature: float | None = None) -> Tensor:
+                 gate: str | None = None, pool_temperature: float | None = None,
+                 temperature_mode: str | None = None) -> Tensor:
         """The excitation pullback of ``target``: (B, C, H, W), like ``inputs``.
 
-        ``temperature``, ``gate`` and ``pool_temperature`` of None keep the session's current ones.
+        Settings left as None keep the session's current ones.
         """
-        self._configure(temperature, gate, pool_temperature)
+        self._configure(temperature, gate, pool_temperature, temperature_mode)
         self._record_layers_of([target])
         output, seed = self._seed(target)
         (grad,) = torch.autograd.grad(output, self._input, seed, retain_graph=True)
         return grad
 
     def pullbacks(self, targets: Sequence[Target], *, temperature: float | None = None,
-                  gate: str | None = None, pool_temperature: float | None = None) -> Tensor:
+                  gate: str | None = None, pool_temperature: float | None = None,
+                  temperature_mode: str | None = None) -> Tensor:
         """Pullbacks of k targets in one batched backward: (k, B, C, H, W)."""
         if isinstance(targets, (str, Unit, Tensor)) or not isinstance(targets, Sequence) \
                 or len(targets) == 0:
             raise TypeError("targets must be a non-empty list of targets")
-        self._configure(temperature, gate, pool_temperature)
+        self._configure(temperature, gate, pool_temperature, temperature_mode)
         self._record_layers_of(targets)
         seeds = [self._seed(t) for t in targets]
         outputs: list[Tensor] = []
@@ -483,7 +487,8 @@ class PullbackSession:
 
 def excitation_pullback(model: nn.Module, inputs: Tensor, target: Target, *,
                         temperature: float = DEFAULT_TEMPERATURE, gate: str = "sigmoid",
-                        pool_temperature: float | None = None) -> Tensor:
+                        pool_temperature: float | None = None,
+                        temperature_mode: str = "absolute") -> Tensor:
     """The excitation pullback of ``target`` at ``inputs`` (B, C, H, W): same shape as inputs.
 
     The forward is the model's own, bit for bit; every ReLU's backward gate becomes g(z) and
@@ -491,7 +496,8 @@ def excitation_pullback(model: nn.Module, inputs: Tensor, target: Target, *,
     """
     layers = (target.layer,) if isinstance(target, Unit) else ()
     session = PullbackSession(model, inputs, temperature=temperature, gate=gate,
-                              pool_temperature=pool_temperature, layers=layers)
+                              pool_temperature=pool_temperature,
+                              temperature_mode=temperature_mode, layers=layers)
     return session.pullback(target)
 
 
@@ -504,19 +510,20 @@ class ExcitationPullback:
     multiplies_by_inputs = False
 
     def __init__(self, model: nn.Module, temperature: float | None = None,
-                 gate: str = "sigmoid", pool_temperature: float | None = None) -> None:
+                 gate: str = "sigmoid", pool_temperature: float | None = None,
+                 temperature_mode: str = "absolute") -> None:
         _check_model(model)
         self.forward_func = model
         self.settings = GateSettings(
             default_temperature(model) if temperature is None else temperature,
-            gate, pool_temperature)
+            gate, pool_temperature, temperature_mode)
 
     def attribute(self, inputs: Tensor, target: Target | None = None) -> Tensor:
         layers = (target.layer,) if isinstance(target, Unit) else ()
         session = PullbackSession(
             self.forward_func, inputs, temperature=self.settings.temperature,
             gate=self.settings.gate, pool_temperature=self.settings.pool_temperature,
-            layers=layers)
+            temperature_mode=self.settings.temperature_mode, layers=layers)
         if target is None:
             target = session.logits.detach().argmax(dim=1)
         return session.pullback(target)

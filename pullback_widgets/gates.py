@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 GATES = ("sigmoid", "normal_cdf", "hard")
+TEMPERATURE_MODES = ("absolute", "relative")
 
 
 def check_temperature(value: float, name: str = "temperature") -> float:
@@ -52,40 +53,57 @@ def check_gate(gate: str) -> str:
 class GateSettings:
     """What the soft backward of every gated op reads at the moment it runs.
 
-    ``temperature`` is in the units of the pre-activations; ``pool_temperature=None`` means
-    "same as ``temperature``".
+    ``temperature`` is in the units of the pre-activations (``temperature_mode="absolute"``),
+    or in units of each layer's own spread (``"relative"``: T times the standard deviation of
+    that op's input, per example). ``pool_temperature=None`` means "same as ``temperature``".
     """
 
     temperature: float = 0.3
     gate: str = "sigmoid"
     pool_temperature: float | None = None
+    temperature_mode: str = "absolute"
 
     def __post_init__(self) -> None:
-        self.update(self.temperature, self.gate, self.pool_temperature)
+        self.update(self.temperature, self.gate, self.pool_temperature, self.temperature_mode)
 
-    def update(self, temperature: float, gate: str, pool_temperature: float | None) -> None:
+    def update(self, temperature: float, gate: str, pool_temperature: float | None,
+               temperature_mode: str = "absolute") -> None:
         self.temperature = check_temperature(temperature)
         self.gate = check_gate(gate)
         self.pool_temperature = (
             None if pool_temperature is None
             else check_temperature(pool_temperature, "pool_temperature")
         )
+        if temperature_mode not in TEMPERATURE_MODES:
+            raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, "
+                             f"got {temperature_mode!r}")
+        self.temperature_mode = temperature_mode
 
-    @property
-    def effective_pool_temperature(self) -> float:
-        return self.temperature if self.pool_temperature is None else self.pool_temperature
+    def temperature_for(self, x: Tensor, pool: bool = False) -> float | Tensor:
+        """The temperature an op with input ``x`` uses: a float, or per example (B, 1, ...)."""
+        base = self.temperature if not pool or self.pool_temperature is None \
+            else self.pool_temperature
+        if self.temperature_mode == "absolute":
+            return base
+        if x.dim() < 2:
+            return base * float(x.detach().std().clamp_min(1e-12))
+        spread = x.detach().flatten(1).std(dim=1).clamp_min(1e-12)
+        return base * spread.view(-1, *([1] * (x.dim() - 1)))
 
 
 # Past this, sigmoid(x) is 1 to within float64 rounding.
 _SIGMOID_SATURATION = 40.0
 
 
-def gate_times(grad: Tensor, x: Tensor, scale: float, gate: str) -> Tensor:
-    """``grad * g(scale * x)`` for a soft gate, as a new tensor.
+def gate_times(grad: Tensor, x: Tensor, scale: float | Tensor, gate: str) -> Tensor:
+    """``grad * g(scale * x)`` for a soft gate, as a new tensor; ``scale`` a float or a
+    tensor that broadcasts against ``x``.
 
     softplus's backward is exactly ``grad * sigmoid(beta * x)``, fused into one pass.
     """
     if gate == "sigmoid":
+        if isinstance(scale, Tensor):
+            return torch.ops.aten.softplus_backward(grad, x * scale, 1.0, _SIGMOID_SATURATION)
         return torch.ops.aten.softplus_backward(grad, x, scale, _SIGMOID_SATURATION)
     return grad * torch.special.ndtr(x * scale)
 
@@ -116,7 +134,7 @@ class SoftClamp(torch.autograd.Function):
             grad_in = torch.where(inside, grad_out, torch.zeros((), dtype=grad_out.dtype))
         else:
             # Out of place throughout: under batched targets grad_out is vmapped.
-            scale = 1.0 / settings.temperature
+            scale = 1.0 / settings.temperature_for(z)
             grad_in = gate_times(grad_out, z - low if low else z, scale, settings.gate)
             if high is not None:  # g(high - z) = g(-(z - high))
                 grad_in = gate_times(grad_in, z - high, -scale, settings.gate)
@@ -148,8 +166,9 @@ class PoolGeometry:
 
 
 def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
-                           temperature: float) -> Tensor:
-    """Gradient of the soft pool at ``x`` (N, C, H, W), given ``grad_out`` (N, C, Ho, Wo).
+                           temperature: float | Tensor) -> Tensor:
+    """Gradient of the soft pool at ``x`` (N, C, H, W), given ``grad_out`` (N, C, Ho, Wo);
+    ``temperature`` a float or per example (N, 1, 1, 1).
 
     Works in units of T, s = w / T: the local gradient is p_j (1 + s_j - sum_i p_i s_i).
     """
@@ -206,5 +225,5 @@ class SoftMaxPool2d(torch.autograd.Function):
             grad_in = hard_max_pool_backward(grad_out, x, ctx.geometry)
         else:
             grad_in = soft_max_pool_backward(
-                grad_out, x, ctx.geometry, ctx.settings.effective_pool_temperature)
+                grad_out, x, ctx.geometry, ctx.settings.temperature_for(x, pool=True))
         return (grad_in.squeeze(0) if unbatched else grad_in), None, None, None

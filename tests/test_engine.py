@@ -429,3 +429,27 @@ def test_bad_unit_and_model_arguments():
         pw.Unit("conv2", "0")
     with pytest.raises(TypeError, match="list of targets"):
         pw.PullbackSession(_net(), _image()).pullbacks(0)
+
+
+def test_relative_temperature_scales_each_op_by_its_input_spread():
+    """T_rel on one ReLU equals absolute T * std(z) of that example's pre-activation."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x = torch.randn(2, 6, 1, 1, dtype=torch.float64)
+    relative = pw.excitation_pullback(model, x, 1, temperature=0.5,
+                                      temperature_mode="relative")
+    for i in range(2):
+        with torch.no_grad():
+            spread = float(model[1](x[i:i + 1].flatten(1)).std())
+        absolute = pw.excitation_pullback(model, x[i:i + 1], 1, temperature=0.5 * spread)
+        torch.testing.assert_close(relative[i:i + 1], absolute)
+    with pytest.raises(ValueError, match="temperature_mode"):
+        pw.excitation_pullback(model, x, 1, temperature_mode="per-layer")
+
+
+def test_relative_temperature_on_every_op_net_matches_per_example_reference():
+    net, x = _net(), _image(2)
+    batched = pw.excitation_pullback(net, x, 3, temperature=0.3, temperature_mode="relative")
+    single = torch.cat([pw.excitation_pullback(net, x[i:i + 1], 3, temperature=0.3,
+                                               temperature_mode="relative") for i in range(2)])
+    torch.testing.assert_close(batched, single)

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import re
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,7 +57,9 @@ def test_registry_names_and_specs() -> None:
         assert len(spec.mean) == len(spec.std) == 3
         assert spec.description
     assert MODELS["efficientnet_lite0"].mean == MODELS["efficientnet_lite0"].std == (0.5,) * 3
-    assert MODELS["efficientnet_lite0"].default_temperature == 1.0
+    study = Path(__file__).parents[1] / "benchmarks" / "results" / "temperature_study.md"
+    best = re.search(r"Largest mean gain: pullback T=([0-9.]+)", study.read_text())
+    assert MODELS["efficientnet_lite0"].default_temperature == float(best.group(1))
     for name in ("resnet50", "vgg11_bn", "densenet121"):
         assert MODELS[name].default_temperature == 0.3
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -1,0 +1,68 @@
+"""The command line, end to end in a subprocess, and its one-line errors."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pullback_widgets import cli
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pullback_widgets.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_explain_writes_a_self_contained_report(tmp_path):
+    out = tmp_path / "report.html"
+    done = _run("explain", "--sample", "coffee", "--steps", "2", "--target", "Espresso",
+                "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    page = out.read_text()
+    # plotly.js is inlined once, and no script comes from the network
+    assert page.count("plotly.js v") >= 1
+    assert not re.search(r"<script[^>]+src=[\"']?(https?:)?//", page)
+    for heading in ("Photo and top-5 predictions", "Pullback and plain gradient",
+                    "Pullback ascent, step by step", "Temperature strip"):
+        assert heading in page
+    assert "espresso (967)" in page and "temperature T" in page
+    assert "explain" in done.stderr  # the progress bar went to the terminal
+
+
+def test_grid_report(tmp_path):
+    out = tmp_path / "grid.html"
+    done = _run("grid", "--samples", "chelsea", "coffee", "--targets", "tabby", "967",
+                "--steps", "1", "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    page = out.read_text()
+    assert "Counterfactual grid" in page and "tabby" in page and "espresso" in page
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["explain", "missing.jpg"], "image file not found"),
+    (["explain", "notes.txt"], "notes.txt"),
+    (["explain", "--sample", "coffee", "--temperature", "0"], "temperature"),
+    (["explain", "--sample", "coffee", "--temperature", "nan"], "temperature"),
+    (["explain", "--sample", "coffee", "--model", "alexnet"], "alexnet"),
+    (["explain", "--sample", "coffee", "--target", "espreso"], "did you mean 'espresso'"),
+    (["explain", "--sample", "coffee", "--target", "1000"], "out of range"),
+    (["explain", "--sample", "coffee", "--steps", "-1"], "steps"),
+    (["explain"], "IMAGE or --sample"),
+    (["explain", "--sample", "coffee"], "--out"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_errors_are_one_line_with_nonzero_exit(tmp_path, capsys, args, message):
+    (tmp_path / "notes.txt").write_text("not an image")
+    if "--out" not in args and args != ["explain", "--sample", "coffee"]:
+        args = [*args, "--out", str(tmp_path / "r.html")]
+    status = cli.main([a if not a.endswith((".jpg", ".txt")) else str(tmp_path / a)
+                       for a in args])
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if "error" in line]
+    assert status == 2
+    assert len(error_lines) == 1 and error_lines[0].startswith("pullback-widgets: error: ")
+    assert message in error_lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "r.html").exists()

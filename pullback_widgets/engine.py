@@ -233,6 +233,9 @@ def check_inputs(model: nn.Module, inputs: object) -> Tensor:
     if parameter is not None and parameter.device != inputs.device:
         raise ValueError(f"inputs are on {inputs.device} but the model is on "
                          f"{parameter.device}; move one of them")
+    if parameter is not None and parameter.dtype != inputs.dtype:
+        raise TypeError(f"inputs are {inputs.dtype} but the model's parameters are "
+                        f"{parameter.dtype}; convert one of them")
     if not torch.isfinite(inputs).all():
         raise ValueError("inputs contain NaN or infinite values")
     return inputs

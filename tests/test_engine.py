@@ -453,3 +453,43 @@ def test_relative_temperature_on_every_op_net_matches_per_example_reference():
     single = torch.cat([pw.excitation_pullback(net, x[i:i + 1], 3, temperature=0.3,
                                                temperature_mode="relative") for i in range(2)])
     torch.testing.assert_close(batched, single)
+
+
+def test_wrong_device_and_dtype_are_clear_errors():
+    net = _net()
+    with pytest.raises(TypeError, match="float32 but the model's parameters are"):
+        pw.excitation_pullback(net, _image(dtype=torch.float32), 0)
+    meta = EveryOpNet().to("meta")
+    with pytest.raises(ValueError, match="move one of them"):
+        pw.excitation_pullback(meta, torch.rand(1, 3, 12, 12), 0)
+
+
+def test_model_untouched_after_exception_in_backward():
+    class FailingBackward(EveryOpNet):
+        fail = True
+
+        def forward(self, x):
+            h = F.relu(self.conv1(x))
+            if self.fail:
+                h.register_hook(lambda grad: (_ for _ in ()).throw(RuntimeError("bad grad")))
+            return self.fc(F.relu(self.conv4(h)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = FailingBackward().double().eval()
+    before = _model_snapshot(net)
+    session = pw.PullbackSession(net, _image())
+    with pytest.raises(RuntimeError, match="bad grad"):
+        session.pullback(0)
+    _assert_untouched(net, before)
+
+
+def test_model_untouched_after_exception_in_ascent_callback():
+    net, x = _net(), _image(1)
+    before = _model_snapshot(net)
+
+    def callback(step, result):
+        raise KeyError("stop here")
+
+    with pytest.raises(KeyError):
+        pw.pullback_ascent(net, x, 0, steps=3, callback=callback, progress=False)
+    _assert_untouched(net, before)

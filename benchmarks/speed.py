@@ -47,8 +47,8 @@ def measure(model, batch: int, repeats: int, device: str) -> dict[str, float]:
         "gradient": lambda: _plain_gradient(model, x, 1),
         "pullback": lambda: pw.excitation_pullback(model, x, 1, temperature=temperature),
         "session update": lambda: session.pullback(1, temperature=temperature * 1.01),
-        "5 targets batched": lambda: session.pullbacks(targets),
-        "5 targets loop": lambda: [session.pullback(t) for t in targets],
+        "5 targets batched": lambda: session.pullbacks(targets, batched=True),
+        "5 targets loop": lambda: session.pullbacks(targets, batched=False),
     }
     for fn in operations.values():  # warm-up
         fn()

@@ -467,14 +467,27 @@ class PullbackSession:
 
     def pullbacks(self, targets: Sequence[Target], *, temperature: float | None = None,
                   gate: str | None = None, pool_temperature: float | None = None,
-                  temperature_mode: str | None = None) -> Tensor:
-        """Pullbacks of k targets in one batched backward: (k, B, C, H, W)."""
+                  temperature_mode: str | None = None, batched: bool | None = None
+                  ) -> Tensor:
+        """Pullbacks of k targets: (k, B, C, H, W).
+
+        ``batched=True`` runs one vmapped backward for all k; ``False`` a loop of k backward
+        passes. The default batches on accelerators, where that is the win, and loops on the
+        CPU, where the backward is compute-bound and vmap's batching rules cost more than they
+        save (benchmarks/speed.py measures both).
+        """
         if isinstance(targets, (str, Unit, Tensor)) or not isinstance(targets, Sequence) \
                 or len(targets) == 0:
             raise TypeError("targets must be a non-empty list of targets")
         self._configure(temperature, gate, pool_temperature, temperature_mode)
         self._record_layers_of(targets)
         seeds = [self._seed(t) for t in targets]
+        if batched is None:
+            batched = self._input.device.type != "cpu"
+        if not batched:
+            return torch.stack([torch.autograd.grad(output, self._input, seed,
+                                                    retain_graph=True)[0]
+                                for output, seed in seeds])
         outputs: list[Tensor] = []
         for output, _ in seeds:
             if not any(output is o for o in outputs):

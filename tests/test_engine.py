@@ -249,10 +249,13 @@ def test_batched_targets_equal_a_loop():
     net, x = _net(), _image(2)
     session = pw.PullbackSession(net, x, layers=["conv4"])
     targets = [0, [1, 3], pw.Unit("conv4", 2), pw.Unit("conv4", 5, 0, 1), 4]
-    batched = session.pullbacks(targets, temperature=0.4)
-    assert batched.shape == (5, *x.shape)
+    batched = session.pullbacks(targets, temperature=0.4, batched=True)
+    looped = session.pullbacks(targets, temperature=0.4, batched=False)
+    assert batched.shape == looped.shape == (5, *x.shape)
     for k, target in enumerate(targets):
-        torch.testing.assert_close(batched[k], session.pullback(target, temperature=0.4))
+        single = session.pullback(target, temperature=0.4)
+        torch.testing.assert_close(batched[k], single)
+        assert torch.equal(looped[k], single)
 
 
 def test_unit_on_unrecorded_layer_costs_one_more_forward():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from copy import deepcopy
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -91,6 +92,12 @@ def sync_figure(widget: go.FigureWidget, figure: go.Figure) -> None:
             widget.data = ()
             widget.add_traces(list(figure.data))
         widget.layout.update(layout, overwrite=True)
+    if not widget._view_count:
+        # No page shows this figure yet (Voilà draws widgets after the kernel has run), and
+        # plotly's incremental messages sent before that are lost: put the figure into the
+        # widget state the page will read, as plotly itself does when a figure is displayed.
+        widget._widget_layout = deepcopy(widget._layout_obj._props)
+        widget._widget_data = deepcopy(widget._data)
 
 
 def prepare_model(model: str | nn.Module, labels: Sequence[str] | None

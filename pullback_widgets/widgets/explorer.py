@@ -100,12 +100,13 @@ class PullbackExplorer(w.VBox):
         self.channel = w.BoundedIntText(description="Channel", min=0, max=0, value=0,
                                         disabled=True, style=STYLE)
         self.view = w.ToggleButtons(description="View", options=list(VIEWS), style=STYLE)
-        self.strip_button = w.Button(description="Temperature strip", icon="sliders")
+        self.strip_button = w.Button(description="Temperature strip", icon="sliders",
+                                     layout=w.Layout(width="auto"))
         self.status = w.HTML()
         self.pullback_figure = go.FigureWidget()
         self.gradient_figure = go.FigureWidget()
         self.strip_figure = go.FigureWidget()
-        self.strip_figure.layout.height = 10  # empty until asked for
+        self.strip_box = w.Box([self.strip_figure], layout=w.Layout(display="none"))
 
         for button in self.top_buttons:
             button.class_index = None
@@ -119,13 +120,14 @@ class PullbackExplorer(w.VBox):
 
         super().__init__([
             w.HBox([self.image, self.upload]),
-            w.HBox([self.target, w.Label("Top 5:"), *self.top_buttons]),
+            w.HBox([self.target, w.Label("Top 5:"), *self.top_buttons],
+                   layout=w.Layout(flex_flow="row wrap")),
             w.HBox([self.temperature, self.gate]),
             w.HBox([self.layer, self.channel]),
             self.view,
             w.HBox([self.pullback_figure, self.gradient_figure]),
             w.HBox([self.strip_button]),
-            self.strip_figure,
+            self.strip_box,
             self.status,
         ])
         self._worker = LatestOnlyWorker(self._compute, self._show_error)
@@ -233,6 +235,7 @@ class PullbackExplorer(w.VBox):
             sync_figure(self.strip_figure, figures.temperature_strip(
                 strip, STRIP_TEMPERATURES, title=f"{what}: from gradient-like to linear"))
             self._strip_done = request.strip_token
+            self.strip_box.layout.display = None
         elapsed = (time.perf_counter() - started) * 1e3
         self.status.value = status_html(
             f"{what} · T = {request.temperature:.3g} · {request.gate} · {elapsed:.0f} ms")

@@ -1,0 +1,28 @@
+"""The explorer in JupyterLab 4, driven by a real Chromium: it renders, its Temperature label
+fits, and the Temperature slider, moved with the keyboard, changes the pullback heatmap."""
+
+from __future__ import annotations
+
+import pytest
+
+from . import harness
+
+pytestmark = pytest.mark.browser
+
+
+def test_heatmap_renders(lab_explorer):
+    page = lab_explorer.page
+    summary = harness.heatmap_summary(page)
+    assert summary is not None and summary["count"] > 0
+    # Bring the whole explorer into view: the slider sits below the figures.
+    harness.temperature_slider(page).scroll_into_view_if_needed()
+    harness.save_screenshot(page, "jupyterlab-explorer")
+
+
+def test_temperature_label_is_not_truncated(lab_explorer):
+    harness.assert_temperature_label_fully_visible(lab_explorer.page)
+
+
+def test_temperature_keys_change_heatmap(lab_explorer):
+    harness.assert_temperature_moves_heatmap(lab_explorer.page)
+    harness.save_screenshot(lab_explorer.page, "jupyterlab-explorer-temperature")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
-from copy import deepcopy
 import traceback
 from collections.abc import Callable, Sequence
+from copy import deepcopy
 from typing import Any
 
 import ipywidgets as w

@@ -79,7 +79,7 @@ class PullbackExplorer(w.VBox):
         self.layer_shapes = feature_layers(self.model, self._images[first_key])
         self._session: PullbackSession | None = None
         self._session_key: str | None = None
-        self._gradient_cache: dict[tuple, Tensor] = {}
+        self._gradient_shown: tuple | None = None  # (image, target, view) drawn on the right
         self._strip_token = self._strip_done = 0
 
         self.image = w.Dropdown(description="Image", options=list(self._images),
@@ -197,7 +197,6 @@ class PullbackExplorer(w.VBox):
             self._session = PullbackSession(self.model, self._images[image_key],
                                             layers=list(self.layer_shapes))
             self._session_key = image_key
-            self._gradient_cache.clear()
             self._show_top_classes(self._session.probabilities[0])
         return self._session
 
@@ -217,17 +216,18 @@ class PullbackExplorer(w.VBox):
                                                                   request.channel)
         pullback = session.pullback(target, temperature=request.temperature,
                                     gate=request.gate)[0]
-        key = (request.image_key, target)
-        if key not in self._gradient_cache:  # the plain gradient does not depend on T
-            self._gradient_cache[key] = session.pullback(target, gate="hard")[0]
-        gradient = self._gradient_cache[key]
         image = self._images[request.image_key][0]
         what = f"{self.labels[target_class]}" if request.layer == LOGITS else \
             f"{request.layer} channel {request.channel}"
-        pullback_fig, gradient_fig = _view_figures(request.view, image, pullback, gradient,
-                                                   what, request.temperature, request.gate)
-        sync_figure(self.pullback_figure, pullback_fig)
-        sync_figure(self.gradient_figure, gradient_fig)
+        sync_figure(self.pullback_figure, _view_figure(
+            request.view, image, pullback,
+            f"Pullback of {what} (T = {request.temperature:.3g}, {request.gate})"))
+        shown = (request.image_key, target, request.view)
+        if shown != self._gradient_shown:  # the plain gradient does not depend on T or gate
+            gradient = session.pullback(target, gate="hard")[0]
+            sync_figure(self.gradient_figure, _view_figure(
+                request.view, image, gradient, f"Plain gradient of {what}"))
+            self._gradient_shown = shown
         if request.strip_token != self._strip_done:
             strip_gate = "sigmoid" if request.gate == "hard" else request.gate
             strip = [session.pullback(target, temperature=t, gate=strip_gate)[0]
@@ -248,19 +248,11 @@ class PullbackExplorer(w.VBox):
         return self._worker.wait(timeout)
 
 
-def _view_figures(view: str, image: Tensor, pullback: Tensor, gradient: Tensor, what: str,
-                  temperature: float, gate: str) -> tuple[go.Figure, go.Figure]:
-    pullback_title = f"Pullback of {what} (T = {temperature:.3g}, {gate})"
-    gradient_title = f"Plain gradient of {what}"
+def _view_figure(view: str, image: Tensor, attribution: Tensor, title: str) -> go.Figure:
     if view == "magnitude overlay":
-        return (figures.magnitude_overlay(image, pullback, title=pullback_title),
-                figures.magnitude_overlay(image, gradient, title=gradient_title))
+        return figures.magnitude_overlay(image, attribution, title=title)
     if view == "RGB":
-        return (figures.rgb_difference(pullback, title=pullback_title),
-                figures.rgb_difference(gradient, title=gradient_title))
-    # One colour range for both, each map relative to its own scale: the gradient is often
-    # tens of times larger than a pullback, and on raw values the pullback would look blank.
-    return (figures.signed_heatmap(figures.relative_map(pullback), zmax=1.0,
-                                   title=pullback_title),
-            figures.signed_heatmap(figures.relative_map(gradient), zmax=1.0,
-                                   title=gradient_title))
+        return figures.rgb_difference(attribution, title=title)
+    # Relative to the map's own scale: the gradient is often tens of times larger than a
+    # pullback, so on raw values one of the two panels would look blank.
+    return figures.signed_heatmap(figures.relative_map(attribution), zmax=1.0, title=title)

@@ -7,7 +7,6 @@ eps 50. A step of 10 on a 3x224x224 image moves each value by about 10 / 388 = 0
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ from .engine import (
     class_indices,
     default_temperature,
 )
+from .gates import check_positive
 
 METHODS = ("pullback", "gradient")
 
@@ -55,14 +55,6 @@ class AscentResult:
     def gain(self) -> Tensor:
         """Target logit at the final image minus at the start, (B,)."""
         return self.logits[-1] - self.logits[0]
-
-
-def _positive(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _check_steps(steps: int) -> int:
@@ -116,8 +108,8 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    steps, step_size, eps = _check_steps(steps), _positive(step_size, "step_size"), \
-        _positive(eps, "eps")
+    steps, step_size, eps = _check_steps(steps), check_positive(step_size, "step_size"), \
+        check_positive(eps, "eps")
     start = check_inputs(model, image).detach()
     if start.min() < 0 or start.max() > 1:
         raise ValueError("image must be in pixel space [0, 1] (see pw.load_image)")

@@ -32,7 +32,7 @@ GATES = ("sigmoid", "normal_cdf", "hard")
 TEMPERATURE_MODES = ("absolute", "relative")
 
 
-def check_temperature(value: float, name: str = "temperature") -> float:
+def check_positive(value: float, name: str) -> float:
     """``value`` as a float if it is a finite number > 0; else a ValueError or TypeError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -68,11 +68,11 @@ class GateSettings:
 
     def update(self, temperature: float, gate: str, pool_temperature: float | None,
                temperature_mode: str = "absolute") -> None:
-        self.temperature = check_temperature(temperature)
+        self.temperature = check_positive(temperature, "temperature")
         self.gate = check_gate(gate)
         self.pool_temperature = (
             None if pool_temperature is None
-            else check_temperature(pool_temperature, "pool_temperature")
+            else check_positive(pool_temperature, "pool_temperature")
         )
         if temperature_mode not in TEMPERATURE_MODES:
             raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, "

@@ -203,7 +203,7 @@ def test_errors_during_compute_become_a_status_line(net):
 def test_bad_constructor_arguments_raise_clear_errors(net):
     with pytest.raises(TypeError, match="model"):
         pw.PullbackExplorer(42)
-    with pytest.raises(ValueError, match="sample|image"):
+    with pytest.raises(ValueError, match=r"sample|image"):
         pw.PullbackExplorer(net, "no-such-photo.png", labels=LABELS)
 
 
@@ -314,4 +314,4 @@ def test_real_model_explorer_end_to_end():
     explorer.wait()
     assert not np.allclose(z_before, _heatmap_z(explorer.pullback_figure))
     assert explorer.layer.options[0][1] == "logits"
-    assert any("blocks.5" == value for _, value in explorer.layer.options)
+    assert any(value == "blocks.5" for _, value in explorer.layer.options)

@@ -1,4 +1,4 @@
-"""``pullback-widgets explain | grid``: reports from the command line.
+"""``pullback-widgets explain | grid | app``: reports, and the classroom app.
 
 Errors are one line on stderr and exit status 2; never a traceback.
 """
@@ -72,6 +72,12 @@ def _build_parser() -> argparse.ArgumentParser:
                              help="class indices or names (columns; default: each image's "
                                   "predicted class)")
     common(grid_parser)
+
+    app_parser = commands.add_parser("app", help="serve the classroom notebook with Voilà")
+    app_parser.add_argument("notebook", nargs="?", type=Path, default=None,
+                            help="the notebook to serve (default: notebooks/05_classroom.ipynb)")
+    app_parser.add_argument("--port", type=int, default=8866, help="port on 127.0.0.1")
+    app_parser.add_argument("--open", action="store_true", help="open it in a web browser")
     return parser
 
 
@@ -134,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pullback-widgets`` console script; returns the exit status."""
     try:
         args = _build_parser().parse_args(argv)
+        if args.command == "app":
+            from .app import serve_classroom
+
+            return serve_classroom(args.notebook, port=args.port, open_browser=args.open)
         if args.steps < 0:
             raise ValueError(f"--steps must be >= 0, got {args.steps}")
         page = _run_explain(args) if args.command == "explain" else _run_grid(args)

@@ -1,0 +1,618 @@
+"""Is an attribution faithful, and what does it cost? Batched metrics for any attribution method.
+
+Conventions. Images are (B, 3, H, W) in pixel space [0, 1]; an attribution has the same shape.
+A target is a class index per image (an int, a sequence, a LongTensor (B,)) or None for each
+image's predicted class. Every metric returns one value per image, a tensor (B,).
+
+Metrics
+
+- :func:`deletion_auc` / :func:`insertion_auc` (RISE, Petsiuk et al. 2018): pixels ranked by
+  the channel-summed attribution, highest first, are replaced by a baseline image (deletion) or
+  restored onto it (insertion) in ``steps`` equal chunks; the curve is the target's softmax
+  probability after each chunk, its area the trapezoid rule over [0, 1]. Deletion: lower is
+  better; insertion: higher is better.
+- :func:`infidelity` (Yeh et al. 2019, Captum's definition): E_I[(I·a − (f(x) − f(x − I)))²]
+  over Gaussian noise I, f the target *logit*, with the attribution a scaled by its optimal
+  factor (Captum's ``normalize=True``) so that methods of different scales compare. Lower is
+  better. Units: logit².
+- :func:`randomisation_check` (Adebayo et al. 2018): re-initialise the layers of a copy of the
+  model from the top down, cumulatively, and score each method's attribution by its Spearman
+  correlation with the original one. A faithful method's correlation falls; one that stays
+  high does not depend on what the model learnt.
+- :func:`ascent_gain`: the target-logit gain after ``steps`` normalised ascent steps along the
+  attribution (the loop of :func:`pullback_widgets.pullback_ascent`). Higher is better.
+
+Methods. An :data:`Explainer` is ``explain(model, x, target) -> (B, 3, H, W)`` with ``target``
+a LongTensor (B,). :func:`method_registry` builds the named set the benchmark compares;
+:func:`quantus_explain_func` adapts the pullback to Quantus.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from torch import Tensor, nn
+
+from .ascent import _project, _unit_l2
+from .engine import check_inputs, class_indices, evaluation_mode, excitation_pullback, predict
+from .gates import GATES, TEMPERATURE_MODES
+
+Explainer = Callable[[nn.Module, Tensor, Tensor], Tensor]
+Target = int | Sequence[int] | Tensor | None
+
+# RISE's blur baseline: strong enough that no object detail survives at 224 px, while the
+# image's colours stay. The kernel spans ±1.5 sigma.
+BLUR_KERNEL = 31
+BLUR_SIGMA = 10.0
+BASELINES = ("blur", "mean")
+
+__all__ = [
+    "BASELINES",
+    "Explainer",
+    "RandomisationResult",
+    "ascent_gain",
+    "baseline_image",
+    "deletion_auc",
+    "gradient",
+    "gradient_times_input",
+    "infidelity",
+    "insertion_auc",
+    "method_registry",
+    "perturbation_curve",
+    "pullback_method",
+    "pullback_name",
+    "quantus_explain_func",
+    "random_attribution",
+    "randomisation_check",
+    "randomisation_stages",
+    "spearman",
+]
+
+
+# --------------------------------------------------------------------------- argument checks
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_attribution(attribution: object, x: Tensor) -> Tensor:
+    if not isinstance(attribution, Tensor):
+        raise TypeError(f"attribution must be a torch.Tensor, got {type(attribution).__name__}")
+    if attribution.shape != x.shape:
+        raise ValueError(f"attribution must have the images' shape {tuple(x.shape)}, "
+                         f"got {tuple(attribution.shape)}")
+    if not torch.isfinite(attribution).all():
+        raise ValueError("attribution contains NaN or infinite values")
+    return attribution.detach().to(x.device, x.dtype)
+
+
+def _check_images(model: nn.Module, x: object) -> Tensor:
+    x = check_inputs(model, x).detach()
+    if x.min() < 0 or x.max() > 1:
+        raise ValueError("x must be images in pixel space [0, 1] (see pw.load_image)")
+    return x
+
+
+def _classes(model: nn.Module, x: Tensor, target: Target) -> tuple[Tensor, Tensor]:
+    """(class per image (B,), the model's logits at x (B, K))."""
+    logits = predict(model, x)
+    if target is None:
+        return logits.argmax(1), logits
+    return class_indices(target, x.shape[0], logits.shape[1], x.device), logits
+
+
+def _chunks(total: int, size: int):
+    for start in range(0, total, size):
+        yield torch.arange(start, min(start + size, total))
+
+
+def _target_outputs(model: nn.Module, images: Tensor, classes: Tensor,
+                    probability: bool) -> Tensor:
+    logits = predict(model, images)
+    scores = logits.softmax(1) if probability else logits
+    return scores.gather(1, classes.view(-1, 1)).squeeze(1)
+
+
+# --------------------------------------------------------------------------- deletion/insertion
+
+def baseline_image(x: Tensor, baseline: str | Tensor = "blur") -> Tensor:
+    """The image that removed pixels become, (B, 3, H, W).
+
+    ``"blur"``: torchvision's Gaussian blur of each image, kernel 31 px, sigma 10 px (reflect
+    padding); ``"mean"``: each image's per-channel mean colour; or a tensor that broadcasts to
+    ``x`` (e.g. zeros for black).
+    """
+    if isinstance(baseline, Tensor):
+        try:
+            return baseline.to(x.device, x.dtype).expand_as(x)
+        except RuntimeError:
+            raise ValueError(f"baseline of shape {tuple(baseline.shape)} does not broadcast to "
+                             f"the images' {tuple(x.shape)}") from None
+    if baseline == "blur":
+        if min(x.shape[-2:]) <= BLUR_KERNEL // 2:
+            raise ValueError(f"baseline='blur' needs images larger than {BLUR_KERNEL // 2} px, "
+                             f"got {tuple(x.shape[-2:])}")
+        return TF.gaussian_blur(x, [BLUR_KERNEL, BLUR_KERNEL], [BLUR_SIGMA, BLUR_SIGMA])
+    if baseline == "mean":
+        return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+    raise ValueError(f"baseline must be one of {BASELINES} or a tensor, got {baseline!r}")
+
+
+def perturbation_curve(model: nn.Module, x: Tensor, target: Target, attribution: Tensor, *,
+                       mode: str = "deletion", baseline: str | Tensor = "blur",
+                       steps: int = 16, batch_size: int = 16) -> Tensor:
+    """Target softmax probability as pixels are deleted or inserted: (B, steps + 1).
+
+    Pixels are ranked by ``attribution.sum(1)`` (B, H, W), highest first, ties by position.
+    Column k has the first ⌊k·H·W/steps⌋ ranked pixels (all channels) taken from the image
+    (insertion, starting from the baseline) or from the baseline (deletion, starting from the
+    image). All B·(steps+1) images are run ``batch_size`` at a time, so memory stays bounded.
+    """
+    x = _check_images(model, x)
+    attribution = _check_attribution(attribution, x)
+    steps, batch_size = _positive_int(steps, "steps"), _positive_int(batch_size, "batch_size")
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
+    classes, _ = _classes(model, x, target)
+    base = baseline_image(x, baseline)
+    batch, _, height, width = x.shape
+    pixels = height * width
+    order = attribution.sum(1).flatten(1).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(pixels, device=x.device).expand(batch, -1))
+    counts = torch.arange(steps + 1, device=x.device) * pixels // steps
+    first, second = (x, base) if mode == "deletion" else (base, x)
+
+    columns = steps + 1
+    curve = torch.empty(batch * columns, dtype=x.dtype, device=x.device)
+    for index in _chunks(batch * columns, batch_size):
+        index = index.to(x.device)
+        image, step = index // columns, index % columns
+        switched = (rank[image] < counts[step, None]).view(-1, 1, height, width)
+        images = torch.where(switched, second[image], first[image])
+        curve[index] = _target_outputs(model, images, classes[image], probability=True)
+    return curve.view(batch, columns)
+
+
+def _auc(curve: Tensor) -> Tensor:
+    return torch.trapezoid(curve, dx=1.0 / (curve.shape[1] - 1), dim=1)
+
+
+def deletion_auc(model: nn.Module, x: Tensor, target: Target, attribution: Tensor, *,
+                 baseline: str | Tensor = "blur", steps: int = 16,
+                 batch_size: int = 16) -> Tensor:
+    """Area under the deletion curve (see :func:`perturbation_curve`), (B,) in [0, 1]; lower
+    means the top-ranked pixels carried the prediction."""
+    return _auc(perturbation_curve(model, x, target, attribution, mode="deletion",
+                                   baseline=baseline, steps=steps, batch_size=batch_size))
+
+
+def insertion_auc(model: nn.Module, x: Tensor, target: Target, attribution: Tensor, *,
+                  baseline: str | Tensor = "blur", steps: int = 16,
+                  batch_size: int = 16) -> Tensor:
+    """Area under the insertion curve (see :func:`perturbation_curve`), (B,) in [0, 1]; higher
+    means the top-ranked pixels alone restore the prediction."""
+    return _auc(perturbation_curve(model, x, target, attribution, mode="insertion",
+                                   baseline=baseline, steps=steps, batch_size=batch_size))
+
+
+# --------------------------------------------------------------------------- infidelity
+
+def infidelity(model: nn.Module, x: Tensor, target: Target, attribution: Tensor, *,
+               n_perturbations: int = 32, noise_std: float = 0.1, normalize: bool = True,
+               seed: int = 0, batch_size: int = 16) -> Tensor:
+    """Captum's infidelity with Gaussian perturbations, (B,) in logit².
+
+    I_j ~ N(0, ``noise_std``²) per value (pixel units, [0, 1] scale), j = 1..n, the same n draws
+    for every image and method (paired comparisons; ``seed`` fixes them). With a_j = Σ I_j·attr
+    and d_j = f(x) − f(x − I_j), f the target logit (x − I_j is not clipped):
+    ``normalize=True`` returns mean_j (β a_j − d_j)² with β = Σ a d / Σ a², the scale that
+    minimises it, which equals mean_j d_j² · (1 − cos²(a, d)); ``False`` uses β = 1.
+    """
+    x = _check_images(model, x)
+    attribution = _check_attribution(attribution, x)
+    n = _positive_int(n_perturbations, "n_perturbations")
+    noise_std = _positive_float(noise_std, "noise_std")
+    batch_size = _positive_int(batch_size, "batch_size")
+    classes, logits = _classes(model, x, target)
+    generator = torch.Generator().manual_seed(seed)
+    noise = (torch.randn((n, *x.shape[1:]), generator=generator, dtype=torch.float64)
+             * noise_std).to(x.device, x.dtype)
+    batch = x.shape[0]
+    explained = torch.empty(batch * n, dtype=torch.float64, device=x.device)
+    change = torch.empty_like(explained)
+    start = logits.gather(1, classes.view(-1, 1)).squeeze(1)
+    for index in _chunks(batch * n, batch_size):
+        index = index.to(x.device)
+        image, draw = index // n, index % n
+        perturbed = _target_outputs(model, x[image] - noise[draw], classes[image],
+                                    probability=False)
+        change[index] = (start[image] - perturbed).double()
+        explained[index] = (attribution[image] * noise[draw]).flatten(1).double().sum(1)
+    explained, change = explained.view(batch, n), change.view(batch, n)
+    if normalize:
+        norm = explained.square().sum(1)
+        beta = torch.where(norm > 0, (explained * change).sum(1) / norm.clamp_min(1e-300), 0.0)
+        explained = beta[:, None] * explained
+    return (explained - change).square().mean(1).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- rank correlation
+
+def _average_ranks(values: Tensor) -> Tensor:
+    """Ranks 1..N of each row (B, N), ties sharing their average rank (as scipy's rankdata)."""
+    order = values.argsort(dim=1, stable=True)
+    ranks = torch.empty(values.shape, dtype=torch.float64, device=values.device)
+    for row in range(values.shape[0]):
+        _, group, counts = torch.unique_consecutive(values[row, order[row]],
+                                                    return_inverse=True, return_counts=True)
+        ends = counts.cumsum(0).double()
+        ranks[row, order[row]] = (ends - (counts - 1) / 2.0)[group]
+    return ranks
+
+
+def spearman(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman rank correlation of each example's values: (B, ...) and (B, ...) -> (B,).
+
+    Ties get average ranks; a constant example gives NaN (as scipy.stats.spearmanr).
+    """
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        raise TypeError("a and b must be torch.Tensors")
+    if a.shape != b.shape or a.dim() < 2:
+        raise ValueError(f"a and b must have the same shape (B, ...), got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    ra, rb = (_average_ranks(t.detach().flatten(1)) for t in (a, b))
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
+
+
+# --------------------------------------------------------------------------- randomisation
+
+Stage = str | Sequence[str]
+
+
+def randomisation_stages(model: nn.Module) -> list[str]:
+    """The model's top-level layers with parameters, containers (Sequential, ModuleList) opened
+    one level, from the output down: the default cascade of :func:`randomisation_check`.
+
+    EfficientNet-Lite0: classifier, bn2, conv_head, blocks.6, ..., blocks.0, bn1, conv_stem.
+    """
+    names = []
+    for name, child in model.named_children():
+        if isinstance(child, (nn.Sequential, nn.ModuleList)):
+            names += [f"{name}.{sub}" for sub, grandchild in child.named_children()
+                      if next(grandchild.parameters(), None) is not None]
+        elif next(child.parameters(), None) is not None:
+            names.append(name)
+    return names[::-1]
+
+
+def _reinitialise(module: nn.Module, generator: torch.Generator) -> None:
+    """Weights as at the start of training: matrices and kernels He-normal (fan-in), norm
+    scales 1, biases 0. BatchNorm running statistics are buffers and are kept."""
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if parameter.dim() >= 2:
+                nn.init.kaiming_normal_(parameter, mode="fan_in", nonlinearity="relu",
+                                        generator=generator)
+            elif name.rsplit(".", 1)[-1] == "weight":
+                parameter.fill_(1.0)
+            else:
+                parameter.zero_()
+
+
+@dataclass
+class RandomisationResult:
+    """Spearman correlations with the original attributions after each cumulative stage.
+
+    ``stages``: labels, top layer first (stage s has every layer up to it re-initialised);
+    ``methods``: names; ``absolute``: (S, M, B) correlation of |attribution.sum(1)|;
+    ``signed``: (S, M, B) of attribution.sum(1).
+    """
+
+    stages: list[str]
+    methods: list[str]
+    absolute: Tensor
+    signed: Tensor
+
+    def table(self, signed: bool = False, digits: int = 2) -> str:
+        """Markdown: a row per stage, a column per method, the mean over images."""
+        values = (self.signed if signed else self.absolute).nanmean(dim=2)
+        lines = ["| randomised down to | " + " | ".join(self.methods) + " |",
+                 "|---" * (len(self.methods) + 1) + "|"]
+        for label, row in zip(self.stages, values.tolist()):
+            lines.append(f"| {label} | " + " | ".join(f"{v:.{digits}f}" for v in row) + " |")
+        return "\n".join(lines)
+
+
+def randomisation_check(model: nn.Module, x: Tensor, target: Target,
+                        methods: Mapping[str, Explainer], *,
+                        stages: Sequence[Stage] | None = None,
+                        seed: int = 0) -> RandomisationResult:
+    """Cascading model-parameter randomisation (Adebayo et al. 2018) on a deep copy of ``model``.
+
+    ``stages``: module names (or groups of names re-initialised together), top layer first;
+    default :func:`randomisation_stages`. After each stage, every method's attribution of the
+    *original* target classes is compared with its attribution on the intact copy. ``model``
+    itself is never modified.
+    """
+    x = _check_images(model, x)
+    if not isinstance(methods, Mapping) or not methods:
+        raise ValueError("methods must be a non-empty mapping of name -> explain function")
+    stages = randomisation_stages(model) if stages is None else list(stages)
+    groups = [[stage] if isinstance(stage, str) else list(stage) for stage in stages]
+    classes, _ = _classes(model, x, target)
+    copied = copy.deepcopy(model)
+    modules = dict(copied.named_modules())
+    for name in (n for group in groups for n in group):
+        if not isinstance(name, str) or name not in modules:
+            raise ValueError(f"stages names an unknown module {name!r}")
+    original = {name: explain(copied, x, classes).detach() for name, explain in methods.items()}
+    absolute, signed = [], []
+    device = next(copied.parameters()).device
+    for index, group in enumerate(groups):
+        generator = torch.Generator(device=device).manual_seed(seed + index)
+        for name in group:
+            _reinitialise(modules[name], generator)
+        rows_abs, rows_signed = [], []
+        for name, explain in methods.items():
+            before, after = original[name].sum(1), explain(copied, x, classes).detach().sum(1)
+            rows_abs.append(spearman(before.abs(), after.abs()))
+            rows_signed.append(spearman(before, after))
+        absolute.append(torch.stack(rows_abs))
+        signed.append(torch.stack(rows_signed))
+    return RandomisationResult(["+".join(g) for g in groups], list(methods),
+                               torch.stack(absolute), torch.stack(signed))
+
+
+# --------------------------------------------------------------------------- ascent
+
+def ascent_gain(model: nn.Module, x: Tensor, target: Target, explain: Explainer, *,
+                steps: int = 5, step_size: float = 10.0, eps: float = 50.0) -> Tensor:
+    """Target-logit gain (B,) after ``steps`` steps along ``explain``'s attribution.
+
+    The loop of :func:`pullback_widgets.pullback_ascent` for any method: each step moves
+    ``step_size`` (L2, pixel units) along the attribution normalised per image, then projects
+    onto the L2 ball of radius ``eps`` around ``x`` and into [0, 1].
+    """
+    x = _check_images(model, x)
+    steps = _positive_int(steps, "steps")
+    step_size, eps = _positive_float(step_size, "step_size"), _positive_float(eps, "eps")
+    classes, logits = _classes(model, x, target)
+    current = x
+    for _ in range(steps):
+        direction = explain(model, current, classes).detach()
+        current = _project(current + step_size * _unit_l2(direction), x, eps)
+    final = _target_outputs(model, current, classes, probability=False)
+    return final - logits.gather(1, classes.view(-1, 1)).squeeze(1)
+
+
+# --------------------------------------------------------------------------- methods
+
+def gradient(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    """Plain input gradient of the target logit, (B, 3, H, W)."""
+    with evaluation_mode(model), torch.enable_grad():
+        inputs = x.detach().clone().requires_grad_(True)
+        score = model(inputs).gather(1, target.view(-1, 1)).sum()
+        (grad,) = torch.autograd.grad(score, inputs)
+    return grad
+
+
+def gradient_times_input(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    """Gradient × input (pixel space, so a black pixel gets nothing), (B, 3, H, W)."""
+    return gradient(model, x, target) * x
+
+
+def random_attribution(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    """A control that knows nothing: standard normal noise (B, 3, H, W), the same draw for
+    the same image shape (seed 0). A method that does not beat it on a metric has shown
+    nothing on that metric."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device, x.dtype)
+
+
+def _pullback(model, x, target, *, temperature, gate, temperature_mode):
+    return excitation_pullback(model, x, target, temperature=temperature, gate=gate,
+                               temperature_mode=temperature_mode)
+
+
+def pullback_method(temperature: float, gate: str = "sigmoid",
+                    temperature_mode: str = "absolute") -> Explainer:
+    """The excitation pullback as an :data:`Explainer` (a picklable partial)."""
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    if temperature_mode not in TEMPERATURE_MODES:
+        raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, "
+                         f"got {temperature_mode!r}")
+    return functools.partial(_pullback, temperature=_positive_float(temperature, "temperature"),
+                             gate=gate, temperature_mode=temperature_mode)
+
+
+def pullback_name(temperature: float, gate: str = "sigmoid", mode: str = "absolute") -> str:
+    """The registry name of a pullback, e.g. ``"pullback sigmoid T=0.3 (relative)"``."""
+    return f"pullback {gate} T={temperature:g}" + (" (relative)" if mode == "relative" else "")
+
+
+class _HookableReLU6(nn.ReLU):
+    """ReLU6 in value. Captum's guided backprop only overrides the backward of nn.ReLU modules
+    (an isinstance test); ReLU6 is an nn.Hardtanh, so without this it is left as the gradient."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.hardtanh(x, 0.0, 6.0)
+
+
+def _guided_copy(model: nn.Module) -> nn.Module:
+    """A deep copy with every ReLU6 hookable by Captum, and no ReLU in place (module backward
+    hooks cannot see an in-place op's input)."""
+    guided = copy.deepcopy(model)
+    for parent in list(guided.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.ReLU6:
+                setattr(parent, name, _HookableReLU6())
+            elif isinstance(child, nn.ReLU):
+                child.inplace = False
+    return guided
+
+
+@contextlib.contextmanager
+def _quiet_captum_hooks():
+    # Captum warns on every call that it sets (and will remove) hooks on ReLU modules.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
+        yield
+
+
+def _captum_guided_backprop(model, x, target, *, relu6: bool):
+    from captum.attr import GuidedBackprop
+
+    net = _guided_copy(model) if relu6 else model
+    inputs = x.detach().clone().requires_grad_(True)
+    with evaluation_mode(net), _quiet_captum_hooks():
+        return GuidedBackprop(net).attribute(inputs, target=target).detach()
+
+
+def _captum_guided_gradcam(model, x, target, *, layer):
+    from captum.attr import GuidedGradCam
+
+    net = _guided_copy(model)
+    modules = dict(net.named_modules())
+    if layer not in modules:
+        raise ValueError(f"Grad-CAM layer {layer!r} is not a module of the model")
+    inputs = x.detach().clone().requires_grad_(True)
+    with evaluation_mode(net), _quiet_captum_hooks():
+        return GuidedGradCam(net, modules[layer]).attribute(
+            inputs, target=target, interpolate_mode="bilinear").detach()
+
+
+def _captum_integrated_gradients(model, x, target, *, n_steps, batch_size):
+    from captum.attr import IntegratedGradients
+
+    with evaluation_mode(model):
+        return IntegratedGradients(model).attribute(
+            x, baselines=torch.zeros_like(x), target=target, n_steps=n_steps,
+            internal_batch_size=batch_size).detach()
+
+
+def _captum_smoothgrad(model, x, target, *, samples, noise_std, seed):
+    from captum.attr import NoiseTunnel, Saliency
+
+    devices = [x.device] if x.device.type == "cuda" else []
+    # Captum draws the noise from the global RNG: fork it so the draw is fixed and the
+    # caller's random state is left alone.
+    with evaluation_mode(model), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return NoiseTunnel(Saliency(model)).attribute(
+            x, nt_type="smoothgrad", nt_samples=samples, stdevs=noise_std, target=target,
+            abs=False).detach()
+
+
+def _last_conv(model: nn.Module) -> str:
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not names:
+        raise ValueError("Guided Grad-CAM needs a Conv2d layer; the model has none")
+    return names[-1]
+
+
+def method_registry(model: nn.Module, *, temperatures: Sequence[float] = (0.1, 0.3, 1.0),
+                    gates: Sequence[str] = ("sigmoid", "normal_cdf"),
+                    temperature_modes: Sequence[str] = ("absolute",),
+                    captum: bool | None = None, cam_layer: str | None = None,
+                    ig_steps: int = 16, smoothgrad_samples: int = 8,
+                    smoothgrad_std: float = 0.15, batch_size: int = 16) -> dict[str, Explainer]:
+    """Name -> :data:`Explainer` for the methods compared.
+
+    Pullbacks for every (gate, temperature, mode); ``"gradient"``; ``"gradient × input"``; and,
+    where Captum is installed (``captum=None``: if importable), ``"guided backprop"`` (Captum's,
+    run on a copy whose ReLU6 modules it can hook), ``"guided backprop (Captum as is)"`` (which
+    on a ReLU6 network such as Lite0 equals the gradient), ``"integrated gradients"`` (black
+    baseline, ``ig_steps`` Gauss-Legendre points), ``"smoothgrad"`` (signed, ``smoothgrad_samples``
+    draws of N(0, ``smoothgrad_std``²) pixel noise) and ``"guided grad-cam"`` (bilinear
+    upsampling; layer ``cam_layer``, default the model's last Conv2d).
+    """
+    methods: dict[str, Explainer] = {}
+    for mode in temperature_modes:
+        for gate in gates:
+            for t in temperatures:
+                methods[pullback_name(t, gate, mode)] = pullback_method(t, gate, mode)
+    methods["gradient"] = gradient
+    methods["gradient × input"] = gradient_times_input
+    if captum is None:
+        try:
+            import captum.attr
+            captum = True
+        except ImportError:
+            captum = False
+    if captum:
+        layer = _last_conv(model) if cam_layer is None else cam_layer
+        if layer not in dict(model.named_modules()):
+            raise ValueError(f"cam_layer {layer!r} is not a module of the model")
+        partial = functools.partial
+        methods["guided backprop"] = partial(_captum_guided_backprop, relu6=True)
+        methods["guided backprop (Captum as is)"] = partial(_captum_guided_backprop, relu6=False)
+        methods["integrated gradients"] = partial(
+            _captum_integrated_gradients, n_steps=_positive_int(ig_steps, "ig_steps"),
+            batch_size=_positive_int(batch_size, "batch_size"))
+        methods["smoothgrad"] = partial(
+            _captum_smoothgrad, samples=_positive_int(smoothgrad_samples, "smoothgrad_samples"),
+            noise_std=_positive_float(smoothgrad_std, "smoothgrad_std"), seed=0)
+        methods["guided grad-cam"] = partial(_captum_guided_gradcam, layer=layer)
+    return methods
+
+
+# --------------------------------------------------------------------------- Quantus
+
+_QUANTUS_KWARGS = ("temperature", "gate", "temperature_mode", "device")
+
+
+def quantus_explain_func(model: nn.Module, inputs: np.ndarray | Tensor,
+                         targets: np.ndarray | Sequence[int] | int, **kwargs) -> np.ndarray:
+    """A Quantus ``explain_func``: excitation pullbacks as a numpy array shaped like ``inputs``.
+
+    ``inputs``: (B, 3, H, W) images in the model's input space (pixel space [0, 1] for
+    :func:`pullback_widgets.load_model` models); ``targets``: class per image. Keyword
+    arguments (Quantus's ``explain_func_kwargs``): ``temperature`` (default: the model's),
+    ``gate`` (``"hard"`` gives the plain gradient), ``temperature_mode``; ``device`` is accepted
+    because Quantus passes it, and ignored: the model's own device is used. Returns float32.
+    """
+    unknown = sorted(set(kwargs) - set(_QUANTUS_KWARGS))
+    if unknown:
+        raise TypeError(f"quantus_explain_func got unexpected keyword argument(s) {unknown}; "
+                        f"it takes {list(_QUANTUS_KWARGS)}")
+    if isinstance(inputs, np.ndarray):
+        inputs = torch.from_numpy(np.ascontiguousarray(inputs))
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs must be a numpy array or tensor (B, 3, H, W), "
+                        f"got {type(inputs).__name__}")
+    parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    if parameter is not None:
+        inputs = inputs.to(parameter.device, parameter.dtype)
+    if isinstance(targets, np.ndarray):
+        targets = torch.from_numpy(targets.astype(np.int64)).reshape(-1)
+    elif isinstance(targets, (int, np.integer)) and not isinstance(targets, bool):
+        targets = int(targets)
+    temperature = kwargs.get("temperature", getattr(model, "default_temperature", 0.3))
+    attribution = excitation_pullback(
+        model, inputs, targets, temperature=temperature, gate=kwargs.get("gate", "sigmoid"),
+        temperature_mode=kwargs.get("temperature_mode", "absolute"))
+    return attribution.detach().cpu().numpy().astype(np.float32)

@@ -1,0 +1,208 @@
+"""The tutorial notebooks in notebooks/: each runs top to bottom on a fresh kernel, offline, in
+well under a minute on a 2-core machine, and is committed without outputs.
+
+Every notebook is executed by nbclient on the "python3" kernel, which jupyter_client starts with
+this very interpreter (the kernel spec's argv[0] "python" is replaced by sys.executable), so the
+kernel sees this venv and its editable pullback_widgets; test_kernel_is_this_environment guards
+that. A few notebooks get extra check cells appended, run on the same kernel after the last
+cell, to verify what the prose claims and what the widgets computed in the background.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = (
+    "01_quickstart.ipynb",
+    "02_what_is_a_pullback.ipynb",
+    "03_feature_visualisation.ipynb",
+    "04_inside_the_network.ipynb",
+    "05_classroom.ipynb",
+    "06_paper_models.ipynb",
+)
+# Each takes 10-25 s on an idle 2-core machine; the limit leaves room for a busy CI runner and
+# still stops a hung cell.
+NOTEBOOK_TIMEOUT_S = 180
+MAX_NOTEBOOK_BYTES = 64_000
+
+# Appended to the notebook of the same name and run after its last cell.
+CHECKS = {
+    "01_quickstart.ipynb": """
+assert explorer.wait(120), "the explorer is still computing"
+assert "⚠" not in explorer.status.value, explorer.status.value
+assert explorer.top_buttons[0].description.startswith("espresso")
+""",
+    "03_feature_visualisation.ipynb": """
+assert ascent.wait(120)
+assert "⚠" not in ascent.status.value, ascent.status.value
+assert len(ascent.result.images) == 4  # the start and three steps
+assert grid.gains.shape == (3, 3)
+""",
+    "05_classroom.ipynb": """
+assert len(exercises) == 5
+for ex in exercises:
+    ex.choices.value = next(option for option in ex.choices.options if option != ex.correct)
+    assert "✗" in ex.feedback.value, ex.feedback.value
+    ex.choices.value = ex.correct
+    assert "✓" in ex.feedback.value, ex.feedback.value
+    ex.run_button.click()  # on_click handlers run synchronously
+    assert ex.evidence.children, "the experiment showed nothing"
+    shown = " ".join(str(getattr(child, "value", "")) for child in ex.evidence.children)
+    assert "⚠" not in shown and "running" not in shown, shown
+assert "5 / 5" in score.value, score.value
+# The experiments must back the answers the exercises call correct.
+rows = re.findall(r"<td[^>]*>([^<]*)</td>", exercises[0].evidence.children[0].value)
+assert float(rows[-1]) > 0.99, rows  # T = 1e-4: pullback ~ gradient
+rows = re.findall(r"<td[^>]*>([^<]*)</td>", exercises[1].evidence.children[0].value)
+assert float(rows[-1]) > 0.999, rows  # T = 1e4: the same map for both photos
+assert "True" in exercises[2].evidence.children[0].value
+labels = [a.text for a in exercises[3].evidence.children[0].layout.annotations]
+early, late = (float(re.search(r"([\\d.]+)%", label).group(1)) for label in labels[:2])
+assert late > 5 * early, labels
+first_row = re.findall(r"<td[^>]*>([^<]*)</td>", exercises[4].evidence.children[1].value)[0]
+assert first_row == "tiger cat", first_row
+""",
+    "06_paper_models.ipynb": """
+assert models, "no model to run the notebook on"
+""",
+}
+CHECK_PRELUDE = "import re\n"
+
+
+def _offline_port() -> int:
+    """A local port that refuses connections: the proxy that makes downloads fail at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed again when we return, so nobody listens there
+
+
+@pytest.fixture
+def kernel_env(tmp_path, monkeypatch):
+    """Environment the kernel inherits: no user IPython profile, connection files and the torch
+    hub cache in tmp_path, and every HTTP(S) download refused, so that notebook 06 takes its
+    offline path at once whether or not this machine has internet access."""
+    proxy = f"http://127.0.0.1:{_offline_port()}"
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, proxy)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+def _execute(nb, workdir: Path, timeout_s: float = NOTEBOOK_TIMEOUT_S) -> float:
+    """Run ``nb`` in place on a fresh "python3" kernel; returns the wall time in seconds."""
+    client = nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=int(timeout_s), allow_errors=False,
+        resources={"metadata": {"path": str(workdir)}})
+    started = time.perf_counter()
+    client.execute()
+    return time.perf_counter() - started
+
+
+def _text_outputs(cell) -> str:
+    parts = []
+    for output in cell.get("outputs", []):
+        if output.get("output_type") == "stream":
+            parts.append(output.get("text", ""))
+        elif "text/plain" in output.get("data", {}):
+            parts.append(output["data"]["text/plain"])
+    return "".join(parts)
+
+
+def _read(name: str):
+    return nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+
+
+# --------------------------------------------------------------------------- committed state
+
+
+def test_every_notebook_is_listed():
+    assert sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(NOTEBOOKS)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_without_outputs(name):
+    path = NOTEBOOK_DIR / name
+    assert path.stat().st_size < MAX_NOTEBOOK_BYTES, "outputs or a widget state crept in"
+    nb = _read(name)
+    nbformat.validate(nb)
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
+    # nbclient and Jupyter save the widgets' state here; it is as heavy as outputs.
+    assert "widgets" not in nb.metadata
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"cell {index} has outputs: clear them before committing"
+            assert cell.execution_count is None, f"cell {index} has an execution count"
+        assert "attachments" not in cell, f"cell {index} has attachments"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_has_a_title_and_prose(name):
+    nb = _read(name)
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    markdown = sum(cell.cell_type == "markdown" for cell in nb.cells)
+    assert markdown >= 3, "a tutorial needs prose between its cells"
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def test_kernel_is_this_environment(kernel_env):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import sys, pullback_widgets\n"
+                                          "print(sys.prefix)\nprint(pullback_widgets.__file__)")]
+    _execute(nb, kernel_env, timeout_s=60)
+    prefix, package = _text_outputs(nb.cells[0]).split()
+    assert Path(prefix).resolve() == Path(sys.prefix).resolve()
+    import pullback_widgets
+
+    assert Path(package).resolve() == Path(pullback_widgets.__file__).resolve()
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_runs_top_to_bottom(name, kernel_env):
+    nb = _read(name)
+    if name in CHECKS:
+        nb.cells.append(nbformat.v4.new_code_cell(CHECK_PRELUDE + CHECKS[name]))
+    elapsed = _execute(nb, kernel_env)
+    assert elapsed < NOTEBOOK_TIMEOUT_S, f"{name} took {elapsed:.0f} s"
+    texts = [_text_outputs(cell) for cell in nb.cells if cell.cell_type == "code"]
+    assert not any("Traceback" in text for text in texts)
+
+    if name == "02_what_is_a_pullback.ipynb":
+        _check_pullback_limits("".join(texts))
+    if name == "06_paper_models.ipynb":
+        # Offline (as the fixture makes it): said once, clearly, and the fallback ran.
+        offline = [text for text in texts if "Offline" in text]
+        assert len(offline) == 1, offline
+        assert "Falling back to the embedded efficientnet_lite0" in offline[0]
+        assert "Models in this notebook: efficientnet_lite0" in offline[0]
+
+
+def _check_pullback_limits(text: str) -> None:
+    """Notebook 02's prose says T -> 0 gives the gradient and T -> inf an input-independent map;
+    its printed numbers must keep saying so."""
+    cold = re.search(r"T = 0\.0001 +cosine\(pullback, gradient\) = ([\d.]+)", text)
+    assert cold and float(cold.group(1)) > 0.99, text
+    warm = re.search(r"T = 0\.7 +cosine\(coffee, cat\) = (-?[\d.]+)", text)
+    hot = re.search(r"T = 10000 +cosine\(coffee, cat\) = ([\d.]+)", text)
+    assert warm and abs(float(warm.group(1))) < 0.3, text
+    assert hot and float(hot.group(1)) > 0.999, text
+    assert "forward unchanged inside the context: True" in text
+    assert "pw.excitation_pullback agrees: True" in text
+    by_hand = re.search(r"max \|by hand - inside soft_gating\| / max \|pullback\| = (\S+)", text)
+    assert by_hand and float(by_hand.group(1)) < 1e-4, text

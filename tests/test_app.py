@@ -8,6 +8,7 @@ will), on a free port of 127.0.0.1, with Jupyter's per-user directories in tmp_p
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import queue
 import signal
@@ -77,8 +78,6 @@ def test_port_in_use():
 
 
 def test_voila_missing_says_how_to_install(monkeypatch):
-    import importlib.util
-
     real_find_spec = importlib.util.find_spec
 
     def find_spec(name, *args):
@@ -110,8 +109,9 @@ class _Served:
     """``serve_classroom`` running in a child Python process; its output read by a thread."""
 
     def __init__(self, workdir: Path, port: int, code: str | None = None) -> None:
+        if code is None and importlib.util.find_spec("voila") is None:
+            pytest.fail("the app tests need Voilà: pip install -e '.[lab]'")
         if code is None:
-            pytest.importorskip("voila")
             code = ("import sys\nfrom pullback_widgets.app import serve_classroom\n"
                     f"sys.exit(serve_classroom(port={port}))\n")
         self.port = port
@@ -124,6 +124,8 @@ class _Served:
                    JUPYTER_DATA_DIR=str(workdir / "data"),
                    JUPYTER_RUNTIME_DIR=str(workdir / "runtime"),
                    IPYTHONDIR=str(workdir / "ipython"), PYTHONUNBUFFERED="1")
+        # As in test_notebooks: one torch thread keeps the page's kernel steady on a busy host.
+        env.setdefault("OMP_NUM_THREADS", "1")
         self.process = subprocess.Popen(
             [sys.executable, "-c", code], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -155,7 +157,8 @@ class _Served:
         pytest.fail(f"no URL printed within {timeout_s} s; output:\n{self.log}")
 
     def descendants(self) -> list:
-        psutil = pytest.importorskip("psutil")
+        import psutil  # comes with ipykernel
+
         found = psutil.Process(self.process.pid).children(recursive=True)
         self.seen += found
         return found
@@ -263,7 +266,6 @@ time.sleep(600)
 
 
 def test_a_stuck_voila_is_killed_and_its_kernel_reaped(tmp_path):
-    pytest.importorskip("psutil")
     port = _free_port()
     stub = STUBBORN_VOILA.format(port=port)
     code = f"""

@@ -66,6 +66,7 @@ class Settings:
     noise_stds: tuple[float, ...] = (0.01, 0.1)   # infidelity noise, pixel units
     ascent_steps: int = 5                 # step 10, eps 50 ([0, 1] units), as pw.pullback_ascent
     batch_size: int = 16
+    region_sigma: float = 8.0             # px, the blur of |attribution| for "regions" ranking
     table_temperatures: tuple[float, ...] = (0.1, 0.3, 1.0)
     curve_temperatures: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
     relative_temperatures: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -86,10 +87,7 @@ QUICK = Settings(size=64, photos=("chelsea", "coffee"), steps=3, perturbations=3
                  stages=(("classifier",), ("conv_head", "bn2")), timing_photos=1,
                  timing_repeats=1)
 
-# Metric -> True where higher is better.
-HIGHER_IS_BETTER = {"deletion (blur)": False, "insertion (blur)": True, "deletion (mean)": False,
-                    "insertion (mean)": True, "ascent gain": True, "randomised ρ": False,
-                    "s / image": False}
+REGIONS = "blur, regions"  # deletion/insertion ranked by the blurred magnitude
 
 
 def _infidelity_key(std: float) -> str:
@@ -125,12 +123,15 @@ def measure(model, x: Tensor, classes: Tensor, explain: ev.Explainer, settings: 
     """Every metric of one method, per photo: name -> (N,)."""
     attribution = explain(model, x, classes)
     common = {"steps": settings.steps, "batch_size": settings.batch_size}
+    variants = [("blur", None, "blur"), ("blur", settings.region_sigma, REGIONS)]
+    if mean_baseline:
+        variants.insert(1, ("mean", None, "mean"))
     out = {}
-    for baseline in ("blur", "mean") if mean_baseline else ("blur",):
-        out[f"deletion ({baseline})"] = ev.deletion_auc(model, x, classes, attribution,
-                                                        baseline=baseline, **common)
-        out[f"insertion ({baseline})"] = ev.insertion_auc(model, x, classes, attribution,
-                                                          baseline=baseline, **common)
+    for baseline, smooth, label in variants:
+        out[f"deletion ({label})"] = ev.deletion_auc(model, x, classes, attribution,
+                                                     baseline=baseline, smooth=smooth, **common)
+        out[f"insertion ({label})"] = ev.insertion_auc(model, x, classes, attribution,
+                                                       baseline=baseline, smooth=smooth, **common)
     for std in settings.noise_stds:
         out[_infidelity_key(std)] = ev.infidelity(
             model, x, classes, attribution, n_perturbations=settings.perturbations,
@@ -155,7 +156,8 @@ def seconds_per_image(model, x: Tensor, classes: Tensor, methods: dict[str, ev.E
 
 
 def _direction(metric: str) -> bool:
-    return HIGHER_IS_BETTER.get(metric, False)  # infidelity: lower is better
+    """True where higher is better: insertion and ascent gain; the rest lower."""
+    return metric.startswith("insertion") or metric == "ascent gain"
 
 
 def _stats(values: Tensor) -> tuple[float, float]:
@@ -312,6 +314,7 @@ def run(settings: Settings, progress=print) -> Run:
 
 def _metric_columns(settings: Settings) -> list[str]:
     return ["deletion (blur)", "insertion (blur)", "deletion (mean)", "insertion (mean)",
+            f"deletion ({REGIONS})", f"insertion ({REGIONS})",
             *(_infidelity_key(s) for s in settings.noise_stds), "ascent gain",
             "randomised ρ", "s / image"]
 
@@ -339,7 +342,30 @@ def _zero_reference(run: Run) -> str:
                      f"explains {100 * share:.0f}% of the mean squared logit change")
     return ("- Infidelity is read against the all-zero attribution, which explains nothing "
             "(its normalised infidelity is the mean squared logit change): "
-            + "; ".join(parts) + ".")
+            + "; ".join(parts) + f". With {run.settings.perturbations} draws the fitted scale "
+            f"lets even a random attribution explain about 1/{run.settings.perturbations} "
+            f"({100 / run.settings.perturbations:.0f}%) by chance.")
+
+
+def _against_control(run: Run, columns: Sequence[str]) -> str:
+    """Which methods beat the random control clearly: paired difference beyond 2 s.e."""
+    control = run.results.get(CONTROL)
+    if control is None:
+        return ""
+    parts = []
+    for metric in columns:
+        if metric not in control:
+            continue
+        winners = []
+        for name in run.table_methods:
+            if name == CONTROL or metric not in run.results[name]:
+                continue
+            mean, se = _stats(run.results[name][metric] - control[metric])
+            if math.isfinite(se) and abs(mean) > 2 * se and (mean > 0) == _direction(metric):
+                winners.append(name)
+        parts.append(f"{metric}: {', '.join(winners) or 'none'}")
+    return ("- Clearly better than the random control (paired per-photo difference beyond "
+            "2 s.e.) — " + "; ".join(parts) + ".")
 
 
 def quality_markdown(run: Run) -> str:
@@ -373,7 +399,10 @@ def quality_markdown(run: Run) -> str:
         "",
         "Mean over the photos ± standard error. ↑ higher is better, ↓ lower is better. "
         "Deletion/insertion: area under the target-probability curve (RISE), "
-        f"{s.steps} steps. Infidelity: Captum's, attribution optimally rescaled "
+        f"{s.steps} steps, pixels ranked by the channel-summed attribution; ({REGIONS}): "
+        f"ranked by its magnitude blurred with a Gaussian of {s.region_sigma:g} px, which asks "
+        "whether the regions are right rather than the single pixels. Infidelity: Captum's, "
+        "attribution optimally rescaled "
         f"(`normalize=True`), {s.perturbations} Gaussian draws of the given std (pixel units), "
         "f = target logit, so logit². Ascent gain: target-logit gain after "
         f"{s.ascent_steps} normalised steps of 10 (L2, eps 50) along the attribution. "
@@ -393,6 +422,7 @@ def quality_markdown(run: Run) -> str:
         "",
         "## Notes",
         "",
+        _against_control(run, columns[:-2]),
         _zero_reference(run),
         "- Captum's Guided Backprop overrides the backward of `nn.ReLU` modules only (an "
         "`isinstance` test). Lite0's activations are `nn.ReLU6`, which it leaves alone, so on "
@@ -453,7 +483,8 @@ def quality_figures(run: Run) -> list[go.Figure]:
 # --------------------------------------------------------------------------- temperature report
 
 def _curve_metrics(settings: Settings) -> list[str]:
-    return ["deletion (blur)", "insertion (blur)",
+    return ["deletion (blur)", "insertion (blur)", f"deletion ({REGIONS})",
+            f"insertion ({REGIONS})",
             *(_infidelity_key(s) for s in settings.noise_stds), "ascent gain"]
 
 
@@ -548,26 +579,30 @@ def temperature_markdown(run: Run) -> str:
 
 def temperature_figure(run: Run) -> go.Figure:
     s, metrics = run.settings, _curve_metrics(run.settings)
-    fig = make_subplots(rows=1, cols=len(metrics),
+    ncols = (len(metrics) + 1) // 2
+    fig = make_subplots(rows=2, cols=ncols,
                         subplot_titles=[m + (" ↑" if _direction(m) else " ↓") for m in metrics])
     series = (("sigmoid", "absolute", s.curve_temperatures, "#d62728"),
               ("normal_cdf", "absolute", s.curve_temperatures, "#2ca02c"),
               ("sigmoid", "relative", s.relative_temperatures, "#9467bd"))
-    for col, metric in enumerate(metrics, start=1):
+    for index, metric in enumerate(metrics):
+        row, col = index // ncols + 1, index % ncols + 1
         for gate, mode, temperatures, colour in series:
             stats = [_stats(run.results[ev.pullback_name(t, gate, mode)][metric])
                      for t in temperatures]
             fig.add_trace(go.Scatter(
                 x=list(temperatures), y=[v for v, _ in stats], mode="lines+markers",
-                name=f"{gate} {mode}", legendgroup=f"{gate} {mode}", showlegend=col == 1,
+                name=f"{gate} {mode}", legendgroup=f"{gate} {mode}", showlegend=index == 0,
                 line={"color": colour},
                 error_y={"type": "data", "array": [0 if math.isnan(e) else e
-                                                   for _, e in stats]}), row=1, col=col)
-        fig.add_hline(y=_stats(run.results["gradient"][metric])[0], line_dash="dash",
-                      annotation_text="gradient", row=1, col=col)
-        fig.update_xaxes(type="log", title_text="T", row=1, col=col)
-    fig.update_layout(title="Excitation pullback on EfficientNet-Lite0: metrics over T",
-                      height=550, width=1900)
+                                                   for _, e in stats]}), row=row, col=col)
+        for reference, dash in (("gradient", "dash"), (CONTROL, "dot")):
+            if reference in run.results:
+                fig.add_hline(y=_stats(run.results[reference][metric])[0], line_dash=dash,
+                              annotation_text=reference, row=row, col=col)
+        fig.update_xaxes(type="log", title_text="T", row=row, col=col)
+    fig.update_layout(title="Excitation pullback on EfficientNet-Lite0: metrics over T "
+                      "(mean ± s.e. over the photos)", height=900, width=1800)
     return fig
 
 

@@ -45,8 +45,9 @@ def test_quick_quality_benchmark_writes_its_tables(tmp_path, monkeypatch):
     text = (tmp_path / "quality.md").read_text(encoding="utf-8")
     header, rows = _table_rows(text, "| method |")
     assert header == ["method", "deletion (blur) ↓", "insertion (blur) ↑", "deletion (mean) ↓",
-                      "insertion (mean) ↑", "infidelity σ=0.01 ↓", "infidelity σ=0.1 ↓",
-                      "ascent gain ↑", "randomised ρ ↓", "s / image ↓"]
+                      "insertion (mean) ↑", "deletion (blur, regions) ↓",
+                      "insertion (blur, regions) ↑", "infidelity σ=0.01 ↓",
+                      "infidelity σ=0.1 ↓", "ascent gain ↑", "randomised ρ ↓", "s / image ↓"]
     methods = [row[0] for row in rows]
     assert methods == run.table_methods and methods[-1] == "random (control)"
     assert {"gradient", "gradient × input", "pullback sigmoid T=0.3",
@@ -56,7 +57,7 @@ def test_quick_quality_benchmark_writes_its_tables(tmp_path, monkeypatch):
                 "guided grad-cam"} <= set(methods)
         assert "guided backprop (Captum as is)" not in methods  # equals the gradient on Lite0
     assert all(len(row) == len(header) for row in rows)
-    assert all(re.match(r"-?\d", cell) for row in rows for cell in row[1:8])
+    assert all(re.match(r"-?\d", cell) for row in rows for cell in row[1:10])
     _, stages = _table_rows(text, "| randomised down to |")
     assert [row[0] for row in stages] == ["classifier", "conv_head+bn2"]
     assert "ResNet-50" in text and "nn.ReLU6" in text

@@ -86,6 +86,29 @@ def test_curve_and_auc_equal_the_pixel_loop(mode, steps):
     np.testing.assert_allclose(auc.numpy(), np.trapezoid(expected, dx=1 / steps, axis=1))
 
 
+def test_smoothed_ranking_is_the_blurred_magnitude():
+    model, x = _relu6_net(), _images(batch=2, size=24)
+    target = torch.tensor([0, 2])
+    torch.manual_seed(6)
+    attribution = torch.randn_like(x)
+    sigma = 2.0
+    radius = 6  # ⌈3σ⌉
+    taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float64) ** 2
+                     / (2 * sigma ** 2))
+    taps = taps / taps.sum()
+    padded = F.pad(attribution.sum(1, keepdim=True).abs(), (radius,) * 4, mode="reflect")
+    blurred = F.conv2d(F.conv2d(padded, taps.view(1, 1, 1, -1)), taps.view(1, 1, -1, 1))
+    torch.testing.assert_close(ev.ranking_map(attribution, sigma), blurred[:, 0])
+    torch.testing.assert_close(ev.ranking_map(attribution), attribution.sum(1))
+    # The curve with smoothing is the signed-ranking curve of an attribution that is the map.
+    baseline = torch.zeros_like(x)
+    smoothed = ev.perturbation_curve(model, x, target, attribution, baseline=baseline, steps=6,
+                                     smooth=sigma)
+    as_map = blurred.expand(-1, 3, -1, -1) / 3
+    expected = _reference_curve(model, x, target, as_map, baseline, 6, "deletion")
+    np.testing.assert_allclose(smoothed.numpy(), expected, rtol=1e-12)
+
+
 def test_curve_ends_at_image_and_baseline():
     model, x = _linear(), _images()
     attribution = torch.randn_like(x)
@@ -406,6 +429,10 @@ def test_bad_arguments_raise_naming_the_argument():
         ev.infidelity(model, x, 0, a.numpy())
     with pytest.raises(ValueError, match="mode"):
         ev.perturbation_curve(model, x, 0, a, mode="both")
+    with pytest.raises(ValueError, match="smooth"):
+        ev.insertion_auc(model, x, 0, a, smooth=0.0)
+    with pytest.raises(ValueError, match="smooth"):
+        ev.insertion_auc(model, x, 0, a, smooth=10.0)  # a 61 px kernel on 20 px images
     with pytest.raises(ValueError, match="pixel space"):
         ev.deletion_auc(model, x * 2, 0, a)
     with pytest.raises(ValueError, match="n_perturbations"):

@@ -1,6 +1,6 @@
 """The quality table: how faithful is the excitation pullback, and what does it cost?
 
-    python benchmarks/quality.py             # full run, about 12 min on 2 CPU cores
+    python benchmarks/quality.py             # full run, 10-16 min on 2 CPU cores
     python benchmarks/quality.py --quick     # tiny settings, well under a minute (CI smoke test)
     python benchmarks/quality.py --out-dir /tmp/results --threads 1
     python benchmarks/quality.py --from-json benchmarks/results/quality_raw.json  # re-render

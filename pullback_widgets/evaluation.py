@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from .ascent import _project, _unit_l2
 from .engine import check_inputs, class_indices, evaluation_mode, excitation_pullback, predict
-from .gates import GATES, TEMPERATURE_MODES
+from .gates import GATES, TEMPERATURE_MODES, check_positive
 
 Explainer = Callable[[nn.Module, Tensor, Tensor], Tensor]
 Target = int | Sequence[int] | Tensor | None
@@ -89,14 +89,6 @@ def _positive_int(value: object, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return value
-
-
-def _positive_float(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _check_attribution(attribution: object, x: Tensor) -> Tensor:
@@ -172,7 +164,7 @@ def ranking_map(attribution: Tensor, smooth: float | None = None) -> Tensor:
     saliency = attribution.sum(1)
     if smooth is None:
         return saliency
-    sigma = _positive_float(smooth, "smooth")
+    sigma = check_positive(smooth, "smooth")
     kernel = 2 * math.ceil(3 * sigma) + 1
     if min(saliency.shape[-2:]) <= kernel // 2:
         raise ValueError(f"smooth={sigma:g} needs images larger than {kernel // 2} px, "
@@ -260,7 +252,7 @@ def infidelity(model: nn.Module, x: Tensor, target: Target, attribution: Tensor,
     x = _check_images(model, x)
     attribution = _check_attribution(attribution, x)
     n = _positive_int(n_perturbations, "n_perturbations")
-    noise_std = _positive_float(noise_std, "noise_std")
+    noise_std = check_positive(noise_std, "noise_std")
     batch_size = _positive_int(batch_size, "batch_size")
     classes, logits = _classes(model, x, target)
     generator = torch.Generator().manual_seed(seed)
@@ -425,7 +417,7 @@ def ascent_gain(model: nn.Module, x: Tensor, target: Target, explain: Explainer,
     """
     x = _check_images(model, x)
     steps = _positive_int(steps, "steps")
-    step_size, eps = _positive_float(step_size, "step_size"), _positive_float(eps, "eps")
+    step_size, eps = check_positive(step_size, "step_size"), check_positive(eps, "eps")
     classes, logits = _classes(model, x, target)
     current = x
     for _ in range(steps):
@@ -472,7 +464,7 @@ def pullback_method(temperature: float, gate: str = "sigmoid",
     if temperature_mode not in TEMPERATURE_MODES:
         raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, "
                          f"got {temperature_mode!r}")
-    return functools.partial(_pullback, temperature=_positive_float(temperature, "temperature"),
+    return functools.partial(_pullback, temperature=check_positive(temperature, "temperature"),
                              gate=gate, temperature_mode=temperature_mode)
 
 
@@ -602,7 +594,7 @@ def method_registry(model: nn.Module, *, temperatures: Sequence[float] = (0.1, 0
             batch_size=_positive_int(batch_size, "batch_size"))
         methods["smoothgrad"] = partial(
             _captum_smoothgrad, samples=_positive_int(smoothgrad_samples, "smoothgrad_samples"),
-            noise_std=_positive_float(smoothgrad_std, "smoothgrad_std"), seed=0)
+            noise_std=check_positive(smoothgrad_std, "smoothgrad_std"), seed=0)
         methods["guided grad-cam"] = partial(_captum_guided_gradcam, layer=layer)
     return methods
 

@@ -45,7 +45,7 @@ from torch import Tensor
 
 import pullback_widgets as pw
 from pullback_widgets import evaluation as ev
-from pullback_widgets.engine import predict
+from pullback_widgets.model_helpers import predict
 
 PACKAGED_PHOTOS = ("china", "flower", "grace_hopper")
 CONTROL = "random (control)"

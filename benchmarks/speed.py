@@ -40,7 +40,7 @@ def measure(model, batch: int, repeats: int, device: str) -> dict[str, float]:
     """Median seconds of each operation on a (batch, 3, 224, 224) input."""
     torch.manual_seed(0)
     x = torch.rand(batch, 3, 224, 224, device=device)
-    temperature = pw.engine.default_temperature(model)
+    temperature = pw.model_helpers.default_temperature(model)
     session = pw.PullbackSession(model, x, temperature=temperature)
     targets = [1, 2, 3, 4, 5]
     operations = {

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import pullback_widgets as pw
-from pullback_widgets.engine import predict
+from pullback_widgets.model_helpers import predict
 
 TEMPERATURES = (0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 2.0, 3.0, 10.0)
 

@@ -1,13 +1,6 @@
 """pullback-widgets: excitation pullbacks (arXiv 2507.22832) with live Jupyter widgets."""
 
 from .ascent import AscentGrid, AscentResult, ascent_grid, pullback_ascent
-from .engine import (
-    ExcitationPullback,
-    PullbackSession,
-    Unit,
-    excitation_pullback,
-    soft_gating,
-)
 from .figures import (
     ascent_frames,
     labelled_grid,
@@ -21,7 +14,11 @@ from .figures import (
 )
 from .gates import GATES, GateSettings
 from .images import SAMPLE_IMAGES, load_image, sample_image
+from .interception import soft_gating
 from .models import MODELS, imagenet_labels, load_model
+from .session import ExcitationPullback, PullbackSession, excitation_pullback
+from .targets import Unit
+from .validation import PullbackWidgetsError, PullbackWidgetsTypeError
 from .widgets import AscentExplorer, PullbackExplorer
 
 __all__ = [
@@ -35,6 +32,8 @@ __all__ = [
     "GateSettings",
     "PullbackExplorer",
     "PullbackSession",
+    "PullbackWidgetsError",
+    "PullbackWidgetsTypeError",
     "Unit",
     "ascent_frames",
     "ascent_grid",

@@ -14,15 +14,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .engine import (
-    PullbackSession,
-    Target,
-    Unit,
-    check_inputs,
-    class_indices,
-    default_temperature,
-)
-from .gates import check_positive
+from .model_helpers import default_temperature
+from .session import PullbackSession
+from .targets import Target, Unit, class_indices
+from .validation import check_inputs, check_positive
 
 METHODS = ("pullback", "gradient")
 

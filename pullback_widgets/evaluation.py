@@ -45,8 +45,11 @@ import torchvision.transforms.functional as TF
 from torch import Tensor, nn
 
 from .ascent import _project, _unit_l2
-from .engine import check_inputs, class_indices, evaluation_mode, excitation_pullback, predict
-from .gates import GATES, TEMPERATURE_MODES, check_positive
+from .gates import GATES, TEMPERATURE_MODES
+from .model_helpers import evaluation_mode, predict
+from .session import excitation_pullback
+from .targets import class_indices
+from .validation import check_inputs, check_positive
 
 Explainer = Callable[[nn.Module, Tensor, Tensor], Tensor]
 Target = int | Sequence[int] | Tensor | None

@@ -19,7 +19,6 @@ each window ``w``, the softmax weights differentiated too. Its closed form per w
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,17 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .validation import check_positive
+
 GATES = ("sigmoid", "normal_cdf", "hard")
 TEMPERATURE_MODES = ("absolute", "relative")
-
-
-def check_positive(value: float, name: str) -> float:
-    """``value`` as a float if it is a finite number > 0; else a ValueError or TypeError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def check_gate(gate: str) -> str:

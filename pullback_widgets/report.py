@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from . import figures
 from .ascent import AscentGrid, AscentResult, pullback_ascent
-from .engine import STRIP_TEMPERATURES, PullbackSession
+from .model_helpers import STRIP_TEMPERATURES
+from .session import PullbackSession
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 import pullback_widgets as pw
-from pullback_widgets.engine import _active_gating_mode
+from pullback_widgets.interception import _active_gating_mode
 from tests.reference import EveryOpNet, path_sum_pullback, reference_pullback
 
 
@@ -264,7 +264,7 @@ def test_unit_on_unrecorded_layer_costs_one_more_forward():
     result = session.pullback(pw.Unit("conv2", 0))
     assert session.layers == ("conv2",)
     torch.testing.assert_close(result, pw.excitation_pullback(
-        net, x, pw.Unit("conv2", 0), temperature=pw.engine.default_temperature(net)))
+        net, x, pw.Unit("conv2", 0), temperature=pw.model_helpers.default_temperature(net)))
 
 
 def test_captum_style_attribute():

@@ -133,7 +133,7 @@ def test_top5_buttons_and_strip(net):
     assert len(explorer.strip_figure.data) == 0
     explorer.strip_button.click()
     explorer.wait()
-    assert len(explorer.strip_figure.data) == len(pw.engine.STRIP_TEMPERATURES)
+    assert len(explorer.strip_figure.data) == len(pw.model_helpers.STRIP_TEMPERATURES)
 
 
 def test_labels_are_wide_enough_to_read(net):

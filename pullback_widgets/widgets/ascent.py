@@ -12,8 +12,8 @@ from torch import nn
 
 from .. import figures
 from ..ascent import METHODS, AscentResult, pullback_ascent
-from ..engine import default_temperature, predict
 from ..gates import GATES
+from ..model_helpers import default_temperature, predict
 from .common import (
     STYLE,
     WIDE,

@@ -13,8 +13,8 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor, nn
 
-from ..engine import predict
 from ..images import SAMPLE_IMAGES, load_image, sample_image
+from ..model_helpers import predict
 from ..models import load_model
 
 # Wide enough for "Temperature" and "Step size": ipywidgets' default cuts them to "Temperat…".

@@ -18,14 +18,10 @@ import plotly.graph_objects as go
 from torch import Tensor, nn
 
 from .. import figures
-from ..engine import (
-    STRIP_TEMPERATURES,
-    PullbackSession,
-    Unit,
-    default_temperature,
-    feature_layers,
-)
 from ..gates import GATES
+from ..model_helpers import STRIP_TEMPERATURES, default_temperature, feature_layers
+from ..session import PullbackSession
+from ..targets import Unit
 from .common import (
     STYLE,
     WIDE,

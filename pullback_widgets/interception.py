@@ -1,0 +1,144 @@
+"""The interception: a ``TorchFunctionMode`` that routes gated ops to the soft autograd ops.
+
+Every ReLU-family and 2-D max-pool call made while :func:`soft_gating` is active, whether through
+a module (``nn.ReLU``, reused or inplace) or a functional call inside ``forward()`` (``F.relu``,
+``torch.relu_``, ``Tensor.relu``, ...), is intercepted and routed through the soft-gated ops of
+:mod:`pullback_widgets.gates`. The model itself is never touched: no hooks, no swapped modules.
+The mode is thread-local and gates every such call made in this thread inside the context, the
+model's and any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+
+from .gates import GateSettings, PoolGeometry, SoftClamp, SoftMaxPool2d
+from .model_helpers import default_temperature
+from .validation import check_model
+
+
+def _relu_call(inplace: bool, low: float = 0.0, high: float | None = None):
+    def parse(args, kwargs):
+        return args[0], inplace, low, high
+    return parse
+
+
+def _functional_relu(args, kwargs):
+    return args[0], _arg(args, kwargs, 1, "inplace", False), 0.0, None
+
+
+def _functional_relu6(args, kwargs):
+    return args[0], _arg(args, kwargs, 1, "inplace", False), 0.0, 6.0
+
+
+def _functional_hardtanh(args, kwargs, inplace_default=False):
+    low = float(_arg(args, kwargs, 1, "min_val", -1.0))
+    high = float(_arg(args, kwargs, 2, "max_val", 1.0))
+    return args[0], _arg(args, kwargs, 3, "inplace", inplace_default), low, high
+
+
+def _arg(args, kwargs, position, name, default):
+    if len(args) > position:
+        return args[position]
+    return kwargs.get(name, default)
+
+
+_CLAMP_PARSERS: dict[Callable, Callable] = {
+    F.relu: _functional_relu,
+    torch.relu: _relu_call(inplace=False),
+    torch.Tensor.relu: _relu_call(inplace=False),
+    torch.relu_: _relu_call(inplace=True),
+    torch.Tensor.relu_: _relu_call(inplace=True),
+    F.relu6: _functional_relu6,
+    F.hardtanh: _functional_hardtanh,
+    F.hardtanh_: lambda args, kwargs: _functional_hardtanh(args, kwargs, inplace_default=True),
+}
+
+_POOL_FUNCTIONS = (F.max_pool2d, torch.max_pool2d)
+
+
+def _pool_geometry(args, kwargs) -> PoolGeometry | None:
+    """The pool's geometry, or None where the call must stay hard (it asks for indices)."""
+    if _arg(args, kwargs, 6, "return_indices", False):
+        return None  # indices feed max-unpooling; those calls keep the plain gradient
+    return PoolGeometry.of(
+        _arg(args, kwargs, 1, "kernel_size", None),
+        _arg(args, kwargs, 2, "stride", None),
+        _arg(args, kwargs, 3, "padding", 0),
+        _arg(args, kwargs, 4, "dilation", 1),
+        _arg(args, kwargs, 5, "ceil_mode", False),
+    )
+
+
+class _SoftGatingMode(TorchFunctionMode):
+    """Routes ReLU-family and max-pool calls to the soft-gated autograd ops."""
+
+    def __init__(self, settings: GateSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.gated_calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        parse = _CLAMP_PARSERS.get(func)
+        is_pool = parse is None and func in _POOL_FUNCTIONS
+        if (parse is None and not is_pool) or not torch.is_grad_enabled() \
+                or not isinstance(args[0], Tensor) or not args[0].requires_grad:
+            return func(*args, **kwargs)
+
+        def hard_op(tensor: Tensor) -> Tensor:
+            return func(tensor, *args[1:], **kwargs)
+
+        if is_pool:
+            geometry = _pool_geometry(args, kwargs)
+            if geometry is None:
+                return func(*args, **kwargs)
+            self.gated_calls += 1
+            return SoftMaxPool2d.apply(args[0], hard_op, geometry, self.settings)
+        z, inplace, low, high = parse(args, kwargs)
+        self.gated_calls += 1
+        return SoftClamp.apply(z, hard_op, low, high, bool(inplace), self.settings)
+
+
+def _active_gating_mode() -> _SoftGatingMode | None:
+    return next((m for m in _get_current_function_mode_stack()
+                 if isinstance(m, _SoftGatingMode)), None)
+
+
+@contextlib.contextmanager
+def _gating(settings: GateSettings) -> Iterator[_SoftGatingMode]:
+    if _active_gating_mode() is not None:
+        raise RuntimeError(
+            "soft_gating is already active in this thread; nesting it would gate every ReLU "
+            "twice. Leave the outer context first (excitation_pullback and PullbackSession "
+            "open their own).")
+    mode = _SoftGatingMode(settings)
+    with mode:
+        yield mode
+
+
+@contextlib.contextmanager
+def soft_gating(model: nn.Module, temperature: float | None = None,
+                gate: str = "sigmoid", pool_temperature: float | None = None,
+                temperature_mode: str = "absolute") -> Iterator[GateSettings]:
+    """Inside this context, any backward through ReLUs and max-pools is an excitation pullback.
+
+    The forward is unchanged bit for bit, and ``model`` is not modified in any way. Yields the
+    live :class:`GateSettings`; the soft backward reads them when it runs, so changing them
+    between backward passes of one graph changes the temperature. ``temperature=None`` is the
+    model's own default (else 0.3), as everywhere in the package.
+    """
+    check_model(model)
+    if temperature is None:
+        temperature = default_temperature(model)
+    settings = GateSettings(temperature, gate, pool_temperature, temperature_mode)
+    with _gating(settings):
+        yield settings
+
+

@@ -1,0 +1,104 @@
+"""Model helpers: default temperature, eval mode with flags restored, plain predictions, layers."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .validation import PullbackWidgetsError, check_inputs, check_model, suggest
+
+DEFAULT_TEMPERATURE = 0.3
+# The temperature strip's walk from gradient-like (0.01) to nearly linear in path space (10).
+STRIP_TEMPERATURES = (0.01, 0.0316, 0.1, 0.316, 1.0, 3.16, 10.0)
+
+
+def default_temperature(model: nn.Module) -> float:
+    """The model's own default T (set by :func:`pullback_widgets.load_model`), else 0.3."""
+    return float(getattr(model, "default_temperature", DEFAULT_TEMPERATURE))
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode and restore each one's own flag afterwards.
+
+    Train-mode BatchNorm would both mix the examples of a batch and update running statistics,
+    which would change the user's model.
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def predict(model: nn.Module, inputs: Tensor) -> Tensor:
+    """Plain logits (B, num_classes) for ``inputs``, in eval mode, without gradients."""
+    with evaluation_mode(model), torch.no_grad():
+        return model(inputs)
+
+
+class LayerRecorder:
+    """Forward hooks that keep a copy of chosen layers' outputs; removed by ``close()``."""
+
+    def __init__(self, model: nn.Module, layers: Iterable[str]) -> None:
+        modules = dict(model.named_modules())
+        self.outputs: dict[str, Tensor] = {}
+        self.calls: dict[str, int] = {}
+        self._handles = []
+        try:
+            for name in layers:
+                if name not in modules:
+                    raise PullbackWidgetsError(f"unknown layer {name!r}{suggest(name, modules)}")
+                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.close()
+            raise
+
+    def _hook(self, name: str):
+        def record(module, args, output):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if isinstance(output, Tensor):
+                # A copy, because the parent may overwrite this output in place (ReLU(inplace)).
+                self.outputs[name] = output.clone()
+        return record
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def feature_layers(model: nn.Module, inputs: Tensor) -> dict[str, tuple[int, ...]]:
+    """Layers worth pulling back from, with their output shapes (C, H, W) for ``inputs``.
+
+    Top-level modules and containers (blocks, stages) that run exactly once and return a
+    (B, C, H, W) tensor, in ``named_modules()`` order. Runs one plain forward, no gradients.
+    """
+    check_model(model)
+    check_inputs(model, inputs)
+    shapes: dict[str, tuple[int, ...]] = {}
+    calls: dict[str, int] = {}
+
+    def hook(name):
+        def record(module, args, output):
+            calls[name] = calls.get(name, 0) + 1
+            if isinstance(output, Tensor) and output.dim() == 4:
+                shapes[name] = tuple(output.shape[1:])
+        return record
+
+    handles = [module.register_forward_hook(hook(name))
+               for name, module in model.named_modules()
+               if name and ("." not in name or next(module.children(), None) is not None)]
+    try:
+        with evaluation_mode(model), torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: shapes[name] for name, _ in model.named_modules()
+            if name in shapes and calls[name] == 1}

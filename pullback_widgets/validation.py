@@ -1,0 +1,110 @@
+"""Argument checks shared by the whole package, and its own exception classes for user errors.
+
+A :class:`PullbackWidgetsError` (a ``ValueError``) or :class:`PullbackWidgetsTypeError` (also a
+``TypeError``) means the caller passed something wrong: the CLI prints it as one line, a widget
+as a status line. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+import operator
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class PullbackWidgetsError(ValueError):
+    """A user error: a bad argument, file or setting. The message says what to do."""
+
+
+class PullbackWidgetsTypeError(PullbackWidgetsError, TypeError):
+    """A user error of the wrong type (also a ``TypeError``)."""
+
+
+def check_positive(value: object, name: str) -> float:
+    """``value`` as a float if it is a finite real number > 0 (numpy scalars included)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise PullbackWidgetsTypeError(f"{name} must be a number, got {type(value).__name__}")
+    as_float = float(value)
+    if not math.isfinite(as_float) or as_float <= 0:
+        raise PullbackWidgetsError(f"{name} must be a finite number > 0, got {value!r}")
+    return as_float
+
+
+def check_index(value: object, name: str, minimum: int = 0) -> int:
+    """``value`` as an int if it is an integer >= ``minimum`` (numpy integers included)."""
+    if isinstance(value, bool):
+        raise PullbackWidgetsTypeError(f"{name} must be an int, got a bool")
+    try:
+        as_int = operator.index(value)
+    except TypeError:
+        raise PullbackWidgetsTypeError(
+            f"{name} must be an int, got {type(value).__name__}") from None
+    if as_int < minimum:
+        raise PullbackWidgetsError(f"{name} must be >= {minimum}, got {as_int}")
+    return as_int
+
+
+def check_choice(value: object, choices: Sequence[str], name: str) -> str:
+    """``value`` if it is one of ``choices``; else an error that lists them."""
+    if not isinstance(value, str):
+        raise PullbackWidgetsTypeError(
+            f"{name} must be a string, one of {tuple(choices)}, got {type(value).__name__}")
+    if value not in choices:
+        raise PullbackWidgetsError(
+            f"{name} must be one of {tuple(choices)}, got {value!r}{suggest(value, choices)}")
+    return value
+
+
+def suggest(name: str, choices: Iterable[str], cutoff: float = 0.5) -> str:
+    """A "; did you mean ...?" hint for a mistyped ``name``, or "" when nothing is close."""
+    candidates = [c for c in choices if c]
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=cutoff)
+    if not close:
+        lowered = {c.lower(): c for c in candidates}
+        close = [lowered[c] for c in difflib.get_close_matches(
+            name.lower(), list(lowered), n=3, cutoff=cutoff)]
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+
+
+def check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise PullbackWidgetsTypeError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _expected_channels(model: nn.Module) -> int | None:
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if first_conv is None else first_conv.in_channels
+
+
+def check_inputs(model: nn.Module, inputs: object) -> Tensor:
+    """Validate an image batch (B, C, H, W), floating point, finite, on the model's device."""
+    if not isinstance(inputs, Tensor):
+        raise PullbackWidgetsTypeError(
+            f"inputs must be a torch.Tensor of shape (B, C, H, W), got {type(inputs).__name__}")
+    if inputs.dim() != 4:
+        raise PullbackWidgetsError(
+            f"inputs must have shape (B, C, H, W), got {tuple(inputs.shape)}")
+    if not inputs.is_floating_point():
+        raise PullbackWidgetsTypeError(
+            f"inputs must be a floating-point tensor (pixel values in [0, 1]), got {inputs.dtype}")
+    channels = _expected_channels(model)
+    if channels is not None and inputs.shape[1] != channels:
+        raise PullbackWidgetsError(f"inputs must have {channels} channels for this model, "
+                                   f"got shape {tuple(inputs.shape)}")
+    parameter = next(model.parameters(), None)
+    if parameter is not None and parameter.device != inputs.device:
+        raise PullbackWidgetsError(f"inputs are on {inputs.device} but the model is on "
+                                   f"{parameter.device}; move one of them")
+    if parameter is not None and parameter.dtype != inputs.dtype:
+        raise PullbackWidgetsTypeError(f"inputs are {inputs.dtype} but the model's parameters "
+                                       f"are {parameter.dtype}; convert one of them")
+    if not torch.isfinite(inputs).all():
+        raise PullbackWidgetsError("inputs contain NaN or infinite values")
+    return inputs

@@ -49,13 +49,13 @@ def test_quick_quality_benchmark_writes_its_tables(tmp_path, monkeypatch):
                       "insertion (blur, regions) ↑", "infidelity σ=0.01 ↓",
                       "infidelity σ=0.1 ↓", "ascent gain ↑", "randomised ρ ↓", "s / image ↓"]
     methods = [row[0] for row in rows]
-    assert methods == run.table_methods and methods[-1] == "random (control)"
-    assert {"gradient", "gradient × input", "pullback sigmoid T=0.3",
+    assert methods == run.table_methods and methods[-1] == "random"
+    assert {"gradient", "gradient_x_input", "pullback sigmoid T=0.3",
             "pullback normal_cdf T=0.3", "pullback sigmoid T=0.3 (relative)"} <= set(methods)
     if importlib.util.find_spec("captum") is not None:
-        assert {"guided backprop", "integrated gradients", "smoothgrad",
-                "guided grad-cam"} <= set(methods)
-        assert "guided backprop (Captum as is)" not in methods  # equals the gradient on Lite0
+        assert {"guided_backprop", "integrated_gradients", "smoothgrad",
+                "guided_gradcam"} <= set(methods)
+        assert "guided_backprop_captum" not in methods  # equals the gradient on Lite0
     assert all(len(row) == len(header) for row in rows)
     assert all(re.match(r"-?\d", cell) for row in rows for cell in row[1:10])
     _, stages = _table_rows(text, "| randomised down to |")

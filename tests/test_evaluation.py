@@ -269,8 +269,8 @@ def test_randomisation_leaves_the_users_model_bit_identical():
     model.train()  # its own flags must come back too
     before = _snapshot(model)
     methods = {"gradient": ev.gradient, "pullback": ev.pullback_method(0.3)}
-    if _has_captum():
-        methods["guided backprop"] = ev.method_registry(model)["guided backprop"]
+    if ev.captum_available():
+        methods["guided_backprop"] = ev.build_method("guided_backprop", model)
     ev.randomisation_check(model, x, None, methods)
     after = _snapshot(model)
     assert before[0].keys() == after[0].keys()
@@ -332,25 +332,17 @@ def test_ascent_gain_equals_pullback_ascent(method):
 
 # ---------------------------------------------------------------- methods
 
-def _has_captum() -> bool:
-    try:
-        import captum.attr  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def test_registry_methods_return_attributions_of_the_images_shape():
     model, x = _relu6_net(), _images(batch=2, size=8)
     methods = ev.method_registry(model, temperatures=(0.3,), temperature_modes=("absolute",
                                                                                "relative"),
                                  ig_steps=3, smoothgrad_samples=2)
     assert {"pullback sigmoid T=0.3", "pullback normal_cdf T=0.3 (relative)", "gradient",
-            "gradient × input"} <= set(methods)
+            "gradient_x_input"} <= set(methods)
     for name, explain in methods.items():
         attribution = explain(model, x, torch.tensor([0, 2]))
         assert attribution.shape == x.shape and torch.isfinite(attribution).all(), name
-    torch.testing.assert_close(methods["gradient × input"](model, x, torch.tensor([0, 2])),
+    torch.testing.assert_close(methods["gradient_x_input"](model, x, torch.tensor([0, 2])),
                                ev.gradient(model, x, torch.tensor([0, 2])) * x)
 
 
@@ -380,10 +372,10 @@ def test_guided_backprop_handles_relu6_and_captum_as_is_does_not():
     model, x = _relu6_net(seed=2), _images(batch=2, size=8)
     target = torch.tensor([1, 0])
     methods = ev.method_registry(model, temperatures=())
-    guided = methods["guided backprop"](model, x, target)
+    guided = methods["guided_backprop"](model, x, target)
     torch.testing.assert_close(guided, _guided_reference(model, x, target))
     # Captum only hooks nn.ReLU, and ReLU6 is not one: as is, it returns the gradient.
-    as_is = methods["guided backprop (Captum as is)"](model, x, target)
+    as_is = methods["guided_backprop_captum"](model, x, target)
     torch.testing.assert_close(as_is, ev.gradient(model, x, target))
     assert not torch.allclose(guided, as_is)
 

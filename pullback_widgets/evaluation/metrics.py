@@ -23,33 +23,25 @@ Metrics
 - :func:`ascent_gain`: the target-logit gain after ``steps`` normalised ascent steps along the
   attribution (the loop of :func:`pullback_widgets.pullback_ascent`). Higher is better.
 
-Methods. An :data:`Explainer` is ``explain(model, x, target) -> (B, 3, H, W)`` with ``target``
-a LongTensor (B,). :func:`method_registry` builds the named set the benchmark compares;
-:func:`quantus_explain_func` adapts the pullback to Quantus.
+An :data:`Explainer` is ``explain(model, x, target) -> (B, 3, H, W)`` with ``target`` a
+LongTensor (B,); the methods live in :mod:`pullback_widgets.evaluation.methods`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torch import Tensor, nn
 
-from .ascent import _project, _unit_l2
-from .gates import GATES, TEMPERATURE_MODES
-from .model_helpers import evaluation_mode, predict
-from .session import excitation_pullback
-from .targets import class_indices
-from .validation import check_inputs, check_positive
+from ..ascent import _project, _unit_l2
+from ..model_helpers import predict
+from ..targets import class_indices
+from ..validation import check_index, check_inputs, check_positive
 
 Explainer = Callable[[nn.Module, Tensor, Tensor], Tensor]
 Target = int | Sequence[int] | Tensor | None
@@ -62,21 +54,16 @@ BASELINES = ("blur", "mean")
 
 __all__ = [
     "BASELINES",
+    "BLUR_KERNEL",
+    "BLUR_SIGMA",
     "Explainer",
     "RandomisationResult",
     "ascent_gain",
     "baseline_image",
     "deletion_auc",
-    "gradient",
-    "gradient_times_input",
     "infidelity",
     "insertion_auc",
-    "method_registry",
     "perturbation_curve",
-    "pullback_method",
-    "pullback_name",
-    "quantus_explain_func",
-    "random_attribution",
     "randomisation_check",
     "randomisation_stages",
     "ranking_map",
@@ -85,14 +72,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- argument checks
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
 
 def _check_attribution(attribution: object, x: Tensor) -> Tensor:
     if not isinstance(attribution, Tensor):
@@ -190,7 +169,7 @@ def perturbation_curve(model: nn.Module, x: Tensor, target: Target, attribution:
     """
     x = _check_images(model, x)
     attribution = _check_attribution(attribution, x)
-    steps, batch_size = _positive_int(steps, "steps"), _positive_int(batch_size, "batch_size")
+    steps, batch_size = check_index(steps, "steps", 1), check_index(batch_size, "batch_size", 1)
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     saliency = ranking_map(attribution, smooth)
@@ -254,9 +233,9 @@ def infidelity(model: nn.Module, x: Tensor, target: Target, attribution: Tensor,
     """
     x = _check_images(model, x)
     attribution = _check_attribution(attribution, x)
-    n = _positive_int(n_perturbations, "n_perturbations")
+    n = check_index(n_perturbations, "n_perturbations", 1)
     noise_std = check_positive(noise_std, "noise_std")
-    batch_size = _positive_int(batch_size, "batch_size")
+    batch_size = check_index(batch_size, "batch_size", 1)
     classes, logits = _classes(model, x, target)
     generator = torch.Generator().manual_seed(seed)
     noise = (torch.randn((n, *x.shape[1:]), generator=generator, dtype=torch.float64)
@@ -419,7 +398,7 @@ def ascent_gain(model: nn.Module, x: Tensor, target: Target, explain: Explainer,
     onto the L2 ball of radius ``eps`` around ``x`` and into [0, 1].
     """
     x = _check_images(model, x)
-    steps = _positive_int(steps, "steps")
+    steps = check_index(steps, "steps", 1)
     step_size, eps = check_positive(step_size, "step_size"), check_positive(eps, "eps")
     classes, logits = _classes(model, x, target)
     current = x
@@ -428,213 +407,3 @@ def ascent_gain(model: nn.Module, x: Tensor, target: Target, explain: Explainer,
         current = _project(current + step_size * _unit_l2(direction), x, eps)
     final = _target_outputs(model, current, classes, probability=False)
     return final - logits.gather(1, classes.view(-1, 1)).squeeze(1)
-
-
-# --------------------------------------------------------------------------- methods
-
-def gradient(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
-    """Plain input gradient of the target logit, (B, 3, H, W)."""
-    with evaluation_mode(model), torch.enable_grad():
-        inputs = x.detach().clone().requires_grad_(True)
-        score = model(inputs).gather(1, target.view(-1, 1)).sum()
-        (grad,) = torch.autograd.grad(score, inputs)
-    return grad
-
-
-def gradient_times_input(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
-    """Gradient × input (pixel space, so a black pixel gets nothing), (B, 3, H, W)."""
-    return gradient(model, x, target) * x
-
-
-def random_attribution(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
-    """A control that knows nothing: standard normal noise (B, 3, H, W), the same draw for
-    the same image shape (seed 0). A method that does not beat it on a metric has shown
-    nothing on that metric."""
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device, x.dtype)
-
-
-def _pullback(model, x, target, *, temperature, gate, temperature_mode):
-    return excitation_pullback(model, x, target, temperature=temperature, gate=gate,
-                               temperature_mode=temperature_mode)
-
-
-def pullback_method(temperature: float, gate: str = "sigmoid",
-                    temperature_mode: str = "absolute") -> Explainer:
-    """The excitation pullback as an :data:`Explainer` (a picklable partial)."""
-    if gate not in GATES:
-        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-    if temperature_mode not in TEMPERATURE_MODES:
-        raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, "
-                         f"got {temperature_mode!r}")
-    return functools.partial(_pullback, temperature=check_positive(temperature, "temperature"),
-                             gate=gate, temperature_mode=temperature_mode)
-
-
-def pullback_name(temperature: float, gate: str = "sigmoid", mode: str = "absolute") -> str:
-    """The registry name of a pullback, e.g. ``"pullback sigmoid T=0.3 (relative)"``."""
-    return f"pullback {gate} T={temperature:g}" + (" (relative)" if mode == "relative" else "")
-
-
-class _HookableReLU6(nn.ReLU):
-    """ReLU6 in value. Captum's guided backprop only overrides the backward of nn.ReLU modules
-    (an isinstance test); ReLU6 is an nn.Hardtanh, so without this it is left as the gradient."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.hardtanh(x, 0.0, 6.0)
-
-
-def _guided_copy(model: nn.Module) -> nn.Module:
-    """A deep copy with every ReLU6 hookable by Captum, and no ReLU in place (module backward
-    hooks cannot see an in-place op's input)."""
-    guided = copy.deepcopy(model)
-    for parent in list(guided.modules()):
-        for name, child in parent.named_children():
-            if type(child) is nn.ReLU6:
-                setattr(parent, name, _HookableReLU6())
-            elif isinstance(child, nn.ReLU):
-                child.inplace = False
-    return guided
-
-
-@contextlib.contextmanager
-def _quiet_captum_hooks():
-    # Captum warns on every call that it sets (and will remove) hooks on ReLU modules.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
-        yield
-
-
-def _captum_guided_backprop(model, x, target, *, relu6: bool):
-    from captum.attr import GuidedBackprop
-
-    net = _guided_copy(model) if relu6 else model
-    inputs = x.detach().clone().requires_grad_(True)
-    with evaluation_mode(net), _quiet_captum_hooks():
-        return GuidedBackprop(net).attribute(inputs, target=target).detach()
-
-
-def _captum_guided_gradcam(model, x, target, *, layer):
-    from captum.attr import GuidedGradCam
-
-    net = _guided_copy(model)
-    modules = dict(net.named_modules())
-    if layer not in modules:
-        raise ValueError(f"Grad-CAM layer {layer!r} is not a module of the model")
-    inputs = x.detach().clone().requires_grad_(True)
-    with evaluation_mode(net), _quiet_captum_hooks():
-        return GuidedGradCam(net, modules[layer]).attribute(
-            inputs, target=target, interpolate_mode="bilinear").detach()
-
-
-def _captum_integrated_gradients(model, x, target, *, n_steps, batch_size):
-    from captum.attr import IntegratedGradients
-
-    with evaluation_mode(model):
-        return IntegratedGradients(model).attribute(
-            x, baselines=torch.zeros_like(x), target=target, n_steps=n_steps,
-            internal_batch_size=batch_size).detach()
-
-
-def _captum_smoothgrad(model, x, target, *, samples, noise_std, seed):
-    from captum.attr import NoiseTunnel, Saliency
-
-    devices = [x.device] if x.device.type == "cuda" else []
-    # Captum draws the noise from the global RNG: fork it so the draw is fixed and the
-    # caller's random state is left alone.
-    with evaluation_mode(model), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        return NoiseTunnel(Saliency(model)).attribute(
-            x, nt_type="smoothgrad", nt_samples=samples, stdevs=noise_std, target=target,
-            abs=False).detach()
-
-
-def _last_conv(model: nn.Module) -> str:
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    if not names:
-        raise ValueError("Guided Grad-CAM needs a Conv2d layer; the model has none")
-    return names[-1]
-
-
-def method_registry(model: nn.Module, *, temperatures: Sequence[float] = (0.1, 0.3, 1.0),
-                    gates: Sequence[str] = ("sigmoid", "normal_cdf"),
-                    temperature_modes: Sequence[str] = ("absolute",),
-                    captum: bool | None = None, cam_layer: str | None = None,
-                    ig_steps: int = 16, smoothgrad_samples: int = 8,
-                    smoothgrad_std: float = 0.15, batch_size: int = 16) -> dict[str, Explainer]:
-    """Name -> :data:`Explainer` for the methods compared.
-
-    Pullbacks for every (gate, temperature, mode); ``"gradient"``; ``"gradient × input"``; and,
-    where Captum is installed (``captum=None``: if importable), ``"guided backprop"`` (Captum's,
-    run on a copy whose ReLU6 modules it can hook), ``"guided backprop (Captum as is)"`` (which
-    on a ReLU6 network such as Lite0 equals the gradient), ``"integrated gradients"`` (black
-    baseline, ``ig_steps`` Gauss-Legendre points), ``"smoothgrad"`` (signed, ``smoothgrad_samples``
-    draws of N(0, ``smoothgrad_std``²) pixel noise) and ``"guided grad-cam"`` (bilinear
-    upsampling; layer ``cam_layer``, default the model's last Conv2d).
-    """
-    methods: dict[str, Explainer] = {}
-    for mode in temperature_modes:
-        for gate in gates:
-            for t in temperatures:
-                methods[pullback_name(t, gate, mode)] = pullback_method(t, gate, mode)
-    methods["gradient"] = gradient
-    methods["gradient × input"] = gradient_times_input
-    if captum is None:
-        try:
-            import captum.attr
-            captum = True
-        except ImportError:
-            captum = False
-    if captum:
-        layer = _last_conv(model) if cam_layer is None else cam_layer
-        if layer not in dict(model.named_modules()):
-            raise ValueError(f"cam_layer {layer!r} is not a module of the model")
-        partial = functools.partial
-        methods["guided backprop"] = partial(_captum_guided_backprop, relu6=True)
-        methods["guided backprop (Captum as is)"] = partial(_captum_guided_backprop, relu6=False)
-        methods["integrated gradients"] = partial(
-            _captum_integrated_gradients, n_steps=_positive_int(ig_steps, "ig_steps"),
-            batch_size=_positive_int(batch_size, "batch_size"))
-        methods["smoothgrad"] = partial(
-            _captum_smoothgrad, samples=_positive_int(smoothgrad_samples, "smoothgrad_samples"),
-            noise_std=check_positive(smoothgrad_std, "smoothgrad_std"), seed=0)
-        methods["guided grad-cam"] = partial(_captum_guided_gradcam, layer=layer)
-    return methods
-
-
-# --------------------------------------------------------------------------- Quantus
-
-_QUANTUS_KWARGS = ("temperature", "gate", "temperature_mode", "device")
-
-
-def quantus_explain_func(model: nn.Module, inputs: np.ndarray | Tensor,
-                         targets: np.ndarray | Sequence[int] | int, **kwargs) -> np.ndarray:
-    """A Quantus ``explain_func``: excitation pullbacks as a numpy array shaped like ``inputs``.
-
-    ``inputs``: (B, 3, H, W) images in the model's input space (pixel space [0, 1] for
-    :func:`pullback_widgets.load_model` models); ``targets``: class per image. Keyword
-    arguments (Quantus's ``explain_func_kwargs``): ``temperature`` (default: the model's),
-    ``gate`` (``"hard"`` gives the plain gradient), ``temperature_mode``; ``device`` is accepted
-    because Quantus passes it, and ignored: the model's own device is used. Returns float32.
-    """
-    unknown = sorted(set(kwargs) - set(_QUANTUS_KWARGS))
-    if unknown:
-        raise TypeError(f"quantus_explain_func got unexpected keyword argument(s) {unknown}; "
-                        f"it takes {list(_QUANTUS_KWARGS)}")
-    if isinstance(inputs, np.ndarray):
-        inputs = torch.from_numpy(np.ascontiguousarray(inputs))
-    if not isinstance(inputs, Tensor):
-        raise TypeError(f"inputs must be a numpy array or tensor (B, 3, H, W), "
-                        f"got {type(inputs).__name__}")
-    parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
-    if parameter is not None:
-        inputs = inputs.to(parameter.device, parameter.dtype)
-    if isinstance(targets, np.ndarray):
-        targets = torch.from_numpy(targets.astype(np.int64)).reshape(-1)
-    elif isinstance(targets, (int, np.integer)) and not isinstance(targets, bool):
-        targets = int(targets)
-    temperature = kwargs.get("temperature", getattr(model, "default_temperature", 0.3))
-    attribution = excitation_pullback(
-        model, inputs, targets, temperature=temperature, gate=kwargs.get("gate", "sigmoid"),
-        temperature_mode=kwargs.get("temperature_mode", "absolute"))
-    return attribution.detach().cpu().numpy().astype(np.float32)

@@ -1,0 +1,18 @@
+"""Is an attribution faithful, and what does it cost? Metrics, methods and the dataset runner.
+
+- :mod:`.metrics`: deletion/insertion AUC, infidelity, the randomisation check, ascent gain;
+- :mod:`.methods`: attribution methods under stable names, Captum's wrapped, the Quantus
+  adapter;
+- :mod:`.runner`: ``pullback-widgets evaluate`` over image folders, sharded with torchrun,
+  resumable.
+
+Every public name of the three is re-exported here (``from pullback_widgets.evaluation import
+deletion_auc``).
+"""
+
+from .methods import *  # noqa: F403
+from .methods import __all__ as _methods_all
+from .metrics import *  # noqa: F403
+from .metrics import __all__ as _metrics_all
+
+__all__ = [*_metrics_all, *_methods_all]

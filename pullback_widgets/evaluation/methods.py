@@ -1,0 +1,364 @@
+"""Attribution methods under stable names, and the Quantus adapter.
+
+An :data:`Explainer` is ``explain(model, x, target) -> (B, 3, H, W)``: ``x`` images in pixel
+space [0, 1] (B, 3, H, W), ``target`` a LongTensor (B,) of class indices.
+
+Stable method names (:data:`METHODS`), used by ``pullback-widgets evaluate --methods`` and by
+:func:`build_method`; they will not change:
+
+- ``pullback``: the excitation pullback, by default with the model's own settings (its
+  default temperature, the sigmoid gate); :func:`build_method` takes other settings.
+- ``gradient``: the plain input gradient of the target logit.
+- ``gradient_x_input``: gradient times the image (pixel space).
+- ``random``: the control, standard normal noise seeded by the image's content.
+- Captum's (the ``compare`` extra): ``guided_backprop`` (run on a copy whose ReLU6 modules
+  Captum can hook), ``guided_backprop_captum`` (Captum as is: on a ReLU6 network such as
+  Lite0 it equals the gradient), ``integrated_gradients`` (black baseline),
+  ``smoothgrad`` (signed) and ``guided_gradcam`` (bilinear upsampling, last Conv2d).
+
+:func:`method_registry` adds a grid of pullbacks named by :func:`pullback_name`
+(``"pullback sigmoid T=0.3"``) to the others; :func:`quantus_explain_func` adapts the pullback
+to Quantus.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import hashlib
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..gates import GATES, TEMPERATURE_MODES
+from ..model_helpers import evaluation_mode
+from ..session import excitation_pullback
+from ..validation import (
+    PullbackWidgetsError,
+    PullbackWidgetsTypeError,
+    check_choice,
+    check_index,
+    check_positive,
+    suggest,
+)
+from .metrics import Explainer
+
+__all__ = [
+    "CAPTUM_METHODS",
+    "METHODS",
+    "POOL_WEIGHTS",
+    "build_method",
+    "captum_available",
+    "check_methods",
+    "gradient",
+    "gradient_times_input",
+    "method_registry",
+    "pullback_method",
+    "pullback_name",
+    "quantus_explain_func",
+    "random_attribution",
+]
+
+METHODS = {
+    "pullback": "excitation pullback (the model's default settings unless set)",
+    "gradient": "plain input gradient of the target logit",
+    "gradient_x_input": "gradient times the image",
+    "random": "control: standard normal noise, seeded by the image",
+    "guided_backprop": "Captum's guided backprop on a ReLU6-hookable copy",
+    "guided_backprop_captum": "Captum's guided backprop as is",
+    "integrated_gradients": "Captum's integrated gradients, black baseline",
+    "smoothgrad": "Captum's SmoothGrad, signed",
+    "guided_gradcam": "Captum's guided Grad-CAM, last Conv2d (or cam_layer)",
+}
+CAPTUM_METHODS = ("guided_backprop", "guided_backprop_captum", "integrated_gradients",
+                  "smoothgrad", "guided_gradcam")
+# The soft max-pool's backward: softmax weights differentiated (the paper's first version) or
+# held constant (its later code).
+POOL_WEIGHTS = ("differentiated", "detached")
+
+
+# --------------------------------------------------------------------------- methods
+
+def gradient(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    """Plain input gradient of the target logit, (B, 3, H, W)."""
+    with evaluation_mode(model), torch.enable_grad():
+        inputs = x.detach().clone().requires_grad_(True)
+        score = model(inputs).gather(1, target.view(-1, 1)).sum()
+        (grad,) = torch.autograd.grad(score, inputs)
+    return grad
+
+
+def gradient_times_input(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    """Gradient × input (pixel space, so a black pixel gets nothing), (B, 3, H, W)."""
+    return gradient(model, x, target) * x
+
+
+def _content_seed(image: Tensor) -> int:
+    digest = hashlib.blake2b(image.detach().cpu().numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def random_attribution(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    """A control that knows nothing: standard normal noise (B, 3, H, W).
+
+    Each image's draw is seeded by a hash of its pixels, so an image gets the same noise
+    whatever batch, shard or process it is in, and different images get different noise. A
+    method that does not beat this control on a metric has shown nothing on that metric.
+    """
+    noise = torch.empty(x.shape, dtype=torch.float64)
+    for index, image in enumerate(x):
+        generator = torch.Generator().manual_seed(_content_seed(image))
+        noise[index] = torch.randn(x.shape[1:], generator=generator, dtype=torch.float64)
+    return noise.to(x.device, x.dtype)
+
+
+def _pullback(model, x, target, **settings):
+    return excitation_pullback(model, x, target, **settings)
+
+
+def pullback_method(temperature: float | None = None, gate: str = "sigmoid",
+                    temperature_mode: str = "absolute", *,
+                    pool_temperature: float | None = None,
+                    pool_weights: str | None = None) -> Explainer:
+    """The excitation pullback as an :data:`Explainer` (a picklable partial).
+
+    ``temperature=None``: the model's default; ``pool_temperature=None``: the temperature;
+    ``pool_weights=None``: the engine's default pool rule.
+    """
+    settings = {"temperature": None if temperature is None
+                else check_positive(temperature, "temperature"),
+                "gate": check_choice(gate, GATES, "gate"),
+                "temperature_mode": check_choice(temperature_mode, TEMPERATURE_MODES,
+                                                 "temperature_mode")}
+    if pool_temperature is not None:
+        settings["pool_temperature"] = check_positive(pool_temperature, "pool_temperature")
+    if pool_weights is not None:
+        settings["pool_weights"] = check_choice(pool_weights, POOL_WEIGHTS, "pool_weights")
+    return functools.partial(_pullback, **settings)
+
+
+def pullback_name(temperature: float, gate: str = "sigmoid", mode: str = "absolute") -> str:
+    """The registry name of a pullback, e.g. ``"pullback sigmoid T=0.3 (relative)"``."""
+    return f"pullback {gate} T={temperature:g}" + (" (relative)" if mode == "relative" else "")
+
+
+class _HookableReLU6(nn.ReLU):
+    """ReLU6 in value. Captum's guided backprop only overrides the backward of nn.ReLU modules
+    (an isinstance test); ReLU6 is an nn.Hardtanh, so without this it is left as the gradient."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.hardtanh(x, 0.0, 6.0)
+
+
+def _guided_copy(model: nn.Module) -> nn.Module:
+    """A deep copy with every ReLU6 hookable by Captum, and no ReLU in place (module backward
+    hooks cannot see an in-place op's input)."""
+    guided = copy.deepcopy(model)
+    for parent in list(guided.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.ReLU6:
+                setattr(parent, name, _HookableReLU6())
+            elif isinstance(child, nn.ReLU):
+                child.inplace = False
+    return guided
+
+
+@contextlib.contextmanager
+def _quiet_captum_hooks():
+    # Captum warns on every call that it sets (and will remove) hooks on ReLU modules.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
+        yield
+
+
+def _captum_guided_backprop(model, x, target, *, relu6: bool):
+    from captum.attr import GuidedBackprop
+
+    net = _guided_copy(model) if relu6 else model
+    inputs = x.detach().clone().requires_grad_(True)
+    with evaluation_mode(net), _quiet_captum_hooks():
+        return GuidedBackprop(net).attribute(inputs, target=target).detach()
+
+
+def _captum_guided_gradcam(model, x, target, *, layer):
+    from captum.attr import GuidedGradCam
+
+    net = _guided_copy(model)
+    modules = dict(net.named_modules())
+    if layer not in modules:
+        raise ValueError(f"Grad-CAM layer {layer!r} is not a module of the model")
+    inputs = x.detach().clone().requires_grad_(True)
+    with evaluation_mode(net), _quiet_captum_hooks():
+        return GuidedGradCam(net, modules[layer]).attribute(
+            inputs, target=target, interpolate_mode="bilinear").detach()
+
+
+def _captum_integrated_gradients(model, x, target, *, n_steps, batch_size):
+    from captum.attr import IntegratedGradients
+
+    with evaluation_mode(model):
+        return IntegratedGradients(model).attribute(
+            x, baselines=torch.zeros_like(x), target=target, n_steps=n_steps,
+            internal_batch_size=batch_size).detach()
+
+
+def _captum_smoothgrad(model, x, target, *, samples, noise_std, seed):
+    from captum.attr import NoiseTunnel, Saliency
+
+    devices = [x.device] if x.device.type == "cuda" else []
+    # Captum draws the noise from the global RNG: fork it so the draw is fixed and the
+    # caller's random state is left alone.
+    with evaluation_mode(model), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return NoiseTunnel(Saliency(model)).attribute(
+            x, nt_type="smoothgrad", nt_samples=samples, stdevs=noise_std, target=target,
+            abs=False).detach()
+
+
+def _last_conv(model: nn.Module) -> str:
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not names:
+        raise ValueError("Guided Grad-CAM needs a Conv2d layer; the model has none")
+    return names[-1]
+
+
+def captum_available() -> bool:
+    try:
+        import captum.attr  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_methods(names: Sequence[str]) -> list[str]:
+    """``names`` if each is a stable method name (and Captum is there for Captum's); else a
+    user error that names the unknown one or the missing ``compare`` extra."""
+    if isinstance(names, str) or not names:
+        raise PullbackWidgetsTypeError("methods must be a non-empty list of method names")
+    for name in names:
+        if name not in METHODS:
+            raise PullbackWidgetsError(f"unknown method {name!r}{suggest(name, METHODS)}; "
+                                       f"known: {', '.join(METHODS)}")
+    captum = [name for name in names if name in CAPTUM_METHODS]
+    if captum and not captum_available():
+        raise PullbackWidgetsError(
+            f"method(s) {', '.join(captum)} need Captum: pip install "
+            "'pullback-widgets[compare]' (the compare extra)")
+    if len(set(names)) != len(names):
+        raise PullbackWidgetsError(f"methods are listed twice: {list(names)}")
+    return list(names)
+
+
+def build_method(name: str, model: nn.Module, *, temperature: float | None = None,
+                 gate: str = "sigmoid", temperature_mode: str = "absolute",
+                 pool_temperature: float | None = None, pool_weights: str | None = None,
+                 cam_layer: str | None = None, ig_steps: int = 16,
+                 smoothgrad_samples: int = 8, smoothgrad_std: float = 0.15,
+                 batch_size: int = 16) -> Explainer:
+    """The :data:`Explainer` a stable name (:data:`METHODS`) stands for.
+
+    The pullback settings apply to ``pullback`` only. ``ig_steps`` Gauss-Legendre points for
+    integrated gradients (run ``batch_size`` at a time), ``smoothgrad_samples`` draws of
+    N(0, ``smoothgrad_std``²) pixel noise for SmoothGrad (seed 0), ``cam_layer`` for guided
+    Grad-CAM (default: the model's last Conv2d).
+    """
+    (name,) = check_methods([name])
+    if name == "pullback":
+        return pullback_method(temperature, gate, temperature_mode,
+                               pool_temperature=pool_temperature, pool_weights=pool_weights)
+    simple = {"gradient": gradient, "gradient_x_input": gradient_times_input,
+              "random": random_attribution}
+    if name in simple:
+        return simple[name]
+    partial = functools.partial
+    if name in ("guided_backprop", "guided_backprop_captum"):
+        return partial(_captum_guided_backprop, relu6=name == "guided_backprop")
+    if name == "integrated_gradients":
+        return partial(_captum_integrated_gradients, n_steps=check_index(ig_steps, "ig_steps", 1),
+                       batch_size=check_index(batch_size, "batch_size", 1))
+    if name == "smoothgrad":
+        return partial(_captum_smoothgrad,
+                       samples=check_index(smoothgrad_samples, "smoothgrad_samples", 1),
+                       noise_std=check_positive(smoothgrad_std, "smoothgrad_std"), seed=0)
+    layer = _last_conv(model) if cam_layer is None else cam_layer
+    if layer not in dict(model.named_modules()):
+        raise PullbackWidgetsError(f"cam_layer {layer!r} is not a module of the model")
+    return partial(_captum_guided_gradcam, layer=layer)
+
+
+def method_registry(model: nn.Module, *, temperatures: Sequence[float] = (0.1, 0.3, 1.0),
+                    gates: Sequence[str] = ("sigmoid", "normal_cdf"),
+                    temperature_modes: Sequence[str] = ("absolute",),
+                    captum: bool | None = None, cam_layer: str | None = None,
+                    ig_steps: int = 16, smoothgrad_samples: int = 8,
+                    smoothgrad_std: float = 0.15, batch_size: int = 16) -> dict[str, Explainer]:
+    """Name -> :data:`Explainer` for the methods compared.
+
+    Pullbacks for every (gate, temperature, mode), named by :func:`pullback_name`; then
+    ``gradient``, ``gradient_x_input`` and ``random`` and, where Captum is installed
+    (``captum=None``: if importable), Captum's methods (:data:`CAPTUM_METHODS`), under their
+    stable names (see the module docstring) and built by :func:`build_method` with these
+    options.
+    """
+    methods: dict[str, Explainer] = {}
+    for mode in temperature_modes:
+        for gate in gates:
+            for t in temperatures:
+                methods[pullback_name(t, gate, mode)] = pullback_method(t, gate, mode)
+    names = ["gradient", "gradient_x_input", "random"]
+    if captum_available() if captum is None else captum:
+        names += CAPTUM_METHODS
+    options = {"cam_layer": cam_layer, "ig_steps": ig_steps,
+               "smoothgrad_samples": smoothgrad_samples, "smoothgrad_std": smoothgrad_std,
+               "batch_size": batch_size}
+    for name in names:
+        methods[name] = build_method(name, model, **options)
+    return methods
+
+
+# --------------------------------------------------------------------------- Quantus
+
+_QUANTUS_KWARGS = ("temperature", "gate", "pool_temperature", "temperature_mode",
+                   "pool_weights", "device")
+
+
+def quantus_explain_func(model: nn.Module, inputs: np.ndarray | Tensor,
+                         targets: np.ndarray | Sequence[int] | int, **kwargs) -> np.ndarray:
+    """A Quantus ``explain_func``: excitation pullbacks as a numpy array shaped like ``inputs``.
+
+    ``model``: the network Quantus passes (for its randomisation metrics, the randomised
+    copy: the attribution is always of the model given here). ``inputs``: (B, 3, H, W) images
+    in the model's input space (pixel space [0, 1] for :func:`pullback_widgets.load_model`
+    models); ``targets``: class per image. Keyword arguments (Quantus's
+    ``explain_func_kwargs``): ``temperature`` (default: the model's), ``gate`` (``"hard"``
+    gives the plain gradient), ``pool_temperature``, ``temperature_mode``, ``pool_weights``;
+    ``device`` is accepted because Quantus passes it, and ignored: the model's own device is
+    used. Returns float32.
+    """
+    unknown = sorted(set(kwargs) - set(_QUANTUS_KWARGS))
+    if unknown:
+        raise PullbackWidgetsTypeError(
+            f"quantus_explain_func got unexpected keyword argument(s) {unknown}; "
+            f"it takes {list(_QUANTUS_KWARGS)}")
+    if isinstance(inputs, np.ndarray):
+        inputs = torch.from_numpy(np.ascontiguousarray(inputs))
+    if not isinstance(inputs, Tensor):
+        raise PullbackWidgetsTypeError(f"inputs must be a numpy array or tensor (B, 3, H, W), "
+                                       f"got {type(inputs).__name__}")
+    parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    if parameter is not None:
+        inputs = inputs.to(parameter.device, parameter.dtype)
+    if isinstance(targets, np.ndarray):
+        targets = torch.from_numpy(targets.astype(np.int64)).reshape(-1)
+    elif isinstance(targets, (int, np.integer)) and not isinstance(targets, bool):
+        targets = int(targets)
+    explain = pullback_method(kwargs.get("temperature"), kwargs.get("gate", "sigmoid"),
+                              kwargs.get("temperature_mode", "absolute"),
+                              pool_temperature=kwargs.get("pool_temperature"),
+                              pool_weights=kwargs.get("pool_weights"))
+    return explain(model, inputs, targets).detach().cpu().numpy().astype(np.float32)

@@ -14,5 +14,7 @@ from .methods import *  # noqa: F403
 from .methods import __all__ as _methods_all
 from .metrics import *  # noqa: F403
 from .metrics import __all__ as _metrics_all
+from .runner import *  # noqa: F403
+from .runner import __all__ as _runner_all
 
-__all__ = [*_metrics_all, *_methods_all]
+__all__ = [*_metrics_all, *_methods_all, *_runner_all]

@@ -66,6 +66,7 @@ __all__ = [
     "perturbation_curve",
     "randomisation_check",
     "randomisation_stages",
+    "randomised_copy",
     "ranking_map",
     "spearman",
 ]
@@ -321,6 +322,18 @@ def _reinitialise(module: nn.Module, generator: torch.Generator) -> None:
                 parameter.fill_(1.0)
             else:
                 parameter.zero_()
+
+
+def randomised_copy(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A deep copy of ``model`` with every stage of :func:`randomisation_stages` re-initialised,
+    stage i with seed ``seed + i``: the model after the last stage of the default cascade of
+    :func:`randomisation_check`. ``model`` itself is not touched."""
+    copied = copy.deepcopy(model)
+    modules = dict(copied.named_modules())
+    device = next(copied.parameters()).device
+    for index, name in enumerate(randomisation_stages(copied)):
+        _reinitialise(modules[name], torch.Generator(device=device).manual_seed(seed + index))
+    return copied
 
 
 @dataclass

@@ -1,0 +1,784 @@
+"""Dataset-scale evaluation: images in, one row per (image, target, method, metric) out.
+
+The engine of ``pullback-widgets evaluate``; the same code runs in one process and, unchanged,
+under ``torchrun`` (one process per GPU or CPU slot, ``gloo`` on CPU, ``nccl`` on GPU).
+
+- **Items.** Any iterable of :class:`Item` or of tuples ``(name, image)``,
+  ``(name, image, label)`` or ``(name, image, mask)``. ``image`` is a file path, a tensor
+  (3, H, W) or (1, 3, H, W) in pixel space [0, 1], or a zero-argument callable returning one
+  of these (so that a source can stream: only the batch in hand is decoded).
+  :func:`folder_items` makes them from files and folders (searched recursively, every
+  non-hidden file tried, torchvision's ImageFolder layout for labels).
+- **Sharding.** Rank r of W takes items r, r + W, r + 2W, ... of the item list (sorted by name
+  for folders): deterministic, and every rank knows every other rank's share.
+- **Output.** Each batch of each method is written to its own part file in ``OUT.parts/``,
+  atomically (a temporary file, then a rename), so a run killed at any moment loses at most
+  the batch in flight and never leaves half a row. After every rank is done, rank 0 merges the
+  previous output and the parts, one row per key (the first one met), in a fixed order (item
+  position, target, method, metric), writes ``OUT`` atomically, the summary
+  ``OUT-stem.summary.md`` and removes the parts. The settings are in ``OUT-stem.settings.json``.
+- **Resume.** Rows already in ``OUT`` or in its parts are not computed again; a settings file
+  that disagrees on anything that changes values (model, temperature, metric parameters,
+  targets, ...) is refused.
+
+Metrics (:data:`METRICS`), each one value per (image, target, method):
+``deletion`` / ``insertion`` (AUC, blur baseline), ``infidelity`` (logit²,
+normalised), ``ascent_gain`` (logit), ``randomisation`` (Spearman ρ of |attribution| with the
+attribution on a fully re-initialised copy of the model: :func:`~.metrics.randomised_copy`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ..images import load_image
+from ..labels import find_class
+from ..model_helpers import predict
+from ..validation import PullbackWidgetsError, PullbackWidgetsTypeError, check_index, suggest
+from .methods import POOL_WEIGHTS, Explainer, build_method, check_methods
+from .metrics import (
+    ascent_gain,
+    deletion_auc,
+    infidelity,
+    insertion_auc,
+    randomised_copy,
+    spearman,
+)
+
+__all__ = [
+    "COLUMNS",
+    "METRICS",
+    "EvaluationSettings",
+    "Item",
+    "check_metrics",
+    "check_output",
+    "evaluate",
+    "folder_items",
+    "read_rows",
+    "run_command",
+    "summarise",
+]
+
+COLUMNS = ("image", "target", "method", "metric", "value")
+# metric -> True where higher is better
+METRICS = {"deletion": False, "insertion": True, "infidelity": False, "ascent_gain": True,
+           "randomisation": False}
+OUTPUT_SUFFIXES = (".csv", ".parquet")
+_PART_SUFFIX = ".csv"
+
+
+# --------------------------------------------------------------------------- items
+
+@dataclass(frozen=True)
+class Item:
+    """One image to evaluate. ``name`` identifies it in the output (unique); ``image`` a file
+    path, a tensor (3, H, W) / (1, 3, H, W) in [0, 1], or a callable returning either;
+    ``label``: its class index (for ``targets="label"``); ``mask``: (H, W), carried along for
+    metrics that need one."""
+
+    name: str
+    image: object
+    label: int | None = None
+    mask: Tensor | None = None
+
+    def load(self, size: int) -> Tensor:
+        """The image as (3, size, size) in [0, 1]. Files go through
+        :func:`pullback_widgets.load_image` (resize and centre crop, float32); tensors are
+        used as they are."""
+        image = self.image() if callable(self.image) else self.image
+        if isinstance(image, Tensor):
+            image = image[0] if image.dim() == 4 and image.shape[0] == 1 else image
+            if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+                raise PullbackWidgetsError(f"{self.name}: an image tensor must be float "
+                                           f"(3, H, W), got {tuple(image.shape)} {image.dtype}")
+            if image.min() < 0 or image.max() > 1 or not torch.isfinite(image).all():
+                raise PullbackWidgetsError(f"{self.name}: pixel values must lie in [0, 1]")
+            return image
+        return load_image(image, size=size)[0]
+
+
+def as_item(value: object) -> Item:
+    """An :class:`Item` from an Item or a tuple ``(name, image[, label or mask])``."""
+    if isinstance(value, Item):
+        return value
+    if not isinstance(value, tuple) or len(value) not in (2, 3):
+        raise PullbackWidgetsTypeError(
+            "items must be Item or (name, image[, label or mask]) tuples, got "
+            f"{type(value).__name__}")
+    name, image, *extra = value
+    if not isinstance(name, str):
+        raise PullbackWidgetsTypeError(f"an item's name must be a string, got {name!r}")
+    third = extra[0] if extra else None
+    if isinstance(third, Tensor):
+        return Item(name, image, mask=third)
+    return Item(name, image, label=None if third is None else check_index(third, "label"))
+
+
+def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Every file named or under a named folder (recursively; hidden files and folders
+    skipped), sorted by path, each once. A missing path is refused."""
+    found: set[Path] = set()
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise PullbackWidgetsError(f"no such file or folder: {str(path)!r}")
+        if path.is_file():
+            found.add(path)
+            continue
+        for root, folders, files in os.walk(path, followlinks=True):
+            folders[:] = [f for f in folders if not f.startswith(".")]
+            found.update(Path(root) / f for f in files if not f.startswith("."))
+    return sorted(found, key=str)
+
+
+def folder_items(paths: Sequence[str | os.PathLike], *, labels_from_folders: bool = False,
+                 class_names: Sequence[str] | None = None,
+                 limit: int | None = None) -> list[Item]:
+    """Items for the image files named in ``paths`` or found under its folders (sorted by
+    path; the first ``limit``). ``labels_from_folders``: each image's label is its folder's
+    name read as a class index or a class name of ``class_names`` (torchvision's ImageFolder
+    layout, ``root/tabby/0001.jpg``); a folder that names no class is refused."""
+    files = find_images(paths)
+    if limit is not None:
+        files = files[:check_index(limit, "limit", 1)]
+    if not files:
+        raise PullbackWidgetsError(f"no files found in {[str(p) for p in paths]}")
+    if not labels_from_folders:
+        return [Item(str(f), f) for f in files]
+    if class_names is None:
+        raise PullbackWidgetsError("labels_from_folders needs the model's class names")
+    labels: dict[str, int] = {}
+    for folder in sorted({f.parent.name for f in files}):
+        try:
+            labels[folder] = find_class(folder, class_names)
+        except ValueError as error:
+            raise PullbackWidgetsError(f"folder {folder!r}: {error}") from None
+    return [Item(str(f), f, label=labels[f.parent.name]) for f in files]
+
+
+# --------------------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """Everything that decides a run's values, recorded next to the output.
+
+    ``targets``: ``"predicted"`` (top-1), ``"top-K"`` (the K most probable classes) or
+    ``"label"`` (each item's label). Deletion/insertion: ``steps`` chunks, ``baseline``;
+    infidelity: ``perturbations`` draws of N(0, ``noise_std``²) pixel noise (seed ``seed``);
+    ascent gain: ``ascent_steps`` of L2 length ``step_size`` in the ball of radius ``eps``
+    (pixel units); randomisation: seed ``seed``. Forward passes run ``forward_batch`` images
+    at a time; ``batch_size`` images are evaluated together.
+    """
+
+    model: str = "efficientnet_lite0"
+    methods: tuple[str, ...] = ("gradient", "pullback", "random")
+    metrics: tuple[str, ...] = ("deletion", "insertion", "infidelity")
+    targets: str = "predicted"
+    temperature: float | None = None
+    gate: str = "sigmoid"
+    pool_weights: str | None = None
+    image_size: int = 224
+    batch_size: int = 8
+    forward_batch: int = 32
+    steps: int = 16
+    baseline: str = "blur"
+    perturbations: int = 32
+    noise_std: float = 0.1
+    ascent_steps: int = 5
+    step_size: float = 10.0
+    eps: float = 50.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_methods(list(self.methods))
+        check_metrics(list(self.metrics))
+        self.top_k()
+        if self.pool_weights is not None and self.pool_weights not in POOL_WEIGHTS:
+            raise PullbackWidgetsError(f"pool_weights must be one of {POOL_WEIGHTS}, "
+                                       f"got {self.pool_weights!r}")
+        for name in ("image_size", "batch_size", "forward_batch", "steps", "perturbations",
+                     "ascent_steps"):
+            check_index(getattr(self, name), name, 1)
+
+    def top_k(self) -> int | None:
+        """K for ``top-K`` (1 for ``predicted``), None for ``label``."""
+        if self.targets == "predicted":
+            return 1
+        if self.targets == "label":
+            return None
+        match = re.fullmatch(r"top-([1-9][0-9]*)", self.targets)
+        if match is None:
+            raise PullbackWidgetsError(
+                f"targets must be 'predicted', 'top-K' (e.g. top-5) or 'label', "
+                f"got {self.targets!r}")
+        return int(match.group(1))
+
+    def explainers(self, model: nn.Module) -> dict[str, Explainer]:
+        return {name: build_method(name, model, temperature=self.temperature, gate=self.gate,
+                                   pool_weights=self.pool_weights,
+                                   batch_size=self.forward_batch)
+                for name in self.methods}
+
+    def values_key(self) -> dict[str, object]:
+        """The settings a resumed run must share: all but what is evaluated and how much at
+        a time."""
+        skip = {"methods", "metrics", "batch_size"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+def check_metrics(names: Sequence[str]) -> list[str]:
+    if isinstance(names, str) or not names:
+        raise PullbackWidgetsTypeError("metrics must be a non-empty list of metric names")
+    for name in names:
+        if name not in METRICS:
+            raise PullbackWidgetsError(f"unknown metric {name!r}{suggest(name, METRICS)}; "
+                                       f"known: {', '.join(METRICS)}")
+    if len(set(names)) != len(names):
+        raise PullbackWidgetsError(f"metrics are listed twice: {list(names)}")
+    return list(names)
+
+
+# --------------------------------------------------------------------------- output files
+
+def _settings_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".settings.json")
+
+
+def summary_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".summary.md")
+
+
+def _parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def check_output(out: str | os.PathLike, resume: bool) -> Path:
+    """``out`` as a Path if the run may write it: a .csv or .parquet file (pyarrow installed
+    for Parquet) in a writable folder, not there yet unless ``resume``."""
+    out = Path(out)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise PullbackWidgetsError(f"--out must end in .csv or .parquet, got {str(out)!r}")
+    if out.suffix.lower() == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise PullbackWidgetsError(
+                "Parquet output needs pyarrow: pip install 'pullback-widgets[parquet]' (the "
+                "parquet extra), or write .csv") from None
+    if out.is_dir():
+        raise PullbackWidgetsError(f"--out {str(out)!r} is a folder; give a file name")
+    if not resume:
+        for existing in (out, _parts_dir(out)):
+            if existing.exists():
+                raise PullbackWidgetsError(
+                    f"{str(existing)!r} exists; pass --resume to continue that run, or remove "
+                    "it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".pullback-widgets-probe-"):
+            pass
+    except OSError as error:
+        raise PullbackWidgetsError(f"cannot write to {str(out.parent)!r}: "
+                                   f"{error.strerror or error}") from None
+    return out
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(temporary)`` then rename onto ``path``: readers see all of it or nothing."""
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+Row = tuple[str, int, str, str, float]
+
+
+def _write_csv(path: Path, rows: Iterable[Row]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        # repr: the shortest text that reads back as the same float
+        writer.writerows((image, target, method, metric, repr(float(value)))
+                         for image, target, method, metric, value in rows)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_rows(path: Path, rows: list[Row], parquet: bool) -> None:
+    if not parquet:
+        _write_csv(path, rows)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = list(zip(*rows)) if rows else [() for _ in COLUMNS]
+    types = [pa.string(), pa.int64(), pa.string(), pa.string(), pa.float64()]
+    pq.write_table(pa.table({name: pa.array(list(values), type=kind)
+                             for name, values, kind in zip(COLUMNS, columns, types)}), path)
+
+
+def read_rows(path: str | os.PathLike) -> list[Row]:
+    """The rows of an output (CSV or Parquet) or part file, as written."""
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path).to_pydict()
+        return list(zip(table["image"], table["target"], table["method"], table["metric"],
+                        table["value"]))
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if tuple(header or ()) != COLUMNS:
+            raise PullbackWidgetsError(f"{str(path)!r} is not an evaluation output (columns "
+                                       f"{header})")
+        return [(image, int(target), method, metric, float(value))
+                for image, target, method, metric, value in reader]
+
+
+def _finished_parts(out: Path) -> list[Path]:
+    parts = _parts_dir(out)
+    if not parts.is_dir():
+        return []
+    # Temporary files (a leading dot) are batches that were in flight: never merged.
+    return sorted(p for p in parts.iterdir()
+                  if p.suffix == _PART_SUFFIX and not p.name.startswith("."))
+
+
+def _existing_rows(out: Path) -> list[Row]:
+    rows = read_rows(out) if out.exists() else []
+    for part in _finished_parts(out):
+        rows += read_rows(part)
+    return rows
+
+
+# --------------------------------------------------------------------------- metrics
+
+@dataclass
+class _Batch:
+    """What a metric sees: images (N, 3, H, W), one target class each (N,), and the run."""
+
+    model: nn.Module
+    x: Tensor
+    classes: Tensor
+    settings: EvaluationSettings
+    randomised: nn.Module | None
+
+
+def _metric_value(metric: str, batch: _Batch, explain: Explainer,
+                  attribution: Tensor) -> Tensor:
+    s, model, x, classes = batch.settings, batch.model, batch.x, batch.classes
+    if metric in ("deletion", "insertion"):
+        auc = deletion_auc if metric == "deletion" else insertion_auc
+        return auc(model, x, classes, attribution, baseline=s.baseline, steps=s.steps,
+                   batch_size=s.forward_batch)
+    if metric == "infidelity":
+        return infidelity(model, x, classes, attribution, n_perturbations=s.perturbations,
+                          noise_std=s.noise_std, seed=s.seed, batch_size=s.forward_batch)
+    if metric == "ascent_gain":
+        return ascent_gain(model, x, classes, explain, steps=s.ascent_steps,
+                           step_size=s.step_size, eps=s.eps)
+    if metric == "randomisation":
+        after = explain(batch.randomised, x, classes).detach()
+        return spearman(attribution.sum(1).abs(), after.sum(1).abs())
+    raise AssertionError(metric)  # check_metrics lets no other name through
+
+
+def _targets_of(probabilities: Tensor, labels: list[int | None], k: int | None) -> list[list[int]]:
+    if k is None:
+        return [[label] for label in labels]
+    return probabilities.topk(k, dim=1).indices.tolist()
+
+
+# --------------------------------------------------------------------------- distributed
+
+@dataclass
+class _World:
+    rank: int = 0
+    size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    initialised: bool = False
+
+    def gather(self, value: object) -> list[object]:
+        if not self.initialised:
+            return [value]
+        gathered: list[object] = [None] * self.size
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.initialised:
+            torch.distributed.barrier()
+
+
+def _join_world() -> _World:
+    """This process's place among torchrun's (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``); a
+    world of one without torchrun. GPU ``LOCAL_RANK`` and NCCL where CUDA is available, else
+    the CPU and gloo."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if size == 1:
+        return _World(0, 1, device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _World(rank, size, device, initialised=True)
+
+
+# --------------------------------------------------------------------------- the run
+
+@dataclass
+class RunReport:
+    """What rank 0 returns: the merged rows, the markdown summary, and the counts."""
+
+    rows: list[Row]
+    summary: str
+    images: int
+    skipped: list[tuple[str, str]]
+    seconds: float
+
+
+def _batches(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _load_batch(items: Sequence[Item], size: int, skipped: list[tuple[str, str]],
+                ) -> tuple[list[Item], list[Tensor]]:
+    kept, images = [], []
+    for item in items:
+        try:
+            images.append(item.load(size))
+        except (ValueError, TypeError, OSError) as error:
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            print(f"pullback-widgets: skipped {item.name}: {message}", file=sys.stderr)
+            skipped.append((item.name, message))
+            continue
+        kept.append(item)
+    return kept, images
+
+
+def _evaluate_shard(items: Sequence[Item], model: nn.Module, settings: EvaluationSettings,
+                    world: _World, out: Path, done: set[tuple[str, int, str, str]],
+                    progress: bool) -> tuple[int, list[tuple[str, str]]]:
+    """Score this rank's share; each (batch, method) goes to its own part file. Returns the
+    number of images that got new rows, and the files skipped as unreadable."""
+    methods = settings.explainers(model)
+    randomised = (randomised_copy(model, settings.seed)
+                  if "randomisation" in settings.metrics else None)
+    k = settings.top_k()
+    dtype = next(model.parameters()).dtype
+    parts = _parts_dir(out)
+    parts.mkdir(exist_ok=True)
+    stamp = f"{time.time_ns():x}-r{world.rank:05d}"
+    written, evaluated, skipped = 0, 0, []
+    bar = tqdm(total=len(items), desc=f"rank {world.rank}", unit="image", position=world.rank,
+               file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    with bar:
+        for chunk in _batches(items, settings.batch_size):
+            kept, images = _load_batch(chunk, settings.image_size, skipped)
+            if kept:
+                x = torch.stack(images).to(world.device, dtype)
+                probabilities = predict(model, x).softmax(1)
+                targets = _targets_of(probabilities, [it.label for it in kept], k)
+                pairs = [(i, t) for i, classes in enumerate(targets) for t in classes]
+                scored: set[int] = set()
+                for method, explain in methods.items():
+                    todo = [(i, t, [m for m in settings.metrics
+                                    if (kept[i].name, t, method, m) not in done])
+                            for i, t in pairs]
+                    todo = [entry for entry in todo if entry[2]]
+                    if not todo:
+                        continue
+                    rows = _score(model, x, todo, kept, method, explain, settings, randomised)
+                    path = parts / f"{stamp}-{written:06d}{_PART_SUFFIX}"
+                    _atomic_write(path, lambda tmp, rows=rows: _write_csv(tmp, rows))
+                    written += 1
+                    scored.update(i for i, _, _ in todo)
+                evaluated += len(scored)
+            bar.update(len(chunk))
+    return evaluated, skipped
+
+
+def _score(model: nn.Module, x: Tensor, todo: list[tuple[int, int, list[str]]],
+           kept: Sequence[Item], method: str, explain: Explainer,
+           settings: EvaluationSettings, randomised: nn.Module | None) -> list[Row]:
+    index = torch.tensor([i for i, _, _ in todo], device=x.device)
+    classes = torch.tensor([t for _, t, _ in todo], device=x.device)
+    batch = _Batch(model, x[index], classes, settings, randomised)
+    attribution = explain(model, batch.x, classes).detach()
+    rows: list[Row] = []
+    for metric in settings.metrics:
+        wanted = [n for n, (_, _, metrics) in enumerate(todo) if metric in metrics]
+        if not wanted:
+            continue
+        if len(wanted) < len(todo):  # resumed: only the pairs that lack this metric
+            keep = torch.tensor(wanted, device=x.device)
+            sub = dataclasses.replace(batch, x=batch.x[keep], classes=classes[keep])
+            values = _metric_value(metric, sub, explain, attribution[keep])
+        else:
+            values = _metric_value(metric, batch, explain, attribution)
+        for n, value in zip(wanted, values.tolist()):
+            i, t, _ = todo[n]
+            rows.append((kept[i].name, t, method, metric, value))
+    return rows
+
+
+def _merge(rows: list[Row], items: Sequence[Item],
+           settings: EvaluationSettings) -> list[Row]:
+    """One row per (image, target, method, metric), the first met, in the fixed order:
+    item position (unknown images after, by name), target, method, metric."""
+    unique: dict[tuple, Row] = {}
+    for row in rows:
+        unique.setdefault(row[:4], row)
+    position = {item.name: n for n, item in enumerate(items)}
+    methods = {m: n for n, m in enumerate(settings.methods)}
+    metrics = {m: n for n, m in enumerate(settings.metrics)}
+    far = len(items) + len(methods) + len(metrics)
+
+    def order(row: Row):
+        image, target, method, metric, _ = row
+        return (position.get(image, far), image, target, methods.get(method, far), method,
+                metrics.get(metric, far), metric)
+
+    return sorted(unique.values(), key=order)
+
+
+def _check_resume_settings(out: Path, settings: EvaluationSettings, resume: bool) -> None:
+    path = _settings_path(out)
+    if not (resume and path.exists()):
+        return
+    recorded = json.loads(path.read_text(encoding="utf-8")).get("values", {})
+    current = json.loads(json.dumps(settings.values_key()))
+    differ = sorted(k for k in set(recorded) | set(current)
+                    if recorded.get(k) != current.get(k))
+    if differ:
+        listed = ", ".join(f"{k}: {recorded.get(k)!r} then, {current.get(k)!r} now"
+                           for k in differ)
+        raise PullbackWidgetsError(f"cannot resume {str(out)!r} with other settings ({listed})")
+
+
+def _write_settings(out: Path, settings: EvaluationSettings, extra: Mapping[str, object]):
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package = version("pullback-widgets")
+    except PackageNotFoundError:
+        package = None
+    record = {"settings": dataclasses.asdict(settings), "values": settings.values_key(),
+              "torch": torch.__version__, "pullback-widgets": package, **extra}
+    text = json.dumps(record, indent=1, ensure_ascii=False)
+    path = _settings_path(out)
+    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
+             out: str | os.PathLike, *, resume: bool = False, model: nn.Module | None = None,
+             progress: bool = True) -> RunReport | None:
+    """Score every item for every method and metric of ``settings``; see the module docstring.
+
+    Call it in every process of a torchrun job (or in one process): each takes its share,
+    rank 0 merges and returns the :class:`RunReport`; the other ranks return None. ``model``:
+    an already loaded network (default: ``load_model(settings.model)`` on this rank's
+    device). Raises :class:`~pullback_widgets.PullbackWidgetsError` before any work for a bad
+    output path or settings that a resumed run does not share.
+    """
+    began = time.perf_counter()
+    out = check_output(out, resume)
+    _check_resume_settings(out, settings, resume)
+    items = [as_item(item) for item in items]
+    names = [item.name for item in items]
+    if len(set(names)) != len(names):
+        raise PullbackWidgetsError("item names must be unique")
+    if settings.top_k() is None and any(item.label is None for item in items):
+        raise PullbackWidgetsError("targets='label' needs a label for every image "
+                                   "(--labels-from-folders)")
+    world = _join_world()
+    try:
+        if model is None:
+            from ..models import load_model
+
+            model = load_model(settings.model, device=world.device)
+        k = settings.top_k()
+        classes = len(getattr(model, "labels", ())) or None
+        if k is not None and classes is not None and k > classes:
+            raise PullbackWidgetsError(f"top-{k} asks for more classes than the model's "
+                                       f"{classes}")
+        done = {row[:4] for row in _existing_rows(out)} if resume else set()
+        if world.rank == 0:
+            _write_settings(out, settings, {"world_size": world.size, "status": "running"})
+        world.barrier()  # the parts folder and settings exist before anyone writes
+        evaluated, skipped = _evaluate_shard(items[world.rank::world.size], model, settings,
+                                             world, out, done, progress)
+        counts = world.gather((evaluated, skipped))  # also the barrier before the merge
+        if world.rank != 0:
+            return None
+        evaluated = sum(n for n, _ in counts)
+        skipped = [entry for _, entries in counts for entry in entries]
+        rows = _merge(_existing_rows(out), items, settings)
+        parquet = out.suffix.lower() == ".parquet"
+        _atomic_write(out, lambda tmp: _write_rows(tmp, rows, parquet))
+        shutil.rmtree(_parts_dir(out), ignore_errors=True)
+        seconds = time.perf_counter() - began
+        summary = summarise(rows, settings, images=evaluated, skipped=skipped,
+                            seconds=seconds, world_size=world.size)
+        _atomic_write(summary_path(out), lambda tmp: tmp.write_text(summary, encoding="utf-8"))
+        _write_settings(out, settings, {"world_size": world.size, "status": "complete",
+                                        "images": evaluated, "skipped": skipped,
+                                        "rows": len(rows), "seconds": round(seconds, 3)})
+        return RunReport(rows, summary, evaluated, skipped, seconds)
+    finally:
+        if world.initialised:
+            torch.distributed.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- summary
+
+def _mean_se(values: Sequence[float]) -> tuple[float, float, int]:
+    values = [v for v in values if math.isfinite(v)]
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = sum(values) / n
+    if n == 1:
+        return mean, math.nan, 1
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n), n
+
+
+def _interval(values: Sequence[float], higher_is_better: bool) -> str:
+    """Mean and 95% interval (Student t over images); ✓/✗ where it excludes 0."""
+    from scipy.stats import t as student  # scipy comes with scikit-image
+
+    mean, se, n = _mean_se(values)
+    if n < 2 or not math.isfinite(se):
+        return "—" if n == 0 else f"{mean:+.3g} (n=1)"
+    half = float(student.ppf(0.975, n - 1)) * se
+    mark = ""
+    if abs(mean) > half:
+        mark = " ✓" if (mean > 0) == higher_is_better else " ✗"
+    return f"{mean:+.3g} [{mean - half:+.3g}, {mean + half:+.3g}]{mark}"
+
+
+def summarise(rows: Sequence[Row], settings: EvaluationSettings, *, images: int,
+              skipped: Sequence[tuple[str, str]] = (), seconds: float | None = None,
+              world_size: int = 1) -> str:
+    """The markdown summary: per metric and method, the mean ± s.e. over images, and the
+    paired difference against ``gradient`` and against ``random`` with its 95% interval.
+
+    An image evaluated at several targets counts once: its value is the mean over its
+    targets (they are not independent), and n is the number of images.
+    """
+    values: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
+    for image, target, method, metric, value in rows:
+        values.setdefault((metric, method), {}).setdefault(image, {})[target] = value
+    methods = list(dict.fromkeys([*settings.methods, *(m for _, m in values)]))
+    metrics = list(dict.fromkeys([*settings.metrics, *(m for m, _ in values)]))
+
+    def image_means(metric, method, reference=None):
+        mine = values.get((metric, method), {})
+        other = values.get((metric, reference), {}) if reference else None
+        means = []
+        for image, by_target in mine.items():
+            if other is None:
+                diffs = list(by_target.values())
+            else:
+                common = by_target.keys() & other.get(image, {}).keys()
+                diffs = [by_target[t] - other[image][t] for t in common]
+            diffs = [d for d in diffs if math.isfinite(d)]
+            if diffs:
+                means.append(sum(diffs) / len(diffs))
+        return means
+
+    references = [r for r in ("gradient", "random") if r in methods]
+    header = ["metric", "method", "n", "mean ± s.e.",
+              *(f"Δ vs {r} [95% CI]" for r in references)]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for metric in metrics:
+        better = METRICS.get(metric, False)
+        arrow = " ↑" if better else " ↓"
+        for method in methods:
+            if (metric, method) not in values:
+                continue
+            mean, se, n = _mean_se(image_means(metric, method))
+            cell = f"{mean:.4g} ± {se:.2g}" if math.isfinite(se) else f"{mean:.4g}"
+            deltas = ["" if method == r else _interval(image_means(metric, method, r), better)
+                      for r in references]
+            lines.append(f"| {metric}{arrow} | {method} | {n} | {cell} | "
+                         + " | ".join(deltas) + " |")
+    skipped_text = f"{len(skipped)} file(s) skipped"
+    if skipped:
+        skipped_text += ": " + "; ".join(f"{name} ({why})" for name, why in skipped[:10])
+        skipped_text += " ..." if len(skipped) > 10 else ""
+    fields = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(settings).items())
+    timing = "" if seconds is None else f" in {seconds:.1f} s on {world_size} process(es)"
+    return "\n".join([
+        "# Evaluation summary",
+        "",
+        f"{images} image(s) evaluated in this run{timing}; {skipped_text}; {len(rows)} rows "
+        "in the output.",
+        "",
+        f"Settings: {fields}.",
+        "",
+        "Mean ± standard error over images (an image's value is the mean over its targets). "
+        "Δ: paired difference (this method minus the reference) over the same (image, "
+        "target) pairs, mean and 95% interval (Student t over images). ↑ higher is better, "
+        "↓ lower is better; ✓ clearly better, ✗ clearly worse (the interval excludes 0).",
+        "",
+        *lines,
+        "",
+    ])
+
+
+def run_command(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike,
+                resume: bool = False, labels_from_folders: bool = False,
+                limit: int | None = None, targets: str | None = None,
+                image_size: int | None = None, **settings: object) -> RunReport | None:
+    """``pullback-widgets evaluate``: check everything, then :func:`evaluate` the files under
+    ``paths`` and print the summary (rank 0). ``targets=None``: each image's label with
+    ``labels_from_folders``, else the predicted class. ``image_size=None``: the model's.
+    ``settings``: the other fields of :class:`EvaluationSettings`."""
+    from ..models import MODELS, imagenet_labels  # every registered model is for ImageNet
+
+    if targets is None:
+        targets = "label" if labels_from_folders else "predicted"
+    model = settings.get("model", EvaluationSettings.model)
+    if image_size is None and model in MODELS:
+        image_size = MODELS[model].input_size
+    run_settings = EvaluationSettings(targets=targets, image_size=image_size, **settings)
+    checked = check_output(out, resume)
+    items = folder_items(paths, labels_from_folders=labels_from_folders,
+                         class_names=imagenet_labels(), limit=limit)
+    report = evaluate(items, run_settings, checked, resume=resume)
+    if report is not None:
+        print(report.summary)
+        print(f"wrote {checked}, {summary_path(checked)} and "
+              f"{_settings_path(checked)}", file=sys.stderr)
+    return report

@@ -1,0 +1,289 @@
+"""``pullback-widgets evaluate``: one process, torchrun with two, resume after a kill, bad data.
+
+Small on purpose (64 px images, a few photos, cheap metrics): the point is the plumbing, the
+metrics themselves are checked against slow references in test_evaluation.py.
+"""
+
+import contextlib
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from PIL import Image
+
+import pullback_widgets as pw
+from pullback_widgets import cli
+from pullback_widgets import evaluation as ev
+from pullback_widgets.evaluation import runner
+from tests.test_evaluation import _relu6_net
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = "64"
+COMMON = ["--image-size", SIZE, "--methods", "gradient", "pullback", "random",
+          "--metrics", "deletion", "insertion", "--targets", "top-2", "--batch-size", "2"]
+
+
+def _env() -> dict[str, str]:
+    # One thread per process: the CI machine has two cores, and torchrun starts two ranks.
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Packaged photos, a flipped and a cropped copy, a text file and a truncated JPEG."""
+    folder = tmp_path_factory.mktemp("photos")
+    (folder / "cats").mkdir()
+    chelsea = Image.fromarray(pw.images.sample_image_array("chelsea")).resize((120, 90))
+    chelsea.save(folder / "cats" / "chelsea.jpg")
+    chelsea.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "cats" / "flipped.png")
+    coffee = Image.fromarray(pw.images.sample_image_array("coffee")).resize((120, 80))
+    coffee.save(folder / "coffee.jpg")
+    coffee.crop((20, 10, 100, 70)).save(folder / "coffee_crop.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    data = (folder / "coffee.jpg").read_bytes()
+    (folder / "cats" / "broken.jpg").write_bytes(data[: len(data) // 3])
+    return folder
+
+
+def _rows(path: Path) -> list[tuple]:
+    return runner.read_rows(path)
+
+
+def _assert_same_rows(actual: list[tuple], expected: list[tuple]) -> None:
+    assert [r[:4] for r in actual] == [r[:4] for r in expected]
+    np.testing.assert_allclose([r[4] for r in actual], [r[4] for r in expected],
+                               rtol=1e-5, atol=1e-7)
+
+
+def _main(*args: str) -> int:
+    """The command in this process, on one torch thread (the CI machine is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return cli.main(["evaluate", *args])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def single_run(photos, tmp_path_factory) -> tuple[Path, str]:
+    """The reference: the command in this process, one rank."""
+    out = tmp_path_factory.mktemp("single") / "results.csv"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = _main(str(photos), *COMMON, "--out", str(out))
+    assert status == 0, err.getvalue()
+    return out, err.getvalue()
+
+
+def test_single_process_rows_summary_and_skipped_files(single_run, photos):
+    out, err = single_run
+    rows = _rows(out)
+    images = sorted(str(p) for p in photos.rglob("*") if p.is_file())
+    good = [p for p in images if not p.endswith(("notes.txt", "broken.jpg"))]
+    # one row per (image, target, method, metric), in the fixed order
+    assert len(rows) == len(good) * 2 * 3 * 2
+    assert [r[0] for r in rows[::12]] == good
+    assert {(r[2], r[3]) for r in rows} == {(m, k) for m in ("gradient", "pullback", "random")
+                                            for k in ("deletion", "insertion")}
+    assert all(0.0 <= r[4] <= 1.0 for r in rows)
+    # each broken file is named on stderr and counted in the summary
+    for name in ("notes.txt", "broken.jpg"):
+        assert any(name in line and "skipped" in line for line in err.splitlines())
+    summary = runner.summary_path(out).read_text()
+    assert "2 file(s) skipped" in summary and "| deletion ↓ | pullback | 4 |" in summary
+    settings = json.loads(out.with_name("results.settings.json").read_text())
+    assert settings["status"] == "complete" and settings["images"] == 4
+    assert settings["settings"]["image_size"] == 64 and settings["settings"]["targets"] == "top-2"
+    assert not (out.parent / "results.csv.parts").exists()
+
+    # A row is the metric's value for that image and target, computed directly.
+    model = pw.load_model()
+    x = pw.load_image(good[0], size=64)
+    _, target, _, metric, value = next(r for r in rows if r[0] == good[0]
+                                                and r[2] == "pullback")
+    classes = torch.tensor([target])
+    attribution = pw.excitation_pullback(model, x, classes)
+    expected = ev.deletion_auc(model, x, classes, attribution, steps=16, batch_size=32)
+    assert metric == "deletion" and value == pytest.approx(float(expected), rel=1e-5)
+    top2 = pw.model_helpers.predict(model, x).topk(2).indices[0].tolist()
+    assert sorted({r[1] for r in rows if r[0] == good[0]}) == sorted(top2)
+
+
+def _console_script() -> str:
+    script = Path(sys.executable).parent / "pullback-widgets"
+    if not script.exists():
+        pytest.skip("the pullback-widgets console script is not installed")
+    return str(script)
+
+
+def test_torchrun_two_processes_merge_to_the_single_process_rows(single_run, photos, tmp_path):
+    out = tmp_path / "results.csv"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", "--no-python", _console_script(), "evaluate",
+               str(photos), *COMMON, "--out", str(out)]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_rows(_rows(out), _rows(single_run[0]))
+    assert done.stdout.count("# Evaluation summary") == 1  # rank 0 alone prints it
+    assert "rank 0" in done.stderr and "rank 1" in done.stderr  # a progress bar per rank
+    settings = json.loads(out.with_name("results.settings.json").read_text())
+    assert settings["world_size"] == 2 and settings["images"] == 4
+    assert len(settings["skipped"]) == 2
+
+
+def test_a_killed_run_resumes_to_the_same_rows(single_run, photos, tmp_path):
+    out = tmp_path / "results.csv"
+    parts = tmp_path / "results.csv.parts"
+    args = ["evaluate", str(photos), *COMMON[:-1], "1", "--out", str(out)]
+    process = subprocess.Popen([sys.executable, "-m", "pullback_widgets.cli", *args],
+                               env=_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            finished = [p for p in parts.glob("*.csv") if not p.name.startswith(".")] \
+                if parts.exists() else []
+            if len(finished) >= 2:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be killed"
+        process.send_signal(signal.SIGKILL)  # no clean-up at all: a lost rank
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not out.exists()
+    kept = [p for p in parts.iterdir() if not p.name.startswith(".")]
+    partial = [row for p in kept for row in _rows(p)]  # every finished part reads whole
+    assert 0 < len(partial) < len(_rows(single_run[0]))
+
+    # Without --resume the run refuses to touch what is there.
+    assert _main(str(photos), *COMMON, "--out", str(out)) == 2
+    assert _main(str(photos), *COMMON, "--out", str(out), "--resume") == 0
+    rows = _rows(out)
+    _assert_same_rows(rows, _rows(single_run[0]))
+    # the rows finished before the kill were kept as they were, not computed again
+    by_key = {r[:4]: r[4] for r in rows}
+    assert all(by_key[r[:4]] == r[4] for r in partial)
+    assert not parts.exists()
+
+    # Resuming a complete run computes nothing and writes the same rows.
+    assert _main(str(photos), *COMMON, "--out", str(out), "--resume") == 0
+    assert _rows(out) == rows
+    assert json.loads(out.with_name("results.settings.json").read_text())["images"] == 0
+    # Resuming with settings that change values is refused.
+    other = [*COMMON[:-1], "1", "--temperature", "0.2"]
+    assert _main(str(photos), *other, "--out", str(out), "--resume") == 2
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["missing_folder"], "no such file or folder"),
+    (["{photos}", "--methods", "gradeint"], "did you mean 'gradient'"),
+    (["{photos}", "--metrics", "deletoin"], "did you mean 'deletion'"),
+    (["{photos}", "--targets", "top-0"], "top-K"),
+    (["{photos}", "--out", "{tmp}/results.txt"], ".csv or .parquet"),
+    (["{photos}", "--out", "{tmp}/file.csv/results.csv"], "cannot write"),
+    (["{photos}", "--out", "/proc/pullback-widgets/results.csv"], "cannot write"),
+    (["{photos}", "--out", "{tmp}/exists.csv"], "--resume"),
+    (["{photos}", "--labels-from-folders"], "folder"),
+    (["{photos}", "--batch-size", "0"], "batch_size"),
+])
+def test_refusals_are_one_line_before_any_work(photos, tmp_path, capsys, monkeypatch, args,
+                                               message):
+    (tmp_path / "file.csv").write_text("a file, not a folder")
+    (tmp_path / "exists.csv").write_text("image,target,method,metric,value\n")
+
+    def no_model(*_, **__):
+        raise AssertionError("a model was loaded: work started before the checks")
+
+    monkeypatch.setattr("pullback_widgets.models.load_model", no_model)
+    args = [a.format(photos=photos, tmp=tmp_path) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "new.csv")]
+    status = _main(*args)
+    err = capsys.readouterr().err
+    assert status == 2
+    errors = [line for line in err.splitlines() if line.startswith("pullback-widgets: error")]
+    assert len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err and not (tmp_path / "new.csv").exists()
+
+
+def test_captum_methods_without_captum_name_the_extra(photos, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("pullback_widgets.evaluation.methods.captum_available", lambda: False)
+    status = _main(str(photos), "--methods", "gradient", "smoothgrad",
+                   "--out", str(tmp_path / "r.csv"))
+    assert status == 2
+    assert "[compare]" in capsys.readouterr().err
+
+
+def test_parquet_output_and_labels_from_folders(tmp_path):
+    pytest.importorskip("pyarrow")
+    for label, name in (("tabby", "chelsea"), ("967", "coffee")):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        Image.fromarray(pw.images.sample_image_array(name)).resize((80, 60)).save(
+            tmp_path / "data" / label / f"{name}.png")
+    out = tmp_path / "results.parquet"
+    status = _main(str(tmp_path / "data"), "--labels-from-folders", "--image-size", "32",
+                   "--methods", "random", "--metrics", "deletion", "--out", str(out))
+    assert status == 0
+    rows = _rows(out)
+    assert [(Path(r[0]).parent.name, r[1]) for r in rows] == [("967", 967), ("tabby", 281)]
+    assert json.loads(out.with_name("results.settings.json").read_text())[
+        "settings"]["targets"] == "label"
+
+
+def test_items_from_any_source_and_randomisation_equals_the_cascade(tmp_path):
+    """A synthetic source plugs in as (name, image, label) tuples; the randomisation metric
+    is the full cascade's last stage."""
+    model = _relu6_net()
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(3, 3, 8, 8, generator=generator, dtype=torch.float64)
+    items = [(f"synthetic-{i}", images[i], i % 3) for i in range(3)]
+    settings = ev.EvaluationSettings(methods=("gradient",), metrics=("randomisation",),
+                                     targets="label", image_size=8)
+    report = ev.evaluate(iter(items), settings, tmp_path / "r.csv", model=model,
+                         progress=False)
+    expected = ev.randomisation_check(model, images, torch.tensor([0, 1, 2]),
+                                      {"gradient": ev.gradient}).absolute[-1, 0]
+    assert [r[:4] for r in report.rows] == [(f"synthetic-{i}", i, "gradient", "randomisation")
+                                            for i in range(3)]
+    np.testing.assert_allclose([r[4] for r in report.rows], expected.numpy(), rtol=1e-12)
+    with pytest.raises(pw.PullbackWidgetsError, match="label"):
+        ev.evaluate([("unlabelled", images[0])], settings, tmp_path / "s.csv", model=model)
+
+
+def test_summary_statistics_by_hand():
+    rows = []
+    gradient = {"a": [0.2, 0.4], "b": [0.5, 0.5], "c": [0.1, 0.3]}
+    shifts = {"a": -0.1, "b": -0.2, "c": -0.05}
+    for image, values in gradient.items():
+        for target, value in enumerate(values):
+            rows.append((image, target, "gradient", "deletion", value))
+            rows.append((image, target, "pullback", "deletion", value + shifts[image]))
+    settings = ev.EvaluationSettings(methods=("gradient", "pullback"), metrics=("deletion",))
+    text = ev.summarise(rows, settings, images=3)
+    per_image = [0.3, 0.5, 0.2]  # the mean over each image's two targets
+    se = np.std(per_image, ddof=1) / math.sqrt(3)
+    assert f"| deletion ↓ | gradient | 3 | {np.mean(per_image):.4g} ± {se:.2g} |" in text
+    diffs = list(shifts.values())
+    half = scipy.stats.t.ppf(0.975, 2) * np.std(diffs, ddof=1) / math.sqrt(3)
+    low, high = np.mean(diffs) - half, np.mean(diffs) + half
+    row = next(line for line in text.splitlines() if line.startswith("| deletion ↓ | pullback"))
+    assert f"{np.mean(diffs):+.3g} [{low:+.3g}, {high:+.3g}]" in row
+    assert high > 0 and "✓" not in row and "✗" not in row  # the interval holds 0
+    clear = [(i, t, m, "deletion", v - (0.3 if m == "pullback" else 0.0))
+             for i, t, m, _, v in rows]
+    row = next(line for line in ev.summarise(clear, settings, images=3).splitlines()
+               if line.startswith("| deletion ↓ | pullback"))
+    assert row.endswith("✓ |")

@@ -1,4 +1,4 @@
-"""``pullback-widgets explain | grid | app``: reports, and the classroom app.
+"""``pullback-widgets explain | grid | evaluate | app``: reports, evaluation, the classroom app.
 
 Errors are one line on stderr and exit status 2; never a traceback.
 """
@@ -14,6 +14,8 @@ from tqdm import tqdm
 
 from . import __name__ as package_name
 from .ascent import ascent_grid
+from .evaluation.methods import METHODS, POOL_WEIGHTS
+from .evaluation.runner import METRICS, run_command
 from .images import SAMPLE_IMAGES, load_image, sample_image
 from .labels import find_class
 from .models import MODELS, load_model
@@ -72,6 +74,41 @@ def _build_parser() -> argparse.ArgumentParser:
                              help="class indices or names (columns; default: each image's "
                                   "predicted class)")
     common(grid_parser)
+
+    evaluate_parser = commands.add_parser(
+        "evaluate", help="score attribution methods over image files and folders (one row "
+        "per image, target, method and metric); runs under torchrun as it is")
+    evaluate_parser.add_argument("paths", nargs="+", help="image files and folders (searched "
+                                 "recursively)")
+    evaluate_parser.add_argument("--model", default="efficientnet_lite0", choices=sorted(MODELS))
+    evaluate_parser.add_argument("--methods", nargs="+", default=["gradient", "pullback",
+                                                                   "random"],
+                                 help=f"stable method names: {', '.join(METHODS)}")
+    evaluate_parser.add_argument("--metrics", nargs="+",
+                                 default=["deletion", "insertion", "infidelity"],
+                                 help=f"{', '.join(METRICS)}")
+    evaluate_parser.add_argument("--targets", default=None,
+                                 help="predicted (default), top-K (e.g. top-5), or label "
+                                      "(default with --labels-from-folders)")
+    evaluate_parser.add_argument("--temperature", type=_positive_float, default=None,
+                                 help="pullback gate temperature T (default: the model's own)")
+    evaluate_parser.add_argument("--gate", default="sigmoid",
+                                 choices=["sigmoid", "normal_cdf", "hard"])
+    evaluate_parser.add_argument("--pool-weights", default=None, choices=POOL_WEIGHTS,
+                                 help="soft max-pool rule (default: the engine's)")
+    evaluate_parser.add_argument("--image-size", type=int, default=None,
+                                 help="side in pixels after resize and centre crop (default: "
+                                      "the model's, 224)")
+    evaluate_parser.add_argument("--batch-size", type=int, default=8,
+                                 help="images evaluated together (default 8)")
+    evaluate_parser.add_argument("--limit", type=int, default=None,
+                                 help="only the first N images (sorted by path)")
+    evaluate_parser.add_argument("--out", type=Path, required=True,
+                                 help="results.csv or results.parquet")
+    evaluate_parser.add_argument("--resume", action="store_true",
+                                 help="continue a run: skip the rows already in --out")
+    evaluate_parser.add_argument("--labels-from-folders", action="store_true",
+                                 help="each folder's name is its images' class (ImageFolder)")
 
     app_parser = commands.add_parser("app", help="serve the classroom notebook with Voilà")
     app_parser.add_argument("notebook", nargs="?", type=Path, default=None,
@@ -144,6 +181,14 @@ def main(argv: list[str] | None = None) -> int:
             from .app import serve_classroom
 
             return serve_classroom(args.notebook, port=args.port, open_browser=args.open)
+        if args.command == "evaluate":
+            run_command(args.paths, out=args.out, resume=args.resume,
+                        labels_from_folders=args.labels_from_folders, limit=args.limit,
+                        targets=args.targets, model=args.model, methods=tuple(args.methods),
+                        metrics=tuple(args.metrics), temperature=args.temperature,
+                        gate=args.gate, pool_weights=args.pool_weights,
+                        batch_size=args.batch_size, image_size=args.image_size)
+            return 0
         if args.steps < 0:
             raise ValueError(f"--steps must be >= 0, got {args.steps}")
         page = _run_explain(args) if args.command == "explain" else _run_grid(args)

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .model_helpers import default_temperature
-from .session import PullbackSession
+from .gates import check_temperature
+from .session import PullbackSession, Temperature
 from .targets import Target, Unit, class_indices
 from .validation import check_inputs, check_positive
 
@@ -89,7 +89,7 @@ def _project(image: Tensor, start: Tensor, eps: float) -> Tensor:
 
 def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: int = 5,
                     step_size: float = 10.0, eps: float = 50.0,
-                    temperature: float | None = None, gate: str = "sigmoid",
+                    temperature: Temperature = None, gate: str = "sigmoid",
                     method: str = "pullback",
                     callback: Callable[[int, AscentResult], object] | None = None,
                     progress: bool = True) -> AscentResult:
@@ -108,7 +108,7 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
     start = check_inputs(model, image).detach()
     if start.min() < 0 or start.max() > 1:
         raise ValueError("image must be in pixel space [0, 1] (see pw.load_image)")
-    temperature = default_temperature(model) if temperature is None else temperature
+    temperature = check_temperature(temperature)  # None: the model's default per kind
     gate = "hard" if method == "gradient" else gate
     layers = (target.layer,) if isinstance(target, Unit) else ()
 

@@ -19,18 +19,24 @@ each window ``w``, the softmax weights differentiated too. Its closed form per w
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .validation import check_positive
+from .validation import PullbackWidgetsError, check_choice, check_positive
 
 GATES = ("sigmoid", "normal_cdf", "hard")
 TEMPERATURE_MODES = ("absolute", "relative")
+ATTENTION_WEIGHTS = ("detached", "differentiated")
+# The package's default temperature per kind of gated op. relu and pool keep the paper's first
+# version (0.3); silu, gelu and attention are the later code's defaults; hardswish is ours.
+KIND_TEMPERATURES = {"relu": 0.3, "pool": 0.3, "silu": 1.6, "gelu": 1.0, "hardswish": 1.0,
+                     "attention": 1.0}
+KINDS = tuple(KIND_TEMPERATURES)
 
 
 def check_gate(gate: str) -> str:
@@ -41,40 +47,78 @@ def check_gate(gate: str) -> str:
     return gate
 
 
+def check_temperature(temperature: object) -> float | dict[str, float] | None:
+    """None (the model's default per kind), one number for every kind, or a mapping
+    kind -> T over :data:`KINDS` (missing kinds take the model's default)."""
+    if temperature is None:
+        return None
+    if isinstance(temperature, Mapping):
+        return {check_choice(kind, KINDS, "temperature key"):
+                check_positive(value, f"temperature[{kind!r}]")
+                for kind, value in temperature.items()}
+    return check_positive(temperature, "temperature")
+
+
 @dataclass
 class GateSettings:
     """What the soft backward of every gated op reads at the moment it runs.
 
     ``temperature`` is in the units of the pre-activations (``temperature_mode="absolute"``),
     or in units of each layer's own spread (``"relative"``: T times the standard deviation of
-    that op's input, per example). ``pool_temperature=None`` means "same as ``temperature``".
+    that op's input, per example). It is one number for every kind of op, a mapping kind -> T
+    (kinds in :data:`KINDS`), or None; a kind it does not name takes ``defaults[kind]`` (the
+    model's own per-kind defaults). ``pool_temperature`` is an alias for the ``"pool"`` kind.
+    ``attention_weights`` picks the attention rule (see :mod:`.attention_gates`).
     """
 
-    temperature: float = 0.3
+    temperature: float | Mapping[str, float] | None = None
     gate: str = "sigmoid"
     pool_temperature: float | None = None
     temperature_mode: str = "absolute"
+    attention_weights: str = "detached"
+    defaults: Mapping[str, float] = field(default_factory=lambda: dict(KIND_TEMPERATURES))
 
     def __post_init__(self) -> None:
-        self.update(self.temperature, self.gate, self.pool_temperature, self.temperature_mode)
+        self.defaults = {**KIND_TEMPERATURES, **self.defaults}
+        self.update(self.temperature, self.gate, self.pool_temperature, self.temperature_mode,
+                    self.attention_weights)
 
-    def update(self, temperature: float, gate: str, pool_temperature: float | None,
-               temperature_mode: str = "absolute") -> None:
-        self.temperature = check_positive(temperature, "temperature")
-        self.gate = check_gate(gate)
-        self.pool_temperature = (
-            None if pool_temperature is None
-            else check_positive(pool_temperature, "pool_temperature")
-        )
+    def update(self, temperature: float | Mapping[str, float] | None, gate: str,
+               pool_temperature: float | None, temperature_mode: str = "absolute",
+               attention_weights: str = "detached") -> None:
+        temperature = check_temperature(temperature)
+        gate = check_gate(gate)
+        pool_temperature = (None if pool_temperature is None
+                            else check_positive(pool_temperature, "pool_temperature"))
+        if isinstance(temperature, dict) and "pool" in temperature \
+                and pool_temperature not in (None, temperature["pool"]):
+            raise PullbackWidgetsError(
+                f"pool_temperature={pool_temperature} and temperature['pool']="
+                f"{temperature['pool']} disagree; pool_temperature is an alias, give one")
         if temperature_mode not in TEMPERATURE_MODES:
             raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, "
                              f"got {temperature_mode!r}")
-        self.temperature_mode = temperature_mode
+        attention_weights = check_choice(attention_weights, ATTENTION_WEIGHTS,
+                                         "attention_weights")
+        # Validated in full above; only now is any of it stored.
+        self.temperature, self.gate, self.pool_temperature = temperature, gate, pool_temperature
+        self.temperature_mode, self.attention_weights = temperature_mode, attention_weights
 
-    def temperature_for(self, x: Tensor, pool: bool = False) -> float | Tensor:
-        """The temperature an op with input ``x`` uses: a float, or per example (B, 1, ...)."""
-        base = self.temperature if not pool or self.pool_temperature is None \
-            else self.pool_temperature
+    def temperature_of(self, kind: str) -> float:
+        """The base temperature of one kind of op (before ``temperature_mode``)."""
+        if kind == "pool" and self.pool_temperature is not None:
+            return self.pool_temperature
+        if self.temperature is None:
+            return self.defaults[kind]
+        if isinstance(self.temperature, Mapping):
+            return self.temperature.get(kind, self.defaults[kind])
+        return self.temperature
+
+    def temperature_for(self, x: Tensor, pool: bool = False,
+                        kind: str | None = None) -> float | Tensor:
+        """The temperature an op of ``kind`` (default "relu", or "pool" with ``pool=True``)
+        with input ``x`` uses: a float, or per example (B, 1, ...)."""
+        base = self.temperature_of(kind or ("pool" if pool else "relu"))
         if self.temperature_mode == "absolute":
             return base
         if x.dim() < 2:

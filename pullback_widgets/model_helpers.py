@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from .gates import KIND_TEMPERATURES
 from .validation import PullbackWidgetsError, check_inputs, check_model, suggest
 
 DEFAULT_TEMPERATURE = 0.3
@@ -18,6 +19,20 @@ STRIP_TEMPERATURES = (0.01, 0.0316, 0.1, 0.316, 1.0, 3.16, 10.0)
 def default_temperature(model: nn.Module) -> float:
     """The model's own default T (set by :func:`pullback_widgets.load_model`), else 0.3."""
     return float(getattr(model, "default_temperature", DEFAULT_TEMPERATURE))
+
+
+def default_temperatures(model: nn.Module) -> dict[str, float]:
+    """The model's default T per kind of gated op (keys :data:`gates.KINDS`).
+
+    The package's per-kind defaults, with relu and pool replaced by the model's
+    ``default_temperature`` where it has one, and any kind replaced by the model's own
+    ``default_temperatures`` mapping where it has one.
+    """
+    temperatures = dict(KIND_TEMPERATURES)
+    if hasattr(model, "default_temperature"):
+        temperatures["relu"] = temperatures["pool"] = default_temperature(model)
+    temperatures.update(getattr(model, "default_temperatures", {}))
+    return temperatures
 
 
 @contextlib.contextmanager

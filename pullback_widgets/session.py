@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .gates import GateSettings
 from .interception import _gating
-from .model_helpers import LayerRecorder, default_temperature, evaluation_mode
+from .model_helpers import LayerRecorder, default_temperatures, evaluation_mode
 from .targets import Target, Unit, class_indices, is_class_target, unit_seed
 from .validation import check_inputs, check_model
+
+# One number for every kind of gated op, a mapping kind -> T, or None: the model's defaults.
+Temperature = float | Mapping[str, float] | None
 
 
 class PullbackSession:
@@ -27,15 +30,15 @@ class PullbackSession:
     a Unit on another layer costs one more forward, which then records it too.
     """
 
-    def __init__(self, model: nn.Module, inputs: Tensor, *, temperature: float | None = None,
+    def __init__(self, model: nn.Module, inputs: Tensor, *, temperature: Temperature = None,
                  gate: str = "sigmoid", pool_temperature: float | None = None,
-                 temperature_mode: str = "absolute", layers: Iterable[str] = ()) -> None:
+                 temperature_mode: str = "absolute", attention_weights: str = "detached",
+                 layers: Iterable[str] = ()) -> None:
         check_model(model)
         self.model = model
         self.inputs = check_inputs(model, inputs).detach()
-        self.settings = GateSettings(
-            default_temperature(model) if temperature is None else temperature,
-            gate, pool_temperature, temperature_mode)
+        self.settings = GateSettings(temperature, gate, pool_temperature, temperature_mode,
+                                     attention_weights, defaults=default_temperatures(model))
         self._forward(tuple(dict.fromkeys(layers)))
 
     def _forward(self, layers: tuple[str, ...]) -> None:
@@ -59,9 +62,12 @@ class PullbackSession:
                                  "forward pass, so its output is ambiguous; pick a layer "
                                  "that runs once")
         if mode.gated_calls == 0:
-            warnings.warn("the model has no ReLU-family or max-pool op on the input's path: "
-                          "the pullback equals the plain gradient", stacklevel=3)
+            warnings.warn("the model has no ReLU-family or max-pool op, nor any other gated op "
+                          "(SiLU, GELU, Hardswish, leaky ReLU, LayerNorm, GroupNorm, attention) "
+                          "on the input's path: the pullback equals the plain gradient",
+                          stacklevel=3)
         self.gated_calls = mode.gated_calls
+        self.gated_kinds = dict(mode.gated_kinds)
         self.logits = logits
         self.activations = recorder.outputs
 
@@ -70,13 +76,15 @@ class PullbackSession:
         """Softmax of the logits, (B, num_classes), detached."""
         return self.logits.detach().softmax(dim=1)
 
-    def _configure(self, temperature, gate, pool_temperature, temperature_mode) -> None:
+    def _configure(self, temperature, gate, pool_temperature, temperature_mode,
+                   attention_weights=None) -> None:
         current = self.settings
         current.update(
             current.temperature if temperature is None else temperature,
             current.gate if gate is None else gate,
             current.pool_temperature if pool_temperature is None else pool_temperature,
-            current.temperature_mode if temperature_mode is None else temperature_mode)
+            current.temperature_mode if temperature_mode is None else temperature_mode,
+            current.attention_weights if attention_weights is None else attention_weights)
 
     def _record_layers_of(self, targets: Iterable[Target]) -> None:
         """Re-run the forward once if a Unit target names a layer this session did not record."""
@@ -96,23 +104,25 @@ class PullbackSession:
         activation = self.activations[target.layer]
         return activation, unit_seed(target, activation)
 
-    def pullback(self, target: Target, *, temperature: float | None = None,
+    def pullback(self, target: Target, *, temperature: Temperature = None,
                  gate: str | None = None, pool_temperature: float | None = None,
-                 temperature_mode: str | None = None) -> Tensor:
+                 temperature_mode: str | None = None, attention_weights: str | None = None
+                 ) -> Tensor:
         """The excitation pullback of ``target``: (B, C, H, W), like ``inputs``.
 
         Settings left as None keep the session's current ones.
         """
-        self._configure(temperature, gate, pool_temperature, temperature_mode)
+        self._configure(temperature, gate, pool_temperature, temperature_mode,
+                        attention_weights)
         self._record_layers_of([target])
         output, seed = self._seed(target)
         (grad,) = torch.autograd.grad(output, self._input, seed, retain_graph=True)
         return grad
 
-    def pullbacks(self, targets: Sequence[Target], *, temperature: float | None = None,
+    def pullbacks(self, targets: Sequence[Target], *, temperature: Temperature = None,
                   gate: str | None = None, pool_temperature: float | None = None,
-                  temperature_mode: str | None = None, batched: bool | None = None
-                  ) -> Tensor:
+                  temperature_mode: str | None = None, attention_weights: str | None = None,
+                  batched: bool | None = None) -> Tensor:
         """Pullbacks of k targets: (k, B, C, H, W).
 
         ``batched=True`` runs one vmapped backward for all k; ``False`` a loop of k backward
@@ -123,7 +133,8 @@ class PullbackSession:
         if isinstance(targets, (str, Unit, Tensor)) or not isinstance(targets, Sequence) \
                 or len(targets) == 0:
             raise TypeError("targets must be a non-empty list of targets")
-        self._configure(temperature, gate, pool_temperature, temperature_mode)
+        self._configure(temperature, gate, pool_temperature, temperature_mode,
+                        attention_weights)
         self._record_layers_of(targets)
         seeds = [self._seed(t) for t in targets]
         if batched is None:
@@ -146,18 +157,21 @@ class PullbackSession:
 
 
 def excitation_pullback(model: nn.Module, inputs: Tensor, target: Target, *,
-                        temperature: float | None = None, gate: str = "sigmoid",
+                        temperature: Temperature = None, gate: str = "sigmoid",
                         pool_temperature: float | None = None,
-                        temperature_mode: str = "absolute") -> Tensor:
+                        temperature_mode: str = "absolute",
+                        attention_weights: str = "detached") -> Tensor:
     """The excitation pullback of ``target`` at ``inputs`` (B, C, H, W): same shape as inputs.
 
-    The forward is the model's own, bit for bit; every ReLU's backward gate becomes g(z) and
-    every max-pool's backward the soft pool's (see :mod:`pullback_widgets.gates`).
+    The forward is the model's own, bit for bit; every gated op's backward is soft (ReLU
+    family and max-pool: :mod:`.gates`; SiLU, GELU, Hardswish, leaky: :mod:`.activation_gates`;
+    LayerNorm, GroupNorm: :mod:`.norm_gates`; attention: :mod:`.attention_gates`).
     """
     layers = (target.layer,) if isinstance(target, Unit) else ()
     session = PullbackSession(model, inputs, temperature=temperature, gate=gate,
                               pool_temperature=pool_temperature,
-                              temperature_mode=temperature_mode, layers=layers)
+                              temperature_mode=temperature_mode,
+                              attention_weights=attention_weights, layers=layers)
     return session.pullback(target)
 
 
@@ -169,21 +183,23 @@ class ExcitationPullback:
 
     multiplies_by_inputs = False
 
-    def __init__(self, model: nn.Module, temperature: float | None = None,
+    def __init__(self, model: nn.Module, temperature: Temperature = None,
                  gate: str = "sigmoid", pool_temperature: float | None = None,
-                 temperature_mode: str = "absolute") -> None:
+                 temperature_mode: str = "absolute", attention_weights: str = "detached"
+                 ) -> None:
         check_model(model)
         self.forward_func = model
-        self.settings = GateSettings(
-            default_temperature(model) if temperature is None else temperature,
-            gate, pool_temperature, temperature_mode)
+        self.settings = GateSettings(temperature, gate, pool_temperature, temperature_mode,
+                                     attention_weights, defaults=default_temperatures(model))
 
     def attribute(self, inputs: Tensor, target: Target | None = None) -> Tensor:
         layers = (target.layer,) if isinstance(target, Unit) else ()
+        settings = self.settings
         session = PullbackSession(
-            self.forward_func, inputs, temperature=self.settings.temperature,
-            gate=self.settings.gate, pool_temperature=self.settings.pool_temperature,
-            temperature_mode=self.settings.temperature_mode, layers=layers)
+            self.forward_func, inputs, temperature=settings.temperature, gate=settings.gate,
+            pool_temperature=settings.pool_temperature,
+            temperature_mode=settings.temperature_mode,
+            attention_weights=settings.attention_weights, layers=layers)
         if target is None:
             target = session.logits.detach().argmax(dim=1)
         return session.pullback(target)

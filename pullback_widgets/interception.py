@@ -10,16 +10,27 @@ model's and any other.
 
 from __future__ import annotations
 
+import collections
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
+from .activation_gates import (
+    HARDSWISH,
+    SILU,
+    ActivationRule,
+    SoftActivation,
+    SoftPReLU,
+    gelu_rule,
+    leaky_relu_rule,
+)
 from .gates import GateSettings, PoolGeometry, SoftClamp, SoftMaxPool2d
-from .model_helpers import default_temperature
+from .model_helpers import default_temperatures
+from .norm_gates import ConstantStatisticsNorm, group_norm_statistics, layer_norm_statistics
 from .validation import check_model
 
 
@@ -76,6 +87,71 @@ def _pool_geometry(args, kwargs) -> PoolGeometry | None:
     )
 
 
+# ---- activations z·g(z) and norms (activation_gates, norm_gates): one route per function,
+# route(mode, func, args, kwargs) -> the op's result, gated.
+
+def _activation_route(rule_of: Callable[[tuple, dict], ActivationRule],
+                      inplace_of: Callable[[tuple, dict], bool]):
+    def route(mode, func, args, kwargs):
+        rule = rule_of(args, kwargs)
+        mode.count(rule.kind)
+        return SoftActivation.apply(args[0], lambda t: func(t, *args[1:], **kwargs), rule,
+                                    bool(inplace_of(args, kwargs)), mode.settings)
+    return route
+
+
+def _inplace_argument(position: int):
+    return lambda args, kwargs: _arg(args, kwargs, position, "inplace", False)
+
+
+def _leaky_rule(args, kwargs) -> ActivationRule:
+    return leaky_relu_rule(float(_arg(args, kwargs, 1, "negative_slope", 0.01)))
+
+
+def _prelu_route(mode, func, args, kwargs):
+    mode.count("relu")
+    weight = _arg(args, kwargs, 1, "weight", None)
+    return SoftPReLU.apply(args[0], weight, func, mode.settings)
+
+
+def _layer_norm_route(mode, func, args, kwargs):
+    shape = _arg(args, kwargs, 1, "normalized_shape", None)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    weight, bias = _arg(args, kwargs, 2, "weight", None), _arg(args, kwargs, 3, "bias", None)
+    eps = float(_arg(args, kwargs, 4, "eps", 1e-5))
+    mode.count("norm")
+    return ConstantStatisticsNorm.apply(
+        args[0], weight, bias, lambda x, w, b: func(x, shape, w, b, eps),
+        lambda x: layer_norm_statistics(x, shape, eps), shape, mode.settings)
+
+
+def _group_norm_route(mode, func, args, kwargs):
+    x = args[0]
+    groups = int(_arg(args, kwargs, 1, "num_groups", None))
+    weight, bias = _arg(args, kwargs, 2, "weight", None), _arg(args, kwargs, 3, "bias", None)
+    eps = float(_arg(args, kwargs, 4, "eps", 1e-5))
+    mode.count("norm")
+    return ConstantStatisticsNorm.apply(
+        x, weight, bias, lambda x, w, b: func(x, groups, w, b, eps),
+        lambda x: group_norm_statistics(x, groups, eps), (x.shape[1],) + (1,) * (x.dim() - 2),
+        mode.settings)
+
+
+_ROUTES: dict[Callable, Callable] = {
+    F.silu: _activation_route(lambda a, k: SILU, _inplace_argument(1)),
+    F.hardswish: _activation_route(lambda a, k: HARDSWISH, _inplace_argument(1)),
+    F.gelu: _activation_route(lambda a, k: gelu_rule(_arg(a, k, 1, "approximate", "none")),
+                              lambda a, k: False),
+    F.leaky_relu: _activation_route(_leaky_rule, _inplace_argument(2)),
+    F.leaky_relu_: _activation_route(_leaky_rule, lambda a, k: True),
+    F.prelu: _prelu_route,
+    F.layer_norm: _layer_norm_route,
+    torch.layer_norm: _layer_norm_route,
+    F.group_norm: _group_norm_route,
+    torch.group_norm: _group_norm_route,
+}
+
+
 class _SoftGatingMode(TorchFunctionMode):
     """Routes ReLU-family and max-pool calls to the soft-gated autograd ops."""
 
@@ -83,9 +159,18 @@ class _SoftGatingMode(TorchFunctionMode):
         super().__init__()
         self.settings = settings
         self.gated_calls = 0
+        self.gated_kinds: collections.Counter[str] = collections.Counter()
+
+    def count(self, kind: str) -> None:
+        self.gated_calls += 1
+        self.gated_kinds[kind] += 1
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        route = _ROUTES.get(func)
+        if route is not None and torch.is_grad_enabled() and isinstance(args[0], Tensor) \
+                and args[0].requires_grad:
+            return route(self, func, args, kwargs)
         parse = _CLAMP_PARSERS.get(func)
         is_pool = parse is None and func in _POOL_FUNCTIONS
         if (parse is None and not is_pool) or not torch.is_grad_enabled() \
@@ -99,10 +184,10 @@ class _SoftGatingMode(TorchFunctionMode):
             geometry = _pool_geometry(args, kwargs)
             if geometry is None:
                 return func(*args, **kwargs)
-            self.gated_calls += 1
+            self.count("pool")
             return SoftMaxPool2d.apply(args[0], hard_op, geometry, self.settings)
         z, inplace, low, high = parse(args, kwargs)
-        self.gated_calls += 1
+        self.count("relu")
         return SoftClamp.apply(z, hard_op, low, high, bool(inplace), self.settings)
 
 
@@ -124,21 +209,20 @@ def _gating(settings: GateSettings) -> Iterator[_SoftGatingMode]:
 
 
 @contextlib.contextmanager
-def soft_gating(model: nn.Module, temperature: float | None = None,
+def soft_gating(model: nn.Module, temperature: float | Mapping[str, float] | None = None,
                 gate: str = "sigmoid", pool_temperature: float | None = None,
-                temperature_mode: str = "absolute") -> Iterator[GateSettings]:
-    """Inside this context, any backward through ReLUs and max-pools is an excitation pullback.
+                temperature_mode: str = "absolute", attention_weights: str = "detached"
+                ) -> Iterator[GateSettings]:
+    """Inside this context, any backward through the gated ops is an excitation pullback.
 
     The forward is unchanged bit for bit, and ``model`` is not modified in any way. Yields the
     live :class:`GateSettings`; the soft backward reads them when it runs, so changing them
     between backward passes of one graph changes the temperature. ``temperature=None`` is the
-    model's own default (else 0.3), as everywhere in the package.
+    model's own default per kind of op (see :func:`default_temperatures`), as everywhere in the
+    package; a float sets every kind, a mapping kind -> T the kinds it names.
     """
     check_model(model)
-    if temperature is None:
-        temperature = default_temperature(model)
-    settings = GateSettings(temperature, gate, pool_temperature, temperature_mode)
+    settings = GateSettings(temperature, gate, pool_temperature, temperature_mode,
+                            attention_weights, defaults=default_temperatures(model))
     with _gating(settings):
         yield settings
-
-

@@ -1,0 +1,94 @@
+"""LayerNorm and GroupNorm with their statistics held constant in the backward.
+
+The later version of the paper's code treats a normalisation's mean and variance as constants
+in the backward, like a gate: y = w·(x - mean)/sqrt(var + eps) + b gives
+grad_x = w·grad_y/sqrt(var + eps), with no terms through the statistics. The forward is the
+model's own op, bit for bit; with ``gate="hard"`` the backward is autograd's own (statistics
+differentiated), bit for bit. The weight and bias get their plain gradients either way.
+
+Eval-mode BatchNorm needs nothing: its statistics are running buffers, constants already.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .gates import GateSettings
+
+
+def layer_norm_statistics(x: Tensor, normalized_shape: Sequence[int], eps: float
+                          ) -> tuple[Tensor, Tensor]:
+    """(mean, 1/sqrt(var + eps)) over the last ``len(normalized_shape)`` dims, kept as size-1
+    dims so that both broadcast against ``x``; biased variance, as layer_norm uses."""
+    dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
+    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    return mean, (var + eps).rsqrt()
+
+
+def group_norm_statistics(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """(mean, 1/sqrt(var + eps)) over each example's channel groups, as (N, C, 1, ...) so that
+    both broadcast against ``x`` (N, C, ...)."""
+    n, c = x.shape[:2]
+    var, mean = torch.var_mean(x.reshape(n, num_groups, -1), dim=2, correction=0, keepdim=True)
+    trailing = (1,) * (x.dim() - 2)
+    per_channel = c // num_groups
+
+    def spread(stat: Tensor) -> Tensor:
+        return stat.repeat_interleave(per_channel, dim=1).view(n, c, *trailing)
+
+    return spread(mean), spread((var + eps).rsqrt())
+
+
+class ConstantStatisticsNorm(torch.autograd.Function):
+    """Runs ``hard_op(x, weight, bias)`` forward; pulls back with constant statistics.
+
+    ``statistics(x)`` gives (mean, rstd) broadcastable to x; ``affine_shape`` is the shape the
+    weight and bias broadcast as against x (``normalized_shape`` for LayerNorm, (C, 1, ...)
+    for GroupNorm).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                hard_op: Callable[..., Tensor], statistics: Callable[[Tensor], tuple],
+                affine_shape: tuple[int, ...], settings: GateSettings) -> Tensor:
+        # The op runs on detached copies with its own graph, which the hard gate pulls back
+        # through: autograd's own backward, bit for bit.
+        with torch.enable_grad():
+            leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad)
+                      for t in (x, weight, bias)]
+            out = hard_op(*leaves)
+        ctx.inner = (out, leaves)
+        ctx.statistics, ctx.affine_shape, ctx.settings = statistics, affine_shape, settings
+        ctx.cached_statistics = None
+        return out.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        out, leaves = ctx.inner
+        if ctx.settings.gate == "hard":
+            wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
+            grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad_out,
+                                        retain_graph=True)
+            result: list[Tensor | None] = [None, None, None]
+            for i, grad in zip(wanted, grads):
+                result[i] = grad
+            return (*result, None, None, None, None)
+        x, weight, bias = (None if t is None else t.detach() for t in leaves)
+        if ctx.cached_statistics is None:  # the statistics do not change between pullbacks
+            ctx.cached_statistics = ctx.statistics(x)
+        mean, rstd = ctx.cached_statistics
+        shape = ctx.affine_shape
+        grad_x = grad_out * rstd
+        grad_weight = grad_bias = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = (grad_x * (x - mean)).sum_to_size(shape).view(weight.shape)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum_to_size(shape).view(bias.shape)
+        if weight is not None:
+            grad_x = grad_x * weight.view(shape)
+        return grad_x, grad_weight, grad_bias, None, None, None, None

@@ -20,6 +20,8 @@ import time
 import webbrowser
 from pathlib import Path
 
+from .validation import PullbackWidgetsError, check_index
+
 __all__ = ["DEFAULT_PORT", "VoilaNotInstalledError", "default_notebook", "serve_classroom"]
 
 DEFAULT_PORT = 8866
@@ -33,8 +35,9 @@ STOP_GRACE_S = 15.0
 KERNEL_GRACE_S = 5.0
 
 
-class VoilaNotInstalledError(RuntimeError):
-    """Voilà, which serves the app, is not installed in this Python environment."""
+class VoilaNotInstalledError(PullbackWidgetsError, RuntimeError):
+    """Voilà, which serves the app, is not installed in this Python environment (a user error:
+    the message says what to install)."""
 
 
 def default_notebook() -> Path:
@@ -50,23 +53,22 @@ def _check_notebook(notebook: Path | str | None) -> Path:
     if notebook is None:
         path = default_notebook()
         if not path.is_file():
-            raise ValueError(
+            raise PullbackWidgetsError(
                 f"the classroom notebook is not at {path} (it ships with the source checkout, "
                 "not with a wheel); pass its path: pullback-widgets app PATH/TO/05_classroom.ipynb")
         return path
     path = Path(notebook).expanduser()
     if not path.is_file():
-        raise ValueError(f"notebook not found: {str(path)!r}")
+        raise PullbackWidgetsError(f"notebook not found: {str(path)!r}")
     if path.suffix != ".ipynb":
-        raise ValueError(f"expected a Jupyter notebook (.ipynb), got {str(path)!r}")
+        raise PullbackWidgetsError(f"expected a Jupyter notebook (.ipynb), got {str(path)!r}")
     return path.resolve()
 
 
 def _check_port(port: int) -> int:
-    if isinstance(port, bool) or not isinstance(port, int):
-        raise TypeError(f"port must be an int, got {type(port).__name__}")
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port must be in 1..65535, got {port}")
+    port = check_index(port, "port", minimum=1)
+    if port > 65535:
+        raise PullbackWidgetsError(f"port must be in 1..65535, got {port}")
     # Voilà would quietly move to a neighbouring port and we would print the wrong URL, so a
     # taken port is an error here (and Voilà gets port_retries=0).
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -77,9 +79,10 @@ def _check_port(port: int) -> int:
             probe.bind((HOST, port))
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
-                raise ValueError(f"port {port} is already in use; choose another with "
-                                 "--port") from None
-            raise
+                raise PullbackWidgetsError(f"port {port} is already in use; choose another "
+                                           "with --port") from None
+            raise PullbackWidgetsError(f"cannot listen on port {port}: "
+                                       f"{error.strerror or error}") from None
     return port
 
 
@@ -169,9 +172,9 @@ def serve_classroom(notebook: Path | str | None = None, port: int = DEFAULT_PORT
     kernels and returns 0. If Voilà exits by itself, returns its exit status.
 
     Raises:
-        ValueError: the notebook is missing (or the default one is not next to the package),
-            or the port is invalid or in use.
-        VoilaNotInstalledError: Voilà is not installed.
+        PullbackWidgetsError (a ValueError): the notebook is missing (or the default one is not
+            next to the package), or the port is invalid, in use or not ours to listen on.
+        VoilaNotInstalledError (a PullbackWidgetsError): Voilà is not installed.
     """
     path = _check_notebook(notebook)
     port = _check_port(port)
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return serve_classroom(args.notebook, port=args.port, open_browser=args.open)
-    except (ValueError, TypeError, RuntimeError, OSError) as error:
+    except PullbackWidgetsError as error:  # anything else is a bug: let it show its traceback
         print(f"pullback-widgets app: error: {error}", file=sys.stderr)
         return 2
 

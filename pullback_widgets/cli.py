@@ -1,12 +1,21 @@
 """``pullback-widgets explain | grid | evaluate | app``: reports, evaluation, the classroom app.
 
-Errors are one line on stderr and exit status 2; never a traceback.
+A user error (a :class:`~pullback_widgets.validation.PullbackWidgetsError`, unavailable model
+weights, or Voilà missing for ``app``) is one line on stderr and exit status 2. Anything else is
+a bug and shows its traceback.
+
+Nothing the user owns is lost: ``--out`` may not be one of the input images, an existing file
+that is not ``.html`` is replaced only with ``--force``, and ``--out`` is checked (a directory,
+a place that cannot be written) before any computing starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -18,25 +27,41 @@ from .evaluation.methods import METHODS, POOL_WEIGHTS
 from .evaluation.runner import METRICS, run_command
 from .images import SAMPLE_IMAGES, load_image, sample_image
 from .labels import find_class
-from .models import MODELS, load_model
-from .report import explain, explain_html, grid_html
+from .models import MODELS, WeightsUnavailableError, load_model
+from .report import explain, explain_html, explain_work, grid_html
+from .validation import PullbackWidgetsError, check_index, check_positive
 
 EXIT_ERROR = 2
+# Each ascent step keeps its frame for the report (two ascents, about 0.6 MB a frame in memory
+# and more in the page); the paper uses 5 to 10 steps.
+MAX_STEPS = 100
+USER_ERRORS = (PullbackWidgetsError, WeightsUnavailableError)  # Voilà missing is the former
+REPORT_SUFFIXES = (".html", ".htm")
 
 
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's usage dump is not one line
-        raise ValueError(message)
+        raise PullbackWidgetsError(message)
 
 
 def _positive_float(text: str) -> float:
     try:
-        value = float(text)
+        return check_positive(float(text), "the value")
+    except ValueError as error:  # float("abc") and the check alike
+        raise argparse.ArgumentTypeError(
+            f"not a number: {text!r}" if "convert" in str(error) else str(error)) from None
+
+
+def _steps(text: str) -> int:
+    try:
+        steps = check_index(int(text), "the value", minimum=0)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 0 to {MAX_STEPS}, got {text!r}") from None
+    if steps > MAX_STEPS:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_STEPS} steps (each step keeps a frame in the report), got {steps}")
+    return steps
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -50,13 +75,17 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--temperature", type=_positive_float, default=None,
                          help="gate temperature T (default: the model's own)")
         sub.add_argument("--gate", default="sigmoid", choices=["sigmoid", "normal_cdf", "hard"])
-        sub.add_argument("--steps", type=int, default=5, help="ascent steps (default 5)")
+        sub.add_argument("--steps", type=_steps, default=5,
+                         help=f"ascent steps, 0 to {MAX_STEPS} (default 5)")
         sub.add_argument("--step-size", type=_positive_float, default=10.0,
                          help="L2 step in [0, 1] pixel units (default 10; the paper's 20 in "
                               "[-1, 1] units)")
         sub.add_argument("--eps", type=_positive_float, default=50.0,
                          help="L2 radius around the start (default 50; the paper's 100)")
-        sub.add_argument("--out", type=Path, required=True, help="the HTML file to write")
+        sub.add_argument("--out", type=Path, required=True,
+                         help="the HTML file to write (never one of the input images)")
+        sub.add_argument("--force", action="store_true",
+                         help="replace an existing --out file even if it is not .html")
 
     explain_parser = commands.add_parser("explain", help="report on one image")
     explain_parser.add_argument("image", nargs="?", help="an image file")
@@ -118,11 +147,45 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_out(out: Path, inputs: Sequence[str], force: bool) -> None:
+    """Refuse an ``--out`` that would destroy an input, a file the user did not mean, or that
+    cannot be written; before any computing, so that a mistake costs nothing."""
+    for source in inputs:
+        if out.exists() and Path(source).exists() and os.path.samefile(out, source):
+            raise PullbackWidgetsError(
+                f"--out {str(out)!r} is the input image {source!r}; write the report elsewhere")
+    if out.is_dir():
+        raise PullbackWidgetsError(f"--out {str(out)!r} is a directory; give a file name, e.g. "
+                                   f"{str(out / 'report.html')!r}")
+    if out.exists() and out.suffix.lower() not in REPORT_SUFFIXES and not force:
+        raise PullbackWidgetsError(
+            f"--out {str(out)!r} exists and is not an .html file; pass --force to replace it")
+    folder = next(parent for parent in out.absolute().parents if parent.exists())
+    if not folder.is_dir():
+        raise PullbackWidgetsError(f"--out {str(out)!r} cannot be written: {str(folder)!r} is "
+                                   "a file, not a folder")
+    try:  # os.access says yes to root everywhere; only a real file tells
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PullbackWidgetsError(f"--out {str(out)!r} cannot be written: "
+                                   f"{error.strerror or error}") from None
+
+
+def _write(out: Path, page: str) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(page, encoding="utf-8")
+    except OSError as error:  # e.g. the disk filled up while we computed
+        raise PullbackWidgetsError(f"could not write --out {str(out)!r}: "
+                                   f"{error.strerror or error}") from None
+
+
 def _load_rows(files: list[str], samples: list[str] | None) -> tuple[torch.Tensor, list[str]]:
     rows = [(Path(f).name, load_image(f)) for f in files]
     rows += [(name, sample_image(name)) for name in samples or []]
     if not rows:
-        raise ValueError("give an image file or --sample NAME")
+        raise PullbackWidgetsError("give an image file or --sample NAME")
     return torch.cat([image for _, image in rows]), [name for name, _ in rows]
 
 
@@ -135,74 +198,90 @@ def _parameters(args: argparse.Namespace, model, source: str) -> dict[str, objec
             "eps (L2, [0, 1] units)": args.eps, "pullback-widgets": version(package_name)}
 
 
-def _run_explain(args: argparse.Namespace) -> str:
-    if (args.image is None) == (args.sample is None):
-        raise ValueError("give exactly one of IMAGE or --sample NAME")
-    image, names = _load_rows([args.image] if args.image else [], [args.sample] if args.sample
-                              else None)
-    stages = ["loading model", "forward pass", "pullback and gradient", "temperature strip",
-              "pullback ascent", "gradient ascent", "writing report"]
-    with tqdm(total=len(stages), desc="explain", unit="stage") as bar:
-        def on_stage(stage: str) -> None:
-            bar.set_postfix_str(stage)
-            bar.update(1)
+def _advance(bar: tqdm) -> Callable[[str], None]:
+    """A callback that counts one finished unit of work on ``bar`` and names it."""
+    def done(what: str) -> None:
+        bar.set_postfix_str(what, refresh=False)
+        bar.update(1)
 
-        bar.set_postfix_str(stages[0])
+    return done
+
+
+def _run_explain(args: argparse.Namespace) -> None:
+    # Loading the model and writing the page are a unit each, around explain()'s own.
+    with tqdm(total=2 + explain_work(args.steps), desc="explain", unit="step") as bar:
+        done = _advance(bar)
+        image, names = _load_rows([args.image] if args.image else [],
+                                  [args.sample] if args.sample else None)
         model = load_model(args.model)
+        done("model loaded")
         target = None if args.target is None else find_class(args.target, model.labels)
         temperature = args.temperature or model.default_temperature
         explanation = explain(model, image, target, temperature=temperature, gate=args.gate,
                               steps=args.steps, step_size=args.step_size, eps=args.eps,
-                              on_stage=on_stage)
+                              on_progress=done)
         explanation.parameters = _parameters(args, model, names[0])
         explanation.parameters["target"] = f"{model.labels[explanation.target]} " \
                                            f"({explanation.target})"
-        on_stage("writing report")
-        return explain_html(explanation, model.labels)
+        page = explain_html(explanation, model.labels)
+        _write(args.out, page)
+        done("report written")
 
 
-def _run_grid(args: argparse.Namespace) -> str:
+def _run_grid(args: argparse.Namespace) -> None:
     images, names = _load_rows(args.images, args.samples)
     model = load_model(args.model)
     targets = None if args.targets is None else [find_class(t, model.labels)
                                                  for t in args.targets]
     temperature = args.temperature or model.default_temperature
-    grid = ascent_grid(model, images, targets, steps=args.steps, step_size=args.step_size,
-                       eps=args.eps, temperature=temperature, gate=args.gate)
-    parameters = _parameters(args, model, ", ".join(names))
-    return grid_html(grid, names, model.labels, parameters)
+    columns = len(images) if targets is None else len(targets)
+    with tqdm(total=columns * args.steps + 1, desc="grid", unit="step") as bar:
+        done = _advance(bar)
+        grid = ascent_grid(model, images, targets, steps=args.steps, step_size=args.step_size,
+                           eps=args.eps, temperature=temperature, gate=args.gate,
+                           progress=False, callback=lambda step, _: done(f"step {step}"))
+        parameters = _parameters(args, model, ", ".join(names))
+        page = grid_html(grid, names, model.labels, parameters)
+        _write(args.out, page)
+        done("report written")
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "app":
+        from .app import serve_classroom
+
+        return serve_classroom(args.notebook, port=args.port, open_browser=args.open)
+    if args.command == "evaluate":
+        run_command(args.paths, out=args.out, resume=args.resume,
+                    labels_from_folders=args.labels_from_folders, limit=args.limit,
+                    targets=args.targets, model=args.model, methods=tuple(args.methods),
+                    metrics=tuple(args.metrics), temperature=args.temperature,
+                    gate=args.gate, pool_weights=args.pool_weights,
+                    batch_size=args.batch_size, image_size=args.image_size)
+        return 0
+    if args.command == "explain" and (args.image is None) == (args.sample is None):
+        raise PullbackWidgetsError("give exactly one of IMAGE or --sample NAME")
+    inputs = [args.image] if args.command == "explain" else args.images
+    _check_out(args.out, [path for path in inputs if path], args.force)
+    if args.command == "explain":
+        _run_explain(args)
+    else:
+        _run_grid(args)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pullback-widgets`` console script; returns the exit status."""
     try:
-        args = _build_parser().parse_args(argv)
-        if args.command == "app":
-            from .app import serve_classroom
-
-            return serve_classroom(args.notebook, port=args.port, open_browser=args.open)
-        if args.command == "evaluate":
-            run_command(args.paths, out=args.out, resume=args.resume,
-                        labels_from_folders=args.labels_from_folders, limit=args.limit,
-                        targets=args.targets, model=args.model, methods=tuple(args.methods),
-                        metrics=tuple(args.metrics), temperature=args.temperature,
-                        gate=args.gate, pool_weights=args.pool_weights,
-                        batch_size=args.batch_size, image_size=args.image_size)
-            return 0
-        if args.steps < 0:
-            raise ValueError(f"--steps must be >= 0, got {args.steps}")
-        page = _run_explain(args) if args.command == "explain" else _run_grid(args)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(page, encoding="utf-8")
-    except (ValueError, TypeError, OSError, RuntimeError) as error:
+        return _run(_build_parser().parse_args(argv))
+    except USER_ERRORS as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"pullback-widgets: error: {message}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("pullback-widgets: interrupted", file=sys.stderr)
         return 130
-    print(f"wrote {args.out}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

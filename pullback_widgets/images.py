@@ -13,11 +13,12 @@ keeps its 16 bits. EXIF orientation is applied to files and PIL images.
 
 from __future__ import annotations
 
-import difflib
 import io
 import math
 import os
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+
+from .validation import PullbackWidgetsError, PullbackWidgetsTypeError, check_choice, check_index
 
 __all__ = ["CROP_FRACTION", "SAMPLE_IMAGES", "load_image", "sample_image", "sample_image_array"]
 
@@ -47,19 +50,11 @@ ImageSource = (
 # --------------------------------------------------------------------------- argument checks
 
 
-def _check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
 def _check_pixel_count(width: int, height: int, max_pixels: int) -> None:
     if width < 1 or height < 1:
-        raise ValueError(f"image is empty: {width} x {height} pixels")
+        raise PullbackWidgetsError(f"image is empty: {width} x {height} pixels")
     if width * height > max_pixels:
-        raise ValueError(
+        raise PullbackWidgetsError(
             f"image is {width} x {height} = {width * height} pixels, more than "
             f"max_pixels={max_pixels} (a guard against decompression bombs; raise max_pixels "
             "to load it)"
@@ -81,7 +76,7 @@ def _open_pil(opener: object, what: str, max_pixels: int) -> Tensor:
         try:
             img = Image.open(opener)
         except Image.DecompressionBombError as err:
-            raise ValueError(
+            raise PullbackWidgetsError(
                 f"{what} is too large to decode: {err} (Pillow's global limit, "
                 f"independent of max_pixels={max_pixels})"
             ) from None
@@ -89,6 +84,8 @@ def _open_pil(opener: object, what: str, max_pixels: int) -> Tensor:
             raise _unreadable(what, err) from None
         with img:
             _check_pixel_count(img.width, img.height, max_pixels)
+            if img.format == "PNG":
+                _check_png_data(img.fp, what, img.width, img.height)
             try:
                 img.load()
             except Exception as err:
@@ -96,22 +93,83 @@ def _open_pil(opener: object, what: str, max_pixels: int) -> Tensor:
             return _pil_to_tensor(img, max_pixels)
 
 
-def _unreadable(what: str, err: Exception) -> ValueError:
+# PNG colour type -> samples per pixel; Adam7 passes as (x0, y0, dx, dy).
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))
+_CHUNK_OUT = 1 << 20  # decompress in slices of this many bytes, so nothing large is held
+
+
+def _png_raw_size(header: bytes) -> int:
+    """Bytes of filtered pixel data that an IHDR chunk's image needs (one filter byte a row)."""
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header[:13])
+    bits = _PNG_SAMPLES.get(colour, 4) * depth
+
+    def size(w: int, h: int) -> int:
+        return h * (1 + (w * bits + 7) // 8) if w and h else 0
+
+    if not interlace:
+        return size(width, height)
+    return sum(size(max(0, -(-(width - x0) // dx)), max(0, -(-(height - y0) // dy)))
+               for x0, y0, dx, dy in _ADAM7)
+
+
+def _check_png_data(stream: io.IOBase, what: str, width: int, height: int) -> None:
+    """Refuse a PNG whose compressed data ends before the pixels its header declares.
+
+    Pillow fills the missing rows with black when the zlib stream is complete but short (a
+    148-byte file can declare 7000 x 7000). This reads the chunks and decompresses the pixel
+    data in slices, counting bytes and keeping none, before Pillow allocates the image.
+    Damage of any other kind is left to Pillow's decoder, which reports it.
+    """
+    position = stream.tell()
+    try:
+        stream.seek(8)  # the signature, which Image.open has checked
+        needed = got = 0
+        inflater = zlib.decompressobj()
+        while got < needed or not needed:
+            head = stream.read(8)
+            if len(head) < 8:
+                break
+            length, kind = struct.unpack(">I4s", head)
+            body = stream.read(length)
+            stream.seek(4, io.SEEK_CUR)  # the CRC
+            if kind == b"IHDR" and len(body) >= 13:
+                needed = _png_raw_size(body)
+            elif kind == b"IDAT":
+                try:
+                    got += len(inflater.decompress(body, _CHUNK_OUT))
+                    while inflater.unconsumed_tail and got < needed:
+                        got += len(inflater.decompress(inflater.unconsumed_tail, _CHUNK_OUT))
+                except zlib.error:
+                    return  # Pillow's decoder reports corrupt data in its own words
+            elif kind == b"IEND" or inflater.eof:
+                break
+    finally:
+        stream.seek(position)
+    if needed and got < needed and inflater.eof:
+        raise PullbackWidgetsError(
+            f"could not read {what} as an image: it declares {width} x {height} pixels but "
+            f"its pixel data holds only {got} of the {needed} bytes they need (a truncated or "
+            "corrupt PNG)")
+
+
+def _unreadable(what: str, err: Exception) -> PullbackWidgetsError:
     # Pillow reports bad files through many types (UnidentifiedImageError, OSError for
-    # truncation, SyntaxError, struct.error, ...); callers get one clear ValueError line.
+    # truncation, SyntaxError, struct.error, ...); callers get one line.
     if isinstance(err, UnidentifiedImageError):
         detail = "not a format Pillow recognises"  # its own message just prints a repr
     else:
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return ValueError(f"could not read {what} as an image: {detail}")
+    return PullbackWidgetsError(f"could not read {what} as an image: {detail}")
 
 
 def _load_path(src: str | os.PathLike, max_pixels: int) -> Tensor:
     path = Path(os.fspath(src))
     if not path.exists():
-        raise ValueError(f"image file not found: {str(path)!r}")
+        raise PullbackWidgetsError(f"image file not found: {str(path)!r}")
     if path.is_dir():
-        raise ValueError(f"image path is a directory, not a file: {str(path)!r}")
+        raise PullbackWidgetsError(f"image path is a directory, not a file: {str(path)!r}")
     return _open_pil(path, f"file {str(path)!r}", max_pixels)
 
 
@@ -125,7 +183,7 @@ def _pil_to_tensor(img: Image.Image, max_pixels: int) -> Tensor:
         # 32-bit integer images come from 16-bit PNG/TIFF decoders; read them as 16-bit.
         values = np.asarray(img)
         if values.min() < 0 or values.max() > 65535:
-            raise ValueError(
+            raise PullbackWidgetsError(
                 f"32-bit integer image has values in [{values.min()}, {values.max()}]; "
                 "expected 16-bit data in [0, 65535]"
             )
@@ -136,7 +194,8 @@ def _pil_to_tensor(img: Image.Image, max_pixels: int) -> Tensor:
     try:
         rgb = img.convert("RGBA" if has_alpha else "RGB")
     except Exception as err:
-        raise ValueError(f"cannot convert image mode {img.mode!r} to RGB: {err}") from None
+        raise PullbackWidgetsError(
+            f"cannot convert image mode {img.mode!r} to RGB: {err}") from None
     return _array_to_tensor(np.asarray(rgb), max_pixels)
 
 
@@ -156,7 +215,7 @@ def _apply_exif_orientation(img: Image.Image) -> Image.Image:
 def _array_to_tensor(array: np.ndarray, max_pixels: int) -> Tensor:
     """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array -> (3, H, W) float32 in [0, 1]."""
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
-        raise ValueError(
+        raise PullbackWidgetsError(
             "image array must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); "
             f"got {array.shape}"
         )
@@ -172,7 +231,7 @@ def _array_to_tensor(array: np.ndarray, max_pixels: int) -> Tensor:
         values = torch.from_numpy(array.astype(np.float32))
         _check_float_range(values, "image array")
     else:
-        raise TypeError(
+        raise PullbackWidgetsTypeError(
             f"image array dtype must be uint8, uint16, bool or float in [0, 1]; got {array.dtype}"
             " (for 8-bit data in an int array use array.astype(np.uint8))"
         )
@@ -183,10 +242,10 @@ def _array_to_tensor(array: np.ndarray, max_pixels: int) -> Tensor:
 
 def _check_float_range(values: Tensor, what: str) -> None:
     if not torch.isfinite(values).all():
-        raise ValueError(f"{what} contains NaN or infinite values")
+        raise PullbackWidgetsError(f"{what} contains NaN or infinite values")
     low, high = values.min().item(), values.max().item()
     if low < 0 or high > 1:
-        raise ValueError(
+        raise PullbackWidgetsError(
             f"float {what} values must lie in [0, 1]; got [{low:.4g}, {high:.4g}] "
             "(divide 8-bit data by 255)"
         )
@@ -212,7 +271,7 @@ def _tensor_to_chw(tensor: Tensor, max_pixels: int) -> Tensor:
     elif tensor.ndim == 2:
         chw = tensor[None]
     else:
-        raise ValueError(
+        raise PullbackWidgetsError(
             "image tensor must be one channels-first image of shape (H, W), (1, H, W), "
             f"(3, H, W) or (1, 3, H, W); got {shape} (for (H, W, 3) use .permute(2, 0, 1))"
         )
@@ -226,7 +285,7 @@ def _tensor_to_chw(tensor: Tensor, max_pixels: int) -> Tensor:
         chw = chw.float()
         _check_float_range(chw, "image tensor")
     else:
-        raise TypeError(
+        raise PullbackWidgetsTypeError(
             f"image tensor dtype must be uint8, bool or float in [0, 1]; got {chw.dtype}"
         )
     return _to_rgb(chw)
@@ -279,21 +338,25 @@ def load_image(
         tensor, else on the CPU.
 
     Raises:
-        ValueError: missing or unreadable file, corrupt or truncated data, too many pixels,
-            NaN/inf or out-of-range values, unsupported shape.
-        TypeError: unsupported ``src`` type or dtype, non-int ``size``/``max_pixels``.
+        PullbackWidgetsError (a ValueError): missing or unreadable file, corrupt or truncated
+            data (also a PNG whose pixel data is shorter than its header declares, refused
+            before decoding), too many pixels, NaN/inf or out-of-range values, bad shape.
+        PullbackWidgetsTypeError (a TypeError): unsupported ``src`` type or dtype, non-int
+            ``size``/``max_pixels``.
     """
-    size = _check_positive_int(size, "size")
-    max_pixels = _check_positive_int(max_pixels, "max_pixels")
+    size = check_index(size, "size", minimum=1)
+    max_pixels = check_index(max_pixels, "max_pixels", minimum=1)
     if isinstance(src, (str, os.PathLike)):
         chw = _load_path(src, max_pixels)
     elif isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
-            raise ValueError("src is empty bytes, not an encoded image")
+            raise PullbackWidgetsError("src is empty bytes, not an encoded image")
         chw = _open_pil(io.BytesIO(bytes(src)), "bytes", max_pixels)
     elif isinstance(src, Image.Image):
         # Check the size first: an image from Image.open() decodes lazily, on load().
         _check_pixel_count(src.width, src.height, max_pixels)
+        if src.format == "PNG" and getattr(src, "fp", None) is not None:  # not decoded yet
+            _check_png_data(src.fp, "the PIL image", src.width, src.height)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             try:
@@ -306,7 +369,7 @@ def load_image(
     elif isinstance(src, Tensor):
         chw = _tensor_to_chw(src, max_pixels)
     else:
-        raise TypeError(
+        raise PullbackWidgetsTypeError(
             "src must be a path, bytes, PIL image, numpy array or torch tensor; "
             f"got {type(src).__name__}"
         )
@@ -316,21 +379,11 @@ def load_image(
 # --------------------------------------------------------------------------- samples
 
 
-def _check_sample_name(name: object) -> str:
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a string, one of {SAMPLE_IMAGES}, got {type(name).__name__}")
-    if name not in SAMPLE_IMAGES:
-        close = difflib.get_close_matches(name.lower(), SAMPLE_IMAGES, n=3, cutoff=0.5)
-        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown sample image {name!r}: known names are {SAMPLE_IMAGES}{hint}")
-    return name
-
-
 def sample_image_array(name: str) -> np.ndarray:
     """A bundled scikit-image sample picture as uint8 RGB, shape (H, W, 3). No download."""
     import skimage.data  # imported here: it is slow to import and only the samples need it
 
-    name = _check_sample_name(name)
+    name = check_choice(name, SAMPLE_IMAGES, "sample image name")
     if name == "motorcycle":
         return skimage.data.stereo_motorcycle()[0]  # the left view of the stereo pair
     return getattr(skimage.data, name)()

@@ -5,20 +5,24 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 
+from .validation import PullbackWidgetsError, PullbackWidgetsTypeError
+
 
 def find_class(query: int | str, labels: Sequence[str]) -> int:
     """The class index that ``query`` names: an index, a digit string or a class name.
 
     Names match case-insensitively. A name that matches no class, or several (ImageNet has two
-    "crane"s), raises a ValueError that lists close matches with their indices.
+    "crane"s), raises a PullbackWidgetsError (a ValueError) that lists close matches with their
+    indices.
     """
     if isinstance(query, bool) or not isinstance(query, (int, str)):
-        raise TypeError(f"class must be an index or a name, got {type(query).__name__}")
+        raise PullbackWidgetsTypeError(
+            f"class must be an index or a name, got {type(query).__name__}")
     if isinstance(query, str) and query.strip().lstrip("-").isdigit():
         query = int(query)
     if isinstance(query, int):
         if not 0 <= query < len(labels):
-            raise ValueError(f"class index {query} is out of range [0, {len(labels)})")
+            raise PullbackWidgetsError(f"class index {query} is out of range [0, {len(labels)})")
         return query
     wanted = query.strip().lower()
     matches = [i for i, label in enumerate(labels) if label.lower() == wanted]
@@ -26,12 +30,14 @@ def find_class(query: int | str, labels: Sequence[str]) -> int:
         return matches[0]
     if matches:
         listed = ", ".join(f"{i}" for i in matches)
-        raise ValueError(f"class {query!r} is ambiguous: indices {listed}; give the index")
+        raise PullbackWidgetsError(
+            f"class {query!r} is ambiguous: indices {listed}; give the index")
     lowered = [label.lower() for label in labels]
     close = difflib.get_close_matches(wanted, lowered, n=4, cutoff=0.6)
     close += [name for name in lowered if wanted in name and name not in close][:4 - len(close)]
     hint = ", ".join(f"{labels[lowered.index(c)]!r} ({lowered.index(c)})" for c in close)
-    raise ValueError(f"unknown class {query!r}" + (f"; did you mean {hint}?" if hint else ""))
+    raise PullbackWidgetsError(
+        f"unknown class {query!r}" + (f"; did you mean {hint}?" if hint else ""))
 
 
 def search_classes(query: str, labels: Sequence[str], limit: int = 20) -> list[int]:

@@ -36,28 +36,38 @@ class Explanation:
     parameters: dict[str, object] = field(default_factory=dict)
 
 
+def explain_work(steps: int) -> int:
+    """How many times :func:`explain` calls ``on_progress`` for ``steps`` ascent steps."""
+    return 3 + 2 * steps
+
+
 def explain(model: nn.Module, image: Tensor, target: int | None = None, *,
             temperature: float, gate: str = "sigmoid", steps: int = 5,
             step_size: float = 10.0, eps: float = 50.0,
-            on_stage: Callable[[str], None] = lambda stage: None) -> Explanation:
-    """Run everything the report needs. ``target=None`` explains the predicted class."""
-    on_stage("forward pass")
+            on_progress: Callable[[str], None] = lambda done: None) -> Explanation:
+    """Run everything the report needs. ``target=None`` explains the predicted class.
+
+    ``on_progress(what)`` runs after each unit of work, :func:`explain_work` times in all:
+    the forward, the two maps, the temperature strip and every step of both ascents.
+    """
     session = PullbackSession(model, image, temperature=temperature, gate=gate)
     probabilities = session.probabilities[0]
     target = int(probabilities.argmax()) if target is None else target
-    on_stage("pullback and gradient")
+    on_progress("forward pass")
     pullback = session.pullback(target)[0]
     gradient = session.pullback(target, gate="hard")[0]
-    on_stage("temperature strip")
+    on_progress("pullback and gradient")
     strip_gate = "sigmoid" if gate == "hard" else gate
     strip = [session.pullback(target, temperature=t, gate=strip_gate)[0]
              for t in STRIP_TEMPERATURES]
+    on_progress("temperature strip")
     ascent_args = dict(steps=steps, step_size=step_size, eps=eps, temperature=temperature,
                        progress=False)
-    on_stage("pullback ascent")
-    ascent = pullback_ascent(model, image, target, gate=gate, **ascent_args)
-    on_stage("gradient ascent")
-    gradient_ascent = pullback_ascent(model, image, target, method="gradient", **ascent_args)
+    ascent = pullback_ascent(model, image, target, gate=gate, **ascent_args, callback=lambda
+                             step, _: on_progress(f"pullback ascent step {step}/{steps}"))
+    gradient_ascent = pullback_ascent(model, image, target, method="gradient", **ascent_args,
+                                      callback=lambda step, _: on_progress(
+                                          f"gradient ascent step {step}/{steps}"))
     return Explanation(image[0], probabilities, target, pullback, gradient, strip, ascent,
                        gradient_ascent)
 

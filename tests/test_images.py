@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from pullback_widgets import SAMPLE_IMAGES, load_image, sample_image
-from pullback_widgets.images import sample_image_array
+from pullback_widgets.images import _png_raw_size, sample_image_array
+from pullback_widgets.validation import PullbackWidgetsError, PullbackWidgetsTypeError
 
 RED = (1.0, 0.0, 0.0)
 WHITE = (1.0, 1.0, 1.0)
@@ -407,7 +408,62 @@ def test_sample_images(name: str) -> None:
 def test_unknown_sample_name() -> None:
     with pytest.raises(ValueError, match="did you mean 'chelsea'"):
         sample_image("chelsee")
-    with pytest.raises(ValueError, match="known names"):
+    with pytest.raises(PullbackWidgetsError, match=r"must be one of .*chelsea.*lena"):
         sample_image_array("lena")
     with pytest.raises(TypeError, match="name"):
         sample_image(3)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- PNG data check
+
+LIBPNG_INTERLACED_EXAMPLE = Path("/usr/share/doc/libpng-dev/examples/pngtest.png")
+
+
+def _png_pixel_bytes(data: bytes) -> tuple[bytes, int]:
+    """(IHDR body, length of the decompressed IDAT stream) of a PNG, read the slow way."""
+    position, header, idat = 8, b"", b""
+    while position < len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        body = data[position + 8:position + 8 + length]
+        header = body if kind == b"IHDR" else header
+        idat += body if kind == b"IDAT" else b""
+        position += 12 + length
+    return header, len(zlib.decompress(idat))
+
+
+@pytest.mark.parametrize(("mode", "bits"), [("1", None), ("L", None), ("LA", None),
+                                            ("RGB", None), ("RGBA", None), ("P", None),
+                                            ("P", 1), ("P", 2), ("P", 4), ("I;16", None)])
+def test_png_size_check_is_exact_for_every_layout(mode: str, bits: int | None) -> None:
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        image = Image.fromarray(rng.integers(0, 65535, (37, 53), dtype=np.uint16))
+    else:
+        image = Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **({} if bits is None else {"bits": bits}))
+    header, decompressed = _png_pixel_bytes(buffer.getvalue())
+    assert _png_raw_size(header) == decompressed  # not one byte more than the file holds
+    check_output(load_image(buffer.getvalue()))
+
+
+@pytest.mark.skipif(not LIBPNG_INTERLACED_EXAMPLE.is_file(), reason="libpng's example PNG")
+def test_png_size_check_is_exact_for_an_interlaced_png() -> None:
+    data = LIBPNG_INTERLACED_EXAMPLE.read_bytes()
+    header, decompressed = _png_pixel_bytes(data)
+    assert header[12] == 1  # Adam7
+    assert _png_raw_size(header) == decompressed
+    check_output(load_image(data))
+
+
+def test_user_errors_are_the_package_classes(tmp_path: Path) -> None:
+    with pytest.raises(PullbackWidgetsError):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(PullbackWidgetsError):
+        load_image(b"not an image")
+    with pytest.raises(PullbackWidgetsTypeError):
+        load_image(torch.zeros(3, 8, 8, dtype=torch.int32))
+    with pytest.raises(PullbackWidgetsTypeError):
+        load_image(np.zeros((4, 4)), size=2.5)  # type: ignore[arg-type]
+    with pytest.raises(PullbackWidgetsError):
+        sample_image("lena")

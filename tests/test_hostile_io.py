@@ -1,0 +1,246 @@
+"""The hostile catalog for files, the command line and the widgets (issue 10, §5 and §6).
+
+One named test per case, each written against something a careless or hostile user did and
+that went wrong before: a photo overwritten by its own report, work thrown away because --out
+could not be written, a lying PNG decoded into gigabytes of black, explorers that never die,
+and threads that overwrote each other's messages.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+import pullback_widgets as pw
+from pullback_widgets import app, cli
+from pullback_widgets.validation import PullbackWidgetsError
+from tests.reference import EveryOpNet
+
+LABELS = ["ant", "bee", "cat", "dog", "eel"]
+
+
+@pytest.fixture
+def net() -> EveryOpNet:
+    torch.manual_seed(0)
+    model = EveryOpNet().eval()
+    model.input_size = 32
+    return model
+
+
+@pytest.fixture
+def photo(tmp_path: Path) -> Path:
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+                    ).save(path)
+    return path
+
+
+@pytest.fixture
+def no_computing(monkeypatch):
+    """Fail the test if the CLI gets as far as loading a model."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the CLI started computing before it refused the arguments")
+
+    monkeypatch.setattr(cli, "load_model", refuse)
+
+
+def _cli_error(capsys, *args: str) -> str:
+    """Run the CLI in-process, expect a one-line user error, return that line."""
+    status = cli.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert status == cli.EXIT_ERROR, err
+    assert len(lines) == 1 and lines[0].startswith("pullback-widgets: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# =========================================================================== files and the CLI
+
+
+def test_out_equal_to_the_input_photo_is_refused_and_the_photo_kept(tmp_path, photo, capsys,
+                                                                    no_computing):
+    before = photo.read_bytes()
+    line = _cli_error(capsys, "explain", photo, "--out", photo)
+    assert "is the input image" in line
+    assert photo.read_bytes() == before
+
+
+def test_out_that_links_to_the_input_photo_is_refused(tmp_path, photo, capsys, no_computing):
+    link = tmp_path / "report.html"
+    link.symlink_to(photo)
+    before = photo.read_bytes()
+    line = _cli_error(capsys, "explain", photo, "--out", link)
+    assert "is the input image" in line
+    assert photo.read_bytes() == before
+
+
+def test_grid_out_equal_to_one_of_its_images_is_refused(tmp_path, photo, capsys,
+                                                        no_computing):
+    other = tmp_path / "other.png"
+    Image.new("RGB", (40, 40), (9, 99, 199)).save(other)
+    before = other.read_bytes()
+    line = _cli_error(capsys, "grid", photo, other, "--out", other)
+    assert "is the input image" in line and other.read_bytes() == before
+
+
+def test_existing_file_that_is_not_html_is_kept_without_force(tmp_path, capsys, no_computing):
+    notes = tmp_path / "thesis.tex"
+    notes.write_text("three years of work")
+    line = _cli_error(capsys, "explain", "--sample", "coffee", "--out", notes)
+    assert "--force" in line
+    assert notes.read_text() == "three years of work"
+
+
+def test_force_replaces_an_existing_file_that_is_not_html(tmp_path, monkeypatch, net):
+    old = tmp_path / "old_report.txt"
+    old.write_text("stale")
+    _fake_model(monkeypatch, net)
+    assert cli.main(["explain", "--sample", "coffee", "--steps", "0", "--out", str(old),
+                     "--force"]) == 0
+    assert old.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_directory_as_out_is_refused_before_computing(tmp_path, capsys, no_computing):
+    line = _cli_error(capsys, "explain", "--sample", "coffee", "--out", tmp_path)
+    assert "is a directory" in line
+
+
+@pytest.mark.skipif(not Path("/proc/version").exists(), reason="needs Linux's /proc")
+def test_unwritable_folder_is_refused_before_computing(capsys, no_computing):
+    # /proc takes no new files, not even from root (os.access would say yes to root)
+    line = _cli_error(capsys, "explain", "--sample", "coffee", "--out", "/proc/report.html")
+    assert "cannot be written" in line
+
+
+def test_out_below_a_file_is_refused_before_computing(tmp_path, capsys, no_computing):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    line = _cli_error(capsys, "explain", "--sample", "coffee", "--out", notes / "r.html")
+    assert "cannot be written" in line and "not a folder" in line
+
+
+def test_huge_steps_is_refused_before_computing(tmp_path, capsys, no_computing):
+    line = _cli_error(capsys, "explain", "--sample", "coffee", "--steps", "100000",
+                      "--out", tmp_path / "r.html")
+    assert f"at most {cli.MAX_STEPS} steps" in line and "--steps" in line
+
+
+def test_steps_bound_is_the_documented_maximum(tmp_path, capsys, no_computing):
+    parser = cli._build_parser()
+    assert parser.parse_args(["explain", "--sample", "coffee", "--steps", str(cli.MAX_STEPS),
+                              "--out", "r.html"]).steps == cli.MAX_STEPS
+    _cli_error(capsys, "grid", "--samples", "coffee", "--steps", str(cli.MAX_STEPS + 1),
+               "--out", tmp_path / "r.html")
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert f"`--steps` is at most {cli.MAX_STEPS}" in readme
+
+
+def _fake_model(monkeypatch, net):
+    net.labels, net.default_temperature = LABELS, 0.5
+    monkeypatch.setattr(cli, "load_model", lambda name: net)
+
+
+def test_progress_counts_every_ascent_step_and_ends_full(tmp_path, monkeypatch, capsys, net):
+    _fake_model(monkeypatch, net)
+    assert cli.main(["explain", "--sample", "coffee", "--steps", "4",
+                     "--out", str(tmp_path / "r.html")]) == 0
+    counts = re.findall(r"(\d+)/(\d+) \[", capsys.readouterr().err)
+    done, total = map(int, counts[-1])
+    assert total == 2 + 3 + 2 * 4 and done == total
+    assert len({int(d) for d, _ in counts}) > 8  # it moved step by step, not in stages
+
+
+def test_internal_error_in_the_cli_shows_its_traceback(tmp_path, monkeypatch, net):
+    _fake_model(monkeypatch, net)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(cli, "explain", broken)
+    with pytest.raises(RuntimeError, match="an internal bug"):
+        cli.main(["explain", "--sample", "coffee", "--out", str(tmp_path / "r.html")])
+
+
+def test_internal_error_in_the_app_shows_its_traceback(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(app, "serve_classroom", broken)
+    with pytest.raises(RuntimeError, match="an internal bug"):
+        app.main([])
+
+
+# =========================================================================== PNGs that lie
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _lying_png(width=7000, height=7000, rows=10, depth=8, colour=2, interlace=0) -> bytes:
+    """A PNG whose header declares width x height but whose complete zlib stream holds only
+    ``rows`` rows of zeros (the first Adam7 pass's row length when interlaced)."""
+    samples = {0: 1, 2: 3}[colour]
+    row_width = -(-width // 8) if interlace else width
+    row = b"\x00" * (1 + (row_width * samples * depth + 7) // 8)
+    header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header)
+            + _chunk(b"IDAT", zlib.compress(row * rows, 9)) + _chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    def refuse(self):
+        raise AssertionError("Pillow was asked to decode (and allocate) a lying PNG")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+
+
+def test_png_declaring_7000x7000_in_a_few_hundred_bytes_is_refused_before_decoding(
+        no_decoding):
+    data = _lying_png()
+    assert len(data) < 400
+    started = time.perf_counter()
+    with pytest.raises(PullbackWidgetsError, match=r"7000 x 7000 .* truncated or corrupt"):
+        pw.load_image(data)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_lying_png_from_a_file_is_refused(tmp_path, no_decoding):
+    path = tmp_path / "small.png"
+    path.write_bytes(_lying_png())
+    with pytest.raises(PullbackWidgetsError, match=r"small\.png"):
+        pw.load_image(path)
+
+
+def test_lying_png_opened_with_pillow_is_refused(no_decoding):
+    image = Image.open(io.BytesIO(_lying_png()))
+    with pytest.raises(PullbackWidgetsError, match="truncated or corrupt"):
+        pw.load_image(image)
+
+
+def test_lying_interlaced_png_is_refused(no_decoding):
+    with pytest.raises(PullbackWidgetsError, match="truncated or corrupt"):
+        pw.load_image(_lying_png(width=3000, height=3000, rows=20, interlace=1))
+
+
+def test_lying_16_bit_gray_png_is_refused(no_decoding):
+    with pytest.raises(PullbackWidgetsError, match="truncated or corrupt"):
+        pw.load_image(_lying_png(width=5000, height=5000, rows=3, depth=16, colour=0))
+
+
+def test_lying_png_on_the_command_line_is_one_line(tmp_path, capsys, no_computing):
+    path = tmp_path / "small.png"
+    path.write_bytes(_lying_png())
+    assert "truncated or corrupt" in _cli_error(capsys, "explain", path, "--out",
+                                                tmp_path / "r.html")

@@ -1,5 +1,7 @@
 """pullback-widgets: excitation pullbacks (arXiv 2507.22832) with live Jupyter widgets."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from .ascent import AscentGrid, AscentResult, ascent_grid, pullback_ascent
 from .figures import (
     ascent_frames,
@@ -20,6 +22,11 @@ from .session import ExcitationPullback, PullbackSession, excitation_pullback
 from .targets import Unit
 from .validation import PullbackWidgetsError, PullbackWidgetsTypeError
 from .widgets import AscentExplorer, PullbackExplorer
+
+try:  # pyproject.toml's version, as installed: the one source of truth
+    __version__ = version("pullback-widgets")
+except PackageNotFoundError:  # imported from a checkout that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "GATES",

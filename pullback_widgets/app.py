@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import webbrowser
+from importlib import resources
 from pathlib import Path
 
 from .validation import PullbackWidgetsError, check_index
@@ -41,12 +42,12 @@ class VoilaNotInstalledError(PullbackWidgetsError, RuntimeError):
 
 
 def default_notebook() -> Path:
-    """``notebooks/05_classroom.ipynb`` of the source checkout this package was imported from.
+    """The classroom notebook, shipped inside the package as package data.
 
-    The notebooks are not part of the installed package, so this only exists for an editable
-    install (``pip install -e .``) or a checkout on ``sys.path``.
+    A package installed from a wheel or a checkout is a folder on disk, so this is a real file
+    that Voilà can serve, whatever the working directory.
     """
-    return Path(__file__).resolve().parents[1] / "notebooks" / CLASSROOM_NOTEBOOK
+    return Path(str(resources.files(__package__) / "notebooks" / CLASSROOM_NOTEBOOK))
 
 
 def _check_notebook(notebook: Path | str | None) -> Path:
@@ -54,8 +55,9 @@ def _check_notebook(notebook: Path | str | None) -> Path:
         path = default_notebook()
         if not path.is_file():
             raise PullbackWidgetsError(
-                f"the classroom notebook is not at {path} (it ships with the source checkout, "
-                "not with a wheel); pass its path: pullback-widgets app PATH/TO/05_classroom.ipynb")
+                f"the classroom notebook is missing from the installed package ({path}); "
+                "reinstall pullback-widgets, or pass its path: "
+                "pullback-widgets app PATH/TO/05_classroom.ipynb")
         return path
     path = Path(notebook).expanduser()
     if not path.is_file():
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pullback_widgets.app",
                                      description="Serve the classroom notebook with Voilà.")
     parser.add_argument("notebook", nargs="?", type=Path, default=None,
-                        help="the notebook to serve (default: notebooks/05_classroom.ipynb)")
+                        help="the notebook to serve (default: the classroom notebook)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"port on 127.0.0.1 (default {DEFAULT_PORT})")
     parser.add_argument("--open", action="store_true", help="open it in a web browser")

@@ -141,7 +141,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     app_parser = commands.add_parser("app", help="serve the classroom notebook with Voilà")
     app_parser.add_argument("notebook", nargs="?", type=Path, default=None,
-                            help="the notebook to serve (default: notebooks/05_classroom.ipynb)")
+                            help="the notebook to serve (default: the classroom notebook)")
     app_parser.add_argument("--port", type=int, default=8866, help="port on 127.0.0.1")
     app_parser.add_argument("--open", action="store_true", help="open it in a web browser")
     return parser

@@ -39,10 +39,16 @@ def _free_port() -> int:
 # --------------------------------------------------------------------------- argument errors
 
 
-def test_default_notebook_is_the_classroom_notebook():
+def test_default_notebook_is_the_classroom_notebook_inside_the_package():
     path = app.default_notebook()
     assert path.name == "05_classroom.ipynb"
-    assert path.is_file(), "the editable checkout should have notebooks/05_classroom.ipynb"
+    assert path.is_file()
+    assert path.parent.parent == Path(app.__file__).parent  # package data, found from anywhere
+    # notebooks/ shows it with the tutorials through a link: one copy, nothing to drift.
+    tutorial = Path(__file__).resolve().parents[1] / "notebooks" / "05_classroom.ipynb"
+    assert tutorial.read_bytes() == path.read_bytes()
+    if tutorial.is_symlink():  # a checkout; an unpacked sdist holds a copy made at build time
+        assert tutorial.resolve() == path.resolve()
 
 
 def test_missing_default_notebook_asks_for_a_path(monkeypatch, tmp_path):

@@ -1,13 +1,17 @@
 """binder/ stays in step with pyproject.toml: Binder must build the environment the package
-declares (plus ipywidgets 8, which Binder's base image lacks), and postBuild must install the
-package and prefetch the paper models' weights without failing the build when offline."""
+declares, with CPU-only torch (from the PyTorch CPU index alone) and ipywidgets 8 (Binder's base
+image has 7), and postBuild must install the package and prefetch the paper models' weights
+without failing the build when offline. Every link to the project names the repository of
+pyproject's [project.urls]."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -31,18 +35,21 @@ def _pyproject() -> dict:
         return tomllib.load(f)
 
 
-def _binder_requirements() -> tuple[dict[str, Requirement], bool]:
-    """(requirements by canonical name, whether the file installs the package itself)."""
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# What requirements.txt installs, before anything that depends on torch can pull a CUDA build.
+TORCH_PACKAGES = ("torch", "torchvision")
+
+
+def _binder_requirements() -> tuple[dict[str, Requirement], list[str]]:
+    """(requirements by canonical name, pip options) of binder/requirements.txt."""
     requirements: dict[str, Requirement] = {}
-    installs_package = False
+    options: list[str] = []
     for raw in (BINDER / "requirements.txt").read_text().splitlines():
         line = raw.split(" #", 1)[0].strip()
         if not line or line.startswith("#"):
             continue
-        if line in (".", "-e .", "--editable .", "-e.", "./"):
-            installs_package = True
-            continue
-        if line.startswith("-"):  # pip options such as --extra-index-url
+        if line.startswith("-"):  # pip options such as --index-url
+            options.append(" ".join(line.replace("=", " ", 1).split()))
             continue
         try:
             requirement = Requirement(line)
@@ -51,48 +58,35 @@ def _binder_requirements() -> tuple[dict[str, Requirement], bool]:
         name = canonicalize_name(requirement.name)
         assert name not in requirements, f"{requirement.name} is listed twice"
         requirements[name] = requirement
-    return requirements, installs_package
+    return requirements, options
 
 
-def _declared() -> list[Requirement]:
-    project = _pyproject()["project"]
-    declared = [Requirement(r) for r in project["dependencies"]]
+def _declared(name: str) -> Requirement:
+    dependencies = [Requirement(r) for r in _pyproject()["project"]["dependencies"]]
+    return next(r for r in dependencies if canonicalize_name(r.name) == name)
+
+
+def test_requirements_install_torch_from_the_cpu_index_only():
+    requirements, options = _binder_requirements()
+    # --index-url replaces PyPI: no CUDA build of torch is even a candidate. An
+    # --extra-index-url would let pip pick from both.
+    assert options == [f"--index-url {CPU_INDEX}"], options
+    assert sorted(requirements) == sorted(TORCH_PACKAGES), "the rest comes from postBuild"
+    for name, listed in requirements.items():
+        declared = _declared(name)
+        assert listed.specifier == declared.specifier, f"{listed} differs from {declared}"
+
+
+def test_post_build_installs_the_lab_extra_from_pypi():
+    text = (BINDER / "postBuild").read_text()
+    extras = ",".join(BINDER_EXTRAS)
+    assert f'python -m pip install --no-cache-dir -e ".[{extras}]"' in text
+    assert "index-url" not in text  # PyPI, where torch is already satisfied
     for extra in BINDER_EXTRAS:
-        declared += [Requirement(r) for r in project["optional-dependencies"][extra]]
-    return declared
-
-
-def test_runtime_and_lab_dependencies_are_in_binder_requirements():
-    requirements, installs_package = _binder_requirements()
-    runtime = {canonicalize_name(r.name) for r in
-               (Requirement(d) for d in _pyproject()["project"]["dependencies"])}
-    problems = []
-    for declared in _declared():
-        name = canonicalize_name(declared.name)
-        listed = requirements.get(name)
-        if listed is None:
-            # Installing the package itself brings its runtime dependencies, not its extras.
-            if not (installs_package and name in runtime):
-                problems.append(f"{declared} is missing")
-        elif listed.specifier != declared.specifier and name != "ipywidgets":
-            problems.append(f"{listed} differs from pyproject's {declared}")
-    assert not problems, "binder/requirements.txt out of step with pyproject.toml: " + \
-        "; ".join(problems)
-
-
-def test_ipywidgets_8_is_pinned():
-    requirements, _ = _binder_requirements()
-    ipywidgets = requirements.get("ipywidgets")
-    assert ipywidgets is not None, "pin ipywidgets>=8 (Binder's base image ships 7)"
+        assert extra in _pyproject()["project"]["optional-dependencies"]
+    # Binder's base image ships ipywidgets 7; the package's own requirement replaces it.
+    ipywidgets = _declared("ipywidgets")
     assert not ipywidgets.specifier.contains("7.8.5"), ipywidgets
-    declared = next(r for r in _declared() if canonicalize_name(r.name) == "ipywidgets")
-    minimum = next(s.version for s in declared.specifier if s.operator == ">=")
-    assert ipywidgets.specifier.contains(minimum), f"{ipywidgets} excludes pyproject's {declared}"
-
-
-def test_torch_comes_from_the_cpu_wheel_index():
-    text = (BINDER / "requirements.txt").read_text()
-    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in text
 
 
 def test_post_build_installs_the_package_and_prefetches():
@@ -102,7 +96,7 @@ def test_post_build_installs_the_package_and_prefetches():
     if os.name == "posix":
         assert os.access(post_build, os.X_OK), "git add --chmod=+x binder/postBuild"
     assert "set -euo pipefail" in text
-    assert "pip install" in text and "-e ." in text
+    assert text.index("pip install") < text.index("binder/prefetch_weights.py")
     assert "binder/prefetch_weights.py" in text
 
 
@@ -133,3 +127,37 @@ def test_prefetch_tolerates_being_offline(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "could not fetch resnet50, vgg11_bn, densenet121" in result.stderr
     assert "The build goes on" in result.stderr
+
+
+# A link to a GitHub repository, or a Binder link that builds one: owner/name.
+REPOSITORY_LINK = re.compile(
+    r"(?:github\.com|mybinder\.org/v2/gh)/([\w.-]+/[\w.-]+?)(?:\.git)?(?=[/?#)\s\"'<]|$)")
+
+
+def _documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+            *sorted(BINDER.iterdir()), *sorted((ROOT / "notebooks").glob("*.ipynb")),
+            *sorted((ROOT / "pullback_widgets").rglob("*.py"))]
+
+
+def test_every_link_to_the_project_names_its_repository():
+    urls = _pyproject()["project"]["urls"]
+    repository = urls["Repository"]
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", repository), repository
+    ours = repository.removeprefix("https://github.com/")
+    for label, url in urls.items():
+        for named in REPOSITORY_LINK.findall(url):
+            assert named == ours, f"[project.urls] {label} = {url}"
+    readme = (ROOT / "README.md").read_text()
+    badge = re.search(r"\(https://mybinder\.org/v2/gh/([\w.-]+/[\w.-]+)/HEAD\?labpath=([^)\s]+)\)",
+                      readme)
+    assert badge, "the README's Binder badge"
+    assert badge.group(1) == ours
+    assert (ROOT / urllib.parse.unquote(badge.group(2))).is_file(), badge.group(2)
+    problems = []
+    for path in _documents():
+        for named in REPOSITORY_LINK.findall(path.read_text()):
+            # Links to other projects (a library we cite) are fine; ours must agree.
+            if "pullback" in named.lower() and named != ours:
+                problems.append(f"{path.relative_to(ROOT)}: {named}")
+    assert not problems, f"links disagree with {repository}: {problems}"

@@ -1,12 +1,13 @@
-"""CI smoke test: `python benchmarks/quality.py --quick` writes its four reports and its JSON."""
+"""CI smoke test: `python benchmarks/quality.py --quick` writes its tables through the command."""
 
 import importlib.util
-import json
 import re
 import sys
 from pathlib import Path
 
 import pytest
+
+from pullback_widgets import evaluation as ev
 
 QUALITY = Path(__file__).parents[1] / "benchmarks" / "quality.py"
 
@@ -39,47 +40,38 @@ def test_quick_quality_benchmark_writes_its_tables(tmp_path, monkeypatch):
     # One thread: on a shared CI machine, two would spin waiting for each other's core.
     run = quality.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)])
     names = {p.name for p in tmp_path.iterdir()}
-    assert names == {"quality.md", "quality.html", "temperature_curves.md",
-                     "temperature_curves.html", "quality_raw.json"}
+    assert names == {"quality.csv", "quality.summary.md", "quality.settings.json",
+                     "temperature_curves.csv", "temperature_curves.settings.json",
+                     "temperature_curves.summary.md", "temperature_curves.md",
+                     "temperature_curves.html", "quality_run.json"}
 
-    text = (tmp_path / "quality.md").read_text(encoding="utf-8")
-    header, rows = _table_rows(text, "| method |")
-    assert header == ["method", "deletion (blur) ↓", "insertion (blur) ↑", "deletion (mean) ↓",
-                      "insertion (mean) ↑", "deletion (blur, regions) ↓",
-                      "insertion (blur, regions) ↑", "infidelity σ=0.01 ↓",
-                      "infidelity σ=0.1 ↓", "ascent gain ↑", "randomised ρ ↓", "s / image ↓"]
-    methods = [row[0] for row in rows]
-    assert methods == run.table_methods and methods[-1] == "random"
-    assert {"gradient", "gradient_x_input", "pullback sigmoid T=0.3",
-            "pullback normal_cdf T=0.3", "pullback sigmoid T=0.3 (relative)"} <= set(methods)
-    if importlib.util.find_spec("captum") is not None:
-        assert {"guided_backprop", "integrated_gradients", "smoothgrad",
-                "guided_gradcam"} <= set(methods)
-        assert "guided_backprop_captum" not in methods  # equals the gradient on Lite0
-    assert all(len(row) == len(header) for row in rows)
-    assert all(re.match(r"-?\d", cell) for row in rows for cell in row[1:10])
-    _, stages = _table_rows(text, "| randomised down to |")
-    assert [row[0] for row in stages] == ["classifier", "conv_head+bn2"]
-    assert "ResNet-50" in text and "nn.ReLU6" in text
+    # The quality table is the command's output: 2 photos x top-2 x 3 methods x 2 metrics.
+    rows = ev.read_rows(tmp_path / "quality.csv")
+    assert len(rows) == 2 * 2 * 3 * 2
+    assert {r[0] for r in rows} == {"photos/chelsea.png", "photos/coffee.png"}
+    summary = (tmp_path / "quality.summary.md").read_text(encoding="utf-8")
+    header, body = _table_rows(summary, "| metric |")
+    assert header == ["metric", "method", "n", "mean ± s.e.", "Δ vs gradient [95% CI]",
+                      "Δ vs random [95% CI]"]
+    assert [row[:2] for row in body] == [[f"{m} {a}", method] for m, a in
+                                         (("deletion", "↓"), ("insertion", "↑"))
+                                         for method in ("gradient", "pullback", "random")]
+    assert "pullback-widgets evaluate photos --targets top-2" in run.note
 
     curves = (tmp_path / "temperature_curves.md").read_text(encoding="utf-8")
     header, rows = _table_rows(curves, "| method | mode | T |")
     assert [tuple(row[:3]) for row in rows] == [
-        ("gradient", "—", "—"),
-        ("pullback sigmoid", "absolute", "0.1"), ("pullback sigmoid", "absolute", "1"),
-        ("pullback normal_cdf", "absolute", "0.1"), ("pullback normal_cdf", "absolute", "1"),
+        ("gradient", "—", "—"), ("random", "—", "—"),
+        ("pullback sigmoid", "absolute", "0.1"), ("pullback sigmoid", "absolute", "0.7"),
+        ("pullback normal_cdf", "absolute", "0.1"), ("pullback normal_cdf", "absolute", "0.7"),
         ("pullback sigmoid", "relative", "0.3"), ("pullback sigmoid", "relative", "1")]
+    assert all(re.match(r"-?\d", cell) for row in rows for cell in row[3:])
     assert "**Recommendation:" in curves
+    html = (tmp_path / "temperature_curves.html").read_text(encoding="utf-8")
+    # Nothing is loaded from elsewhere: plotly.js is inline (its bundle merely mentions a
+    # cdn.plot.ly address as the default source of geo maps, which these plots never use).
+    assert "<script src=" not in html and "Plotly.newPlot" in html
 
-    for name in ("quality.html", "temperature_curves.html"):
-        html = (tmp_path / name).read_text(encoding="utf-8")
-        # Nothing is loaded from elsewhere: plotly.js is inline (its bundle merely mentions a
-        # cdn.plot.ly address as the default source of geo maps, which these plots never use).
-        assert "<script src=" not in html and "Plotly.newPlot" in html
-        assert len(html) > 1_000_000
-
-    raw = json.loads((tmp_path / "quality_raw.json").read_text(encoding="utf-8"))
-    assert len(raw["results"]["gradient"]["ascent gain"]) == len(raw["photos"]) == 2
-    rebuilt = tmp_path / "rebuilt"
-    quality.main(["--from-json", str(tmp_path / "quality_raw.json"), "--out-dir", str(rebuilt)])
-    assert (rebuilt / "quality.md").read_text(encoding="utf-8") == text
+    rebuilt = quality.main(["--quick", "--report-only", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "temperature_curves.md").read_text(encoding="utf-8") == curves
+    assert rebuilt.photos == run.photos

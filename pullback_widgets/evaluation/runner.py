@@ -206,7 +206,8 @@ class EvaluationSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_methods(list(self.methods))
+        if isinstance(self.methods, str) or not self.methods:
+            raise PullbackWidgetsTypeError("methods must be a non-empty list of method names")
         check_metrics(list(self.metrics))
         self.top_k()
         if self.pool_weights is not None and self.pool_weights not in POOL_WEIGHTS:
@@ -230,6 +231,7 @@ class EvaluationSettings:
         return int(match.group(1))
 
     def explainers(self, model: nn.Module) -> dict[str, Explainer]:
+        """The methods by their stable names (:data:`~.methods.METHODS`)."""
         return {name: build_method(name, model, temperature=self.temperature, gate=self.gate,
                                    pool_weights=self.pool_weights,
                                    batch_size=self.forward_batch)
@@ -441,6 +443,10 @@ def _join_world() -> _World:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
+        if local >= torch.cuda.device_count():
+            raise PullbackWidgetsError(
+                f"LOCAL_RANK {local} has no GPU of its own ({torch.cuda.device_count()} "
+                "visible): start at most one process per GPU (--nproc-per-node)")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     else:
@@ -486,11 +492,11 @@ def _load_batch(items: Sequence[Item], size: int, skipped: list[tuple[str, str]]
 
 
 def _evaluate_shard(items: Sequence[Item], model: nn.Module, settings: EvaluationSettings,
-                    world: _World, out: Path, done: set[tuple[str, int, str, str]],
+                    methods: Mapping[str, Explainer], world: _World, out: Path,
+                    done: set[tuple[str, int, str, str]],
                     progress: bool) -> tuple[int, list[tuple[str, str]]]:
     """Score this rank's share; each (batch, method) goes to its own part file. Returns the
     number of images that got new rows, and the files skipped as unreadable."""
-    methods = settings.explainers(model)
     randomised = (randomised_copy(model, settings.seed)
                   if "randomisation" in settings.metrics else None)
     k = settings.top_k()
@@ -601,16 +607,23 @@ def _write_settings(out: Path, settings: EvaluationSettings, extra: Mapping[str,
 
 def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
              out: str | os.PathLike, *, resume: bool = False, model: nn.Module | None = None,
+             methods: Mapping[str, Explainer] | None = None,
              progress: bool = True) -> RunReport | None:
     """Score every item for every method and metric of ``settings``; see the module docstring.
 
     Call it in every process of a torchrun job (or in one process): each takes its share,
     rank 0 merges and returns the :class:`RunReport`; the other ranks return None. ``model``:
     an already loaded network (default: ``load_model(settings.model)`` on this rank's
-    device). Raises :class:`~pullback_widgets.PullbackWidgetsError` before any work for a bad
-    output path or settings that a resumed run does not share.
+    device). ``methods``: name -> :data:`~.methods.Explainer` to evaluate instead of
+    ``settings.methods`` (e.g. a grid of pullback temperatures). Raises
+    :class:`~pullback_widgets.PullbackWidgetsError` before any work for a bad output path or
+    settings that a resumed run does not share.
     """
     began = time.perf_counter()
+    if methods is None:
+        check_methods(list(settings.methods))
+    else:
+        settings = dataclasses.replace(settings, methods=tuple(methods))
     out = check_output(out, resume)
     _check_resume_settings(out, settings, resume)
     items = [as_item(item) for item in items]
@@ -635,8 +648,9 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
         if world.rank == 0:
             _write_settings(out, settings, {"world_size": world.size, "status": "running"})
         world.barrier()  # the parts folder and settings exist before anyone writes
+        explainers = settings.explainers(model) if methods is None else dict(methods)
         evaluated, skipped = _evaluate_shard(items[world.rank::world.size], model, settings,
-                                             world, out, done, progress)
+                                             explainers, world, out, done, progress)
         counts = world.gather((evaluated, skipped))  # also the barrier before the merge
         if world.rank != 0:
             return None
@@ -773,6 +787,7 @@ def run_command(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike,
     if image_size is None and model in MODELS:
         image_size = MODELS[model].input_size
     run_settings = EvaluationSettings(targets=targets, image_size=image_size, **settings)
+    check_methods(list(run_settings.methods))
     checked = check_output(out, resume)
     items = folder_items(paths, labels_from_folders=labels_from_folders,
                          class_names=imagenet_labels(), limit=limit)

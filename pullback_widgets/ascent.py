@@ -14,10 +14,19 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .gates import check_temperature
+from .gates import GateSettings
+from .model_helpers import default_temperatures, predict
 from .session import PullbackSession, Temperature
 from .targets import Target, Unit, class_indices
-from .validation import check_inputs, check_positive
+from .validation import (
+    PullbackWidgetsError,
+    PullbackWidgetsTypeError,
+    check_choice,
+    check_index,
+    check_inputs,
+    check_model,
+    check_positive,
+)
 
 METHODS = ("pullback", "gradient")
 
@@ -52,14 +61,6 @@ class AscentResult:
         return self.logits[-1] - self.logits[0]
 
 
-def _check_steps(steps: int) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
-    return steps
-
-
 def _target_score(session: PullbackSession, target: Target) -> tuple[Tensor, Tensor | None]:
     """(target logit or unit activation (B,), target probability (B,) or None)."""
     if isinstance(target, Unit):
@@ -74,22 +75,45 @@ def _target_score(session: PullbackSession, target: Target) -> tuple[Tensor, Ten
 
 
 def _unit_l2(direction: Tensor) -> Tensor:
-    """Each example's direction scaled to unit L2 norm (zero stays zero)."""
-    norms = direction.flatten(1).norm(dim=1).clamp_min(1e-30)
-    return direction / norms.view(-1, 1, 1, 1)
+    """Each example's direction scaled to unit L2 norm (zero stays zero).
+
+    Divided by its largest entry first, so that neither huge nor tiny entries overflow or
+    underflow the sum of squares.
+    """
+    flat = direction.flatten(1)
+    largest = flat.abs().amax(dim=1, keepdim=True)
+    scaled = flat / torch.where(largest > 0, largest, 1.0)
+    norms = scaled.norm(dim=1, keepdim=True)
+    return (scaled / torch.where(norms > 0, norms, 1.0)).view_as(direction)
+
+
+def _step(current: Tensor, start: Tensor, direction: Tensor, step_size: float,
+          eps: float) -> Tensor:
+    """``current + step_size * direction`` (direction of unit norm), projected onto the L2 ball
+    of radius ``eps`` around ``start``, then into [0, 1].
+
+    Computed in units of max(step_size, eps), where every quantity is at most 2, so that a
+    step of 1e30 neither overflows nor vanishes: it lands on the ball's surface.
+    """
+    unit = max(step_size, eps)
+    delta = (current - start) / unit + direction * (step_size / unit)
+    radius = eps / unit
+    norms = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    delta = delta * torch.where(norms > radius, radius / norms.clamp_min(1e-30), 1.0)
+    return (start + delta * unit).clamp_(0.0, 1.0)
 
 
 def _project(image: Tensor, start: Tensor, eps: float) -> Tensor:
-    """Onto the L2 ball of radius ``eps`` around ``start``, then into [0, 1]."""
-    delta = image - start
-    norms = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    delta = delta * torch.where(norms > eps, eps / norms.clamp_min(1e-30), 1.0)
-    return (start + delta).clamp_(0.0, 1.0)
+    """``image`` projected onto the L2 ball of radius ``eps`` around ``start``, then into
+    [0, 1]: a step of length 0 (the evaluation's ascent loop uses it)."""
+    return _step(image, start, torch.zeros_like(image), 0.0, eps)
 
 
 def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: int = 5,
                     step_size: float = 10.0, eps: float = 50.0,
                     temperature: Temperature = None, gate: str = "sigmoid",
+                    pool_temperature: float | None = None, temperature_mode: str = "absolute",
+                    attention_weights: str = "detached", pool_weights: str = "differentiated",
                     method: str = "pullback",
                     callback: Callable[[int, AscentResult], object] | None = None,
                     progress: bool = True) -> AscentResult:
@@ -99,17 +123,20 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
     units) along the pullback normalised per example, projects onto the L2 ball of radius
     ``eps`` around the start and clamps to [0, 1]. ``method="gradient"`` runs the same loop on
     plain gradients. ``callback(step, result)`` runs after every step (step counts from 1);
-    returning a true value stops the run. ``progress`` shows a tqdm bar on stderr.
+    returning a true value stops the run. ``progress`` shows a tqdm bar on stderr. The gate
+    settings are those of :func:`excitation_pullback` (``temperature=None``: the model's own).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    steps, step_size, eps = _check_steps(steps), check_positive(step_size, "step_size"), \
-        check_positive(eps, "eps")
+    method = check_choice(method, METHODS, "method")
+    steps, step_size, eps = check_index(steps, "steps"), \
+        check_positive(step_size, "step_size"), check_positive(eps, "eps")
+    model = check_model(model)
     start = check_inputs(model, image).detach()
     if start.min() < 0 or start.max() > 1:
-        raise ValueError("image must be in pixel space [0, 1] (see pw.load_image)")
-    temperature = check_temperature(temperature)  # None: the model's default per kind
-    gate = "hard" if method == "gradient" else gate
+        raise PullbackWidgetsError("image must be in pixel space [0, 1] (see pw.load_image)")
+    settings = dict(temperature=temperature, gate="hard" if method == "gradient" else gate,
+                    pool_temperature=pool_temperature, temperature_mode=temperature_mode,
+                    attention_weights=attention_weights, pool_weights=pool_weights)
+    GateSettings(**settings, defaults=default_temperatures(model))  # checked before any work
     layers = (target.layer,) if isinstance(target, Unit) else ()
 
     result = AscentResult(images=[start])
@@ -118,8 +145,7 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
     bar = tqdm(total=steps, desc=f"{method} ascent", disable=not progress, leave=False)
     try:
         for step in range(steps + 1):
-            session = PullbackSession(model, current, temperature=temperature, gate=gate,
-                                      layers=layers)
+            session = PullbackSession(model, current, layers=layers, **settings)
             logit, prob = _target_score(session, target)
             logits.append(logit)
             probs.append(prob)
@@ -131,7 +157,7 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
             if step == steps:
                 break
             direction = _unit_l2(session.pullback(target))
-            current = _project(current + step_size * direction, start, eps)
+            current = _step(current, start, direction, step_size, eps)
             result.images.append(current)
             bar.update(1)
     finally:
@@ -158,14 +184,16 @@ def ascent_grid(model: nn.Module, images: Tensor, targets: Sequence[int] | None 
     """Pullback ascent of every image (N, 3, H, W) towards every target class.
 
     ``targets=None`` takes each image's own predicted class, so the diagonal shows the image's
-    own class and the off-diagonal cells are counterfactuals.
+    own class and the off-diagonal cells are counterfactuals. Any integer type counts.
     """
+    model = check_model(model)
     start = check_inputs(model, images).detach()
     if targets is None:
-        targets = PullbackSession(model, start).logits.detach().argmax(1).tolist()
-    if isinstance(targets, (int, str)) or len(targets) == 0 or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in targets):
-        raise TypeError("targets must be a non-empty sequence of int class indices")
+        targets = predict(model, start).argmax(1).tolist()
+    if isinstance(targets, (str, Tensor)) or not isinstance(targets, Sequence) \
+            or len(targets) == 0:
+        raise PullbackWidgetsTypeError("targets must be a non-empty sequence of class indices")
+    targets = [check_index(t, "each of targets") for t in targets]
     columns = [pullback_ascent(model, start, t, **ascent_kwargs) for t in targets]
     finals = torch.stack([c.images[-1] for c in columns], dim=1)
     return AscentGrid(images=finals, diffs=finals - start.unsqueeze(1),

@@ -27,24 +27,26 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .validation import PullbackWidgetsError, check_choice, check_positive
+from .validation import (
+    PullbackWidgetsError,
+    PullbackWidgetsTypeError,
+    check_choice,
+    check_positive,
+    suggest,
+)
 
 GATES = ("sigmoid", "normal_cdf", "hard")
 TEMPERATURE_MODES = ("absolute", "relative")
 ATTENTION_WEIGHTS = ("detached", "differentiated")
+# "detached" (the paper's later version: the softmax weights are constants in the backward)
+# joins this tuple when the soft pool's backward implements it; until then it is refused
+# rather than silently computed as "differentiated".
+POOL_WEIGHTS = ("differentiated",)
 # The package's default temperature per kind of gated op. relu and pool keep the paper's first
 # version (0.3); silu, gelu and attention are the later code's defaults; hardswish is ours.
 KIND_TEMPERATURES = {"relu": 0.3, "pool": 0.3, "silu": 1.6, "gelu": 1.0, "hardswish": 1.0,
                      "attention": 1.0}
 KINDS = tuple(KIND_TEMPERATURES)
-
-
-def check_gate(gate: str) -> str:
-    if not isinstance(gate, str):
-        raise TypeError(f"gate must be a string, one of {GATES}, got {type(gate).__name__}")
-    if gate not in GATES:
-        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-    return gate
 
 
 def check_temperature(temperature: object) -> float | dict[str, float] | None:
@@ -59,6 +61,26 @@ def check_temperature(temperature: object) -> float | dict[str, float] | None:
     return check_positive(temperature, "temperature")
 
 
+def _smallest_temperature(dtype: torch.dtype) -> float:
+    """The smallest T whose reciprocal 1/T is finite in ``dtype``: the backward divides by T."""
+    return 2.0 / torch.finfo(dtype).max if dtype.is_floating_point else 0.0
+
+
+_FIELD_CHECKS = {
+    "temperature": check_temperature,
+    "gate": lambda value: check_choice(value, GATES, "gate"),
+    "pool_temperature": lambda value: (
+        None if value is None else check_positive(value, "pool_temperature")),
+    "temperature_mode": lambda value: check_choice(value, TEMPERATURE_MODES, "temperature_mode"),
+    "attention_weights": lambda value: check_choice(value, ATTENTION_WEIGHTS,
+                                                    "attention_weights"),
+    "pool_weights": lambda value: check_choice(value, POOL_WEIGHTS, "pool_weights"),
+    "defaults": lambda value: {**KIND_TEMPERATURES, **{
+        check_choice(kind, KINDS, "defaults key"): check_positive(t, f"defaults[{kind!r}]")
+        for kind, t in value.items()}},
+}
+
+
 @dataclass
 class GateSettings:
     """What the soft backward of every gated op reads at the moment it runs.
@@ -69,6 +91,11 @@ class GateSettings:
     (kinds in :data:`KINDS`), or None; a kind it does not name takes ``defaults[kind]`` (the
     model's own per-kind defaults). ``pool_temperature`` is an alias for the ``"pool"`` kind.
     ``attention_weights`` picks the attention rule (see :mod:`.attention_gates`).
+    ``pool_weights``: ``"differentiated"`` (the paper's first version: the soft pool's softmax
+    weights are differentiated too); see :data:`POOL_WEIGHTS`.
+
+    Every field is checked when it is set, so a GateSettings never holds a bad value;
+    :meth:`update` checks all its arguments before it changes any.
     """
 
     temperature: float | Mapping[str, float] | None = None
@@ -76,33 +103,55 @@ class GateSettings:
     pool_temperature: float | None = None
     temperature_mode: str = "absolute"
     attention_weights: str = "detached"
+    pool_weights: str = "differentiated"
     defaults: Mapping[str, float] = field(default_factory=lambda: dict(KIND_TEMPERATURES))
 
-    def __post_init__(self) -> None:
-        self.defaults = {**KIND_TEMPERATURES, **self.defaults}
-        self.update(self.temperature, self.gate, self.pool_temperature, self.temperature_mode,
-                    self.attention_weights)
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _FIELD_CHECKS:
+            self.update(**{name: value})
+        else:
+            super().__setattr__(name, value)
 
-    def update(self, temperature: float | Mapping[str, float] | None, gate: str,
-               pool_temperature: float | None, temperature_mode: str = "absolute",
-               attention_weights: str = "detached") -> None:
-        temperature = check_temperature(temperature)
-        gate = check_gate(gate)
-        pool_temperature = (None if pool_temperature is None
-                            else check_positive(pool_temperature, "pool_temperature"))
+    def update(self, *args: object, **changes: object) -> None:
+        """Change some fields; all are checked first, so a bad value changes none of them.
+
+        Fields may be given by keyword or positionally, in declaration order.
+        """
+        names = list(_FIELD_CHECKS)
+        if len(args) > len(names):
+            raise TypeError(f"update() takes at most {len(names)} positional arguments")
+        for name, value in zip(names, args):
+            if name in changes:
+                raise TypeError(f"update() got {name!r} twice")
+            changes[name] = value
+        unknown = [name for name in changes if name not in _FIELD_CHECKS]
+        if unknown:
+            raise PullbackWidgetsTypeError(
+                f"unknown setting {unknown[0]!r}{suggest(unknown[0], names)}; "
+                f"the settings are {tuple(names)}")
+        checked = {name: _FIELD_CHECKS[name](value) for name, value in changes.items()}
+        temperature = checked.get("temperature", getattr(self, "temperature", None))
+        pool_temperature = checked.get("pool_temperature",
+                                       getattr(self, "pool_temperature", None))
         if isinstance(temperature, dict) and "pool" in temperature \
                 and pool_temperature not in (None, temperature["pool"]):
             raise PullbackWidgetsError(
                 f"pool_temperature={pool_temperature} and temperature['pool']="
                 f"{temperature['pool']} disagree; pool_temperature is an alias, give one")
-        if temperature_mode not in TEMPERATURE_MODES:
-            raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, "
-                             f"got {temperature_mode!r}")
-        attention_weights = check_choice(attention_weights, ATTENTION_WEIGHTS,
-                                         "attention_weights")
-        # Validated in full above; only now is any of it stored.
-        self.temperature, self.gate, self.pool_temperature = temperature, gate, pool_temperature
-        self.temperature_mode, self.attention_weights = temperature_mode, attention_weights
+        for name, value in checked.items():
+            super().__setattr__(name, value)
+
+    def replaced(self, **changes: object) -> GateSettings:
+        """A new GateSettings: these fields changed (None values skipped), the rest copied."""
+        copy = GateSettings(defaults=self.defaults)
+        copy.assign(self)
+        copy.update(**{name: value for name, value in changes.items() if value is not None})
+        return copy
+
+    def assign(self, other: GateSettings) -> None:
+        """Copy every field of ``other`` (already checked) into this object."""
+        for name in _FIELD_CHECKS:
+            super().__setattr__(name, getattr(other, name))
 
     def temperature_of(self, kind: str) -> float:
         """The base temperature of one kind of op (before ``temperature_mode``)."""
@@ -117,14 +166,21 @@ class GateSettings:
     def temperature_for(self, x: Tensor, pool: bool = False,
                         kind: str | None = None) -> float | Tensor:
         """The temperature an op of ``kind`` (default "relu", or "pool" with ``pool=True``)
-        with input ``x`` uses: a float, or per example (B, 1, ...)."""
+        with input ``x`` uses: a float, or per example (B, 1, ...).
+
+        Never below the smallest T whose reciprocal is finite in ``x``'s dtype (5.9e-39 in
+        float32, 3.1e-5 in float16): the gates there are already the hard step for every
+        pre-activation larger than about 40 T, so this is the T -> 0 limit as far as the dtype
+        can hold it, rather than an overflow or a NaN.
+        """
         base = self.temperature_of(kind or ("pool" if pool else "relu"))
+        floor = _smallest_temperature(x.dtype)
         if self.temperature_mode == "absolute":
-            return base
+            return max(base, floor)
         if x.dim() < 2:
-            return base * float(x.detach().std().clamp_min(1e-12))
+            return max(base * float(x.detach().std().clamp_min(1e-12)), floor)
         spread = x.detach().flatten(1).std(dim=1).clamp_min(1e-12)
-        return base * spread.view(-1, *([1] * (x.dim() - 1)))
+        return (base * spread).clamp_min(floor).view(-1, *([1] * (x.dim() - 1)))
 
 
 # Past this, sigmoid(x) is 1 to within float64 rounding.

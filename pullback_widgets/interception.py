@@ -211,8 +211,8 @@ def _gating(settings: GateSettings) -> Iterator[_SoftGatingMode]:
 @contextlib.contextmanager
 def soft_gating(model: nn.Module, temperature: float | Mapping[str, float] | None = None,
                 gate: str = "sigmoid", pool_temperature: float | None = None,
-                temperature_mode: str = "absolute", attention_weights: str = "detached"
-                ) -> Iterator[GateSettings]:
+                temperature_mode: str = "absolute", attention_weights: str = "detached",
+                pool_weights: str = "differentiated") -> Iterator[GateSettings]:
     """Inside this context, any backward through the gated ops is an excitation pullback.
 
     The forward is unchanged bit for bit, and ``model`` is not modified in any way. Yields the
@@ -220,9 +220,13 @@ def soft_gating(model: nn.Module, temperature: float | Mapping[str, float] | Non
     between backward passes of one graph changes the temperature. ``temperature=None`` is the
     model's own default per kind of op (see :func:`default_temperatures`), as everywhere in the
     package; a float sets every kind, a mapping kind -> T the kinds it names.
+
+    ``model`` may not be ``torch.compile``'d or TorchScript: you run it yourself inside the
+    context, and compiled code would not be gated (pass the eager module).
     """
-    check_model(model)
+    model = check_model(model, unwrap_compiled=False)
     settings = GateSettings(temperature, gate, pool_temperature, temperature_mode,
-                            attention_weights, defaults=default_temperatures(model))
+                            attention_weights, pool_weights,
+                            defaults=default_temperatures(model))
     with _gating(settings):
         yield settings

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -35,20 +37,41 @@ def default_temperatures(model: nn.Module) -> dict[str, float]:
     return temperatures
 
 
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = \
+    weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The one lock of ``model`` that every forward of the package holds (re-entrant).
+
+    The mode flags and the recording hooks live on the model, so two threads running it at
+    once would interleave them; the lock makes the package's forwards on one model take turns.
+    """
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's own flag afterwards.
+    """Hold the model's lock, put every submodule in eval mode, restore each one's own flag.
 
     Train-mode BatchNorm would both mix the examples of a batch and update running statistics,
-    which would change the user's model.
+    which would change the user's model. The lock keeps another thread's save and restore from
+    interleaving with ours (which would leave a train-mode model in eval mode, or run our
+    forward with Dropout on).
     """
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
+    with model_lock(model):
+        flags = [(module, module.training) for module in model.modules()]
+        model.eval()
+        try:
+            yield
+        finally:
+            for module, training in flags:
+                module.training = training
 
 
 def predict(model: nn.Module, inputs: Tensor) -> Tensor:
@@ -58,12 +81,17 @@ def predict(model: nn.Module, inputs: Tensor) -> Tensor:
 
 
 class LayerRecorder:
-    """Forward hooks that keep a copy of chosen layers' outputs; removed by ``close()``."""
+    """Forward hooks that keep a copy of chosen layers' outputs; removed by ``close()``.
+
+    Only forwards run by the thread that made the recorder are recorded, so a forward the user
+    runs on the same model in another thread is never mixed in. Use it as a context manager.
+    """
 
     def __init__(self, model: nn.Module, layers: Iterable[str]) -> None:
         modules = dict(model.named_modules())
         self.outputs: dict[str, Tensor] = {}
         self.calls: dict[str, int] = {}
+        self._thread = threading.get_ident()
         self._handles = []
         try:
             for name in layers:
@@ -76,6 +104,8 @@ class LayerRecorder:
 
     def _hook(self, name: str):
         def record(module, args, output):
+            if threading.get_ident() != self._thread:
+                return
             self.calls[name] = self.calls.get(name, 0) + 1
             if isinstance(output, Tensor):
                 # A copy, because the parent may overwrite this output in place (ReLU(inplace)).
@@ -87,6 +117,12 @@ class LayerRecorder:
             handle.remove()
         self._handles.clear()
 
+    def __enter__(self) -> LayerRecorder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 def feature_layers(model: nn.Module, inputs: Tensor) -> dict[str, tuple[int, ...]]:
     """Layers worth pulling back from, with their output shapes (C, H, W) for ``inputs``.
@@ -94,26 +130,13 @@ def feature_layers(model: nn.Module, inputs: Tensor) -> dict[str, tuple[int, ...
     Top-level modules and containers (blocks, stages) that run exactly once and return a
     (B, C, H, W) tensor, in ``named_modules()`` order. Runs one plain forward, no gradients.
     """
-    check_model(model)
+    model = check_model(model)
     check_inputs(model, inputs)
-    shapes: dict[str, tuple[int, ...]] = {}
-    calls: dict[str, int] = {}
-
-    def hook(name):
-        def record(module, args, output):
-            calls[name] = calls.get(name, 0) + 1
-            if isinstance(output, Tensor) and output.dim() == 4:
-                shapes[name] = tuple(output.shape[1:])
-        return record
-
-    handles = [module.register_forward_hook(hook(name))
-               for name, module in model.named_modules()
-               if name and ("." not in name or next(module.children(), None) is not None)]
-    try:
-        with evaluation_mode(model), torch.no_grad():
-            model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: shapes[name] for name, _ in model.named_modules()
-            if name in shapes and calls[name] == 1}
+    candidates = [name for name, module in model.named_modules()
+                  if name and ("." not in name or next(module.children(), None) is not None)]
+    with evaluation_mode(model), LayerRecorder(model, candidates) as recorder, \
+            torch.no_grad():
+        model(inputs)
+    outputs = recorder.outputs
+    return {name: tuple(outputs[name].shape[1:]) for name in candidates
+            if name in outputs and outputs[name].dim() == 4 and recorder.calls[name] == 1}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -12,118 +15,251 @@ from .gates import GateSettings
 from .interception import _gating
 from .model_helpers import LayerRecorder, default_temperatures, evaluation_mode
 from .targets import Target, Unit, class_indices, is_class_target, unit_seed
-from .validation import check_inputs, check_model
+from .validation import (
+    PullbackWidgetsError,
+    PullbackWidgetsTypeError,
+    check_inputs,
+    check_model,
+)
 
 # One number for every kind of gated op, a mapping kind -> T, or None: the model's defaults.
 Temperature = float | Mapping[str, float] | None
+
+_NO_GRADIENT_PATH = (
+    "the model's {what} does not depend on its input through autograd: its forward runs "
+    "(at least in part) under torch.no_grad() or torch.inference_mode(), or detaches the "
+    "input. A pullback needs the whole gradient path; remove that from forward().")
+
+
+@contextlib.contextmanager
+def _autograd_on() -> Iterator[None]:
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """One recorded forward: the leaf it starts at, its outputs, and the retained graph."""
+
+    input: Tensor
+    logits: Tensor
+    activations: dict[str, Tensor]
+    layers: tuple[str, ...]
+    gated_calls: int
+    gated_kinds: dict[str, int]
 
 
 class PullbackSession:
     """One forward pass, then as many pullbacks of it as you like.
 
     The forward runs once (in eval mode, the model's flags restored after), with its graph
-    retained. :meth:`pullback` and :meth:`pullbacks` re-run only the backward; the temperature and
-    gate are read when that backward runs.
+    retained. :meth:`pullback` and :meth:`pullbacks` re-run only the backward.
 
     ``inputs``: (B, C, H, W) float, in whatever space the model takes (pixel space [0, 1] for
-    :func:`load_model` models). ``layers``: names of layers whose outputs ``Unit`` targets may use;
-    a Unit on another layer costs one more forward, which then records it too.
+    :func:`load_model` models). ``temperature=None`` is the model's own default per kind of op
+    (:func:`default_temperatures`), as everywhere in the package. ``layers``: names of layers
+    whose outputs ``Unit`` targets may use; a Unit on another layer costs one more forward,
+    which then records it too.
+    ``forward_args``: further positional arguments to the model, after ``inputs``.
+
+    Settings. ``session.settings`` holds the session's own settings. Settings passed to
+    :meth:`pullback` or :meth:`pullbacks` apply to that call only; :meth:`configure` changes
+    the session's own settings for every later call. A call that raises changes nothing.
+
+    Threads. A session may be used from several threads at once: each call gets the result
+    of its own settings (the backward passes of one session take turns), and every forward
+    of the package on one model holds that model's lock, so mode flags and layer recording
+    never interleave. The model's own forward calls made by you in another thread are not
+    locked; they run as they would without the package.
     """
 
     def __init__(self, model: nn.Module, inputs: Tensor, *, temperature: Temperature = None,
                  gate: str = "sigmoid", pool_temperature: float | None = None,
                  temperature_mode: str = "absolute", attention_weights: str = "detached",
-                 layers: Iterable[str] = ()) -> None:
-        check_model(model)
-        self.model = model
-        self.inputs = check_inputs(model, inputs).detach()
+                 pool_weights: str = "differentiated", layers: Iterable[str] = (),
+                 forward_args: Sequence[object] = ()) -> None:
+        model = check_model(model)
+        inputs = check_inputs(model, inputs).detach()
+        if isinstance(layers, str):
+            raise PullbackWidgetsTypeError("layers must be a list of layer names, not a str")
+        layers = tuple(dict.fromkeys(layers))
         self.settings = GateSettings(temperature, gate, pool_temperature, temperature_mode,
-                                     attention_weights, defaults=default_temperatures(model))
-        self._forward(tuple(dict.fromkeys(layers)))
+                                     attention_weights, pool_weights,
+                                     defaults=default_temperatures(model))
+        self.model = model
+        self.inputs = inputs
+        self._forward_args = tuple(forward_args)
+        # What the graph's gated ops read when a backward runs: each call sets it, under the
+        # lock, to that call's settings.
+        self._live = self.settings.replaced()
+        self._lock = threading.RLock()
+        self._state = self._run_forward(layers)
 
-    def _forward(self, layers: tuple[str, ...]) -> None:
-        self.layers = layers
-        self._input = self.inputs.clone().requires_grad_(True)
-        recorder = LayerRecorder(self.model, layers)
-        try:
-            with evaluation_mode(self.model), _gating(self.settings) as mode, \
-                    torch.enable_grad():
-                logits = self.model(self._input)
-        finally:
-            recorder.close()
-        if not isinstance(logits, Tensor) or logits.dim() != 2:
-            raise ValueError("the model must return logits of shape (B, num_classes), got "
-                             f"{getattr(logits, 'shape', type(logits).__name__)}")
-        for name in layers:
-            if recorder.calls.get(name, 0) == 0 or name not in recorder.outputs:
-                raise ValueError(f"layer {name!r} produced no tensor output in the forward pass")
-            if recorder.calls[name] > 1:
-                raise ValueError(f"layer {name!r} ran {recorder.calls[name]} times in one "
-                                 "forward pass, so its output is ambiguous; pick a layer "
-                                 "that runs once")
-        if mode.gated_calls == 0:
-            warnings.warn("the model has no ReLU-family or max-pool op, nor any other gated op "
-                          "(SiLU, GELU, Hardswish, leaky ReLU, LayerNorm, GroupNorm, attention) "
-                          "on the input's path: the pullback equals the plain gradient",
-                          stacklevel=3)
-        self.gated_calls = mode.gated_calls
-        self.gated_kinds = dict(mode.gated_kinds)
-        self.logits = logits
-        self.activations = recorder.outputs
+    # ------------------------------------------------------------ the recorded forward
+
+    @property
+    def logits(self) -> Tensor:
+        """The model's logits (B, num_classes), bit-identical to its plain forward."""
+        return self._state.logits
+
+    @property
+    def activations(self) -> dict[str, Tensor]:
+        """Recorded layer outputs by name."""
+        return self._state.activations
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Names of the recorded layers."""
+        return self._state.layers
+
+    @property
+    def gated_calls(self) -> int:
+        """How many ReLU-family and max-pool calls the forward routed to the soft ops."""
+        return self._state.gated_calls
+
+    @property
+    def gated_kinds(self) -> dict[str, int]:
+        """Gated calls per kind of op ("relu", "pool", "silu", ..., "norm")."""
+        return self._state.gated_kinds
 
     @property
     def probabilities(self) -> Tensor:
         """Softmax of the logits, (B, num_classes), detached."""
         return self.logits.detach().softmax(dim=1)
 
-    def _configure(self, temperature, gate, pool_temperature, temperature_mode,
-                   attention_weights=None) -> None:
-        current = self.settings
-        current.update(
-            current.temperature if temperature is None else temperature,
-            current.gate if gate is None else gate,
-            current.pool_temperature if pool_temperature is None else pool_temperature,
-            current.temperature_mode if temperature_mode is None else temperature_mode,
-            current.attention_weights if attention_weights is None else attention_weights)
+    def _run_forward(self, layers: tuple[str, ...]) -> _Forward:
+        """A new forward recording ``layers``; checked, and not yet the session's."""
+        # Pullbacks need autograd even when the caller is inside no_grad or inference_mode.
+        with _autograd_on(), evaluation_mode(self.model), \
+                LayerRecorder(self.model, layers) as recorder, _gating(self._live) as mode:
+            leaf = self.inputs.clone().requires_grad_(True)
+            logits = self.model(leaf, *self._forward_args)
+        if not isinstance(logits, Tensor) or logits.dim() != 2:
+            raise PullbackWidgetsError(
+                "the model must return logits of shape (B, num_classes), got "
+                f"{getattr(logits, 'shape', type(logits).__name__)}")
+        if not logits.requires_grad:
+            raise PullbackWidgetsError(_NO_GRADIENT_PATH.format(what="output"))
+        for name in layers:
+            if recorder.calls.get(name, 0) == 0 or name not in recorder.outputs:
+                raise PullbackWidgetsError(
+                    f"layer {name!r} produced no tensor output in the forward pass")
+            if recorder.calls[name] > 1:
+                raise PullbackWidgetsError(
+                    f"layer {name!r} ran {recorder.calls[name]} times in one forward pass, so "
+                    "its output is ambiguous; pick a layer that runs once")
+            if not recorder.outputs[name].requires_grad:
+                raise PullbackWidgetsError(_NO_GRADIENT_PATH.format(what=f"layer {name!r}"))
+        if mode.gated_calls == 0:
+            warnings.warn("the model has no ReLU-family or max-pool op, nor any other gated op "
+                          "(SiLU, GELU, Hardswish, leaky ReLU, LayerNorm, GroupNorm, attention) "
+                          "on the input's path: the pullback equals the plain gradient",
+                          stacklevel=4)
+        return _Forward(leaf, logits, recorder.outputs, layers, mode.gated_calls,
+                        dict(mode.gated_kinds))
 
-    def _record_layers_of(self, targets: Iterable[Target]) -> None:
-        """Re-run the forward once if a Unit target names a layer this session did not record."""
+    def _state_for(self, targets: Sequence[Target]) -> _Forward:
+        """The recorded forward, or a new one that also records the Units' layers."""
+        state = self._state
         missing = tuple(dict.fromkeys(t.layer for t in targets if isinstance(t, Unit)
-                                      and t.layer not in self.activations))
-        if missing:
-            self._forward(self.layers + missing)
+                                      and t.layer not in state.activations))
+        return self._run_forward(state.layers + missing) if missing else state
 
-    def _seed(self, target: Target) -> tuple[Tensor, Tensor]:
+    # ------------------------------------------------------------ settings
+
+    def configure(self, *, temperature: Temperature = None, gate: str | None = None,
+                  pool_temperature: float | None = None, temperature_mode: str | None = None,
+                  attention_weights: str | None = None,
+                  pool_weights: str | None = None) -> GateSettings:
+        """Change the session's own settings for every later call; returns them.
+
+        Arguments left as None keep their value. All are checked before any changes, so a bad
+        one changes nothing. (``session.settings.update(...)`` does the same, and can also set a
+        setting back to None: ``temperature`` to the model's defaults, ``pool_temperature`` to
+        "same as temperature".)
+        """
+        changes = dict(temperature=temperature, gate=gate, pool_temperature=pool_temperature,
+                       temperature_mode=temperature_mode, attention_weights=attention_weights,
+                       pool_weights=pool_weights)
+        with self._lock:
+            self.settings.update(**{k: v for k, v in changes.items() if v is not None})
+            return self.settings
+
+    def _call_settings(self, **overrides: object) -> GateSettings:
+        """The session's settings with this call's overrides (None = the session's)."""
+        with self._lock:
+            return self.settings.replaced(**overrides)
+
+    # ------------------------------------------------------------ pullbacks
+
+    @staticmethod
+    def _seed(state: _Forward, target: Target) -> tuple[Tensor, Tensor]:
         """(output tensor, gradient seed on it) that selects ``target``."""
         if is_class_target(target):
-            batch, num_classes = self.logits.shape
-            classes = class_indices(target, batch, num_classes, self.logits.device)
-            seed = torch.zeros_like(self.logits)
+            batch, num_classes = state.logits.shape
+            classes = class_indices(target, batch, num_classes, state.logits.device)
+            seed = torch.zeros_like(state.logits)
             seed[torch.arange(batch, device=seed.device), classes] = 1.0
-            return self.logits, seed
-        activation = self.activations[target.layer]
+            return state.logits, seed
+        activation = state.activations[target.layer]
         return activation, unit_seed(target, activation)
+
+    def _backward(self, targets: Sequence[Target], call: GateSettings, batched: bool) -> Tensor:
+        """Pullbacks (k, B, C, H, W) of ``targets`` under ``call``'s settings.
+
+        Everything that can fail on bad input (a new forward for new layers, the seeds) runs
+        before the session's state changes.
+        """
+        with self._lock:
+            state = self._state_for(targets)
+            seeds = [self._seed(state, t) for t in targets]
+            self._state = state
+            self._live.assign(call)
+            try:
+                with _autograd_on():
+                    grads = self._grads(state, seeds, batched)
+            finally:
+                self._live.assign(self.settings)
+        if grads is None:
+            raise PullbackWidgetsError(_NO_GRADIENT_PATH.format(what="output"))
+        return grads
+
+    @staticmethod
+    def _grads(state: _Forward, seeds: list[tuple[Tensor, Tensor]],
+               batched: bool) -> Tensor | None:
+        if not batched:
+            grads = [torch.autograd.grad(output, state.input, seed, retain_graph=True,
+                                         allow_unused=True)[0] for output, seed in seeds]
+            return None if any(g is None for g in grads) else torch.stack(grads)
+        outputs: list[Tensor] = []
+        for output, _ in seeds:
+            if not any(output is o for o in outputs):
+                outputs.append(output)
+        stacked = [torch.stack([seed if out is output else torch.zeros_like(output)
+                                for out, seed in seeds]) for output in outputs]
+        (grads,) = torch.autograd.grad(outputs, state.input, stacked, retain_graph=True,
+                                       is_grads_batched=True, allow_unused=True)
+        return grads
 
     def pullback(self, target: Target, *, temperature: Temperature = None,
                  gate: str | None = None, pool_temperature: float | None = None,
-                 temperature_mode: str | None = None, attention_weights: str | None = None
-                 ) -> Tensor:
+                 temperature_mode: str | None = None, attention_weights: str | None = None,
+                 pool_weights: str | None = None) -> Tensor:
         """The excitation pullback of ``target``: (B, C, H, W), like ``inputs``.
 
-        Settings left as None keep the session's current ones.
+        Settings given here apply to this call only; those left as None are the session's.
         """
-        self._configure(temperature, gate, pool_temperature, temperature_mode,
-                        attention_weights)
-        self._record_layers_of([target])
-        output, seed = self._seed(target)
-        (grad,) = torch.autograd.grad(output, self._input, seed, retain_graph=True)
-        return grad
+        call = self._call_settings(temperature=temperature, gate=gate,
+                                   pool_temperature=pool_temperature,
+                                   temperature_mode=temperature_mode,
+                                   attention_weights=attention_weights, pool_weights=pool_weights)
+        return self._backward([target], call, batched=False)[0]
 
     def pullbacks(self, targets: Sequence[Target], *, temperature: Temperature = None,
                   gate: str | None = None, pool_temperature: float | None = None,
                   temperature_mode: str | None = None, attention_weights: str | None = None,
-                  batched: bool | None = None) -> Tensor:
-        """Pullbacks of k targets: (k, B, C, H, W).
+                  pool_weights: str | None = None, batched: bool | None = None) -> Tensor:
+        """Pullbacks of k targets: (k, B, C, H, W). Settings as in :meth:`pullback`.
 
         ``batched=True`` runs one vmapped backward for all k; ``False`` a loop of k backward
         passes. The default batches on accelerators, where that is the win, and loops on the
@@ -132,77 +268,93 @@ class PullbackSession:
         """
         if isinstance(targets, (str, Unit, Tensor)) or not isinstance(targets, Sequence) \
                 or len(targets) == 0:
-            raise TypeError("targets must be a non-empty list of targets")
-        self._configure(temperature, gate, pool_temperature, temperature_mode,
-                        attention_weights)
-        self._record_layers_of(targets)
-        seeds = [self._seed(t) for t in targets]
+            raise PullbackWidgetsTypeError("targets must be a non-empty list of targets")
+        call = self._call_settings(temperature=temperature, gate=gate,
+                                   pool_temperature=pool_temperature,
+                                   temperature_mode=temperature_mode,
+                                   attention_weights=attention_weights, pool_weights=pool_weights)
         if batched is None:
-            batched = self._input.device.type != "cpu"
-        if not batched:
-            return torch.stack([torch.autograd.grad(output, self._input, seed,
-                                                    retain_graph=True)[0]
-                                for output, seed in seeds])
-        outputs: list[Tensor] = []
-        for output, _ in seeds:
-            if not any(output is o for o in outputs):
-                outputs.append(output)
-        stacked = []
-        for output in outputs:
-            stacked.append(torch.stack([
-                seed if out is output else torch.zeros_like(output) for out, seed in seeds]))
-        grads = torch.autograd.grad(outputs, self._input, stacked, retain_graph=True,
-                                    is_grads_batched=True)
-        return grads[0]
+            batched = self.inputs.device.type != "cpu"
+        return self._backward(list(targets), call, batched=bool(batched))
 
 
 def excitation_pullback(model: nn.Module, inputs: Tensor, target: Target, *,
                         temperature: Temperature = None, gate: str = "sigmoid",
                         pool_temperature: float | None = None,
                         temperature_mode: str = "absolute",
-                        attention_weights: str = "detached") -> Tensor:
+                        attention_weights: str = "detached",
+                        pool_weights: str = "differentiated") -> Tensor:
     """The excitation pullback of ``target`` at ``inputs`` (B, C, H, W): same shape as inputs.
 
     The forward is the model's own, bit for bit; every gated op's backward is soft (ReLU
     family and max-pool: :mod:`.gates`; SiLU, GELU, Hardswish, leaky: :mod:`.activation_gates`;
     LayerNorm, GroupNorm: :mod:`.norm_gates`; attention: :mod:`.attention_gates`).
+    ``temperature=None`` is the model's own default per kind of op.
     """
     layers = (target.layer,) if isinstance(target, Unit) else ()
     session = PullbackSession(model, inputs, temperature=temperature, gate=gate,
                               pool_temperature=pool_temperature,
                               temperature_mode=temperature_mode,
-                              attention_weights=attention_weights, layers=layers)
+                              attention_weights=attention_weights, pool_weights=pool_weights,
+                              layers=layers)
     return session.pullback(target)
 
 
 class ExcitationPullback:
     """Captum-style attribution: ``ExcitationPullback(model).attribute(inputs, target=...)``.
 
-    ``target=None`` pulls back each example's predicted class.
+    ``target=None`` pulls back each example's predicted class. ``temperature=None`` is the
+    model's own default per kind of op.
     """
 
     multiplies_by_inputs = False
 
     def __init__(self, model: nn.Module, temperature: Temperature = None,
                  gate: str = "sigmoid", pool_temperature: float | None = None,
-                 temperature_mode: str = "absolute", attention_weights: str = "detached"
-                 ) -> None:
-        check_model(model)
-        self.forward_func = model
+                 temperature_mode: str = "absolute", attention_weights: str = "detached",
+                 pool_weights: str = "differentiated") -> None:
+        self.forward_func = check_model(model)
         self.settings = GateSettings(temperature, gate, pool_temperature, temperature_mode,
-                                     attention_weights, defaults=default_temperatures(model))
+                                     attention_weights, pool_weights,
+                                     defaults=default_temperatures(self.forward_func))
 
-    def attribute(self, inputs: Tensor, target: Target | None = None) -> Tensor:
-        layers = (target.layer,) if isinstance(target, Unit) else ()
-        settings = self.settings
+    def attribute(self, inputs: Tensor | tuple[Tensor], target: Target | None = None,
+                  additional_forward_args: object = None, **unsupported: object
+                  ) -> Tensor | tuple[Tensor]:
+        """The pullback of ``target`` at ``inputs``, in the form given.
+
+        ``inputs``: a tensor (B, C, H, W) or, as Captum passes it, a 1-tuple of one; the
+        result has the same form. ``additional_forward_args``: one object or a tuple of them,
+        passed to the model after the input.
+        """
+        if unsupported:
+            raise PullbackWidgetsTypeError(
+                f"ExcitationPullback.attribute takes no {', '.join(map(repr, unsupported))}: "
+                "it needs no baselines, steps or samples; it takes inputs, target and "
+                "additional_forward_args")
+        as_tuple = isinstance(inputs, tuple)
+        if as_tuple:
+            if len(inputs) != 1:
+                raise PullbackWidgetsError(
+                    f"ExcitationPullback takes one input tensor, got a tuple of {len(inputs)}")
+            (inputs,) = inputs
+        if additional_forward_args is None:
+            forward_args = ()
+        elif isinstance(additional_forward_args, tuple):
+            forward_args = additional_forward_args
+        else:
+            forward_args = (additional_forward_args,)
+        s = self.settings
         session = PullbackSession(
-            self.forward_func, inputs, temperature=settings.temperature, gate=settings.gate,
-            pool_temperature=settings.pool_temperature,
-            temperature_mode=settings.temperature_mode,
-            attention_weights=settings.attention_weights, layers=layers)
+            self.forward_func, inputs, temperature=s.temperature, gate=s.gate,
+            pool_temperature=s.pool_temperature, temperature_mode=s.temperature_mode,
+            attention_weights=s.attention_weights, pool_weights=s.pool_weights,
+            forward_args=forward_args,
+            layers=(target.layer,) if isinstance(target, Unit) else ())
         if target is None:
             target = session.logits.detach().argmax(dim=1)
-        return session.pullback(target)
+        attribution = session.pullback(target)
+        return (attribution,) if as_tuple else attribution
 
     def has_convergence_delta(self) -> bool:
         return False

@@ -11,6 +11,9 @@ import difflib
 import math
 import numbers
 import operator
+import sys
+import warnings
+import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -71,10 +74,56 @@ def suggest(name: str, choices: Iterable[str], cutoff: float = 0.5) -> str:
     return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
-def check_model(model: object) -> nn.Module:
+_TORCHSCRIPT_HINT = ("TorchScript runs compiled code whose ReLUs and max-pools the engine cannot "
+                     "see, so every pullback would silently be the plain gradient. Pass the "
+                     "eager nn.Module you scripted or traced instead.")
+_COMPILED_HINT = ("torch.compile'd code is traced once, so the gate and temperature would be "
+                  "frozen at the first call. Pass the module you compiled instead.")
+_told_unwrapped: weakref.WeakSet = weakref.WeakSet()
+
+
+def _compiled_module_type() -> type | None:
+    # torch._dynamo takes seconds to import: if nobody imported it, nothing is compiled.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return getattr(eval_frame, "OptimizedModule", None)
+
+
+def check_model(model: object, *, unwrap_compiled: bool = True) -> nn.Module:
+    """``model`` as the eager ``nn.Module`` the engine will run.
+
+    A ``torch.compile``'d model (``OptimizedModule``) is unwrapped to the module it compiled,
+    with a warning the first time (``unwrap_compiled=False`` refuses it instead, for
+    :func:`soft_gating`, where the user runs the model). TorchScript models, and models with a
+    compiled or scripted submodule, are refused: the engine cannot see inside them.
+    """
+    if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
+        raise PullbackWidgetsTypeError(f"model is a TorchScript {type(model).__name__}. "
+                                       + _TORCHSCRIPT_HINT)
     if not isinstance(model, nn.Module):
         raise PullbackWidgetsTypeError(
             f"model must be a torch.nn.Module, got {type(model).__name__}")
+    compiled = _compiled_module_type()
+    if compiled is not None and isinstance(model, compiled):
+        if not unwrap_compiled:
+            raise PullbackWidgetsTypeError(
+                "model is torch.compile'd; soft_gating cannot see inside it. Call "
+                "model._orig_mod (the module you compiled) inside the context instead.")
+        original = model._orig_mod
+        if original not in _told_unwrapped:
+            _told_unwrapped.add(original)
+            warnings.warn("model is torch.compile'd: the engine runs the module you compiled "
+                          "(model._orig_mod) in eager mode, since compiled code would freeze "
+                          "the gates", stacklevel=3)
+        model = original
+    for name, module in model.named_modules():
+        where = f"submodule {name!r}" if name else "model"
+        if isinstance(module, torch.jit.ScriptModule):
+            raise PullbackWidgetsTypeError(f"{where} is a TorchScript module. "
+                                           + _TORCHSCRIPT_HINT)
+        if (compiled is not None and isinstance(module, compiled)) \
+                or getattr(module, "_compiled_call_impl", None) is not None:
+            raise PullbackWidgetsTypeError(f"{where} is compiled (torch.compile or "
+                                           f"Module.compile()). " + _COMPILED_HINT)
     return model
 
 

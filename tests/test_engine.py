@@ -12,46 +12,17 @@ from torch import nn
 
 import pullback_widgets as pw
 from pullback_widgets.interception import _active_gating_mode
+from tests.conftest import (
+    assert_untouched,
+    every_op_net,
+    model_snapshot,
+    plain_gradient,
+    random_image,
+)
 from tests.reference import EveryOpNet, path_sum_pullback, reference_pullback
 
-
-def _net(seed: int = 0, dtype=torch.float64) -> EveryOpNet:
-    torch.manual_seed(seed)
-    return EveryOpNet().to(dtype).eval()
-
-
-def _image(batch: int = 2, size: int = 12, seed: int = 1, dtype=torch.float64):
-    torch.manual_seed(seed)
-    return torch.rand(batch, 3, size, size, dtype=dtype)
-
-
-def _plain_gradient(model, x, target):
-    x = x.clone().requires_grad_()
-    (grad,) = torch.autograd.grad(model(x)[:, target].sum(), x)
-    return grad
-
-
-def _model_snapshot(model: nn.Module) -> dict:
-    return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "training": [m.training for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grads": [p.grad for p in model.parameters()],
-        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-                  for m in model.modules()],
-        "modules": [type(m) for m in model.modules()],
-    }
-
-
-def _assert_untouched(model: nn.Module, before: dict) -> None:
-    after = _model_snapshot(model)
-    assert before["state"].keys() == after["state"].keys()
-    for key in before["state"]:
-        assert torch.equal(before["state"][key], after["state"][key]), key
-    for field in ("training", "requires_grad", "hooks", "modules"):
-        assert before[field] == after[field], field
-    assert all(g is None for g in after["grads"])
-    assert _active_gating_mode() is None
+# tests/test_widgets.py imports these two names from here.
+_model_snapshot, _assert_untouched = model_snapshot, assert_untouched
 
 
 # ---------------------------------------------------------------- against the references
@@ -59,14 +30,14 @@ def _assert_untouched(model: nn.Module, before: dict) -> None:
 @pytest.mark.parametrize("gate", ["sigmoid", "normal_cdf", "hard"])
 @pytest.mark.parametrize("temperature", [0.1, 0.6, 2.0])
 def test_pullback_equals_frozen_gate_reference(gate, temperature):
-    net, x = _net(), _image()
+    net, x = every_op_net(), random_image()
     actual = pw.excitation_pullback(net, x, 3, temperature=temperature, gate=gate)
     expected = reference_pullback(net, x, 3, temperature, gate)
     torch.testing.assert_close(actual, expected)
 
 
 def test_pool_temperature_is_separate():
-    net, x = _net(), _image()
+    net, x = every_op_net(), random_image()
     actual = pw.excitation_pullback(net, x, 1, temperature=0.4, pool_temperature=2.5)
     torch.testing.assert_close(actual, reference_pullback(net, x, 1, 0.4, "sigmoid", 2.5))
     assert not torch.allclose(actual, reference_pullback(net, x, 1, 0.4, "sigmoid"))
@@ -96,7 +67,7 @@ def test_sigmoid_gate_matches_zennit_relu_beta_smooth():
     torch.manual_seed(4)
     model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Conv2d(5, 5, 3), nn.ReLU(),
                           nn.Flatten(), nn.Linear(5 * 6 * 6, 4)).double().eval()
-    x = _image(1, 10)
+    x = random_image(1, 10)
     temperature = 0.25
     composite = zennit_core.Composite(module_map=lambda ctx, name, module: (
         ReLUBetaSmooth(beta_smooth=1 / temperature) if isinstance(module, nn.ReLU) else None))
@@ -110,7 +81,7 @@ def test_sigmoid_gate_matches_zennit_relu_beta_smooth():
 # ---------------------------------------------------------------- forward and limits
 
 def test_forward_is_bit_identical_inside_and_outside():
-    net, x = _net(dtype=torch.float32), _image(dtype=torch.float32)
+    net, x = every_op_net(dtype=torch.float32), random_image(dtype=torch.float32)
     with torch.no_grad():
         plain = net(x)
     with pw.soft_gating(net, temperature=0.3):
@@ -135,25 +106,25 @@ def test_forward_of_resnet_is_bit_identical():
 
 @pytest.mark.parametrize("gate", ["sigmoid", "normal_cdf"])
 def test_small_temperature_gives_the_plain_gradient(gate):
-    net, x = _net(), _image()
+    net, x = every_op_net(), random_image()
     pullback = pw.excitation_pullback(net, x, 2, temperature=1e-7, gate=gate)
-    torch.testing.assert_close(pullback, _plain_gradient(net, x, 2), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(pullback, plain_gradient(net, x, 2), rtol=1e-5, atol=1e-9)
 
 
 def test_hard_gate_is_the_plain_gradient_bit_for_bit():
-    net, x = _net(dtype=torch.float32), _image(dtype=torch.float32)
+    net, x = every_op_net(dtype=torch.float32), random_image(dtype=torch.float32)
     pullback = pw.excitation_pullback(net, x, 2, gate="hard")
-    assert torch.equal(pullback, _plain_gradient(net, x, 2))
+    assert torch.equal(pullback, plain_gradient(net, x, 2))
 
 
 def test_large_temperature_makes_the_pullback_input_independent():
-    net = _net()
-    a = pw.excitation_pullback(net, _image(1, seed=5), 0, temperature=1e7)
-    b = pw.excitation_pullback(net, _image(1, seed=6), 0, temperature=1e7)
+    net = every_op_net()
+    a = pw.excitation_pullback(net, random_image(1, seed=5), 0, temperature=1e7)
+    b = pw.excitation_pullback(net, random_image(1, seed=6), 0, temperature=1e7)
     # Gates deviate from 1/2 by O(z / T): compare at that scale.
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(a.abs().max()))
-    c = pw.excitation_pullback(net, _image(1, seed=5), 0, temperature=0.3)
-    d = pw.excitation_pullback(net, _image(1, seed=6), 0, temperature=0.3)
+    c = pw.excitation_pullback(net, random_image(1, seed=5), 0, temperature=0.3)
+    d = pw.excitation_pullback(net, random_image(1, seed=6), 0, temperature=0.3)
     assert not torch.allclose(c, d, rtol=1e-2)
 
 
@@ -187,14 +158,14 @@ def test_functional_relu_changes_the_result():
     model = Functional().double()
     x = torch.rand(1, 6, 1, 1, dtype=torch.float64)
     soft = pw.excitation_pullback(model, x, 0, temperature=1.0)
-    hard = _plain_gradient(model, x, 0)
+    hard = plain_gradient(model, x, 0)
     assert not torch.allclose(soft, hard)
 
 
 # ---------------------------------------------------------------- targets
 
 def test_per_example_targets_equal_single_example_pullbacks():
-    net, x = _net(), _image(3)
+    net, x = every_op_net(), random_image(3)
     together = pw.excitation_pullback(net, x, [0, 4, 2], temperature=0.5)
     for i, target in enumerate([0, 4, 2]):
         alone = pw.excitation_pullback(net, x[i:i + 1], target, temperature=0.5)
@@ -204,7 +175,7 @@ def test_per_example_targets_equal_single_example_pullbacks():
 
 
 def test_unit_target_matches_the_reference_hidden_unit():
-    net, x = _net(), _image(1)
+    net, x = every_op_net(), random_image(1)
     unit_map = pw.excitation_pullback(net, x, pw.Unit("conv4", 3), temperature=0.5)
     unit_px = pw.excitation_pullback(net, x, pw.Unit("conv4", 3, y=1, x=2), temperature=0.5)
 
@@ -226,7 +197,7 @@ def test_unit_target_matches_the_reference_hidden_unit():
 
 def test_unit_on_a_layer_whose_output_is_overwritten_in_place():
     """bn1's output is overwritten by ReLU(inplace=True); the Unit must see the pre-ReLU value."""
-    net, x = _net(), _image(1)
+    net, x = every_op_net(), random_image(1)
     session = pw.PullbackSession(net, x, layers=["bn1"])
     with torch.no_grad():
         expected = net.bn1(net.conv1(x))
@@ -235,7 +206,7 @@ def test_unit_on_a_layer_whose_output_is_overwritten_in_place():
 
 
 def test_session_update_equals_fresh_computation():
-    net, x = _net(), _image()
+    net, x = every_op_net(), random_image()
     session = pw.PullbackSession(net, x, temperature=0.3, layers=["conv5"])
     session.pullback(1)
     for temperature, gate, target in [(0.05, "sigmoid", 4), (3.0, "normal_cdf", 0),
@@ -246,7 +217,7 @@ def test_session_update_equals_fresh_computation():
 
 
 def test_batched_targets_equal_a_loop():
-    net, x = _net(), _image(2)
+    net, x = every_op_net(), random_image(2)
     session = pw.PullbackSession(net, x, layers=["conv4"])
     targets = [0, [1, 3], pw.Unit("conv4", 2), pw.Unit("conv4", 5, 0, 1), 4]
     batched = session.pullbacks(targets, temperature=0.4, batched=True)
@@ -259,7 +230,7 @@ def test_batched_targets_equal_a_loop():
 
 
 def test_unit_on_unrecorded_layer_costs_one_more_forward():
-    net, x = _net(), _image(1)
+    net, x = every_op_net(), random_image(1)
     session = pw.PullbackSession(net, x)
     result = session.pullback(pw.Unit("conv2", 0))
     assert session.layers == ("conv2",)
@@ -268,7 +239,7 @@ def test_unit_on_unrecorded_layer_costs_one_more_forward():
 
 
 def test_captum_style_attribute():
-    net, x = _net(), _image(2)
+    net, x = every_op_net(), random_image(2)
     method = pw.ExcitationPullback(net, temperature=0.5, gate="normal_cdf")
     torch.testing.assert_close(method.attribute(x, target=[1, 2]),
                                pw.excitation_pullback(net, x, [1, 2], temperature=0.5,
@@ -283,13 +254,13 @@ def test_captum_style_attribute():
 # ---------------------------------------------------------------- the model is never harmed
 
 def test_model_untouched_after_use():
-    net, x = _net(), _image()
+    net, x = every_op_net(), random_image()
     net.fc.weight.requires_grad_(False)
-    before = _model_snapshot(net)
+    before = model_snapshot(net)
     pw.excitation_pullback(net, x, 1)
     session = pw.PullbackSession(net, x, layers=["conv3", "bn1"])
     session.pullbacks([1, pw.Unit("conv3", 0)])
-    _assert_untouched(net, before)
+    assert_untouched(net, before)
 
 
 def test_model_untouched_after_exception_in_forward():
@@ -300,20 +271,20 @@ def test_model_untouched_after_exception_in_forward():
 
     torch.manual_seed(0)
     net = Exploding().double().train()
-    before = _model_snapshot(net)
+    before = model_snapshot(net)
     with pytest.raises(RuntimeError, match="boom"):
-        pw.PullbackSession(net, _image(), layers=["conv1", "bn1"])
-    _assert_untouched(net, before)
+        pw.PullbackSession(net, random_image(), layers=["conv1", "bn1"])
+    assert_untouched(net, before)
     assert net.training  # train mode was restored
 
 
 def test_model_untouched_after_exception_inside_context():
-    net, x = _net(), _image()
-    before = _model_snapshot(net)
+    net, x = every_op_net(), random_image()
+    before = model_snapshot(net)
     with pytest.raises(KeyError), pw.soft_gating(net, temperature=0.5):
         net(x.clone().requires_grad_())
         raise KeyError("user code failed")
-    _assert_untouched(net, before)
+    assert_untouched(net, before)
     with torch.no_grad():
         assert torch.equal(net(x), before_logits(net, x))
 
@@ -324,7 +295,7 @@ def before_logits(net, x):
 
 
 def test_train_mode_model_is_run_in_eval_and_restored():
-    net, x = _net(), _image()
+    net, x = every_op_net(), random_image()
     expected = pw.excitation_pullback(net, x, 0)
     net.train()
     running_mean = net.bn1.running_mean.clone()
@@ -335,7 +306,7 @@ def test_train_mode_model_is_run_in_eval_and_restored():
 
 
 def test_nested_soft_gating_is_a_clear_error():
-    net, x = _net(), _image()
+    net, x = every_op_net(), random_image()
     with pw.soft_gating(net), pytest.raises(RuntimeError, match="already active"):
         pw.excitation_pullback(net, x, 0)
     assert _active_gating_mode() is None
@@ -343,15 +314,15 @@ def test_nested_soft_gating_is_a_clear_error():
 
 def test_model_without_relu_gives_gradient_with_warning():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(3)).double()
-    x = _image(1, 6)
+    x = random_image(1, 6)
     model(x)
     with pytest.warns(UserWarning, match="no ReLU"):
         pullback = pw.excitation_pullback(model, x, 1)
-    torch.testing.assert_close(pullback, _plain_gradient(model, x, 1))
+    torch.testing.assert_close(pullback, plain_gradient(model, x, 1))
 
 
 def test_no_grad_context_does_not_gate_or_break():
-    net, x = _net(), _image()
+    net, x = every_op_net(), random_image()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with torch.no_grad():
@@ -360,7 +331,7 @@ def test_no_grad_context_does_not_gate_or_break():
 
 
 def test_two_sessions_on_one_model_do_not_interfere():
-    net, x = _net(), _image()
+    net, x = every_op_net(), random_image()
     a = pw.PullbackSession(net, x, temperature=0.2)
     b = pw.PullbackSession(net, x, temperature=2.0)
     first = a.pullback(0)
@@ -370,7 +341,7 @@ def test_two_sessions_on_one_model_do_not_interfere():
 
 
 def test_copy_of_model_behaves_the_same_after_use():
-    net, x = _net(), _image()
+    net, x = every_op_net(), random_image()
     pristine = copy.deepcopy(net)
     pw.PullbackSession(net, x).pullbacks([0, 1])
     with torch.no_grad():
@@ -390,7 +361,7 @@ def test_copy_of_model_behaves_the_same_after_use():
 ])
 def test_bad_settings(kwargs, error, match):
     with pytest.raises(error, match=match):
-        pw.excitation_pullback(_net(), _image(), 0, **kwargs)
+        pw.excitation_pullback(every_op_net(), random_image(), 0, **kwargs)
 
 
 @pytest.mark.parametrize(("target", "error", "match"), [
@@ -408,7 +379,7 @@ def test_bad_settings(kwargs, error, match):
 ])
 def test_bad_targets(target, error, match):
     with pytest.raises(error, match=match):
-        pw.excitation_pullback(_net(), _image(), target)
+        pw.excitation_pullback(every_op_net(), random_image(), target)
 
 
 @pytest.mark.parametrize(("inputs", "error", "match"), [
@@ -420,18 +391,18 @@ def test_bad_targets(target, error, match):
 ])
 def test_bad_inputs(inputs, error, match):
     with pytest.raises(error, match=match):
-        pw.excitation_pullback(_net(), inputs, 0)
+        pw.excitation_pullback(every_op_net(), inputs, 0)
 
 
 def test_bad_unit_and_model_arguments():
     with pytest.raises(TypeError, match="model"):
-        pw.excitation_pullback(lambda x: x, _image(), 0)
+        pw.excitation_pullback(lambda x: x, random_image(), 0)
     with pytest.raises(ValueError, match="y and x"):
         pw.Unit("conv2", 0, y=3)
     with pytest.raises(TypeError, match="channel"):
         pw.Unit("conv2", "0")
     with pytest.raises(TypeError, match="list of targets"):
-        pw.PullbackSession(_net(), _image()).pullbacks(0)
+        pw.PullbackSession(every_op_net(), random_image()).pullbacks(0)
 
 
 def test_relative_temperature_scales_each_op_by_its_input_spread():
@@ -451,7 +422,7 @@ def test_relative_temperature_scales_each_op_by_its_input_spread():
 
 
 def test_relative_temperature_on_every_op_net_matches_per_example_reference():
-    net, x = _net(), _image(2)
+    net, x = every_op_net(), random_image(2)
     batched = pw.excitation_pullback(net, x, 3, temperature=0.3, temperature_mode="relative")
     single = torch.cat([pw.excitation_pullback(net, x[i:i + 1], 3, temperature=0.3,
                                                temperature_mode="relative") for i in range(2)])
@@ -459,9 +430,9 @@ def test_relative_temperature_on_every_op_net_matches_per_example_reference():
 
 
 def test_wrong_device_and_dtype_are_clear_errors():
-    net = _net()
+    net = every_op_net()
     with pytest.raises(TypeError, match="float32 but the model's parameters are"):
-        pw.excitation_pullback(net, _image(dtype=torch.float32), 0)
+        pw.excitation_pullback(net, random_image(dtype=torch.float32), 0)
     meta = EveryOpNet().to("meta")
     with pytest.raises(ValueError, match="move one of them"):
         pw.excitation_pullback(meta, torch.rand(1, 3, 12, 12), 0)
@@ -479,20 +450,85 @@ def test_model_untouched_after_exception_in_backward():
 
     torch.manual_seed(0)
     net = FailingBackward().double().eval()
-    before = _model_snapshot(net)
-    session = pw.PullbackSession(net, _image())
+    before = model_snapshot(net)
+    session = pw.PullbackSession(net, random_image())
     with pytest.raises(RuntimeError, match="bad grad"):
         session.pullback(0)
-    _assert_untouched(net, before)
+    assert_untouched(net, before)
 
 
 def test_model_untouched_after_exception_in_ascent_callback():
-    net, x = _net(), _image(1)
-    before = _model_snapshot(net)
+    net, x = every_op_net(), random_image(1)
+    before = model_snapshot(net)
 
     def callback(step, result):
         raise KeyError("stop here")
 
     with pytest.raises(KeyError):
         pw.pullback_ascent(net, x, 0, steps=3, callback=callback, progress=False)
-    _assert_untouched(net, before)
+    assert_untouched(net, before)
+
+
+# ---------------------------------------------------------------- one answer per question
+
+@pytest.mark.parametrize("own_temperature", [None, 0.7])
+def test_every_door_gives_the_same_map(own_temperature):
+    """temperature=None is the model's own T (else 0.3) through every entry point."""
+    net, x = every_op_net(), random_image(1) * 0.8 + 0.1
+    if own_temperature is not None:
+        net.default_temperature = own_temperature
+    expected = reference_pullback(net, x, 2, own_temperature or 0.3, "sigmoid")
+    doors = {
+        "excitation_pullback": pw.excitation_pullback(net, x, 2),
+        "session": pw.PullbackSession(net, x).pullback(2),
+        "session.pullbacks": pw.PullbackSession(net, x).pullbacks([2])[0],
+        "ExcitationPullback": pw.ExcitationPullback(net).attribute(x, target=2),
+    }
+    with pw.soft_gating(net):
+        xg = x.clone().requires_grad_()
+        (doors["soft_gating"],) = torch.autograd.grad(net(xg)[0, 2], xg)
+    for door, pullback in doors.items():
+        torch.testing.assert_close(pullback, expected, msg=door)
+    # The ascent's first step moves along the same map (normalised), inside a wide ball.
+    step = pw.pullback_ascent(net, x, 2, steps=1, step_size=0.01, eps=10.0, progress=False)
+    torch.testing.assert_close(step.images[1] - x, 0.01 * expected / expected.norm())
+
+
+def test_per_call_settings_apply_to_that_call_only():
+    net, x = every_op_net(), random_image()
+    session = pw.PullbackSession(net, x, temperature=0.4)
+    before = session.pullback(1)
+    hot = session.pullback(1, temperature=5.0, gate="normal_cdf", pool_temperature=2.0)
+    torch.testing.assert_close(hot, reference_pullback(net, x, 1, 5.0, "normal_cdf", 2.0))
+    assert session.settings == pw.GateSettings(0.4)
+    assert torch.equal(session.pullback(1), before)
+    session.pullbacks([0, 1], gate="hard")
+    assert torch.equal(session.pullback(1), before)
+
+
+def test_configure_changes_the_session_for_later_calls():
+    net, x = every_op_net(), random_image()
+    session = pw.PullbackSession(net, x, temperature=0.4)
+    assert session.configure(temperature=2.0, gate="normal_cdf") is session.settings
+    torch.testing.assert_close(session.pullback(0),
+                               reference_pullback(net, x, 0, 2.0, "normal_cdf"))
+    session.settings.update(temperature=0.5, gate="sigmoid")
+    torch.testing.assert_close(session.pullback(0), reference_pullback(net, x, 0, 0.5, "sigmoid"))
+    with pytest.raises(ValueError, match="gate"):
+        session.configure(temperature=9.0, gate="bogus")
+    assert session.settings == pw.GateSettings(0.5)
+
+
+def test_gate_settings_check_every_field_and_update_all_or_nothing():
+    settings = pw.GateSettings(0.4)
+    with pytest.raises(pw.PullbackWidgetsError, match="temperature"):
+        settings.temperature = -1.0
+    with pytest.raises(pw.PullbackWidgetsError, match="pool_weights"):
+        settings.update(temperature=2.0, pool_weights="frozen")
+    with pytest.raises(pw.PullbackWidgetsTypeError, match="did you mean 'temperature'"):
+        settings.update(temprature=2.0)
+    assert settings == pw.GateSettings(0.4)
+    settings.update(2.0, "hard", 0.5)  # positional, in field order
+    assert (settings.temperature, settings.gate, settings.pool_temperature) == (2.0, "hard", 0.5)
+    assert settings.replaced(gate="sigmoid", temperature=None) == pw.GateSettings(2.0, "sigmoid",
+                                                                                  0.5)

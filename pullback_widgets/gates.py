@@ -13,8 +13,18 @@ pre-activation ``z`` instead of the hard indicator ``1[low < z < high]``:
 A two-sided clamp such as ReLU6 gets g(z - low) * g(high - z).
 
 Max-pool: the backward is the gradient of the soft pool ``y = sum_j softmax(w / T)_j * w_j`` over
-each window ``w``, the softmax weights differentiated too. Its closed form per window entry is
-``dy/dw_j = p_j * (1 + (w_j - y) / T)``. Padded positions are -inf, so they get zero weight.
+each window ``w``, the softmax weights differentiated too (``pool_weights="differentiated"``, the
+paper's first version): per window entry, ``dy/dw_j = p_j * (1 + (w_j - y) / T)``. With
+``pool_weights="detached"`` (its later version) the weights are constants: ``dy/dw_j = p_j``.
+Padded positions get zero weight.
+
+Numerics: every soft backward computes in at least float32 (float16 and bfloat16 inputs are
+promoted, the result cast back), the pool centres each window on its own maximum before it
+scales by 1/T, and 1/T is capped at the largest finite number, so no temperature overflows or
+gives NaN. As T -> 0 the gates become the hard ones, hence the plain gradient, except at exact
+kinks and ties, where the soft rule's limit is the symmetric one: g(0) = 1/2 for a
+pre-activation exactly at ``low`` or ``high``, and tied maxima of a window share its gradient
+equally (the plain gradient gives it all to the first).
 """
 
 from __future__ import annotations
@@ -187,8 +197,25 @@ class GateSettings:
 _SIGMOID_SATURATION = 40.0
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the soft backward computes in: at least float32 (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def capped_reciprocal(temperature: float | Tensor, dtype: torch.dtype) -> float | Tensor:
+    """1 / T, capped at ``dtype``'s largest finite number, so that 0 * (1 / T) stays 0.
+
+    A T below 1 / max (3e-39 in float32) acts as that bound: the gates are then the hard step
+    for every pre-activation above about 1e-37 in size.
+    """
+    largest = torch.finfo(dtype).max
+    if isinstance(temperature, Tensor):
+        return temperature.to(dtype).reciprocal().clamp_max(largest)
+    return largest if temperature * largest <= 1.0 else 1.0 / temperature
+
+
 def gate_times(grad: Tensor, x: Tensor, scale: float | Tensor, gate: str) -> Tensor:
-    """``grad * g(scale * x)`` for a soft gate, as a new tensor; ``scale`` a float or a
+    """``grad * g(scale * x)`` for a soft gate, as a new tensor; ``scale`` a finite float or a
     tensor that broadcasts against ``x``.
 
     softplus's backward is exactly ``grad * sigmoid(beta * x)``, fused into one pass.
@@ -226,10 +253,13 @@ class SoftClamp(torch.autograd.Function):
             grad_in = torch.where(inside, grad_out, torch.zeros((), dtype=grad_out.dtype))
         else:
             # Out of place throughout: under batched targets grad_out is vmapped.
-            scale = 1.0 / settings.temperature_for(z)
-            grad_in = gate_times(grad_out, z - low if low else z, scale, settings.gate)
+            dtype = compute_dtype(z.dtype)
+            z, grad = z.to(dtype), grad_out.to(dtype)
+            scale = capped_reciprocal(settings.temperature_for(z), dtype)
+            grad_in = gate_times(grad, z - low if low else z, scale, settings.gate)
             if high is not None:  # g(high - z) = g(-(z - high))
                 grad_in = gate_times(grad_in, z - high, -scale, settings.gate)
+            grad_in = grad_in.to(grad_out.dtype)
         return grad_in, None, None, None, None, None
 
 
@@ -258,35 +288,47 @@ class PoolGeometry:
 
 
 def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
-                           temperature: float | Tensor) -> Tensor:
+                           temperature: float | Tensor, detached: bool = False) -> Tensor:
     """Gradient of the soft pool at ``x`` (N, C, H, W), given ``grad_out`` (N, C, Ho, Wo);
-    ``temperature`` a float or per example (N, 1, 1, 1).
+    ``temperature`` a float or per example (N, 1, 1, 1); ``detached``: the softmax weights are
+    constants. Returns (N, C, H, W) in ``x``'s dtype.
 
-    Works in units of T, s = w / T: the local gradient is p_j (1 + s_j - sum_i p_i s_i).
+    Each window is centred on its own maximum m before anything is scaled by 1/T:
+    b_j = w_j - m <= 0, p = softmax(b / T), and the local gradient is
+    p_j + p_j (b_j - sum_i p_i b_i) / T, multiplied in that order so that a weight that
+    underflows to 0 gives 0, never 0 * inf. Values beyond a quarter of the compute dtype's
+    range (8.5e37 in float32) are clipped to it, so differences cannot overflow.
     """
     n, c, h, w = x.shape
     out_h, out_w = grad_out.shape[-2:]
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry.as_args()[:4]
-    scaled = x / temperature
+    dtype = compute_dtype(x.dtype)
+    bound = torch.finfo(dtype).max / 4
+    x = x.to(dtype).clamp(-bound, bound)
     # ceil_mode adds a last window that hangs over the right/bottom edge: pad for it too.
     extra_h = max(0, (out_h - 1) * sh + dh * (kh - 1) + 1 - (h + 2 * ph))
     extra_w = max(0, (out_w - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw))
     padded = ph or pw or extra_h or extra_w
-    if padded:
-        # Far enough below every window's maximum that its softmax weight is exactly 0, and
-        # finite, so that 0 * value stays 0 (with -inf it would be NaN).
-        far_below = float(scaled.min()) - 1e4
-        scaled = F.pad(scaled, (pw, pw + extra_w, ph, ph + extra_h), value=far_below)
-    padded_hw = scaled.shape[-2:]
-    windows = F.unfold(scaled, (kh, kw), dilation=(dh, dw), stride=(sh, sw))
-    windows = windows.view(n, c, kh * kw, out_h * out_w)
-    weights = torch.softmax(windows, dim=2)
-    soft_max = torch.linalg.vecdot(weights, windows, dim=2).unsqueeze(2)
-    local = windows.sub_(soft_max - 1).mul_(weights)
-    local = local * grad_out.reshape(n, c, 1, out_h * out_w)  # new: grad_out may be vmapped
+    if padded:  # -bound: below every window's maximum by far more than 100 T, and finite
+        x = F.pad(x, (pw, pw + extra_w, ph, ph + extra_h), value=-bound)
+    padded_hw = x.shape[-2:]
+    windows = F.unfold(x, (kh, kw), dilation=(dh, dw), stride=(sh, sw))
+    below = windows.view(n, c, kh * kw, out_h * out_w)
+    below = below.sub_(below.amax(dim=2, keepdim=True))
+    inverse_t = capped_reciprocal(temperature, dtype)
+    weights = torch.mul(below, inverse_t).exp_()  # unnormalised; each window's maximum is 1
+    total = weights.sum(dim=2, keepdim=True)  # >= 1
+    # Out of place wherever grad_out enters: under batched targets it is vmapped.
+    local = weights * (grad_out.to(dtype).reshape(n, c, 1, out_h * out_w) / total)
+    if not detached:
+        mean_below = torch.linalg.vecdot(weights, below, dim=2).unsqueeze(2) / total
+        spread = local * below.sub_(mean_below)
+        local = local.add_(spread.mul_(inverse_t))
     grad = F.fold(local.view(n, c * kh * kw, out_h * out_w), padded_hw, (kh, kw),
                   dilation=(dh, dw), stride=(sh, sw))
-    return grad.narrow(-2, ph, h).narrow(-1, pw, w) if padded else grad
+    if padded:
+        grad = grad.narrow(-2, ph, h).narrow(-1, pw, w)
+    return grad.to(grad_out.dtype)
 
 
 def hard_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry) -> Tensor:
@@ -316,6 +358,10 @@ class SoftMaxPool2d(torch.autograd.Function):
         if ctx.settings.gate == "hard":
             grad_in = hard_max_pool_backward(grad_out, x, ctx.geometry)
         else:
+            # pool_weights is a GateSettings field from the settings rework on; until then,
+            # the first version's rule.
+            detached = getattr(ctx.settings, "pool_weights", "differentiated") == "detached"
             grad_in = soft_max_pool_backward(
-                grad_out, x, ctx.geometry, ctx.settings.temperature_for(x, pool=True))
+                grad_out, x, ctx.geometry, ctx.settings.temperature_for(x, pool=True),
+                detached)
         return (grad_in.squeeze(0) if unbatched else grad_in), None, None, None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from copy import deepcopy
 
 import torch
 import torch.nn.functional as F
@@ -66,9 +67,11 @@ def frozen_gate_clamp(z: Tensor, temperature: float, gate: str, low: float = 0.0
 
 
 def soft_pool_autograd(x: Tensor, kernel: int, stride: int, padding: int, temperature: float,
-                       dilation: int = 1, ceil_mode: bool = False) -> Tensor:
+                       dilation: int = 1, ceil_mode: bool = False,
+                       detached: bool = False) -> Tensor:
     """Soft pool sum softmax(w/T) w per window, built from unfolded windows so autograd
-    differentiates it (weights included); padding is -inf. Same output size as max_pool2d."""
+    differentiates it (the weights too, unless ``detached``); padding is -inf. Same output
+    size as max_pool2d."""
     n, c, h, w = x.shape
     out_h, out_w = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode).shape[-2:]
     span = dilation * (kernel - 1) + 1
@@ -78,40 +81,105 @@ def soft_pool_autograd(x: Tensor, kernel: int, stride: int, padding: int, temper
     windows = F.unfold(padded, kernel, dilation=dilation, stride=stride)
     windows = windows.view(n, c, kernel * kernel, out_h * out_w)
     p = torch.softmax(windows / temperature, dim=2)
+    if detached:
+        p = p.detach()
     soft = (p * torch.where(torch.isinf(windows), 0.0, windows)).sum(2)
     return soft.view(n, c, out_h, out_w)
 
 
 def frozen_gate_pool(x: Tensor, kernel: int, stride: int, padding: int, temperature: float,
-                     gate: str, dilation: int = 1, ceil_mode: bool = False) -> Tensor:
+                     gate: str, dilation: int = 1, ceil_mode: bool = False,
+                     detached: bool = False) -> Tensor:
     """Hard max-pool in value, soft-pool gradient."""
     hard = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
     if gate == "hard":
         return hard
-    soft = soft_pool_autograd(x, kernel, stride, padding, temperature, dilation, ceil_mode)
+    soft = soft_pool_autograd(x, kernel, stride, padding, temperature, dilation, ceil_mode,
+                              detached)
     return hard.detach() + soft - soft.detach()
 
 
 def window_loop_pool_grad(x: Tensor, grad_out: Tensor, kernel: int, stride: int, padding: int,
                           temperature: float, dilation: int = 1,
-                          ceil_mode: bool = False) -> Tensor:
-    """The soft-pool gradient one window at a time, each by autograd on that window alone."""
-    n, c, h, w = x.shape
+                          ceil_mode: bool = False, detached: bool = False) -> Tensor:
+    """The soft-pool gradient one window position at a time (all examples and channels at
+    once), each by autograd through an explicit softmax, exp / sum, detached when ``detached``.
+    """
+    h, w = x.shape[-2:]
     out_h, out_w = grad_out.shape[-2:]
     grad = torch.zeros_like(x)
-    for b, ch, oy, ox in itertools.product(range(n), range(c), range(out_h), range(out_w)):
+    for oy, ox in itertools.product(range(out_h), range(out_w)):
         coords = []
         for ky, kx in itertools.product(range(kernel), range(kernel)):
             yy = oy * stride - padding + ky * dilation
             xx = ox * stride - padding + kx * dilation
             if 0 <= yy < h and 0 <= xx < w:  # padded positions take no part
                 coords.append((yy, xx))
-        values = torch.stack([x[b, ch, yy, xx] for yy, xx in coords]).detach().requires_grad_()
-        soft = (torch.softmax(values / temperature, 0) * values).sum()
-        (local,) = torch.autograd.grad(soft, values)
-        for (yy, xx), d in zip(coords, local):
-            grad[b, ch, yy, xx] += d * grad_out[b, ch, oy, ox]
+        values = torch.stack([x[:, :, yy, xx] for yy, xx in coords], dim=-1)
+        values = values.detach().requires_grad_()
+        scaled = values / temperature
+        exp = torch.exp(scaled - scaled.amax(dim=-1, keepdim=True).detach())
+        weights = exp / exp.sum(dim=-1, keepdim=True)
+        soft = ((weights.detach() if detached else weights) * values).sum(dim=-1)
+        (local,) = torch.autograd.grad(soft, values, grad_out[:, :, oy, ox])
+        for (yy, xx), d in zip(coords, local.unbind(-1)):
+            grad[:, :, yy, xx] += d
     return grad
+
+
+class FrozenGateReLU(nn.Module):
+    """Stands in for nn.ReLU / nn.ReLU6 in a copied model: hard value, frozen-gate gradient."""
+
+    def __init__(self, temperature: float, gate: str, high: float | None = None) -> None:
+        super().__init__()
+        self.temperature, self.gate, self.high = temperature, gate, high
+
+    def forward(self, z: Tensor) -> Tensor:
+        return frozen_gate_clamp(z, self.temperature, self.gate, 0.0, self.high)
+
+
+class WindowLoopPool(nn.Module):
+    """Stands in for nn.MaxPool2d (square, int arguments) in a copied model: hard value, the
+    gradient of :func:`window_loop_pool_grad` (one window at a time)."""
+
+    def __init__(self, pool: nn.MaxPool2d, temperature: float, detached: bool) -> None:
+        super().__init__()
+        self.pool, self.temperature, self.detached = pool, temperature, detached
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _WindowLoopPoolFunction.apply(x, self.pool, self.temperature, self.detached)
+
+
+class _WindowLoopPoolFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, pool, temperature, detached):
+        ctx.save_for_backward(x)
+        ctx.pool, ctx.temperature, ctx.detached = pool, temperature, detached
+        return pool(x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        p = ctx.pool
+        grad = window_loop_pool_grad(x, grad_out, p.kernel_size, p.stride, p.padding,
+                                     ctx.temperature, p.dilation, p.ceil_mode, ctx.detached)
+        return grad, None, None, None
+
+
+def frozen_gate_copy(model: nn.Module, temperature: float, gate: str, pool_temperature: float,
+                     detached: bool) -> nn.Module:
+    """A deep copy of a module-built model with every nn.ReLU / nn.ReLU6 / nn.MaxPool2d replaced
+    by its slow reference (functional calls in forward() are not seen: wrap those yourself)."""
+    copy = deepcopy(model)
+    for parent in list(copy.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.ReLU6):
+                setattr(parent, name, FrozenGateReLU(temperature, gate, 6.0))
+            elif isinstance(child, nn.ReLU):
+                setattr(parent, name, FrozenGateReLU(temperature, gate))
+            elif isinstance(child, nn.MaxPool2d):
+                setattr(parent, name, WindowLoopPool(child, pool_temperature, detached))
+    return copy
 
 
 # ---------------------------------------------------------------- a network with every op form

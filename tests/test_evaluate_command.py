@@ -106,6 +106,9 @@ def test_single_process_rows_summary_and_skipped_files(single_run, photos):
     assert settings["status"] == "complete" and settings["images"] == 4
     assert settings["settings"]["image_size"] == 64 and settings["settings"]["targets"] == "top-2"
     assert not (out.parent / "results.csv.parts").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not a private temporary file's 0600
 
     # A row is the metric's value for that image and target, computed directly.
     model = pw.load_model()

@@ -39,6 +39,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,10 +303,9 @@ def check_output(out: str | os.PathLike, resume: bool) -> Path:
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(temporary)`` then rename onto ``path``: readers see all of it or nothing."""
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    temporary = Path(name)
+    """``write(temporary)`` then rename onto ``path``: readers see all of it or nothing.
+    ``write`` creates the file, so it gets the usual permissions (the umask's)."""
+    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:16]}.tmp"
     try:
         write(temporary)
         os.replace(temporary, path)

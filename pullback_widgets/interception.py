@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import types
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -28,6 +29,7 @@ from .activation_gates import (
     gelu_rule,
     leaky_relu_rule,
 )
+from .attention_gates import AttentionCall, SoftAttention
 from .gates import GateSettings, PoolGeometry, SoftClamp, SoftMaxPool2d
 from .model_helpers import default_temperatures
 from .norm_gates import ConstantStatisticsNorm, group_norm_statistics, layer_norm_statistics
@@ -137,7 +139,66 @@ def _group_norm_route(mode, func, args, kwargs):
         mode.settings)
 
 
+def _attention_route(mode, func, args, kwargs):
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
+    enable_gqa)``, called again with the same arguments by keyword."""
+    call = AttentionCall(float(_arg(args, kwargs, 4, "dropout_p", 0.0)),
+                         bool(_arg(args, kwargs, 5, "is_causal", False)),
+                         _arg(args, kwargs, 6, "scale", None),
+                         bool(_arg(args, kwargs, 7, "enable_gqa", False)))
+    call.check(args[0])
+    mode.count("attention")
+
+    def hard_op(query, key, value, mask):
+        return func(query, key, value, attn_mask=mask, dropout_p=call.dropout_p,
+                    is_causal=call.is_causal, scale=call.scale, enable_gqa=call.enable_gqa)
+
+    return SoftAttention.apply(args[0], args[1], args[2], _arg(args, kwargs, 3, "attn_mask", None),
+                               hard_op, call, mode.settings)
+
+
+def _without_dispatch(function: Callable) -> Callable | None:
+    """A copy of a torch Python function whose own ``has_torch_function`` check is off, so
+    that its body runs under the active mode, which then sees the calls the body makes; None
+    where the function does not dispatch that way (another torch version)."""
+    if "has_torch_function" not in function.__code__.co_names:
+        return None
+    namespace = {**function.__globals__, "has_torch_function": lambda tensors: False}
+    copy = types.FunctionType(function.__code__, namespace, function.__name__,
+                              function.__defaults__, function.__closure__)
+    copy.__kwdefaults__ = function.__kwdefaults__
+    return copy
+
+
+_MULTI_HEAD_ATTENTION_BODY = _without_dispatch(F.multi_head_attention_forward)
+
+
+def _multi_head_attention_route(mode, func, args, kwargs):
+    """``F.multi_head_attention_forward`` (nn.MultiheadAttention). With ``need_weights=False``
+    it calls scaled_dot_product_attention inside, which a mode handling the outer call cannot
+    see: its body runs once more under this mode, its dispatch check off, and the mode gates
+    that inner call. With ``need_weights=True`` it computes the weights by hand: left plain,
+    and the session says so."""
+    if _arg(args, kwargs, 15, "need_weights", True) or _MULTI_HEAD_ATTENTION_BODY is None:
+        mode.plain_attention += 1
+        return func(*args, **kwargs)
+    with mode:
+        return _MULTI_HEAD_ATTENTION_BODY(*args, **kwargs)
+
+
+def _softmax_route(mode, func, args, kwargs):
+    """A softmax on the input's path: attention computed by hand, if it is attention at all.
+    It stays plain; the session says so."""
+    mode.plain_attention += 1
+    return func(*args, **kwargs)
+
+
 _ROUTES: dict[Callable, Callable] = {
+    F.scaled_dot_product_attention: _attention_route,
+    F.multi_head_attention_forward: _multi_head_attention_route,
+    F.softmax: _softmax_route,
+    torch.softmax: _softmax_route,
+    torch.Tensor.softmax: _softmax_route,
     F.silu: _activation_route(lambda a, k: SILU, _inplace_argument(1)),
     F.hardswish: _activation_route(lambda a, k: HARDSWISH, _inplace_argument(1)),
     F.gelu: _activation_route(lambda a, k: gelu_rule(_arg(a, k, 1, "approximate", "none")),
@@ -160,6 +221,8 @@ class _SoftGatingMode(TorchFunctionMode):
         self.settings = settings
         self.gated_calls = 0
         self.gated_kinds: collections.Counter[str] = collections.Counter()
+        # Softmax calls and need_weights=True attention on the input's path: left plain.
+        self.plain_attention = 0
 
     def count(self, kind: str) -> None:
         self.gated_calls += 1

@@ -47,6 +47,7 @@ class _Forward:
     layers: tuple[str, ...]
     gated_calls: int
     gated_kinds: dict[str, int]
+    plain_attention: int
 
 
 class PullbackSession:
@@ -119,8 +120,13 @@ class PullbackSession:
 
     @property
     def gated_kinds(self) -> dict[str, int]:
-        """Gated calls per kind of op ("relu", "pool", "silu", ..., "norm")."""
+        """Gated calls per kind of op ("relu", "pool", "silu", ..., "norm", "attention")."""
         return self._state.gated_kinds
+
+    @property
+    def plain_attention(self) -> int:
+        """Softmax calls (attention computed by hand) the forward left plain."""
+        return self._state.plain_attention
 
     @property
     def probabilities(self) -> Tensor:
@@ -155,8 +161,15 @@ class PullbackSession:
                           "(SiLU, GELU, Hardswish, leaky ReLU, LayerNorm, GroupNorm, attention) "
                           "on the input's path: the pullback equals the plain gradient",
                           stacklevel=4)
+        if mode.plain_attention:
+            warnings.warn(
+                f"the model computes {mode.plain_attention} softmax(es) by hand on the input's "
+                "path (attention written as matmul-softmax-matmul, e.g. timm with fused "
+                "attention off, or nn.MultiheadAttention with need_weights=True): attention "
+                "there stays plain, not gated; only F.scaled_dot_product_attention is gated",
+                stacklevel=4)
         return _Forward(leaf, logits, recorder.outputs, layers, mode.gated_calls,
-                        dict(mode.gated_kinds))
+                        dict(mode.gated_kinds), mode.plain_attention)
 
     def _state_for(self, targets: Sequence[Target]) -> _Forward:
         """The recorded forward, or a new one that also records the Units' layers."""

@@ -138,7 +138,7 @@ def test_timm_models_match_the_frozen_gate_reference(name, kwargs):
         actual = session.pullback(3, temperature=temperature) if temperature is not None \
             else pw.PullbackSession(model, x).pullback(3)
         expected = ref.input_gradient(ref.frozen_copy(model, temperature or {}), x, 3)
-        assert ref.cosine(actual, expected) >= 0.99999, (name, temperature)
+        ref.assert_matches(actual, expected, relative_error=1e-5)  # float32; T * 1.01: 1e-3
     plain = ref.input_gradient(model, x, 3)
     assert torch.equal(session.pullback(3, gate="hard"), plain)
 

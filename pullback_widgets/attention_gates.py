@@ -1,0 +1,121 @@
+"""Attention as a gate: out_i = sum_j a_ij·v_j, with a = softmax(q·kᵀ·scale + mask).
+
+The attention weights are data-dependent gates on the value paths. The forward is the model's
+own ``F.scaled_dot_product_attention`` call, bit for bit (whatever backend it picks). The
+backward softens the weights to A_T = softmax(q·kᵀ·scale / T + mask), T of the kind
+``"attention"`` (default 1.0). Masks (boolean, additive, ``is_causal``) are applied to the
+softened scores exactly as the model applies them to its own; a row whose every key is masked
+gets no weight.
+
+- ``attention_weights="detached"`` (default; the later code's rule for PVT): out = A_T·v with
+  A_T a constant. The gradient flows to v only: grad_v = A_Tᵀ·grad_out; q and k get none.
+  T -> 0 gives hard (argmax) weights, T = 1 the model's own.
+- ``attention_weights="differentiated"`` (the later code's rule for nn.MultiheadAttention):
+  the gradient of softmax(S/T + mask)·v with respect to q, k and v, the 1/T factor passed
+  straight through (d(S/T)/dS taken as 1), S = q·kᵀ·scale.
+
+With ``gate="hard"`` the backward is autograd's own through the model's call, bit for bit.
+Dropout on the weights and grouped-query attention (``enable_gqa``) are refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .gates import GateSettings
+from .validation import PullbackWidgetsError
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """The arguments of one ``scaled_dot_product_attention`` call, besides q, k, v, mask."""
+
+    dropout_p: float = 0.0
+    is_causal: bool = False
+    scale: float | None = None
+    enable_gqa: bool = False
+
+    def check(self, query: Tensor) -> None:
+        if self.dropout_p > 0:
+            raise PullbackWidgetsError(
+                f"attention dropout is on (dropout_p={self.dropout_p}): a pullback needs a "
+                "deterministic forward; put the model in eval mode (the session does)")
+        if self.enable_gqa:
+            raise PullbackWidgetsError("grouped-query attention (enable_gqa=True) is not "
+                                       "supported by the attention gate")
+        if query.is_nested:
+            raise PullbackWidgetsError("nested-tensor attention is not supported by the "
+                                       "attention gate")
+
+
+def softened_weights(query: Tensor, key: Tensor, mask: Tensor | None, call: AttentionCall,
+                     settings: GateSettings) -> tuple[Tensor, float]:
+    """(A_T (..., L, S) in at least float32, the score scale)."""
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    scale = call.scale if call.scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    scores = (query.to(dtype) @ key.to(dtype).transpose(-2, -1)) * scale
+    logits = scores / settings.temperature_for(scores, kind="attention")
+    if call.is_causal:
+        length, source = logits.shape[-2:]
+        causal = torch.ones(length, source, dtype=torch.bool, device=logits.device).tril()
+        logits = logits.masked_fill(~causal, -math.inf)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool \
+            else logits + mask.to(dtype)
+    # A row with every key masked is NaN after softmax: it gets no weight at all.
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0), scale
+
+
+class SoftAttention(torch.autograd.Function):
+    """Runs the model's attention call forward; pulls back through the softened weights."""
+
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                hard_op: Callable[..., Tensor], call: AttentionCall,
+                settings: GateSettings) -> Tensor:
+        # The call runs on detached copies with its own graph, which the hard gate pulls back
+        # through: autograd's own backward, bit for bit, for whichever backend ran.
+        with torch.enable_grad():
+            leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad)
+                      for t in (query, key, value, mask)]
+            out = hard_op(*leaves)
+        ctx.inner = (out, leaves)
+        ctx.call, ctx.settings = call, settings
+        return out.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        out, leaves = ctx.inner
+        settings = ctx.settings
+        if settings.gate == "hard":
+            wanted = [i for i in range(4) if ctx.needs_input_grad[i]]
+            grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad_out,
+                                        retain_graph=True)
+            result: list[Tensor | None] = [None] * 4
+            for i, grad in zip(wanted, grads):
+                result[i] = grad
+            return (*result, None, None, None)
+        query, key, value, mask = (None if t is None else t.detach() for t in leaves)
+        weights, scale = softened_weights(query, key, mask, ctx.call, settings)
+        grad = grad_out.to(weights.dtype)
+        grad_value = (weights.transpose(-2, -1) @ grad).sum_to_size(value.shape).to(value.dtype)
+        if settings.attention_weights == "detached":
+            return None, None, grad_value, None, None, None, None
+        # Gradient of softmax(logits)·v at the softened logits; d logits / d scores taken as 1.
+        grad_weights = grad @ value.to(weights.dtype).transpose(-2, -1)
+        grad_logits = weights * (grad_weights - (grad_weights * weights).sum(-1, keepdim=True))
+        grad_query = (grad_logits @ key.to(weights.dtype) * scale).sum_to_size(query.shape) \
+            .to(query.dtype)
+        grad_key = (grad_logits.transpose(-2, -1) @ query.to(weights.dtype) * scale
+                    ).sum_to_size(key.shape).to(key.dtype)
+        grad_mask = None
+        if ctx.needs_input_grad[3]:  # a learned additive mask (a bias on the logits)
+            grad_mask = grad_logits.sum_to_size(mask.shape).to(mask.dtype)
+        return grad_query, grad_key, grad_value, grad_mask, None, None, None

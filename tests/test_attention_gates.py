@@ -1,0 +1,220 @@
+"""Attention as a gate (timm ViTs, torchvision VisionTransformer, nn.MultiheadAttention),
+against the slow references of tests/reference_modern.py."""
+
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import pullback_widgets as pw
+from tests import reference_modern as ref
+
+TEMPERATURES = (0.5, 1.0, 2.0)
+
+
+def timm_vit(**kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2,
+                             num_classes=10, **kwargs).eval().double()
+
+
+def torchvision_vit() -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=64, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+        num_classes=10).eval().double()
+    nn.init.normal_(model.heads.head.weight, std=0.2)  # torchvision zeroes the head
+    return model
+
+
+class MaskedViT(nn.Module):
+    """A timm ViT called with an attention mask over its 17 tokens."""
+
+    def __init__(self, vit: nn.Module, mask: torch.Tensor | None, is_causal: bool = False):
+        super().__init__()
+        self.vit, self.mask, self.is_causal = vit, mask, is_causal
+
+    def forward(self, x):
+        return self.vit(x, attn_mask=self.mask, is_causal=self.is_causal)
+
+
+def token_masks():
+    generator = torch.Generator().manual_seed(5)
+    keep = torch.rand(2, 1, 17, 17, generator=generator) > 0.4
+    keep[..., 0] = True  # every query keeps the class token: no row left empty
+    bias = torch.randn(2, 1, 17, 17, generator=generator, dtype=torch.float64)
+    bias = bias.masked_fill(~keep, float("-inf"))
+    return {"bool": (keep, False), "additive": (bias, False), "causal": (None, True)}
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1),
+                      dtype=torch.float64)
+
+
+@pytest.mark.parametrize("rule", ["detached", "differentiated"])
+def test_timm_vit_matches_the_reference(inputs, rule):
+    model = timm_vit()
+    session = pw.PullbackSession(model, inputs, attention_weights=rule)
+    assert session.gated_kinds == {"attention": 2, "gelu": 2, "norm": 5}
+    for temperature in (*TEMPERATURES, {"attention": 0.3, "gelu": 1.7}):
+        actual = session.pullback(4, temperature=temperature)
+        expected = ref.input_gradient(ref.frozen_copy(model, temperature, "sigmoid", rule),
+                                      inputs, 4)
+        ref.assert_matches(actual, expected, relative_error=1e-10)  # T * 1.01: 2e-3
+
+
+@pytest.mark.parametrize("mask_name", ["bool", "additive", "causal"])
+@pytest.mark.parametrize("rule", ["detached", "differentiated"])
+def test_timm_vit_with_masks_matches_the_reference(inputs, mask_name, rule):
+    mask, is_causal = token_masks()[mask_name]
+    model = MaskedViT(timm_vit(global_pool="avg"), mask, is_causal)  # causal: the class
+    # token would see only itself
+    session = pw.PullbackSession(model, inputs, attention_weights=rule)
+    for temperature in TEMPERATURES:
+        actual = session.pullback(2, temperature=temperature)
+        expected = ref.input_gradient(ref.frozen_copy(model, temperature, "sigmoid", rule),
+                                      inputs, 2)
+        ref.assert_matches(actual, expected, relative_error=1e-10)  # T * 1.01: 2e-3
+
+
+@pytest.mark.parametrize("rule", ["detached", "differentiated"])
+def test_torchvision_vit_matches_the_reference(inputs, rule):
+    model = torchvision_vit()
+    session = pw.PullbackSession(model, inputs, attention_weights=rule)
+    assert session.gated_kinds == {"attention": 2, "gelu": 2, "norm": 5}
+    for temperature in TEMPERATURES:
+        actual = session.pullback(7, temperature=temperature)
+        expected = ref.input_gradient(ref.frozen_copy(model, temperature, "sigmoid", rule),
+                                      inputs, 7)
+        ref.assert_matches(actual, expected, relative_error=1e-10)  # T * 1.01: 2e-3
+
+
+class PaddedAttention(nn.Module):
+    """nn.MultiheadAttention over tokens, with a key-padding mask and a boolean attn_mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.padding = torch.tensor([[False] * 5 + [True], [False] * 4 + [True] * 2])
+        self.banned = torch.eye(6, dtype=torch.bool).roll(1, dims=1)  # no row fully banned
+
+    def forward(self, tokens):
+        out, _ = self.attention(tokens, tokens, tokens, key_padding_mask=self.padding,
+                                need_weights=False, attn_mask=self.banned)
+        return out.sum((1, 2))
+
+
+@pytest.mark.parametrize("rule", ["detached", "differentiated"])
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_multihead_attention_masks_match_the_reference(rule, temperature):
+    model = PaddedAttention().double().eval()
+    tokens = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    with pw.soft_gating(model, temperature=temperature, attention_weights=rule) as settings:
+        (actual,) = torch.autograd.grad(model(tokens).sum(), tokens)
+    assert settings.temperature == temperature
+    reference = ref.frozen_copy(model, temperature, attention_weights=rule)
+    (expected,) = torch.autograd.grad(reference(tokens).sum(), tokens)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_small_temperature_gives_hard_argmax_weights():
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    grad_out = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    with pw.soft_gating(nn.Identity(), temperature={"attention": 1e-4}):
+        grads = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v),
+                                    grad_out, allow_unused=True, materialize_grads=True)
+    argmax = F.one_hot((q @ k.transpose(-2, -1)).argmax(-1), 5).to(q.dtype)
+    torch.testing.assert_close(grads[2], argmax.transpose(-2, -1) @ grad_out)
+    assert not grads[0].any() and not grads[1].any()  # detached: nothing through q, k
+
+
+def test_a_fully_masked_row_gets_no_weight():
+    q, k, v = (torch.randn(1, 1, 3, 4, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    keep = torch.ones(3, 3, dtype=torch.bool)
+    keep[1] = False
+    grad_out = torch.zeros(1, 1, 3, 4, dtype=torch.float64)
+    grad_out[..., 1, :] = 1.0  # only the empty row's output is pulled back
+    with pw.soft_gating(nn.Identity(), attention_weights="differentiated"):
+        grads = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=keep),
+                                    (q, k, v), grad_out)
+    for grad in grads:
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("make", [timm_vit, torchvision_vit])
+@pytest.mark.parametrize("backend", [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION])
+def test_forward_and_hard_gate_are_the_model_own_bit_for_bit(inputs, make, backend):
+    model, inputs = make().float(), inputs.float()  # the CPU flash kernel: float32
+    with sdpa_kernel(backend):
+        leaf = inputs.clone().requires_grad_()
+        logits = model(leaf)
+        (plain,) = torch.autograd.grad(logits[:, 3].sum(), leaf)
+        session = pw.PullbackSession(model, inputs, gate="hard")
+        assert torch.equal(session.logits, logits)
+        assert torch.equal(session.pullback(3), plain)
+        for rule in ("detached", "differentiated"):
+            assert not torch.equal(session.pullback(3, gate="sigmoid",
+                                                    attention_weights=rule), plain)
+
+
+@pytest.mark.parametrize("make", [timm_vit, torchvision_vit])
+def test_batched_targets_and_ascent_run_on_vits(inputs, make):
+    model = make()
+    session = pw.PullbackSession(model, inputs, attention_weights="differentiated")
+    batched = session.pullbacks([1, 2, 3], batched=True)
+    torch.testing.assert_close(batched, session.pullbacks([1, 2, 3], batched=False))
+    result = pw.pullback_ascent(model, inputs[:1], 5, steps=2, progress=False)
+    assert len(result.images) == 3 and torch.isfinite(result.images[-1]).all()
+
+
+def test_attention_computed_by_hand_is_said_to_stay_plain(inputs):
+    model = timm_vit()
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    with pytest.warns(UserWarning, match="attention there stays plain"):
+        session = pw.PullbackSession(model, inputs)
+    assert session.plain_attention == 2 and "attention" not in session.gated_kinds
+
+
+def test_multihead_attention_with_weights_is_said_to_stay_plain():
+    model = PaddedAttention().double().eval()
+    model.forward = lambda t: model.attention(t, t, t)[0].sum((1, 2))  # need_weights=True
+    tokens = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    with pw.soft_gating(model) as settings:
+        from pullback_widgets.interception import _active_gating_mode
+        model(tokens)
+        mode = _active_gating_mode()
+        assert mode.plain_attention == 1 and mode.gated_calls == 0
+    assert settings.attention_weights == "detached"
+
+
+def test_unsupported_attention_is_refused():
+    q = torch.randn(1, 4, 3, 8, requires_grad=True)
+    kv = torch.randn(1, 2, 3, 8, requires_grad=True)
+    with pw.soft_gating(nn.Identity()):
+        with pytest.raises(pw.PullbackWidgetsError, match="dropout"):
+            F.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+        with pytest.raises(pw.PullbackWidgetsError, match="enable_gqa"):
+            F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+    with pytest.raises(pw.PullbackWidgetsError, match="did you mean 'differentiated'"):
+        pw.PullbackSession(timm_vit(), torch.rand(1, 3, 64, 64, dtype=torch.float64),
+                           attention_weights="diferentiated")
+
+
+def test_train_mode_vit_runs_in_eval_without_dropout(inputs):
+    model = timm_vit(attn_drop_rate=0.3).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pw.PullbackSession(model, inputs).pullback(1)
+    assert model.training

@@ -129,10 +129,11 @@ class GateSettings:
         """
         names = list(_FIELD_CHECKS)
         if len(args) > len(names):
-            raise TypeError(f"update() takes at most {len(names)} positional arguments")
+            raise PullbackWidgetsTypeError(
+                f"update() takes at most {len(names)} positional arguments")
         for name, value in zip(names, args):
             if name in changes:
-                raise TypeError(f"update() got {name!r} twice")
+                raise PullbackWidgetsTypeError(f"update() got {name!r} twice")
             changes[name] = value
         unknown = [name for name in changes if name not in _FIELD_CHECKS]
         if unknown:

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 
-from .validation import PullbackWidgetsError, PullbackWidgetsTypeError
+from .validation import PullbackWidgetsError, PullbackWidgetsTypeError, close_matches, is_integer
 
 
 def find_class(query: int | str, labels: Sequence[str]) -> int:
     """The class index that ``query`` names: an index, a digit string or a class name.
 
-    Names match case-insensitively. A name that matches no class, or several (ImageNet has two
-    "crane"s), raises a PullbackWidgetsError (a ValueError) that lists close matches with their
-    indices.
+    Names match case-insensitively; any integer type is an index (numpy's too). A name that
+    matches no class, or several (ImageNet has two "crane"s), raises a PullbackWidgetsError (a
+    ValueError) that lists close matches with their indices.
     """
-    if isinstance(query, bool) or not isinstance(query, (int, str)):
-        raise PullbackWidgetsTypeError(
-            f"class must be an index or a name, got {type(query).__name__}")
     if isinstance(query, str) and query.strip().lstrip("-").isdigit():
         query = int(query)
-    if isinstance(query, int):
+    if not isinstance(query, str):
+        if not is_integer(query):
+            raise PullbackWidgetsTypeError(
+                f"class must be an index or a name, got {type(query).__name__}")
+        query = int(query)
         if not 0 <= query < len(labels):
             raise PullbackWidgetsError(f"class index {query} is out of range [0, {len(labels)})")
         return query
@@ -33,7 +33,7 @@ def find_class(query: int | str, labels: Sequence[str]) -> int:
         raise PullbackWidgetsError(
             f"class {query!r} is ambiguous: indices {listed}; give the index")
     lowered = [label.lower() for label in labels]
-    close = difflib.get_close_matches(wanted, lowered, n=4, cutoff=0.6)
+    close = close_matches(wanted, lowered, n=4, cutoff=0.6)
     close += [name for name in lowered if wanted in name and name not in close][:4 - len(close)]
     hint = ", ".join(f"{labels[lowered.index(c)]!r} ({lowered.index(c)})" for c in close)
     raise PullbackWidgetsError(

@@ -14,7 +14,6 @@ ImageNet class names, list[str]), ``input_size`` (224, pixels) and ``default_tem
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -26,6 +25,8 @@ from types import MappingProxyType
 import torch
 import torchvision.models as tvm
 from torch import Tensor, nn
+
+from .validation import PullbackWidgetsError, PullbackWidgetsTypeError, check_choice
 
 __all__ = [
     "MODELS",
@@ -84,9 +85,10 @@ class Normalize(nn.Module):
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"mean and std need 3 values (RGB), got {mean!r} and {std!r}")
+            raise PullbackWidgetsError(
+                f"mean and std need 3 values (RGB), got {mean!r} and {std!r}")
         if any(s <= 0 for s in std):
-            raise ValueError(f"std must be > 0, got {std!r}")
+            raise PullbackWidgetsError(f"std must be > 0, got {std!r}")
         # (3, 1, 1) broadcasts over (B, 3, H, W) and over a single (3, H, W) image alike.
         self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(3, 1, 1), persistent=False)
@@ -110,9 +112,10 @@ def _normalize_input(module: nn.Module, args: tuple) -> tuple:
         return args
     x = args[0]
     if not isinstance(x, Tensor):
-        raise TypeError(f"model input must be a torch.Tensor, got {type(x).__name__}")
+        raise PullbackWidgetsTypeError(
+            f"model input must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim < 3 or x.shape[-3] != 3:
-        raise ValueError(
+        raise PullbackWidgetsError(
             "model input must be RGB in pixel space [0, 1], shape (B, 3, H, W); "
             f"got {tuple(x.shape)}"
         )
@@ -169,13 +172,15 @@ def lite0_state_dict_to_timm(state_dict: Mapping[str, Tensor]) -> dict[str, Tens
             index = int(parts[1])
             table = _LITE0_FIRST_BLOCK if index == 0 else _LITE0_BLOCK
             if index >= len(positions) or parts[2] not in table:
-                raise ValueError(f"state_dict has an unexpected EfficientNet-Lite0 key {key!r}")
+                raise PullbackWidgetsError(
+                    f"state_dict has an unexpected EfficientNet-Lite0 key {key!r}")
             stage, block = positions[index]
             new = ["blocks", str(stage), str(block), table[parts[2]], *parts[3:]]
         elif parts[0] in _LITE0_TOP and len(parts) >= 2:
             new = [_LITE0_TOP[parts[0]], *parts[1:]]
         else:
-            raise ValueError(f"state_dict has an unexpected EfficientNet-Lite0 key {key!r}")
+            raise PullbackWidgetsError(
+                f"state_dict has an unexpected EfficientNet-Lite0 key {key!r}")
         renamed[".".join(new)] = value
     return renamed
 
@@ -324,22 +329,18 @@ MODELS: Mapping[str, ModelSpec] = MappingProxyType(
 
 
 def _check_name(name: object) -> ModelSpec:
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a string, one of {list(MODELS)}, got {type(name).__name__}")
-    if name not in MODELS:
-        close = difflib.get_close_matches(name.lower(), list(MODELS), n=3, cutoff=0.5)
-        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown model name {name!r}: known names are {list(MODELS)}{hint}")
-    return MODELS[name]
+    return MODELS[check_choice(name, list(MODELS), "model name")]
 
 
 def _check_device(device: object) -> torch.device:
     if not isinstance(device, (str, torch.device)):
-        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+        raise PullbackWidgetsTypeError(
+            f"device must be a str or torch.device, got {type(device).__name__}")
     try:
         return torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"device {device!r} is not a valid torch device: {err}") from None
+        raise PullbackWidgetsError(
+            f"device {device!r} is not a valid torch device: {err}") from None
 
 
 def load_model(
@@ -370,7 +371,7 @@ def load_model(
     """
     spec = _check_name(name)
     if weights not in WEIGHTS:
-        raise ValueError(f"weights must be 'imagenet' or None, got {weights!r}")
+        raise PullbackWidgetsError(f"weights must be 'imagenet' or None, got {weights!r}")
     target = _check_device(device)
 
     net = spec.builder(weights)

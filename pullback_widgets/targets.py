@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .validation import PullbackWidgetsError, PullbackWidgetsTypeError, check_index
+from .validation import PullbackWidgetsError, PullbackWidgetsTypeError, check_index, is_integer
 
 
 @dataclass(frozen=True)
@@ -47,10 +46,6 @@ def is_class_target(target: object) -> bool:
     return not isinstance(target, Unit)
 
 
-def _is_integer(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
 def class_indices(target: object, batch: int, num_classes: int, device) -> Tensor:
     """One class index per example, as a LongTensor (B,).
 
@@ -65,7 +60,7 @@ def class_indices(target: object, batch: int, num_classes: int, device) -> Tenso
             raise PullbackWidgetsTypeError(
                 f"target array must hold integer class indices, got {target.dtype}")
         target = torch.from_numpy(target.astype(np.int64))
-    if _is_integer(target):
+    if is_integer(target):
         indices = torch.full((batch,), int(target), dtype=torch.long)
     elif isinstance(target, Tensor):
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -75,7 +70,7 @@ def class_indices(target: object, batch: int, num_classes: int, device) -> Tenso
         if target.dim() == 0:
             indices = indices.expand(batch)
     elif isinstance(target, Sequence) and not isinstance(target, str):
-        if not all(_is_integer(t) for t in target):
+        if not all(is_integer(t) for t in target):
             raise PullbackWidgetsTypeError("target sequence must hold int class indices")
         indices = torch.tensor([int(t) for t in target], dtype=torch.long)
     else:

@@ -38,6 +38,11 @@ def check_positive(value: object, name: str) -> float:
     return as_float
 
 
+def is_integer(value: object) -> bool:
+    """True for any integer type (numpy's too) except bools."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_index(value: object, name: str, minimum: int = 0) -> int:
     """``value`` as an int if it is an integer >= ``minimum`` (numpy integers included)."""
     if isinstance(value, bool):
@@ -63,14 +68,21 @@ def check_choice(value: object, choices: Sequence[str], name: str) -> str:
     return value
 
 
-def suggest(name: str, choices: Iterable[str], cutoff: float = 0.5) -> str:
-    """A "; did you mean ...?" hint for a mistyped ``name``, or "" when nothing is close."""
+def close_matches(name: str, choices: Iterable[str], n: int = 3,
+                  cutoff: float = 0.5) -> list[str]:
+    """Up to ``n`` of ``choices`` close to ``name``, best first; case-insensitive as fallback."""
     candidates = [c for c in choices if c]
-    close = difflib.get_close_matches(name, candidates, n=3, cutoff=cutoff)
+    close = difflib.get_close_matches(name, candidates, n=n, cutoff=cutoff)
     if not close:
         lowered = {c.lower(): c for c in candidates}
         close = [lowered[c] for c in difflib.get_close_matches(
-            name.lower(), list(lowered), n=3, cutoff=cutoff)]
+            name.lower(), list(lowered), n=n, cutoff=cutoff)]
+    return close
+
+
+def suggest(name: str, choices: Iterable[str], cutoff: float = 0.5) -> str:
+    """A "; did you mean ...?" hint for a mistyped ``name``, or "" when nothing is close."""
+    close = close_matches(name, choices, cutoff=cutoff)
     return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
 
 

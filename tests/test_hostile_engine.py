@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import pullback_widgets as pw
+from pullback_widgets.labels import find_class
 from pullback_widgets.model_helpers import feature_layers
 from tests.conftest import (
     assert_untouched,
@@ -279,6 +280,7 @@ def numpy_integer_targets_everywhere():
     assert pw.Unit("conv4", np.int64(3), np.int16(1), np.uint8(0)) == pw.Unit("conv4", 3, 1, 0)
     with pytest.raises(TypeError, match="bool"):
         pw.excitation_pullback(net, x, np.bool_(True))
+    assert find_class(np.int64(3), ["a", "b", "c", "d"]) == 3
 
 
 @case

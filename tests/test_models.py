@@ -13,6 +13,7 @@ import pytest
 import torch
 import torchvision.models as tvm
 
+import pullback_widgets as pw
 from pullback_widgets import MODELS, imagenet_labels, load_model, sample_image
 from pullback_widgets.models import (
     ModelSpec,
@@ -229,22 +230,22 @@ def test_unknown_name_lists_names_and_close_matches() -> None:
     with pytest.raises(ValueError, match="did you mean 'resnet50'") as info:
         load_model("resnet5")
     assert "vgg11_bn" in str(info.value)
-    with pytest.raises(ValueError, match="known names"):
+    with pytest.raises(pw.PullbackWidgetsError, match="model name must be one of"):
         load_model("alexnet")
-    with pytest.raises(TypeError, match="name"):
+    with pytest.raises(pw.PullbackWidgetsTypeError, match="name"):
         load_model(50)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("weights", ["IMAGENET1K_V1", "", True, "random"])
 def test_bad_weights_argument(weights) -> None:
-    with pytest.raises(ValueError, match="weights must be 'imagenet' or None"):
+    with pytest.raises(pw.PullbackWidgetsError, match="weights must be 'imagenet' or None"):
         load_model(weights=weights)
 
 
 def test_bad_device_argument() -> None:
-    with pytest.raises(ValueError, match="device"):
+    with pytest.raises(pw.PullbackWidgetsError, match="device"):
         load_model(weights=None, device="quantum")
-    with pytest.raises(TypeError, match="device"):
+    with pytest.raises(pw.PullbackWidgetsTypeError, match="device"):
         load_model(weights=None, device=3.5)  # type: ignore[arg-type]
 
 

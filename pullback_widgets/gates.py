@@ -48,10 +48,9 @@ from .validation import (
 GATES = ("sigmoid", "normal_cdf", "hard")
 TEMPERATURE_MODES = ("absolute", "relative")
 ATTENTION_WEIGHTS = ("detached", "differentiated")
-# "detached" (the paper's later version: the softmax weights are constants in the backward)
-# joins this tuple when the soft pool's backward implements it; until then it is refused
-# rather than silently computed as "differentiated".
-POOL_WEIGHTS = ("differentiated",)
+# The soft pool's rule: its softmax weights differentiated (the paper's first version) or
+# constants (its later version).
+POOL_WEIGHTS = ("differentiated", "detached")
 # The package's default temperature per kind of gated op. relu and pool keep the paper's first
 # version (0.3); silu, gelu and attention are the later code's defaults; hardswish is ours.
 KIND_TEMPERATURES = {"relu": 0.3, "pool": 0.3, "silu": 1.6, "gelu": 1.0, "hardswish": 1.0,
@@ -69,11 +68,6 @@ def check_temperature(temperature: object) -> float | dict[str, float] | None:
                 check_positive(value, f"temperature[{kind!r}]")
                 for kind, value in temperature.items()}
     return check_positive(temperature, "temperature")
-
-
-def _smallest_temperature(dtype: torch.dtype) -> float:
-    """The smallest T whose reciprocal 1/T is finite in ``dtype``: the backward divides by T."""
-    return 2.0 / torch.finfo(dtype).max if dtype.is_floating_point else 0.0
 
 
 _FIELD_CHECKS = {
@@ -102,7 +96,7 @@ class GateSettings:
     model's own per-kind defaults). ``pool_temperature`` is an alias for the ``"pool"`` kind.
     ``attention_weights`` picks the attention rule (see :mod:`.attention_gates`).
     ``pool_weights``: ``"differentiated"`` (the paper's first version: the soft pool's softmax
-    weights are differentiated too); see :data:`POOL_WEIGHTS`.
+    weights are differentiated too) or ``"detached"`` (its later version: they are constants).
 
     Every field is checked when it is set, so a GateSettings never holds a bad value;
     :meth:`update` checks all its arguments before it changes any.
@@ -177,21 +171,15 @@ class GateSettings:
     def temperature_for(self, x: Tensor, pool: bool = False,
                         kind: str | None = None) -> float | Tensor:
         """The temperature an op of ``kind`` (default "relu", or "pool" with ``pool=True``)
-        with input ``x`` uses: a float, or per example (B, 1, ...).
-
-        Never below the smallest T whose reciprocal is finite in ``x``'s dtype (5.9e-39 in
-        float32, 3.1e-5 in float16): the gates there are already the hard step for every
-        pre-activation larger than about 40 T, so this is the T -> 0 limit as far as the dtype
-        can hold it, rather than an overflow or a NaN.
-        """
+        with input ``x`` uses: a float, or per example (B, 1, ...). It may underflow to 0;
+        the ops cap 1/T (:func:`capped_reciprocal`)."""
         base = self.temperature_of(kind or ("pool" if pool else "relu"))
-        floor = _smallest_temperature(x.dtype)
         if self.temperature_mode == "absolute":
-            return max(base, floor)
+            return base
         if x.dim() < 2:
-            return max(base * float(x.detach().std().clamp_min(1e-12)), floor)
+            return base * float(x.detach().std().clamp_min(1e-12))
         spread = x.detach().flatten(1).std(dim=1).clamp_min(1e-12)
-        return (base * spread).clamp_min(floor).view(-1, *([1] * (x.dim() - 1)))
+        return base * spread.view(-1, *([1] * (x.dim() - 1)))
 
 
 # Past this, sigmoid(x) is 1 to within float64 rounding.

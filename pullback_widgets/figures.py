@@ -15,16 +15,21 @@ Conventions shared by every builder:
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import plotly.graph_objects as go
+from PIL import Image
 from plotly.subplots import make_subplots
 
 __all__ = [
     "ascent_frames",
     "channel_sum",
+    "compact",
+    "fit_width",
     "labelled_grid",
     "magnitude_overlay",
     "rgb_difference",
@@ -56,6 +61,10 @@ _OVERLAY_SCALE = [
     [1.0, "rgba(215, 0, 0, 1)"],
 ]
 _SIGNED_HOVER = "x=%{x}, y=%{y}<br>%{z:.3g}<extra></extra>"
+# compact(): a heatmap's [zmin, zmax] becomes the codes 0..254, so that a symmetric range puts
+# 0 exactly on code 127 (the white of a diverging scale).
+_TOP_CODE = 254
+_COLORBAR_TICKS = 5
 
 
 # --------------------------------------------------------------------------- array helpers
@@ -671,3 +680,84 @@ def logit_curves(
         showlegend=values.shape[1] > 1,
     )
     return fig
+
+
+# --------------------------------------------------------------------------- compact encoding
+
+
+def _png_data_uri(pixels: np.ndarray) -> str:
+    """``data:image/png;base64,...`` of uint8 (H, W, 3) RGB or (H, W, 4) RGBA pixels."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _compact_image(trace: go.Image) -> None:
+    if trace.z is None or trace.source is not None or trace.zmin is not None \
+            or trace.zmax is not None or trace.colormodel not in (None, "rgb", "rgba"):
+        return  # already a source, or a colour model a PNG does not hold: left as is
+    pixels = np.asarray(trace.z, dtype=np.float64)
+    if pixels.ndim != 3 or pixels.shape[2] != (4 if trace.colormodel == "rgba" else 3):
+        return
+    if pixels.shape[2] == 4:  # plotly's alpha is 0..1, a PNG's 0..255
+        pixels = pixels * np.array([1.0, 1.0, 1.0, 255.0])
+    pixels = np.clip(np.rint(np.nan_to_num(pixels)), 0, 255).astype(np.uint8)
+    trace.update(source=_png_data_uri(pixels), z=None)
+
+
+def _compact_heatmap(trace: go.Heatmap) -> None:
+    z = np.asarray(trace.z, dtype=np.float64)
+    zmin, zmax = trace.zmin, trace.zmax
+    if zmin is None or zmax is None or not zmax > zmin or not np.all(np.isfinite(z)):
+        return  # no fixed scale to code against, or gaps that codes cannot hold: left as is
+    step = (zmax - zmin) / _TOP_CODE
+    codes = np.rint((np.clip(z, zmin, zmax) - zmin) / step).astype(np.uint8)
+    values = np.linspace(zmin, zmax, _COLORBAR_TICKS)
+    trace.update(
+        z=codes,
+        zmin=0,
+        zmax=_TOP_CODE,
+        zmid=None,
+        # Hover would show codes, not values; the colour bar carries the scale instead.
+        hovertemplate="x=%{x}, y=%{y}<extra></extra>",
+        colorbar=dict(tickmode="array", tickvals=(values - zmin) / step,
+                      ticktext=[f"{v:.3g}" for v in values]),
+    )
+
+
+def compact(fig: go.Figure) -> go.Figure:
+    """A copy of ``fig`` that serialises small, for a page that embeds many images.
+
+    - ``go.Image`` traces given as RGB(A) ``z`` arrays of 0..255 (as every builder here makes)
+      become PNG data URIs (``source=``): lossless for uint8 pixels.
+    - ``go.Heatmap`` traces with a fixed ``[zmin, zmax]`` and finite ``z`` are stored as uint8
+      codes 0..254 of that range, one byte a pixel (plotly writes them as a typed array): the
+      colours are those of the 8-bit quantised values (values beyond the range saturate as
+      before), the colour bar is labelled in the original units, and hover shows positions only.
+
+    Other traces, and the layout, are unchanged.
+    """
+    out = go.Figure(fig)
+    for trace in out.data:
+        if trace.type == "image":
+            _compact_image(trace)
+        elif trace.type == "heatmap":
+            _compact_heatmap(trace)
+    return out
+
+
+def fit_width(fig: go.Figure, width: int) -> go.Figure:
+    """A copy of ``fig`` scaled down to at most ``width`` px, margins kept: the plot area
+    shrinks in both directions by the same factor, so square pixels stay square. A figure
+    already narrow enough (or without a fixed width) is returned as a copy, unchanged."""
+    out = go.Figure(fig)
+    layout = out.layout
+    if layout.width is None or layout.width <= width:
+        return out
+    margin = layout.margin
+    left, right = margin.l or 0, margin.r or 0
+    top, bottom = margin.t or 0, margin.b or 0
+    scale = (width - left - right) / (layout.width - left - right)
+    out.update_layout(width=width, height=round(top + bottom + (layout.height - top - bottom)
+                                                * scale))
+    return out

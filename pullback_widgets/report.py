@@ -1,11 +1,18 @@
 """The self-contained HTML report that ``pullback-widgets explain`` and ``grid`` write.
 
-plotly.js is embedded once in the page (no CDN), so a report opens offline.
+One file that opens offline: plotly.js is embedded once (no CDN), gzip-compressed (4.8 MB of
+JavaScript become 2 MB of base64, unpacked by the browser's ``DecompressionStream``), and the
+figures are compact (:func:`figures.compact`: images as PNG, heatmaps as one byte a pixel) and
+no wider than the page's column.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import gzip
 import html
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -13,6 +20,7 @@ from datetime import datetime, timezone
 import plotly.graph_objects as go
 import plotly.io as pio
 import torch
+from plotly.offline import get_plotlyjs
 from torch import Tensor, nn
 
 from . import figures
@@ -76,8 +84,14 @@ def _frame_labels(result: AscentResult) -> list[str]:
     labels = []
     for step, logit in enumerate(result.logits[:, 0].tolist()):
         prob = "" if result.probs is None else f" · p={float(result.probs[step, 0]):.2f}"
-        labels.append(f"step {step} · logit {logit:.2f}{prob}")
+        labels.append(f"step {step}<br>logit {logit:.2f}{prob}")
     return labels
+
+
+def _frames(result: AscentResult) -> go.Figure:
+    """The ascent's frames in a row, titled on two small lines, so that six fit the page."""
+    figure = figures.ascent_frames(result.images_of(0), labels=_frame_labels(result))
+    return figure.update_annotations(font_size=13)
 
 
 def _section(title: str, body: str, note: str = "") -> str:
@@ -92,32 +106,88 @@ def _parameters_table(parameters: dict[str, object]) -> str:
     return f"<table class='params'>{rows}</table>"
 
 
-def render_html(title: str, sections: Sequence[tuple[str, go.Figure | str, str]],
-                parameters: dict[str, object]) -> str:
-    """A whole HTML page: ``sections`` are (heading, figure or HTML, note)."""
-    parts, plotly_js_included = [], False
-    for heading, content, note in sections:
-        if isinstance(content, go.Figure):
-            content = pio.to_html(content, full_html=False,
-                                  include_plotlyjs=not plotly_js_included,
-                                  config={"displaylogo": False})
-            plotly_js_included = True
-        parts.append(_section(heading, content, note))
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+# The page's column (CSS max-width); wider figures are scaled down to it, so that a 1280-px
+# browser window never scrolls sideways.
+PAGE_PX = 1100
+PLOTLY_CONFIG = {"displaylogo": False}
+PAGE_CSS = f"""
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1em;
+       max-width: {PAGE_PX}px; color: #222; }}
 h1 {{ font-size: 1.6em; }} h2 {{ font-size: 1.2em; margin-top: 1.6em; }}
 .note {{ color: #555; max-width: 60em; }}
 table.params th {{ text-align: left; padding-right: 1em; font-weight: 600; }}
-</style></head><body>
+"""
+# Unpacks plotly.js, then draws every figure from its JSON block. A browser too old for
+# DecompressionStream gets a sentence instead of a blank page.
+PAGE_JS = """
+(async () => {
+  const status = document.getElementById("drawing");
+  try {
+    if (typeof DecompressionStream === "undefined") {
+      throw new Error("this browser cannot unpack the embedded plotly.js; it needs Chrome 80, "
+                      + "Firefox 113, Safari 16.4 or newer");
+    }
+    const packed = atob(document.getElementById("plotly-js-gzip").textContent.trim());
+    const bytes = new Uint8Array(packed.length);
+    for (let i = 0; i < packed.length; i++) bytes[i] = packed.charCodeAt(i);
+    const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
+    const plotly = document.createElement("script");
+    plotly.textContent = await new Response(stream).text();
+    document.head.appendChild(plotly);
+    const figures = document.querySelectorAll("div.figure");
+    for (const div of figures) {
+      const figure = JSON.parse(document.getElementById(div.id + "-data").textContent);
+      await Plotly.newPlot(div, figure.data, figure.layout, __PLOTLY_CONFIG__);
+    }
+    status.remove();
+    document.body.dataset.figuresDrawn = String(figures.length);
+  } catch (error) {
+    status.textContent = "The figures could not be drawn: " + error.message;
+  }
+})();
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _packed_plotly_js() -> str:
+    """plotly.js as bundled with plotly.py, gzip-compressed and base64-encoded (ASCII)."""
+    return base64.b64encode(gzip.compress(get_plotlyjs().encode(), mtime=0)).decode("ascii")
+
+
+def _figure_html(figure: go.Figure, element_id: str) -> str:
+    """An empty div the page script draws ``figure`` into, and the figure's JSON beside it."""
+    compact = figures.fit_width(figures.compact(figure), PAGE_PX)
+    # "</" would end the script element early; JSON reads "<\/" as "</".
+    data = pio.to_json(compact, validate=False).replace("</", "<\\/")
+    return (f'<div class="figure" id="{element_id}"></div>'
+            f'<script type="application/json" id="{element_id}-data">{data}</script>')
+
+
+def render_html(title: str, sections: Sequence[tuple[str, go.Figure | str, str]],
+                parameters: dict[str, object]) -> str:
+    """A whole HTML page: ``sections`` are (heading, figure or HTML, note)."""
+    parts = []
+    for index, (heading, content, note) in enumerate(sections):
+        if isinstance(content, go.Figure):
+            content = _figure_html(content, f"figure-{index}")
+        parts.append(_section(heading, content, note))
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    script = PAGE_JS.replace("__PLOTLY_CONFIG__", json.dumps(PLOTLY_CONFIG))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>{PAGE_CSS}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p class="note">Made by pullback-widgets on {stamp}. Excitation pullbacks: the forward pass is
 the model's own; in the backward pass every ReLU's hard gate 1[z&gt;0] is replaced by a soft gate
 of its pre-activation and max-pooling by a soft pool (arXiv 2507.22832).</p>
+<p class="note" id="drawing">Drawing the figures …</p>
+<noscript><p class="note">This report draws its figures with JavaScript; allow it to see
+them.</p></noscript>
 {_parameters_table(parameters)}
 {''.join(parts)}
+<script type="application/octet-stream" id="plotly-js-gzip">{_packed_plotly_js()}</script>
+<script>{script}</script>
 </body></html>
 """
 
@@ -143,14 +213,13 @@ def explain_html(explanation: Explanation, labels: Sequence[str]) -> str:
         ("Where the pullback is large",
          figures.magnitude_overlay(e.image, e.pullback), ""),
         ("Pullback ascent, step by step",
-         figures.ascent_frames(e.ascent.images_of(0), labels=_frame_labels(e.ascent)),
+         _frames(e.ascent),
          f"Target-logit gain: pullback ascent {pullback_gain:+.2f}, gradient ascent "
          f"{gradient_gain:+.2f} (same steps, step size and eps)."),
         ("What the ascent changed (final minus start)",
          figures.rgb_difference(e.ascent.diff[0]), "Per-image min–max scaled, as in the paper."),
         ("Gradient ascent, for comparison",
-         figures.ascent_frames(e.gradient_ascent.images_of(0),
-                               labels=_frame_labels(e.gradient_ascent)), ""),
+         _frames(e.gradient_ascent), ""),
         ("Temperature strip",
          figures.temperature_strip(e.strip, STRIP_TEMPERATURES),
          "The same target from T = 0.01 (close to the plain gradient) to T = 10 (close to a "

@@ -1,11 +1,14 @@
 """The command line, end to end in a subprocess, and its one-line errors."""
 
+import base64
+import gzip
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from plotly.offline import get_plotlyjs
 
 from pullback_widgets import cli
 
@@ -21,8 +24,11 @@ def test_explain_writes_a_self_contained_report(tmp_path):
                 "--out", str(out), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     page = out.read_text()
-    # plotly.js is inlined once, and no script comes from the network
-    assert page.count("plotly.js v") >= 1
+    # plotly.js is inlined once (gzip, base64), and no script comes from the network
+    packed = re.findall(r'<script type="application/octet-stream" id="plotly-js-gzip">'
+                        r"([^<]+)</script>", page)
+    assert len(packed) == 1
+    assert gzip.decompress(base64.b64decode(packed[0])).decode() == get_plotlyjs()
     assert not re.search(r"<script[^>]+src=[\"']?(https?:)?//", page)
     for heading in ("Photo and top-5 predictions", "Pullback and plain gradient",
                     "Pullback ascent, step by step", "Temperature strip"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import plotly.graph_objects as go
 import pytest
@@ -383,3 +385,107 @@ def test_logit_curves_one_line_per_target():
         fg.logit_curves(logits, ["cat"])
     with pytest.raises(ValueError, match="logits"):
         fg.logit_curves(np.zeros(3), ["cat"])
+
+
+# --------------------------------------------------------------------------- compact encoding
+
+
+def _written(fig: go.Figure) -> dict:
+    """What plotly writes for ``fig``, as plain data."""
+    return json.loads(fig.to_json())
+
+
+def _decode_png(source: str) -> np.ndarray:
+    import base64
+    import io
+
+    from PIL import Image
+
+    prefix = "data:image/png;base64,"
+    assert source.startswith(prefix), source[:40]
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(source[len(prefix):]))))
+
+
+def _decode_bdata(spec: dict) -> np.ndarray:
+    import base64
+
+    dtypes = {"u1": np.uint8, "i1": np.int8, "f4": np.float32, "f8": np.float64}
+    flat = np.frombuffer(base64.b64decode(spec["bdata"]), dtype=dtypes[spec["dtype"]])
+    shape = [int(n) for n in str(spec["shape"]).split(",")] if "shape" in spec else [-1]
+    return flat.reshape(shape)
+
+
+def test_compact_images_are_lossless_pngs_and_the_input_is_untouched():
+    images = [_image(80 + i) for i in range(3)]
+    fig = fg.ascent_frames(images, labels=["a", "b", "c"])
+    small = fg.compact(fig)
+    assert [t.type for t in small.data] == ["image"] * 3
+    for trace, img in zip(small.data, images):
+        assert trace.z is None
+        np.testing.assert_array_equal(_decode_png(trace.source), fg.to_uint8_image(img))
+    assert all(t.z is not None and t.source is None for t in fig.data)
+    assert small.layout.annotations == fig.layout.annotations
+    # The JSON carries the PNG, not the pixels.
+    written = _written(small)["data"][0]
+    assert written["source"].startswith("data:image/png;base64,") and "z" not in written
+
+
+def test_compact_heatmaps_are_one_byte_codes_of_the_fixed_range():
+    a = _attr(81, scale=3.0)
+    fig = fg.signed_heatmap(a, percentile=90)
+    zmax = fig.data[0].zmax
+    small = fg.compact(fig)
+    trace = small.data[0]
+    spec = small.to_plotly_json()["data"][0]["z"]
+    assert isinstance(spec, dict) and spec["dtype"] == "u1", spec  # plotly's typed array
+    codes = _decode_bdata(spec)
+    np.testing.assert_array_equal(codes, trace.z)
+    assert codes.shape == (12, 16)
+    assert (trace.zmin, trace.zmax) == (0, 254) and trace.zmid is None
+    step = 2 * zmax / 254
+    values = -zmax + codes * step
+    np.testing.assert_allclose(values, np.clip(a.sum(0), -zmax, zmax), atol=step / 2 + 1e-12)
+    # Saturated pixels take the end codes; 0 would fall exactly on the middle code.
+    assert codes[a.sum(0) >= zmax].min() == 254 and codes[a.sum(0) <= -zmax].max() == 0
+    zero = fg.compact(fg.signed_heatmap(np.zeros((4, 4)), zmax=1.0)).data[0].z
+    assert np.all(zero == 127)
+    # The colour bar reads in the original units.
+    bar = trace.colorbar
+    np.testing.assert_allclose(-zmax + np.asarray(bar.tickvals) * step,
+                               [float(t) for t in bar.ticktext], rtol=5e-3)
+    assert "%{z" not in trace.hovertemplate
+
+
+def test_compact_overlay_and_what_it_leaves_alone():
+    img, a = _image(82), _attr(83)
+    overlay = fg.compact(fg.magnitude_overlay(img, a))
+    photo, heat = overlay.data
+    np.testing.assert_array_equal(_decode_png(photo.source), fg.to_uint8_image(img))
+    mags = np.abs(a.sum(0))
+    expected = np.clip(mags / np.percentile(mags, 99.5), 0, 1)
+    np.testing.assert_allclose(heat.z / 254, expected, atol=0.5 / 254 + 1e-9)
+    # A map with gaps keeps its floats (a code cannot say "no value"), a bar chart is not
+    # touched, and a heatmap without a fixed range keeps its values.
+    gappy = _attr(84)
+    gappy[:, 0, 0] = np.nan
+    kept = fg.compact(fg.signed_heatmap(gappy, zmax=1.0)).data[0]
+    assert kept.z.dtype == np.float32 and np.isnan(kept.z[0, 0])
+    bar = fg.topk_bar(np.full(4, 0.25), list("abcd"))
+    assert _written(fg.compact(bar))["data"] == _written(bar)["data"]
+    free = go.Figure(go.Heatmap(z=[[1.0, 2.0]]))
+    assert _written(fg.compact(free))["data"] == _written(free)["data"]
+
+
+def test_fit_width_scales_the_plot_area_and_keeps_margins():
+    maps = [_attr(90 + i) for i in range(7)]
+    wide = fg.temperature_strip(maps, [0.01, 0.03, 0.1, 0.3, 1, 3, 10])
+    fitted = fg.fit_width(wide, 800)
+    m = wide.layout.margin
+    assert fitted.layout.width == 800 and fitted.layout.margin == m
+    before = (wide.layout.width - m.l - m.r) / (wide.layout.height - m.t - m.b)
+    after = (800 - m.l - m.r) / (fitted.layout.height - m.t - m.b)
+    assert after == pytest.approx(before, rel=0.01)
+    assert wide.layout.width > 800  # the input is untouched
+    narrow = fg.signed_heatmap(_attr(99))
+    same = fg.fit_width(narrow, 800).layout
+    assert (same.width, same.height) == (narrow.layout.width, narrow.layout.height)

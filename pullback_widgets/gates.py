@@ -347,10 +347,8 @@ class SoftMaxPool2d(torch.autograd.Function):
         if ctx.settings.gate == "hard":
             grad_in = hard_max_pool_backward(grad_out, x, ctx.geometry)
         else:
-            # pool_weights is a GateSettings field from the settings rework on; until then,
-            # the first version's rule.
-            detached = getattr(ctx.settings, "pool_weights", "differentiated") == "detached"
-            grad_in = soft_max_pool_backward(
-                grad_out, x, ctx.geometry, ctx.settings.temperature_for(x, pool=True),
-                detached)
+            # In relative mode, the spread measured in the dtype the backward computes in.
+            temperature = ctx.settings.temperature_for(x.to(compute_dtype(x.dtype)), pool=True)
+            grad_in = soft_max_pool_backward(grad_out, x, ctx.geometry, temperature,
+                                             ctx.settings.pool_weights == "detached")
         return (grad_in.squeeze(0) if unbatched else grad_in), None, None, None

@@ -117,11 +117,12 @@ def window_loop_pool_grad(x: Tensor, grad_out: Tensor, kernel: int, stride: int,
                 coords.append((yy, xx))
         values = torch.stack([x[:, :, yy, xx] for yy, xx in coords], dim=-1)
         values = values.detach().requires_grad_()
-        scaled = values / temperature
-        exp = torch.exp(scaled - scaled.amax(dim=-1, keepdim=True).detach())
-        weights = exp / exp.sum(dim=-1, keepdim=True)
-        soft = ((weights.detach() if detached else weights) * values).sum(dim=-1)
-        (local,) = torch.autograd.grad(soft, values, grad_out[:, :, oy, ox])
+        with torch.enable_grad():  # also when called from inside a backward
+            scaled = values / temperature
+            exp = torch.exp(scaled - scaled.amax(dim=-1, keepdim=True).detach())
+            weights = exp / exp.sum(dim=-1, keepdim=True)
+            soft = ((weights.detach() if detached else weights) * values).sum(dim=-1)
+            (local,) = torch.autograd.grad(soft, values, grad_out[:, :, oy, ox])
         for (yy, xx), d in zip(coords, local.unbind(-1)):
             grad[:, :, yy, xx] += d
     return grad

@@ -3,7 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.models as tvm
 
+import pullback_widgets as pw
 from pullback_widgets.gates import (
     GateSettings,
     PoolGeometry,
@@ -11,7 +13,7 @@ from pullback_widgets.gates import (
     SoftMaxPool2d,
     soft_max_pool_backward,
 )
-from tests.reference import gate_value, window_loop_pool_grad
+from tests.reference import FrozenGateReLU, frozen_gate_copy, gate_value, window_loop_pool_grad
 
 POOL_CASES = [
     # kernel, stride, padding, dilation, ceil_mode, (H, W)
@@ -37,6 +39,87 @@ def test_soft_pool_backward_equals_window_loop(kernel, stride, padding, dilation
                                      dilation, ceil_mode)
     geometry = PoolGeometry.of(kernel, stride, padding, dilation, ceil_mode)
     actual = soft_max_pool_backward(grad_out, x, geometry, temperature)
+    torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation", "ceil_mode", "hw"),
+                         POOL_CASES)
+@pytest.mark.parametrize("temperature", [0.05, 0.5, 3.0])
+def test_detached_soft_pool_backward_equals_window_loop(kernel, stride, padding, dilation,
+                                                        ceil_mode, hw, temperature):
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, *hw, dtype=torch.float64)
+    out = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
+    grad_out = torch.randn_like(out)
+    expected = window_loop_pool_grad(x, grad_out, kernel, stride, padding, temperature,
+                                     dilation, ceil_mode, detached=True)
+    geometry = PoolGeometry.of(kernel, stride, padding, dilation, ceil_mode)
+    actual = soft_max_pool_backward(grad_out, x, geometry, temperature, detached=True)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_detached_soft_pool_gives_each_window_its_gradient_as_weights():
+    # Backward = sum_j p_j * delta_j: a window's entries get p_j * g, summing to g; as T -> 0
+    # all of it goes to the window's maximum, tied maxima sharing it.
+    x = torch.tensor([[[[1.0, 3.0, 5.0, 5.0], [2.0, 0.0, 4.0, 1.0]]]], dtype=torch.float64)
+    grad_out = torch.tensor([[[[2.0, 6.0]]]], dtype=torch.float64)
+    geometry = PoolGeometry.of(2)
+    warm = soft_max_pool_backward(grad_out, x, geometry, 1.0, detached=True)
+    p_left = torch.softmax(torch.tensor([1.0, 3.0, 2.0, 0.0], dtype=torch.float64), 0)
+    torch.testing.assert_close(warm[0, 0, :, :2].flatten(), 2 * p_left[[0, 1, 2, 3]])
+    cold = soft_max_pool_backward(grad_out, x, geometry, 1e-30, detached=True)
+    torch.testing.assert_close(cold, torch.tensor([[[[0.0, 2.0, 3.0, 3.0],
+                                                     [0.0, 0.0, 0.0, 0.0]]]],
+                                                  dtype=torch.float64))
+
+
+def _vgg11_bn_ceil_mode():
+    net = tvm.vgg11_bn(weights=None)
+    for layer in net.features:
+        if isinstance(layer, torch.nn.MaxPool2d):
+            layer.ceil_mode = True  # 40 -> 20 -> 10 -> 5 -> 3 -> 2: two ceil-mode pools
+    # The pools are all in the features; a small head instead of the 120M-parameter one.
+    net.classifier = torch.nn.Linear(512 * 7 * 7, 10)
+    return net
+
+
+class _DenseNetReference(torch.nn.Module):
+    """torchvision DenseNet's forward, its functional final ReLU frozen-gated as well."""
+
+    def __init__(self, reference, temperature, gate):
+        super().__init__()
+        self.net, self.final_relu = reference, FrozenGateReLU(temperature, gate)
+
+    def forward(self, x):
+        out = self.final_relu(self.net.features(x))
+        return self.net.classifier(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+TORCHVISION_CNNS = {  # name: (builder, input side): padding pools in ResNet and DenseNet
+    "resnet18": (lambda: tvm.resnet18(weights=None), 64),
+    "vgg11_bn_ceil_mode": (_vgg11_bn_ceil_mode, 40),
+    "densenet121": (lambda: tvm.densenet121(weights=None), 48),
+}
+
+
+@pytest.mark.parametrize("pool_weights", ["detached", "differentiated"])
+@pytest.mark.parametrize("name", list(TORCHVISION_CNNS))
+def test_pool_weights_match_the_window_loop_reference_on_torchvision_cnns(name, pool_weights):
+    # The paper's later version (Phi gate at T = 0.6, pool at T = 0.3) against module copies
+    # whose ReLUs are frozen-gate references and whose pools loop over windows.
+    builder, side = TORCHVISION_CNNS[name]
+    torch.manual_seed(0)
+    model = builder().double().eval()
+    x = torch.rand(1, 3, side, side, dtype=torch.float64)
+    actual = pw.excitation_pullback(model, x, 7, temperature=0.6, gate="normal_cdf",
+                                    pool_temperature=0.3, pool_weights=pool_weights)
+    reference = frozen_gate_copy(model, 0.6, "normal_cdf", 0.3, pool_weights == "detached")
+    if name == "densenet121":
+        reference = _DenseNetReference(reference, 0.6, "normal_cdf")
+    xg = x.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(reference(xg)[:, 7].sum(), xg)
+    cosine = F.cosine_similarity(actual.flatten(), expected.flatten(), dim=0)
+    assert cosine >= 0.99999
     torch.testing.assert_close(actual, expected)
 
 

@@ -69,12 +69,14 @@ def test_network_pullback_reaches_the_plain_gradient_at_tiny_temperature(dtype, 
 
 @pytest.mark.parametrize("temperature", TINY_TEMPERATURES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_soft_pool_alone_reaches_the_hard_pool_at_tiny_temperature(dtype, temperature):
+@pytest.mark.parametrize("detached", [False, True])
+def test_soft_pool_alone_reaches_the_hard_pool_at_tiny_temperature(detached, dtype,
+                                                                   temperature):
     torch.manual_seed(2)
     x = (40 + torch.randn(2, 3, 9, 9) * 4).to(dtype)  # distinct values around 40
     geometry = PoolGeometry.of(3, 2, 1, 1, True)
     grad_out = torch.randn(F.max_pool2d(x.float(), *geometry.as_args()).shape).to(dtype)
-    actual = soft_max_pool_backward(grad_out, x, geometry, temperature)
+    actual = soft_max_pool_backward(grad_out, x, geometry, temperature, detached)
     xg = x.float().requires_grad_()
     (expected,) = torch.autograd.grad(F.max_pool2d(xg, *geometry.as_args()), xg,
                                       grad_out.float())

@@ -35,7 +35,7 @@ def networks(draw):
     return layers, input_size, draw(st.integers(0, 2**16))
 
 
-def _reference_forward(layers, x, temperature, gate):
+def _reference_forward(layers, x, temperature, gate, detached):
     for layer in layers:
         if isinstance(layer, nn.ReLU6):
             x = frozen_gate_clamp(x, temperature, gate, 0.0, 6.0)
@@ -43,7 +43,8 @@ def _reference_forward(layers, x, temperature, gate):
             x = frozen_gate_clamp(x, temperature, gate)
         elif isinstance(layer, nn.MaxPool2d):
             x = frozen_gate_pool(x, layer.kernel_size, layer.stride, layer.padding,
-                                 temperature, gate, ceil_mode=layer.ceil_mode)
+                                 temperature, gate, ceil_mode=layer.ceil_mode,
+                                 detached=detached)
         else:
             x = layer(x)
     return x
@@ -51,8 +52,9 @@ def _reference_forward(layers, x, temperature, gate):
 
 @settings(max_examples=40, deadline=None)
 @given(net=networks(), temperature=st.floats(0.05, 5.0),
-       gate=st.sampled_from(["sigmoid", "normal_cdf", "hard"]), target=st.integers(0, 2))
-def test_random_networks_match_the_reference(net, temperature, gate, target):
+       gate=st.sampled_from(["sigmoid", "normal_cdf", "hard"]), target=st.integers(0, 2),
+       pool_weights=st.sampled_from(["differentiated", "detached"]))
+def test_random_networks_match_the_reference(net, temperature, gate, target, pool_weights):
     layers, size, seed = net
     torch.manual_seed(seed)
     model = nn.Sequential(*layers).double().eval()
@@ -62,9 +64,10 @@ def test_random_networks_match_the_reference(net, temperature, gate, target):
     x = torch.rand(2, 3, size, size, dtype=torch.float64)
     with torch.no_grad():
         plain = model(x)
-    actual = pw.excitation_pullback(model, x, target, temperature=temperature, gate=gate)
+    actual = pw.excitation_pullback(model, x, target, temperature=temperature, gate=gate,
+                                    pool_weights=pool_weights)
     xg = x.clone().requires_grad_()
-    out = _reference_forward(list(model), xg, temperature, gate)
+    out = _reference_forward(list(model), xg, temperature, gate, pool_weights == "detached")
     torch.testing.assert_close(out.detach(), plain)
     (expected,) = torch.autograd.grad(out[:, target].sum(), xg)
     torch.testing.assert_close(actual, expected)

@@ -218,19 +218,20 @@ class EveryOpNet(nn.Module):
 
 
 def every_op_reference(net: EveryOpNet, x: Tensor, temperature: float, gate: str,
-                       pool_temperature: float | None = None) -> Tensor:
-    """EveryOpNet's forward with frozen-gate ops: its input gradient is the pullback."""
+                       pool_temperature: float | None = None, detached: bool = False) -> Tensor:
+    """EveryOpNet's forward with frozen-gate ops: its input gradient is the pullback.
+    ``detached``: the soft pools' softmax weights are constants."""
     tp = temperature if pool_temperature is None else pool_temperature
 
     def clamp(z, low=0.0, high=None):
         return frozen_gate_clamp(z, temperature, gate, low, high)
 
     x = clamp(net.bn1(net.conv1(x)))
-    x = frozen_gate_pool(x, 3, 2, 1, tp, gate)
+    x = frozen_gate_pool(x, 3, 2, 1, tp, gate, detached=detached)
     y = clamp(net.conv2(x))
     y = clamp(net.conv3(y) * 4, 0.0, 6.0)
     x = clamp(x + y)
-    x = frozen_gate_pool(x, 2, 2, 0, tp, gate, ceil_mode=True)
+    x = frozen_gate_pool(x, 2, 2, 0, tp, gate, ceil_mode=True, detached=detached)
     x = clamp(net.conv4(x))
     x = clamp(net.conv5(x) * 3, 0.0, 6.0)
     x = clamp(x - 0.5)
@@ -238,8 +239,9 @@ def every_op_reference(net: EveryOpNet, x: Tensor, temperature: float, gate: str
 
 
 def reference_pullback(net: EveryOpNet, x: Tensor, target: int, temperature: float,
-                       gate: str, pool_temperature: float | None = None) -> Tensor:
+                       gate: str, pool_temperature: float | None = None,
+                       detached: bool = False) -> Tensor:
     x = x.detach().clone().requires_grad_()
-    logits = every_op_reference(net, x, temperature, gate, pool_temperature)
+    logits = every_op_reference(net, x, temperature, gate, pool_temperature, detached)
     (grad,) = torch.autograd.grad(logits[:, target].sum(), x)
     return grad

@@ -532,3 +532,90 @@ def test_gate_settings_check_every_field_and_update_all_or_nothing():
     assert (settings.temperature, settings.gate, settings.pool_temperature) == (2.0, "hard", 0.5)
     assert settings.replaced(gate="sigmoid", temperature=None) == pw.GateSettings(2.0, "sigmoid",
                                                                                   0.5)
+
+
+# ---------------------------------------------------------------- Captum's conventions
+
+def _wobble(inputs):
+    """A deterministic perturbation (Captum's metrics repeat each example n times)."""
+    return 0.01 * torch.sin(37.0 * inputs)
+
+
+def test_attribute_takes_and_returns_captum_tuples():
+    net, x = every_op_net(), random_image()
+    method = pw.ExcitationPullback(net, temperature=0.5)
+    expected = reference_pullback(net, x, 1, 0.5, "sigmoid")
+    as_tuple = method.attribute((x,), target=1)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    torch.testing.assert_close(as_tuple[0], expected)
+    torch.testing.assert_close(method.attribute(x, target=1), expected)
+    with pytest.raises(pw.PullbackWidgetsError, match="tuple of 2"):
+        method.attribute((x, x), target=1)
+    with pytest.raises(pw.PullbackWidgetsTypeError, match="'baselines'"):
+        method.attribute(x, target=1, baselines=torch.zeros_like(x))
+
+
+def test_additional_forward_args_reach_the_model():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = every_op_net()
+
+        def forward(self, x, scale, shift=0.0):
+            return self.net(x) * scale + shift
+
+    model, x = Scaled(), random_image()
+    method = pw.ExcitationPullback(model, temperature=0.5)
+    expected = reference_pullback(model.net, x, 2, 0.5, "sigmoid")
+    torch.testing.assert_close(method.attribute(x, 2, additional_forward_args=3.0), 3 * expected)
+    torch.testing.assert_close(method.attribute(x, 2, additional_forward_args=(2.0, 5.0)),
+                               2 * expected)
+
+
+def test_captum_sensitivity_max_runs_on_attribute():
+    metrics = pytest.importorskip("captum.metrics")
+    net, x = every_op_net(), random_image()
+    method = pw.ExcitationPullback(net, temperature=0.5)
+    sensitivity = metrics.sensitivity_max(
+        method.attribute, x, perturb_func=lambda inputs: inputs + _wobble(inputs),
+        n_perturb_samples=3, target=1)
+    moved = pw.excitation_pullback(net, x + _wobble(x), 1, temperature=0.5)
+    still = pw.excitation_pullback(net, x, 1, temperature=0.5)
+    expected = (moved - still).flatten(1).norm(dim=1) / still.flatten(1).norm(dim=1)
+    torch.testing.assert_close(sensitivity, expected)
+
+
+def test_captum_infidelity_runs_on_attribute():
+    metrics = pytest.importorskip("captum.metrics")
+    net, x = every_op_net(), random_image()
+    (attribution,) = pw.ExcitationPullback(net, temperature=0.5).attribute((x,), target=1)
+    infidelity = metrics.infidelity(net, lambda inputs: (_wobble(inputs),
+                                                         inputs - _wobble(inputs)),
+                                    x, attribution, target=1, n_perturb_samples=3)
+    with torch.no_grad():
+        drop = net(x)[:, 1] - net(x - _wobble(x))[:, 1]
+    expected = ((_wobble(x) * attribution).flatten(1).sum(1) - drop) ** 2
+    torch.testing.assert_close(infidelity, expected)
+
+
+# ---------------------------------------------------------------- the soft pool's rule
+
+def test_pool_weights_reach_the_pool_through_every_door():
+    net, x = every_op_net(), random_image(1) * 0.8 + 0.1
+    detached = reference_pullback(net, x, 3, 0.5, "sigmoid", detached=True)
+    assert not torch.allclose(detached, reference_pullback(net, x, 3, 0.5, "sigmoid"))
+    rule = dict(temperature=0.5, pool_weights="detached")
+    doors = {
+        "excitation_pullback": pw.excitation_pullback(net, x, 3, **rule),
+        "session": pw.PullbackSession(net, x, **rule).pullback(3),
+        "per call": pw.PullbackSession(net, x, temperature=0.5).pullback(3, **rule),
+        "ExcitationPullback": pw.ExcitationPullback(net, **rule).attribute(x, target=3),
+    }
+    with pw.soft_gating(net, **rule):
+        xg = x.clone().requires_grad_()
+        (doors["soft_gating"],) = torch.autograd.grad(net(xg)[0, 3], xg)
+    for door, pullback in doors.items():
+        torch.testing.assert_close(pullback, detached, msg=door)
+    step = pw.pullback_ascent(net, x, 3, steps=1, step_size=0.01, eps=10.0, progress=False,
+                              **rule)
+    torch.testing.assert_close(step.images[1] - x, 0.01 * detached / detached.norm())

@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .ascent import AscentGrid, AscentResult, ascent_grid, pullback_ascent
+from .evaluation.methods import quantus_explain_func
 from .figures import (
     ascent_frames,
     labelled_grid,
@@ -51,6 +52,7 @@ __all__ = [
     "load_model",
     "magnitude_overlay",
     "pullback_ascent",
+    "quantus_explain_func",
     "rgb_difference",
     "sample_image",
     "side_by_side",

@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from . import __name__ as package_name
 from .ascent import ascent_grid
-from .evaluation.methods import METHODS, POOL_WEIGHTS
+from .evaluation.methods import METHODS
 from .evaluation.runner import METRICS, run_command
+from .gates import POOL_WEIGHTS
 from .images import SAMPLE_IMAGES, load_image, sample_image
 from .labels import find_class
 from .models import MODELS, WeightsUnavailableError, load_model

@@ -400,6 +400,68 @@ def test_quantus_explain_func_takes_and_returns_numpy():
         ev.quantus_explain_func(model, inputs, targets, temprature=0.5)
 
 
+def _quantus_batch():
+    model = _relu6_net().float()
+    inputs = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)).numpy()
+    return model, inputs, np.array([0, 1, 2, 0])
+
+
+QUANTUS_SETTINGS = {"temperature": 0.5, "gate": "normal_cdf", "pool_temperature": 0.2,
+                    "temperature_mode": "relative", "pool_weights": "differentiated"}
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_quantus_metrics_run_with_the_explain_func_and_its_kwargs():
+    quantus = pytest.importorskip("quantus")
+    model, x, y = _quantus_batch()
+    settings = {k: v for k, v in QUANTUS_SETTINGS.items() if k != "pool_weights"}
+    precomputed = pw.excitation_pullback(model, torch.from_numpy(x), torch.from_numpy(y),
+                                         **settings).numpy()
+
+    def faithfulness(**how):
+        np.random.seed(3)  # Quantus draws its pixel subsets from numpy's global RNG
+        return quantus.FaithfulnessCorrelation(
+            nr_runs=10, subset_size=16, return_aggregate=False, disable_warnings=True)(
+            model=model, x_batch=x, y_batch=y, device="cpu", **how)
+
+    through_quantus = faithfulness(a_batch=None, explain_func=pw.quantus_explain_func,
+                                   explain_func_kwargs=QUANTUS_SETTINGS)
+    # Quantus called our function with these settings: the scores equal those of the
+    # engine's own attributions handed in directly.
+    np.testing.assert_allclose(through_quantus, faithfulness(a_batch=precomputed), rtol=1e-5)
+    other = faithfulness(a_batch=None, explain_func=pw.quantus_explain_func,
+                         explain_func_kwargs={**QUANTUS_SETTINGS, "temperature": 5.0})
+    assert not np.allclose(through_quantus, other)
+
+    scores = quantus.RandomLogit(num_classes=3, seed=1, disable_warnings=True)(
+        model=model, x_batch=x, y_batch=y, a_batch=None, device="cpu",
+        explain_func=pw.quantus_explain_func, explain_func_kwargs=QUANTUS_SETTINGS)
+    assert len(scores) == 4 and all(np.isfinite(scores))
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_quantus_randomisation_explains_the_randomised_copy():
+    quantus = pytest.importorskip("quantus")
+    model, x, y = _quantus_batch()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def spy(model, inputs, targets, **kwargs):
+        calls.append(model)
+        return pw.quantus_explain_func(model, inputs, targets, **kwargs)
+
+    scores = quantus.MPRT(return_last_correlation=True, disable_warnings=True)(
+        model=model, x_batch=x, y_batch=y, a_batch=None, device="cpu", explain_func=spy,
+        explain_func_kwargs=QUANTUS_SETTINGS)
+    randomised = [m for m in calls if m is not model]
+    assert randomised, "Quantus never passed a randomised copy"
+    for copy in randomised:  # each differs from the original, and that is what was explained
+        assert any(not torch.equal(p, before[k]) for k, p in copy.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert len(scores) == 4 and all(np.isfinite(scores))
+    assert pw.quantus_explain_func is ev.quantus_explain_func
+
+
 # ---------------------------------------------------------------- bad arguments
 
 def test_bad_arguments_raise_naming_the_argument():

@@ -35,9 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..gates import GATES, TEMPERATURE_MODES
+from ..gates import (
+    ATTENTION_WEIGHTS,
+    GATES,
+    POOL_WEIGHTS,
+    TEMPERATURE_MODES,
+    check_temperature,
+)
 from ..model_helpers import evaluation_mode
-from ..session import excitation_pullback
+from ..session import Temperature, excitation_pullback
 from ..validation import (
     PullbackWidgetsError,
     PullbackWidgetsTypeError,
@@ -51,7 +57,6 @@ from .metrics import Explainer
 __all__ = [
     "CAPTUM_METHODS",
     "METHODS",
-    "POOL_WEIGHTS",
     "build_method",
     "captum_available",
     "check_methods",
@@ -77,9 +82,6 @@ METHODS = {
 }
 CAPTUM_METHODS = ("guided_backprop", "guided_backprop_captum", "integrated_gradients",
                   "smoothgrad", "guided_gradcam")
-# The soft max-pool's backward: softmax weights differentiated (the paper's first version) or
-# held constant (its later code).
-POOL_WEIGHTS = ("differentiated", "detached")
 
 
 # --------------------------------------------------------------------------- methods
@@ -121,17 +123,18 @@ def _pullback(model, x, target, **settings):
     return excitation_pullback(model, x, target, **settings)
 
 
-def pullback_method(temperature: float | None = None, gate: str = "sigmoid",
+def pullback_method(temperature: Temperature = None, gate: str = "sigmoid",
                     temperature_mode: str = "absolute", *,
                     pool_temperature: float | None = None,
-                    pool_weights: str | None = None) -> Explainer:
+                    pool_weights: str | None = None,
+                    attention_weights: str | None = None) -> Explainer:
     """The excitation pullback as an :data:`Explainer` (a picklable partial).
 
-    ``temperature=None``: the model's default; ``pool_temperature=None``: the temperature;
-    ``pool_weights=None``: the engine's default pool rule.
+    ``temperature``: one T, a mapping kind -> T, or None for the model's defaults (as
+    :func:`pullback_widgets.excitation_pullback`); ``pool_temperature=None``: the pool's T;
+    ``pool_weights`` / ``attention_weights`` None: the engine's default rules.
     """
-    settings = {"temperature": None if temperature is None
-                else check_positive(temperature, "temperature"),
+    settings = {"temperature": check_temperature(temperature),
                 "gate": check_choice(gate, GATES, "gate"),
                 "temperature_mode": check_choice(temperature_mode, TEMPERATURE_MODES,
                                                  "temperature_mode")}
@@ -139,6 +142,9 @@ def pullback_method(temperature: float | None = None, gate: str = "sigmoid",
         settings["pool_temperature"] = check_positive(pool_temperature, "pool_temperature")
     if pool_weights is not None:
         settings["pool_weights"] = check_choice(pool_weights, POOL_WEIGHTS, "pool_weights")
+    if attention_weights is not None:
+        settings["attention_weights"] = check_choice(attention_weights, ATTENTION_WEIGHTS,
+                                                     "attention_weights")
     return functools.partial(_pullback, **settings)
 
 
@@ -324,7 +330,7 @@ def method_registry(model: nn.Module, *, temperatures: Sequence[float] = (0.1, 0
 # --------------------------------------------------------------------------- Quantus
 
 _QUANTUS_KWARGS = ("temperature", "gate", "pool_temperature", "temperature_mode",
-                   "pool_weights", "device")
+                   "pool_weights", "attention_weights", "device")
 
 
 def quantus_explain_func(model: nn.Module, inputs: np.ndarray | Tensor,
@@ -336,7 +342,8 @@ def quantus_explain_func(model: nn.Module, inputs: np.ndarray | Tensor,
     in the model's input space (pixel space [0, 1] for :func:`pullback_widgets.load_model`
     models); ``targets``: class per image. Keyword arguments (Quantus's
     ``explain_func_kwargs``): ``temperature`` (default: the model's), ``gate`` (``"hard"``
-    gives the plain gradient), ``pool_temperature``, ``temperature_mode``, ``pool_weights``;
+    gives the plain gradient), ``pool_temperature``, ``temperature_mode``, ``pool_weights``,
+    ``attention_weights``, as :func:`pullback_widgets.excitation_pullback` takes them;
     ``device`` is accepted because Quantus passes it, and ignored: the model's own device is
     used. Returns float32.
     """
@@ -360,5 +367,6 @@ def quantus_explain_func(model: nn.Module, inputs: np.ndarray | Tensor,
     explain = pullback_method(kwargs.get("temperature"), kwargs.get("gate", "sigmoid"),
                               kwargs.get("temperature_mode", "absolute"),
                               pool_temperature=kwargs.get("pool_temperature"),
-                              pool_weights=kwargs.get("pool_weights"))
+                              pool_weights=kwargs.get("pool_weights"),
+                              attention_weights=kwargs.get("attention_weights"))
     return explain(model, inputs, targets).detach().cpu().numpy().astype(np.float32)

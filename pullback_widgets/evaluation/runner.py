@@ -48,11 +48,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..gates import POOL_WEIGHTS
 from ..images import load_image
 from ..labels import find_class
 from ..model_helpers import predict
 from ..validation import PullbackWidgetsError, PullbackWidgetsTypeError, check_index, suggest
-from .methods import POOL_WEIGHTS, Explainer, build_method, check_methods
+from .methods import Explainer, build_method, check_methods
 from .metrics import (
     ascent_gain,
     deletion_auc,

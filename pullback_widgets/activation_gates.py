@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .gates import GateSettings
+from .gates import GateSettings, capped_reciprocal, compute_dtype
 
 
 def _sigmoid_gate(u: Tensor) -> Tensor:
@@ -109,9 +109,11 @@ class SoftActivation(torch.autograd.Function):
         if settings.gate == "hard":
             grad_in = rule.plain_backward(grad_out, z)
         else:
-            temperature = settings.temperature_for(z, kind=rule.kind)
-            # Out of place: under batched targets grad_out is vmapped.
-            grad_in = grad_out * rule.gate(z / temperature, settings.gate)
+            # At least float32, 1/T capped (see gates); out of place: grad_out may be vmapped.
+            dtype = compute_dtype(z.dtype)
+            u = z.to(dtype) * capped_reciprocal(settings.temperature_for(z, kind=rule.kind),
+                                                dtype)
+            grad_in = (grad_out.to(dtype) * rule.gate(u, settings.gate)).to(grad_out.dtype)
         return grad_in, None, None, None, None
 
 
@@ -140,8 +142,10 @@ class SoftPReLU(torch.autograd.Function):
         if settings.gate == "hard":
             grad_in, _ = torch.ops.aten._prelu_kernel_backward(grad_out, z, slope)
         else:
-            u = z / settings.temperature_for(z, kind="relu")
-            grad_in = grad_out * (slope + (1.0 - slope) * _RELU_GATES[settings.gate](u))
+            dtype = compute_dtype(z.dtype)
+            u = z.to(dtype) * capped_reciprocal(settings.temperature_for(z, kind="relu"), dtype)
+            gate = slope.to(dtype) + (1.0 - slope.to(dtype)) * _RELU_GATES[settings.gate](u)
+            grad_in = (grad_out.to(dtype) * gate).to(grad_out.dtype)
         grad_weight = None
         if ctx.needs_input_grad[1]:
             grad_weight = (grad_out * z.clamp(max=0)).sum_to_size(slope.shape).view(weight.shape)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .gates import GateSettings
+from .gates import GateSettings, capped_reciprocal, compute_dtype
 from .validation import PullbackWidgetsError
 
 
@@ -56,18 +56,31 @@ class AttentionCall:
 
 def softened_weights(query: Tensor, key: Tensor, mask: Tensor | None, call: AttentionCall,
                      settings: GateSettings) -> tuple[Tensor, float]:
-    """(A_T (..., L, S) in at least float32, the score scale)."""
-    dtype = torch.promote_types(query.dtype, torch.float32)
+    """(A_T (..., L, S) in at least float32, the score scale).
+
+    Each row is centred on its largest allowed score before it is scaled by 1/T (capped), a
+    shift softmax does not see: so T -> 0 gives the argmax among the allowed keys, never an
+    overflow or a NaN.
+    """
+    dtype = compute_dtype(query.dtype)
     scale = call.scale if call.scale is not None else 1.0 / math.sqrt(query.shape[-1])
     scores = (query.to(dtype) @ key.to(dtype).transpose(-2, -1)) * scale
-    logits = scores / settings.temperature_for(scores, kind="attention")
+    allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device)
     if call.is_causal:
-        length, source = logits.shape[-2:]
-        causal = torch.ones(length, source, dtype=torch.bool, device=logits.device).tril()
-        logits = logits.masked_fill(~causal, -math.inf)
-    if mask is not None:
-        logits = logits.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool \
-            else logits + mask.to(dtype)
+        allowed = allowed.tril()
+    additive = None
+    if mask is not None and mask.dtype == torch.bool:
+        allowed = allowed & mask
+    elif mask is not None:
+        allowed = allowed & (mask != -math.inf)
+        additive = mask.to(dtype).masked_fill(~allowed, 0.0)
+    row_max = scores.masked_fill(~allowed, -math.inf).amax(-1, keepdim=True)
+    row_max = row_max.masked_fill(row_max == -math.inf, 0.0)  # a row with no key allowed
+    inverse_t = capped_reciprocal(settings.temperature_for(scores, kind="attention"), dtype)
+    logits = (scores - row_max) * inverse_t
+    if additive is not None:
+        logits = logits + additive
+    logits = logits.masked_fill(~allowed, -math.inf)
     # A row with every key masked is NaN after softmax: it gets no weight at all.
     return torch.softmax(logits, dim=-1).nan_to_num(0.0), scale
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .gates import GateSettings
+from .gates import GateSettings, compute_dtype
 
 
 def layer_norm_statistics(x: Tensor, normalized_shape: Sequence[int], eps: float
@@ -78,17 +78,21 @@ class ConstantStatisticsNorm(torch.autograd.Function):
             for i, grad in zip(wanted, grads):
                 result[i] = grad
             return (*result, None, None, None, None)
+        # At least float32 (see gates), each gradient cast back to its input's dtype.
+        dtype = compute_dtype(leaves[0].dtype)
         x, weight, bias = (None if t is None else t.detach() for t in leaves)
         if ctx.cached_statistics is None:  # the statistics do not change between pullbacks
-            ctx.cached_statistics = ctx.statistics(x)
+            ctx.cached_statistics = ctx.statistics(x.to(dtype))
         mean, rstd = ctx.cached_statistics
         shape = ctx.affine_shape
-        grad_x = grad_out * rstd
+        grad = grad_out.to(dtype)
+        grad_x = grad * rstd
         grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = (grad_x * (x - mean)).sum_to_size(shape).view(weight.shape)
+            grad_weight = (grad_x * (x.to(dtype) - mean)).sum_to_size(shape) \
+                .view(weight.shape).to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
-            grad_bias = grad_out.sum_to_size(shape).view(bias.shape)
+            grad_bias = grad.sum_to_size(shape).view(bias.shape).to(bias.dtype)
         if weight is not None:
-            grad_x = grad_x * weight.view(shape)
-        return grad_x, grad_weight, grad_bias, None, None, None, None
+            grad_x = grad_x * weight.to(dtype).view(shape)
+        return grad_x.to(x.dtype), grad_weight, grad_bias, None, None, None, None

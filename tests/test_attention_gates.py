@@ -218,3 +218,22 @@ def test_train_mode_vit_runs_in_eval_without_dropout(inputs):
         warnings.simplefilter("error")
         pw.PullbackSession(model, inputs).pullback(1)
     assert model.training
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-300])
+def test_tiny_temperatures_give_the_argmax_among_allowed_keys(temperature):
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(2, 2, 6, 4, requires_grad=True) for _ in range(3))
+    keep = torch.rand(6, 6, generator=torch.Generator().manual_seed(7)) > 0.5
+    keep[:, 0] = True
+    additive = torch.zeros(6, 6).masked_fill(~keep, float("-inf"))
+    grad_out = torch.randn(2, 2, 6, 4)
+    scores = q @ k.transpose(-2, -1)
+    for kwargs, allowed in (({"attn_mask": keep}, keep), ({"attn_mask": additive}, keep),
+                            ({"is_causal": True}, torch.ones(6, 6, dtype=torch.bool).tril())):
+        with pw.soft_gating(nn.Identity(), temperature={"attention": temperature}):
+            (grad_v,) = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, **kwargs),
+                                            v, grad_out)
+        winners = scores.masked_fill(~allowed, float("-inf")).argmax(-1)
+        hard = F.one_hot(winners, 6).to(v.dtype)
+        torch.testing.assert_close(grad_v, hard.transpose(-2, -1) @ grad_out)

@@ -179,3 +179,16 @@ def test_bad_temperatures_are_refused_and_change_nothing(temperature, pool_tempe
         settings.update(temperature, "normal_cdf", pool_temperature)
     assert (settings.temperature, settings.gate, settings.pool_temperature) == \
         (0.5, "sigmoid", None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("op", "slope"), [
+    (F.silu, 0.0), (F.gelu, 0.0), (lambda z: F.gelu(z, approximate="tanh"), 0.0),
+    (F.hardswish, 0.0), (lambda z: F.leaky_relu(z, 0.1), 0.1),
+])
+def test_tiny_temperatures_give_the_step_gate(op, slope, dtype):
+    z = torch.linspace(-3, 3, 40, dtype=dtype).requires_grad_()  # 0 is not on the grid
+    with pw.soft_gating(nn.Identity(), temperature=1e-30):
+        (grad,) = torch.autograd.grad(op(z), z, torch.ones_like(z))
+    step = torch.where(z > 0, 1.0, slope).to(dtype)
+    assert torch.equal(grad, step)

@@ -210,7 +210,8 @@ def _advance(bar: tqdm) -> Callable[[str], None]:
 
 def _run_explain(args: argparse.Namespace) -> None:
     # Loading the model and writing the page are a unit each, around explain()'s own.
-    with tqdm(total=2 + explain_work(args.steps), desc="explain", unit="step") as bar:
+    with tqdm(total=2 + explain_work(args.steps), desc="explain", unit="step",
+              mininterval=0, miniters=1) as bar:  # every step shows
         done = _advance(bar)
         image, names = _load_rows([args.image] if args.image else [],
                                   [args.sample] if args.sample else None)
@@ -236,7 +237,8 @@ def _run_grid(args: argparse.Namespace) -> None:
                                                  for t in args.targets]
     temperature = args.temperature or model.default_temperature
     columns = len(images) if targets is None else len(targets)
-    with tqdm(total=columns * args.steps + 1, desc="grid", unit="step") as bar:
+    with tqdm(total=columns * args.steps + 1, desc="grid", unit="step",
+              mininterval=0, miniters=1) as bar:
         done = _advance(bar)
         grid = ascent_grid(model, images, targets, steps=args.steps, step_size=args.step_size,
                            eps=args.eps, temperature=temperature, gate=args.gate,

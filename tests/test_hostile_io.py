@@ -8,10 +8,14 @@ and threads that overwrote each other's messages.
 
 from __future__ import annotations
 
+import datetime
+import gc
 import io
 import re
 import struct
+import threading
 import time
+import weakref
 import zlib
 from pathlib import Path
 
@@ -244,3 +248,200 @@ def test_lying_png_on_the_command_line_is_one_line(tmp_path, capsys, no_computin
     path.write_bytes(_lying_png())
     assert "truncated or corrupt" in _cli_error(capsys, "explain", path, "--out",
                                                 tmp_path / "r.html")
+
+
+# =========================================================================== widget lifecycle
+
+
+def _open_widgets() -> set[str]:
+    from ipywidgets.widgets.widget import _instances
+
+    return set(_instances)
+
+
+def _gone(ref: weakref.ref) -> bool:
+    gc.collect()
+    return ref() is None
+
+
+def test_closed_pullback_explorer_is_collected_and_its_thread_ends(net):
+    threads, widgets = threading.active_count(), _open_widgets()
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS)
+    assert explorer.wait()
+    assert threading.active_count() == threads + 1
+    explorer_ref, session_ref = weakref.ref(explorer), weakref.ref(explorer._session)
+    explorer.close()
+    del explorer
+    assert _gone(explorer_ref) and _gone(session_ref)
+    assert threading.active_count() == threads
+    assert _open_widgets() <= widgets  # every widget it made was closed
+
+
+def test_closed_ascent_explorer_is_collected_and_its_thread_ends(net):
+    threads, widgets = threading.active_count(), _open_widgets()
+    explorer = pw.AscentExplorer(net, "coffee", labels=LABELS)
+    explorer.steps.value = 2
+    assert explorer.run() is not False
+    assert explorer.wait()
+    ref = weakref.ref(explorer)
+    explorer.close()
+    del explorer
+    assert _gone(ref)
+    assert threading.active_count() == threads
+    assert _open_widgets() <= widgets
+
+
+def test_rerunning_the_explorer_cell_leaks_neither_threads_nor_widgets(net):
+    threads, widgets = threading.active_count(), _open_widgets()
+    refs, explorer = [], None
+    for image in ("coffee", "rocket", "chelsea"):  # the cell, run three times
+        if explorer is not None:
+            explorer.close()
+        explorer = pw.PullbackExplorer(net, image, labels=LABELS)
+        assert explorer.wait()
+        refs.append(weakref.ref(explorer))
+    explorer.close()
+    del explorer
+    assert all(_gone(ref) for ref in refs)
+    assert threading.active_count() == threads and _open_widgets() <= widgets
+
+
+def test_closing_twice_and_touching_a_closed_explorer_is_harmless(net):
+    threads = threading.active_count()
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS)
+    explorer.wait()
+    explorer.close()
+    explorer.close()
+    explorer.temperature.value = 2.0  # a late slider event after close
+    explorer.strip_button.click()
+    assert explorer.wait(5)
+    assert threading.active_count() == threads and explorer._session is None
+
+
+def test_closing_during_a_running_ascent_stops_it(net):
+    threads = threading.active_count()
+    explorer = pw.AscentExplorer(net, "coffee", labels=LABELS)
+    explorer.steps.value = 30
+    explorer.run()
+    started = time.perf_counter()
+    explorer.close()
+    assert threading.active_count() == threads
+    assert time.perf_counter() - started < 30
+
+
+def _blocking_forward(model):
+    """A forward pre-hook that holds every forward until ``release`` is set; ``entered`` is set
+    while a forward waits."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(module, args):
+        entered.set()
+        assert release.wait(30), "the test never released the forward"
+
+    return entered, release, model.register_forward_pre_hook(hold)
+
+
+def test_second_run_click_does_not_let_the_first_run_reenable_run(net):
+    explorer = pw.AscentExplorer(net, "coffee", labels=LABELS)
+    explorer.steps.value = 3
+    seen = []
+    recorder = net.register_forward_pre_hook(lambda *a: seen.append(
+        (explorer.run_button.disabled, explorer.stop_button.disabled)))
+    entered, release, blocker = _blocking_forward(net)
+    try:
+        explorer.run()
+        assert entered.wait(30)
+        explorer.run()  # the second click, while the first run computes
+        release.set()
+        assert explorer.wait()
+    finally:
+        blocker.remove()
+        recorder.remove()
+    assert seen and all(state == (True, False) for state in seen), seen
+    assert explorer.run_button.disabled is False and explorer.stop_button.disabled is True
+    explorer.close()
+
+
+def test_bad_target_leaves_the_frame_slider_usable(net):
+    explorer = pw.AscentExplorer(net, "coffee", labels=LABELS)
+    explorer.steps.value = 1
+    explorer.run()
+    explorer.wait()
+    assert not explorer.frame.disabled
+    explorer.target.value = "zebra (99)"
+    explorer.run()
+    explorer.wait()
+    assert "⚠" in explorer.status.value and "zebra" in explorer.status.value
+    assert not explorer.frame.disabled and not explorer.run_button.disabled
+    explorer.close()
+
+
+def test_typed_class_name_is_explained_not_the_prediction(net):
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS, temperature=0.5)
+    explorer.wait()
+    image = explorer._images["coffee"]
+    assert int(net(image).argmax()) != 4  # else this would not tell the two apart
+    explorer.target.value = "eel"
+    explorer.wait()
+    expected = pw.excitation_pullback(net, image, 4, temperature=0.5)[0]
+    np.testing.assert_allclose(np.asarray(explorer.pullback_figure.data[0].z, dtype=float),
+                               pw.figures.relative_map(expected).astype(np.float32),
+                               rtol=1e-5, atol=1e-6)
+    assert "eel" in explorer.pullback_figure.layout.title.text
+    explorer.close()
+
+
+def test_unknown_class_text_is_an_error_not_the_prediction(net):
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS)
+    explorer.wait()
+    explorer.target.value = "zebra"
+    explorer.wait()
+    assert "⚠" in explorer.status.value and "zebra" in explorer.status.value
+    explorer.close()
+
+
+def _upload(explorer, data: bytes, name: str) -> None:
+    explorer.upload.value = ({"name": name, "type": "image/png", "size": len(data),
+                              "content": memoryview(data),
+                              "last_modified": datetime.datetime.now(datetime.timezone.utc)},)
+
+
+def test_late_result_does_not_overwrite_an_upload_error(net):
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS)
+    explorer.wait()
+    entered, release, blocker = _blocking_forward(net)
+    try:
+        explorer.image.value = "rocket"  # the worker is now inside this forward
+        assert entered.wait(30)
+        _upload(explorer, b"not a picture", "notes.png")
+        assert "⚠" in explorer.status.value
+        release.set()
+        assert explorer.wait()
+    finally:
+        blocker.remove()
+    assert "⚠" in explorer.status.value and "could not read" in explorer.status.value
+    explorer.close()
+
+
+def test_lying_png_upload_is_an_error_in_the_status_line(net, no_decoding):
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS)
+    explorer.wait()
+    _upload(explorer, _lying_png(width=6000, height=6000), "small.png")  # under the limit
+    assert "⚠" in explorer.status.value and "truncated or corrupt" in explorer.status.value
+    assert explorer.image.value == "coffee"
+    explorer.close()
+
+
+def test_keyboard_interrupt_in_a_job_is_not_swallowed(monkeypatch):
+    from pullback_widgets.widgets.common import LatestOnlyWorker
+
+    handled, escaped = [], []
+    monkeypatch.setattr(threading, "excepthook", lambda hook: escaped.append(hook.exc_type))
+
+    def job(request):
+        raise KeyboardInterrupt
+
+    worker = LatestOnlyWorker(job, lambda *args: handled.append(args))
+    worker.submit("go")
+    worker._thread.join(10)
+    assert handled == [] and escaped == [KeyboardInterrupt]

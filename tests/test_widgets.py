@@ -2,6 +2,7 @@
 
 import datetime
 import io
+import re
 import threading
 import time
 
@@ -231,7 +232,7 @@ def test_worker_computes_only_the_latest_of_a_burst():
         release.wait(5)
         seen.append(request)
 
-    worker = LatestOnlyWorker(job, on_error=lambda e: None)
+    worker = LatestOnlyWorker(job, on_error=lambda error, request: None)
     worker.submit(0)
     time.sleep(0.05)  # the worker is now blocked inside job(0)
     for value in range(1, 50):
@@ -248,7 +249,7 @@ def test_worker_survives_a_failing_job():
         if request == "bad":
             raise ValueError("nope")
 
-    worker = LatestOnlyWorker(job, on_error=errors.append)
+    worker = LatestOnlyWorker(job, on_error=lambda error, request: errors.append(error))
     worker.submit("bad")
     worker.wait(5)
     worker.submit("good")
@@ -315,3 +316,128 @@ def test_real_model_explorer_end_to_end():
     assert not np.allclose(z_before, _heatmap_z(explorer.pullback_figure))
     assert explorer.layer.options[0][1] == "logits"
     assert any(value == "blocks.5" for _, value in explorer.layer.options)
+
+
+# ---------------------------------------------------------------- the explorer's first seconds
+
+
+def _hold_forwards(model):
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(module, args):
+        entered.set()
+        assert release.wait(30)
+
+    return entered, release, model.register_forward_pre_hook(hold)
+
+
+def test_explorer_shows_at_once_and_says_it_is_loading(net):
+    entered, release, handle = _hold_forwards(net)
+    try:
+        explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS)
+        assert entered.wait(30)  # the constructor returned while the worker loads
+        assert "loading the model (EveryOpNet)" in explorer.status.value
+        assert "coffee" in explorer.status.value
+        release.set()
+        assert explorer.wait()
+    finally:
+        handle.remove()
+    assert "drawn in" in explorer.status.value
+    explorer.close()
+
+
+def test_busy_state_names_the_request_at_once_and_the_time_when_done(net):
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS)
+    explorer.wait()
+    entered, release, handle = _hold_forwards(net)
+    try:
+        explorer.image.value = "rocket"
+        assert entered.wait(30)
+        assert "computing the predicted class on “rocket”" in explorer.status.value
+        release.set()
+        assert explorer.wait()
+    finally:
+        handle.remove()
+    explorer.temperature.value = 2.0
+    assert "computing" in explorer.status.value and "T = 2" in explorer.status.value
+    explorer.wait()
+    assert re.search(r"T = 2 · sigmoid · drawn in \d+ ms", explorer.status.value)
+    explorer.close()
+
+
+def test_the_photo_being_explained_is_shown(net):
+    explorer = pw.PullbackExplorer(net, "astronaut", labels=LABELS)
+    explorer.wait()
+    shown = np.asarray(Image.open(io.BytesIO(explorer.photo.value)))
+    expected = (explorer._images["astronaut"][0].permute(1, 2, 0) * 255).round().byte().numpy()
+    np.testing.assert_array_equal(shown, expected)
+    explorer.image.value = "rocket"
+    explorer.wait()
+    assert not np.array_equal(np.asarray(Image.open(io.BytesIO(explorer.photo.value))), shown)
+    explorer.close()
+
+
+def test_target_box_names_the_class_drawn_and_follows_top5_and_image(net):
+    explorer = pw.PullbackExplorer(net, "astronaut", labels=LABELS)
+    explorer.wait()
+    completed = explorer._worker.completed
+    predicted = explorer.top_buttons[0].class_index
+    assert explorer.target.value == f"{LABELS[predicted]} ({predicted})"
+    assert explorer._worker.completed == completed  # naming it recomputed nothing
+    explorer.top_buttons[3].click()
+    explorer.wait()
+    chosen = explorer.top_buttons[3].class_index
+    assert explorer.target.value == f"{LABELS[chosen]} ({chosen})"
+    assert LABELS[chosen] in explorer.pullback_figure.layout.title.text
+    explorer.target.value = ""  # back to the prediction, which the box then names
+    explorer.wait()
+    assert explorer.target.value == f"{LABELS[predicted]} ({predicted})"
+    explorer.image.value = "chelsea"  # an automatic target follows the new prediction
+    explorer.wait()
+    new = int(net(explorer._images["chelsea"]).argmax())
+    assert explorer.target.value == f"{LABELS[new]} ({new})"
+    explorer.close()
+
+
+def test_temperature_shows_the_default_exactly_and_draws_it_once(net):
+    net.default_temperature = 0.7
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS)
+    explorer.wait()
+    slider = explorer.temperature
+    assert slider.value == 0.7 and format(slider.value, slider.readout_format) == "0.7"
+    steps = (np.log10(0.7) - slider.min) / slider.step
+    assert abs(steps - round(steps)) < 1e-9  # the log grid passes through 0.7
+    assert slider.base ** slider.min <= 0.01 and slider.base ** slider.max >= 10
+    assert explorer._worker.completed == 1
+    slider.value = slider.base ** (slider.min + round(steps) * slider.step)  # a browser's echo
+    explorer.wait()
+    assert explorer._worker.completed == 1
+    explorer.close()
+
+
+def test_step_buttons_move_the_temperature_one_grid_step(net):
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS, temperature=0.5)
+    explorer.wait()
+    z_before = _heatmap_z(explorer.pullback_figure)
+    explorer.temperature_control.up.click()
+    assert explorer.temperature.value == pytest.approx(0.5 * 10 ** 0.05, rel=1e-9)
+    explorer.wait()
+    assert not np.allclose(z_before, _heatmap_z(explorer.pullback_figure))
+    for _ in range(3):
+        explorer.temperature_control.down.click()
+    assert explorer.temperature.value == pytest.approx(0.5 * 10 ** -0.1, rel=1e-9)
+    for _ in range(200):
+        explorer.temperature_control.down.click()
+    assert explorer.temperature.value == pytest.approx(10 ** explorer.temperature.min)
+    explorer.wait()
+    explorer.close()
+
+
+def test_plotly_mode_bar_is_hidden_so_titles_stay_readable(net):
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS)
+    ascent = pw.AscentExplorer(net, "coffee", labels=LABELS)
+    for figure in (explorer.pullback_figure, explorer.gradient_figure, explorer.strip_figure,
+                   ascent.frames_figure, ascent.diff_figure, ascent.curve_figure):
+        assert figure._config.get("displayModeBar") is False
+    explorer.close()
+    ascent.close()

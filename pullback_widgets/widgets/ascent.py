@@ -1,37 +1,50 @@
-"""AscentExplorer: run pullback ascent live, watch each frame arrive, scrub the trajectory."""
+"""AscentExplorer: run pullback ascent live, watch each frame arrive, scrub the trajectory.
+
+Run and Stop are a small state machine (idle -> running -> stopping -> idle) under a lock: a
+second Run while one is going is ignored, and only the run that is current may end it. The
+frame view has one writer, :meth:`AscentExplorer._draw_frame`, which both threads call under a
+lock; the status line has one writer, :class:`~pullback_widgets.widgets.common.StatusLine`.
+"""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ipywidgets as w
-import plotly.graph_objects as go
 from torch import nn
 
 from .. import figures
 from ..ascent import METHODS, AscentResult, pullback_ascent
 from ..gates import GATES
-from ..model_helpers import default_temperature, predict
+from ..model_helpers import predict
+from ..validation import PullbackWidgetsError, check_choice
 from .common import (
     STYLE,
-    WIDE,
     LatestOnlyWorker,
+    StatusLine,
+    TemperatureControl,
     class_options,
-    describe,
+    close_children,
+    figure_widget,
     image_choices,
-    option_index,
+    model_source,
+    parse_target,
     prepare_model,
-    status_html,
     sync_figure,
+    wide,
 )
+
+IDLE, RUNNING, STOPPING = "idle", "running", "stopping"
 
 
 @dataclass(frozen=True)
 class _Run:
-    """The controls at the moment Run was pressed."""
+    """The controls at the moment Run was pressed, with the run's number and status event."""
 
+    number: int = field(compare=False)
+    event: int = field(compare=False)
     image_key: str
     targets: tuple[int | None, ...]  # None: the predicted class
     steps: int
@@ -49,15 +62,19 @@ class AscentExplorer(w.VBox):
 
     ``model`` and ``image`` as for :class:`PullbackExplorer`. Step size and eps are L2 distances
     in pixel space [0, 1] (the paper's values halved; see :mod:`pullback_widgets.ascent`).
+    :meth:`close` stops a running ascent and the worker and closes every widget it made.
     """
 
     def __init__(self, model: str | nn.Module = "efficientnet_lite0", image: object = "coffee",
                  *, labels: Sequence[str] | None = None, temperature: float | None = None,
                  gate: str = "sigmoid") -> None:
+        source = model_source(model, temperature)
         self.model, self.labels, self.input_size = prepare_model(model, labels)
         self._images, first_key = image_choices(image, self.input_size)
         self._options = class_options(self.labels)
         self._stop = threading.Event()
+        self._state_lock, self._draw_lock = threading.Lock(), threading.Lock()
+        self._state, self._runs = IDLE, 0
         self.result: AscentResult | None = None
         self._names: list[str] = []
 
@@ -65,7 +82,7 @@ class AscentExplorer(w.VBox):
                                 value=first_key, style=STYLE)
         self.target = w.Combobox(description="Target", options=self._options,
                                  ensure_option=True, placeholder="predicted class",
-                                 style=STYLE, layout=WIDE)
+                                 style=STYLE, layout=wide())
         self.counterfactual = w.Checkbox(description="Counterfactual", value=False,
                                          style=STYLE)
         self.targets = w.TagsInput(allowed_tags=self._options, allow_duplicates=False,
@@ -75,11 +92,10 @@ class AscentExplorer(w.VBox):
                                        value=10.0, style=STYLE)
         self.eps = w.FloatSlider(description="Eps", min=1, max=200, step=1, value=50.0,
                                  style=STYLE)
-        self.temperature = w.FloatLogSlider(
-            description="Temperature", base=10, min=-2, max=1, step=0.05, readout_format=".3g",
-            value=default_temperature(self.model) if temperature is None else temperature,
-            style=STYLE, layout=WIDE)
-        self.gate = w.Dropdown(description="Gate", options=list(GATES), value=gate, style=STYLE)
+        self.temperature_control = TemperatureControl(source.temperature)
+        self.temperature = self.temperature_control.slider
+        self.gate = w.Dropdown(description="Gate", options=list(GATES),
+                               value=check_choice(gate, tuple(GATES), "gate"), style=STYLE)
         self.method = w.ToggleButtons(description="Method", options=list(METHODS), style=STYLE)
         self.run_button = w.Button(description="Run", button_style="primary", icon="play")
         self.stop_button = w.Button(description="Stop", icon="stop", disabled=True)
@@ -87,21 +103,22 @@ class AscentExplorer(w.VBox):
                                       style=STYLE)
         self.frame = w.IntSlider(description="Frame", min=0, max=0, value=0, disabled=True,
                                  style=STYLE)
-        self.status = w.HTML()
-        self.frames_figure = go.FigureWidget()
-        self.diff_figure = go.FigureWidget()
-        self.curve_figure = go.FigureWidget()
+        self._status = StatusLine()
+        self.status = self._status.widget
+        self.frames_figure = figure_widget()
+        self.diff_figure = figure_widget()
+        self.curve_figure = figure_widget()
 
         self.run_button.on_click(lambda _: self.run())
         self.stop_button.on_click(lambda _: self.stop())
-        self.frame.observe(lambda change: self._show_frame(change["new"]), names="value")
+        self.frame.observe(lambda change: self._draw_frame(change["new"]), names="value")
         self.counterfactual.observe(self._on_mode, names="value")
         self._on_mode()
         super().__init__([
             w.HBox([self.image, self.target]),
             w.HBox([self.counterfactual, self.targets]),
             w.HBox([self.steps, self.step_size, self.eps]),
-            w.HBox([self.temperature, self.gate, self.method]),
+            w.HBox([self.temperature_control.box, self.gate, self.method]),
             w.HBox([self.run_button, self.stop_button, self.progress]),
             self.frame,
             self.frames_figure,
@@ -109,6 +126,7 @@ class AscentExplorer(w.VBox):
             self.status,
         ])
         self._worker = LatestOnlyWorker(self._run_job, self._show_error)
+        self._closed = False
         sync_figure(self.frames_figure, figures.ascent_frames([self._images[first_key][0]],
                                                               labels=["start"]))
 
@@ -118,36 +136,77 @@ class AscentExplorer(w.VBox):
         self.targets.layout.display = None if self.counterfactual.value else "none"
         self.target.disabled = self.counterfactual.value
 
-    def _snapshot(self) -> _Run:
+    def _snapshot(self, number: int, event: int) -> _Run:
         if self.counterfactual.value:
             if not self.targets.value:
-                raise ValueError("counterfactual mode: add at least one class to Targets")
-            targets = tuple(option_index(t) for t in self.targets.value)
+                raise PullbackWidgetsError(
+                    "counterfactual mode: add at least one class to Targets")
+            targets = tuple(parse_target(t, self.labels) for t in self.targets.value)
         else:
-            targets = (option_index(self.target.value),)
-        return _Run(self.image.value, targets, self.steps.value, self.step_size.value,
-                    self.eps.value, self.temperature.value, self.gate.value, self.method.value)
+            targets = (parse_target(self.target.value, self.labels),)
+        return _Run(number, event, self.image.value, targets, self.steps.value,
+                    self.step_size.value, self.eps.value, self.temperature.value,
+                    self.gate.value, self.method.value)
 
-    def run(self) -> None:
-        """Start an ascent with the current controls (what the Run button does)."""
-        try:
-            run = self._snapshot()
-        except ValueError as error:
-            self._show_error(error)
-            return
-        self._stop.clear()
-        self.run_button.disabled, self.stop_button.disabled = True, False
-        self.frame.disabled = True
+    def run(self) -> bool:
+        """Start an ascent with the current controls (what the Run button does).
+
+        Returns False, and changes nothing, while another run is going or after a bad target
+        (which the status line names).
+        """
+        event = self._status.event()
+        with self._state_lock:
+            if self._state != IDLE or self._closed:
+                return False
+            try:
+                run = self._snapshot(self._runs + 1, event)
+            except ValueError as error:  # find_class's and our own user errors
+                self._status.show_error(error, event)
+                return False
+            self._runs, self._state = run.number, RUNNING
+            self._stop.clear()
+            self.run_button.disabled, self.stop_button.disabled = True, False
+            self.frame.disabled = True
         self.progress.max, self.progress.value = max(1, run.steps), 0
+        self._status.show(f"computing {run.steps} ascent steps …", event)
         self._worker.submit(run)
+        return True
 
     def stop(self) -> None:
         """Stop the running ascent after its current step (what the Stop button does)."""
-        self._stop.set()
+        with self._state_lock:
+            if self._state == RUNNING:
+                self._state = STOPPING
+                self._stop.set()
+                self.stop_button.disabled = True
+
+    def _end_run(self, number: int) -> None:
+        with self._state_lock:
+            if number != self._runs:  # a stale run never touches the controls
+                return
+            self._state = IDLE
+            self.run_button.disabled, self.stop_button.disabled = False, True
+            self.frame.disabled = self.result is None
 
     def wait(self, timeout: float | None = 120.0) -> bool:
         """Block until the run has finished (for scripts and tests)."""
         return self._worker.wait(timeout)
+
+    def close(self) -> None:
+        """Stop any run and the worker, close every widget the explorer made, drop the result.
+
+        Idempotent. Afterwards nothing holds the explorer: ``del`` lets it be collected.
+        """
+        if getattr(self, "_closed", True):  # closed, or its constructor failed (Widget.__del__)
+            return
+        with self._state_lock:
+            self._closed = True
+            self._stop.set()
+        self._worker.close()
+        close_children(self)
+        self.result = None
+        self._images.clear()
+        super().close()
 
     # ------------------------------------------------------------------ worker side
 
@@ -159,48 +218,51 @@ class AscentExplorer(w.VBox):
             targets = [predicted if t is None else t for t in run.targets]
             self._names = [self.labels[t] for t in targets]
             batch = start.expand(len(targets), -1, -1, -1)
-            self.status.value = status_html(f"ascending towards {', '.join(self._names)} …")
+            self._status.show(f"ascending towards {', '.join(self._names)} …", run.event)
             self.result = pullback_ascent(
                 self.model, batch, targets, steps=run.steps, step_size=run.step_size,
                 eps=run.eps, temperature=run.temperature, gate=run.gate, method=run.method,
                 callback=self._on_step, progress=False)
-            self._finish(self.result)
+            self._finish(self.result, run)
         finally:
-            self.run_button.disabled, self.stop_button.disabled = False, True
+            self._end_run(run.number)
 
     def _on_step(self, step: int, result: AscentResult) -> bool:
         self.result = result
         self.progress.value = step
-        self._show_frame(len(result.images) - 1)
+        self._draw_frame(len(result.images) - 1)
         return self._stop.is_set()
 
-    def _finish(self, result: AscentResult) -> None:
+    def _finish(self, result: AscentResult, run: _Run) -> None:
         last = len(result.images) - 1
-        self.frame.max, self.frame.disabled = last, False
+        self.frame.max = last
         if self.frame.value == last:
-            self._show_frame(last)
+            self._draw_frame(last)
         else:
             self.frame.value = last  # the observer draws it
         gains = ", ".join(f"{name} {gain:+.2f}" for name, gain
                           in zip(self._names, result.gain.tolist()))
         state = f"stopped after step {last}" if result.stopped else f"{last} steps"
-        self.status.value = status_html(f"{state} · target-logit gain: {gains}")
+        self._status.show(f"{state} · target-logit gain: {gains}", run.event)
 
-    def _show_frame(self, index: int) -> None:
-        result = self.result
-        if result is None or index >= len(result.images):
-            return
-        probs = result.probs
-        labels = [f"{name} · step {index} · " + (f"p={float(probs[index, k]):.2f}"
-                                                 if probs is not None else
-                                                 f"{float(result.logits[index, k]):.2f}")
-                  for k, name in enumerate(self._names)]
-        frame = result.images[index]
-        sync_figure(self.frames_figure, figures.ascent_frames(list(frame), labels=labels))
-        sync_figure(self.diff_figure, figures.rgb_difference(
-            frame[0] - result.images[0][0], title=f"step {index} minus start ({self._names[0]})"))
-        sync_figure(self.curve_figure, figures.logit_curves(result.logits[:index + 1],
-                                                            self._names))
+    def _draw_frame(self, index: int) -> None:
+        """The one writer of the frame view, called by the worker and the Frame slider."""
+        with self._draw_lock:
+            result = self.result
+            if self._closed or result is None or index >= len(result.images):
+                return
+            probs = result.probs
+            labels = [f"{name} · step {index} · " + (f"p={float(probs[index, k]):.2f}"
+                                                     if probs is not None else
+                                                     f"{float(result.logits[index, k]):.2f}")
+                      for k, name in enumerate(self._names)]
+            frame = result.images[index]
+            sync_figure(self.frames_figure, figures.ascent_frames(list(frame), labels=labels))
+            sync_figure(self.diff_figure, figures.rgb_difference(
+                frame[0] - result.images[0][0],
+                title=f"step {index} minus start ({self._names[0]})"))
+            sync_figure(self.curve_figure, figures.logit_curves(result.logits[:index + 1],
+                                                                self._names))
 
-    def _show_error(self, error: BaseException) -> None:
-        self.status.value = status_html(describe(error), error=True)
+    def _show_error(self, error: Exception, run: _Run) -> None:
+        self._status.show_error(error, run.event)

@@ -1,11 +1,15 @@
-"""What both explorers share: a latest-only worker, in-place figure sync, labelled controls."""
+"""What both explorers share: a latest-only worker, one writer for the status line, in-place
+figure sync, labelled controls, and closing every widget an explorer made."""
 
 from __future__ import annotations
 
+import html
+import math
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from copy import deepcopy
+from dataclasses import dataclass
 from typing import Any
 
 import ipywidgets as w
@@ -14,13 +18,26 @@ import torch
 from torch import Tensor, nn
 
 from ..images import SAMPLE_IMAGES, load_image, sample_image
-from ..model_helpers import predict
-from ..models import load_model
+from ..labels import find_class
+from ..model_helpers import default_temperature, predict
+from ..models import MODELS, load_model
+from ..validation import (
+    PullbackWidgetsError,
+    PullbackWidgetsTypeError,
+    check_choice,
+    check_positive,
+)
 
 # Wide enough for "Temperature" and "Step size": ipywidgets' default cuts them to "Temperat…".
 DESCRIPTION_WIDTH = "90px"
 STYLE = {"description_width": DESCRIPTION_WIDTH}
-WIDE = w.Layout(width="420px")
+# A worker still inside a job when its explorer closes gets this long to finish it.
+CLOSE_TIMEOUT_S = 60.0
+
+
+def wide() -> w.Layout:
+    """A fresh 420 px layout: a shared one would be closed by the first explorer to close."""
+    return w.Layout(width="420px")
 
 
 class LatestOnlyWorker:
@@ -28,24 +45,30 @@ class LatestOnlyWorker:
 
     A slider drag submits many requests while one is being computed; those in between are
     dropped, so there is never a queue. The kernel stays responsive meanwhile, because torch
-    releases the GIL. Exceptions go to ``on_error`` and the worker carries on.
+    releases the GIL. An ``Exception`` from a job goes to ``on_error`` and the worker carries
+    on; KeyboardInterrupt and SystemExit are not caught. :meth:`close` ends the thread.
     """
 
-    def __init__(self, job: Callable[[Any], None], on_error: Callable[[BaseException], None]):
+    def __init__(self, job: Callable[[Any], None], on_error: Callable[[Exception, Any], None]):
         self._job, self._on_error = job, on_error
         self._lock = threading.Condition()
         self._pending: Any = None
         self._has_pending = False
         self._busy = False
+        self._closed = False
         self.completed = 0  # jobs run to the end, for tests and the status line
         self._thread = threading.Thread(target=self._loop, daemon=True,
                                         name="pullback-widgets-worker")
         self._thread.start()
 
-    def submit(self, request: Any) -> None:
+    def submit(self, request: Any) -> bool:
+        """Queue ``request`` in place of any pending one; False once the worker is closed."""
         with self._lock:
+            if self._closed:
+                return False
             self._pending, self._has_pending = request, True
             self._lock.notify_all()
+            return True
 
     def wait(self, timeout: float | None = 60.0) -> bool:
         """Block until nothing is pending or running; True if that happened in time."""
@@ -58,24 +81,182 @@ class LatestOnlyWorker:
         with self._lock:
             return self._busy or self._has_pending
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, timeout: float | None = CLOSE_TIMEOUT_S) -> None:
+        """Drop any pending request and end the thread once its current job is done.
+
+        Idempotent. Called from inside a job it cannot wait for itself, so it only asks.
+        """
+        with self._lock:
+            self._closed, self._pending, self._has_pending = True, None, False
+            self._lock.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
     def _loop(self) -> None:
         while True:
             with self._lock:
-                self._lock.wait_for(lambda: self._has_pending)
+                self._lock.wait_for(lambda: self._has_pending or self._closed)
+                if self._closed:
+                    self._job = self._on_error = None  # the owner may now be collected
+                    self._lock.notify_all()
+                    return
                 request, self._pending, self._has_pending = self._pending, None, False
                 self._busy = True
             try:
                 self._job(request)
                 self.completed += 1
-            except BaseException as error:  # a widget must survive any failure of a job
+            except Exception as error:  # a widget must survive any failure of a job
                 try:
-                    self._on_error(error)
-                except BaseException:
+                    self._on_error(error, request)
+                except Exception:
                     traceback.print_exc()
             finally:
                 with self._lock:
                     self._busy = False
                     self._lock.notify_all()
+
+
+class StatusLine:
+    """The one writer of an explorer's status line, from any thread.
+
+    Every message belongs to an event (a control change, an upload, a Run), numbered in the
+    order the kernel saw them. A message of an older event never replaces one of a newer
+    event, so a computation that finishes late cannot hide an upload's error.
+    """
+
+    def __init__(self) -> None:
+        self.widget = w.HTML()
+        self._lock = threading.Lock()
+        self._last_event = self._shown_event = 0
+
+    def event(self) -> int:
+        """A number for a new event, larger than every earlier one."""
+        with self._lock:
+            self._last_event += 1
+            return self._last_event
+
+    def show(self, message: str, event: int, *, error: bool = False) -> bool:
+        """Show ``message`` unless a newer event's message is up; True if it was shown."""
+        with self._lock:
+            if event < self._shown_event:
+                return False
+            self._shown_event = event
+            self.widget.value = status_html(message, error=error)
+            return True
+
+    def show_error(self, error: Exception, event: int) -> bool:
+        return self.show(describe(error), event, error=True)
+
+
+def parse_target(text: str, labels: Sequence[str]) -> int | None:
+    """The class a Target box names: "" is the predicted class (None); "name (index)" as the
+    box offers it, a bare index or a class name go through :func:`find_class`, which refuses
+    unknown names with suggestions rather than silently explaining another class."""
+    text = text.strip()
+    if not text:
+        return None
+    option = option_index(text)
+    if option is not None and 0 <= option < len(labels) and \
+            text == f"{labels[option]} ({option})":
+        return option
+    return find_class(text, labels)
+
+
+def widget_tree(root: w.Widget) -> Iterator[w.Widget]:
+    """``root`` and every widget reachable from its synced traits (children, layout, style)."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        widget = stack.pop()
+        if id(widget) in seen:
+            continue
+        seen.add(id(widget))
+        yield widget
+        for name in widget.keys:
+            value = getattr(widget, name, None)
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(item, w.Widget):
+                    stack.append(item)
+
+
+def close_children(root: w.Widget) -> None:
+    """Close every widget in ``root``'s tree but ``root`` itself (whose own ``close`` is the
+    caller), so that ipywidgets' registry keeps none of them alive."""
+    for widget in list(widget_tree(root))[1:]:
+        widget.close()
+
+
+def figure_widget() -> go.FigureWidget:
+    """An empty FigureWidget without Plotly's mode bar, which covered the panel titles; zoom
+    by dragging and reset by double-click still work."""
+    widget = go.FigureWidget()
+    widget._config = {"displayModeBar": False}
+    return widget
+
+
+class TemperatureControl:
+    """The Temperature slider (log scale) with − and + buttons that move it one step.
+
+    A log slider snaps to ``min + k * step``; its grid is laid through ``value`` so that the
+    model's default shows exactly (0.7, not 0.708) and is not computed a second time at the
+    snapped value. The buttons are there because in Notebook 7 the arrow keys do not reach a
+    focused slider (the notebook's shortcuts take them).
+    """
+
+    STEP = 0.05  # in decades
+
+    def __init__(self, value: float, low: float = 0.01, high: float = 10.0) -> None:
+        centre = math.log10(value)
+        below = math.ceil((centre - math.log10(min(low, value))) / self.STEP - 1e-9)
+        above = math.ceil((math.log10(max(high, value)) - centre) / self.STEP - 1e-9)
+        self.slider = w.FloatLogSlider(
+            description="Temperature", base=10, min=centre - below * self.STEP,
+            max=centre + above * self.STEP, step=self.STEP, value=value, readout_format=".3g",
+            style=STYLE, layout=wide())
+        self.down = w.Button(description="−", tooltip="one step colder",
+                             layout=w.Layout(width="32px"))
+        self.up = w.Button(description="+", tooltip="one step warmer",
+                           layout=w.Layout(width="32px"))
+        self.down.on_click(lambda _: self.nudge(-1))
+        self.up.on_click(lambda _: self.nudge(1))
+        self.box = w.HBox([self.slider, self.down, self.up])
+
+    def nudge(self, steps: int) -> None:
+        """Move the slider ``steps`` grid steps (negative: colder), within its range."""
+        slider = self.slider
+        last = round((slider.max - slider.min) / slider.step)
+        index = round((math.log10(slider.value) - slider.min) / slider.step) + steps
+        exponent = slider.min + min(max(index, 0), last) * slider.step
+        slider.value = float(f"{slider.base ** exponent:.12g}")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What an explorer knows about its model before loading it."""
+
+    name: str
+    input_size: int  # pixels, square
+    temperature: float  # the slider's first value: the given T, else the model's default
+
+
+def model_source(model: object, temperature: object) -> ModelSource:
+    """Check an explorer's ``model`` (a registry name or an ``nn.Module``) and ``temperature``
+    without loading anything."""
+    if isinstance(model, str):
+        spec = MODELS[check_choice(model, tuple(MODELS), "model")]
+        name, size, default = spec.name, spec.input_size, spec.default_temperature
+    elif isinstance(model, nn.Module):
+        name, size = type(model).__name__, int(getattr(model, "input_size", 224))
+        default = default_temperature(model)
+    else:
+        raise PullbackWidgetsTypeError(f"model must be a model name or a torch.nn.Module, "
+                                       f"got {type(model).__name__}")
+    chosen = default if temperature is None else check_positive(temperature, "temperature")
+    return ModelSource(name, size, chosen)
 
 
 def sync_figure(widget: go.FigureWidget, figure: go.Figure) -> None:
@@ -106,7 +287,7 @@ def prepare_model(model: str | nn.Module, labels: Sequence[str] | None
     if isinstance(model, str):
         model = load_model(model)
     elif not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a model name or a torch.nn.Module, "
+        raise PullbackWidgetsTypeError(f"model must be a model name or a torch.nn.Module, "
                         f"got {type(model).__name__}")
     input_size = int(getattr(model, "input_size", 224))
     labels = labels if labels is not None else getattr(model, "labels", None)
@@ -131,10 +312,12 @@ def option_index(option: str) -> int | None:
 
 
 def load_choice(source: object, size: int, name: str | None = None,
-                max_pixels: int | None = None) -> tuple[str, Tensor]:
-    """(dropdown key, image (1, 3, size, size) in [0, 1]) for a sample name or any image."""
+                max_pixels: int | None = None, lazy: bool = False
+                ) -> tuple[str, Tensor | None]:
+    """(dropdown key, image (1, 3, size, size) in [0, 1]) for a sample name or any image;
+    with ``lazy``, a sample's image is None (to be loaded when shown)."""
     if isinstance(source, str) and source in SAMPLE_IMAGES:
-        return source, sample_image(source, size=size)
+        return source, None if lazy else sample_image(source, size=size)
     limits = {} if max_pixels is None else {"max_pixels": max_pixels}
     key = name or (str(source) if isinstance(source, str) else "your image")
     return key, load_image(source, size=size, **limits)
@@ -151,16 +334,15 @@ def image_choices(first: object, size: int) -> tuple[dict[str, Tensor], str]:
 
 
 def status_html(message: str, *, error: bool = False) -> str:
-    import html
-
     colour = "#b00020" if error else "#555"
     icon = "⚠ " if error else ""
     return f"<span style='color:{colour}'>{icon}{html.escape(message)}</span>"
 
 
-def describe(error: BaseException) -> str:
-    """One line for the status bar; the type only when the message says nothing."""
+def describe(error: Exception) -> str:
+    """One line for the status bar: a user error's message; for anything else (a bug, or a
+    failure inside the user's model) its type too, so that it does not pass for a user error."""
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    if isinstance(error, (ValueError, TypeError)) and message:
+    if isinstance(error, PullbackWidgetsError) and message:
         return message
     return f"{type(error).__name__}: {message}" if message else type(error).__name__

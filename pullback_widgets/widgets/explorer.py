@@ -4,50 +4,68 @@ The explorer holds no math: the engine computes, :mod:`pullback_widgets.figures`
 this module only wires controls to them. A change of temperature, gate, target, layer, channel
 or view re-runs only the backward of a :class:`~pullback_widgets.PullbackSession`; a change of
 image re-runs the forward.
+
+Threads. Controls are read in the kernel's thread, which turns each change into a request; the
+worker thread computes the latest request and draws it. The worker writes the figures, the
+photo, the Top-5 buttons and the Target box's automatic value; the status line has one writer,
+:class:`~pullback_widgets.widgets.common.StatusLine`, which both threads go through.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ipywidgets as w
+import numpy as np
 import plotly.graph_objects as go
+from PIL import Image
 from torch import Tensor, nn
 
 from .. import figures
 from ..gates import GATES
-from ..model_helpers import STRIP_TEMPERATURES, default_temperature, feature_layers
+from ..images import SAMPLE_IMAGES
+from ..model_helpers import STRIP_TEMPERATURES, feature_layers
 from ..session import PullbackSession
 from ..targets import Unit
+from ..validation import PullbackWidgetsError, check_choice
 from .common import (
     STYLE,
-    WIDE,
     LatestOnlyWorker,
+    StatusLine,
+    TemperatureControl,
     class_options,
-    describe,
-    image_choices,
+    close_children,
+    figure_widget,
     load_choice,
-    option_index,
+    model_source,
+    parse_target,
     prepare_model,
-    status_html,
     sync_figure,
+    wide,
 )
 
 VIEWS = ("signed heatmap", "magnitude overlay", "RGB")
 LOGITS = "logits"
 MAX_UPLOAD_BYTES = 20_000_000
 MAX_UPLOAD_PIXELS = 40_000_000
+PHOTO_SIDE_PX = 160
 
 
 @dataclass(frozen=True)
 class _Request:
-    """A snapshot of the controls, taken in the kernel's thread and computed on the worker."""
+    """A snapshot of the controls, taken in the kernel's thread and computed on the worker.
 
+    ``target_text`` is the Target box as typed ("" for the predicted class); ``event`` numbers
+    the status-line message and is not part of what is drawn.
+    """
+
+    event: int = field(compare=False)
     image_key: str
-    target: int | None
+    target_text: str
     temperature: float
     gate: str
     layer: str
@@ -62,6 +80,10 @@ class PullbackExplorer(w.VBox):
     ``model``: a :func:`~pullback_widgets.load_model` name or any ``nn.Module`` taking pixel
     space [0, 1] (B, 3, H, W); ``labels``: class names, taken from the model when it has them.
     ``image``: a sample name (see ``SAMPLE_IMAGES``) or anything :func:`load_image` accepts.
+
+    The explorer shows at once and loads the model and the photo on its worker thread, saying
+    so in its status line. :meth:`close` stops the worker, closes every widget it made and
+    drops the session, so that a closed explorer can be garbage-collected.
     """
 
     def __init__(self, model: str | nn.Module = "efficientnet_lite0",
@@ -69,39 +91,48 @@ class PullbackExplorer(w.VBox):
                  temperature: float | None = None, gate: str = "sigmoid",
                  max_upload_bytes: int = MAX_UPLOAD_BYTES,
                  max_upload_pixels: int = MAX_UPLOAD_PIXELS) -> None:
-        self.model, self.labels, self.input_size = prepare_model(model, labels)
+        source = model_source(model, temperature)
+        self._model_source, self._labels_given = model, labels
+        self.model: nn.Module | None = None  # loaded on the worker
+        self.labels: list[str] = []
+        self.input_size = source.input_size
+        self.layer_shapes: dict[str, tuple[int, ...]] = {}
         self.max_upload_bytes, self.max_upload_pixels = max_upload_bytes, max_upload_pixels
-        self._images, first_key = image_choices(image, self.input_size)
-        self.layer_shapes = feature_layers(self.model, self._images[first_key])
+        first_key, first_image = load_choice(image, self.input_size, lazy=True)
+        self._images: dict[str, Tensor | None] = {first_key: first_image}
+        self._images.update({name: None for name in SAMPLE_IMAGES if name != first_key})
         self._session: PullbackSession | None = None
         self._session_key: str | None = None
         self._gradient_shown: tuple | None = None  # (image, target, view) drawn on the right
         self._strip_token = self._strip_done = 0
+        self._submitted: _Request | None = None
+        self._auto_target = ""  # the Target box's value when the explorer filled it in
 
         self.image = w.Dropdown(description="Image", options=list(self._images),
                                 value=first_key, style=STYLE)
         self.upload = w.FileUpload(accept="image/*", multiple=False,
                                    description="Upload", tooltip="your own photo")
-        self.target = w.Combobox(description="Target", options=class_options(self.labels),
-                                 ensure_option=True, placeholder="search the classes",
-                                 style=STYLE, layout=WIDE)
+        self.target = w.Combobox(description="Target", ensure_option=True,
+                                 placeholder="search the classes", style=STYLE, layout=wide())
         self.top_buttons = [w.Button(layout=w.Layout(width="auto")) for _ in range(5)]
-        self.temperature = w.FloatLogSlider(
-            description="Temperature", base=10, min=-2, max=1, step=0.05,
-            value=default_temperature(self.model) if temperature is None else temperature,
-            readout_format=".3g", style=STYLE, layout=WIDE)
-        self.gate = w.Dropdown(description="Gate", options=list(GATES), value=gate, style=STYLE)
-        self.layer = w.Dropdown(description="Layer", options=self._layer_options(),
-                                value=LOGITS, style=STYLE, layout=WIDE)
+        self.temperature_control = TemperatureControl(source.temperature)
+        self.temperature = self.temperature_control.slider
+        self.gate = w.Dropdown(description="Gate", options=list(GATES),
+                               value=check_choice(gate, tuple(GATES), "gate"), style=STYLE)
+        self.layer = w.Dropdown(description="Layer", options=[(LOGITS, LOGITS)], value=LOGITS,
+                                style=STYLE, layout=wide())
         self.channel = w.BoundedIntText(description="Channel", min=0, max=0, value=0,
                                         disabled=True, style=STYLE)
         self.view = w.ToggleButtons(description="View", options=list(VIEWS), style=STYLE)
         self.strip_button = w.Button(description="Temperature strip", icon="sliders",
                                      layout=w.Layout(width="auto"))
-        self.status = w.HTML()
-        self.pullback_figure = go.FigureWidget()
-        self.gradient_figure = go.FigureWidget()
-        self.strip_figure = go.FigureWidget()
+        self._status = StatusLine()
+        self.status = self._status.widget
+        self.photo = w.Image(format="png", layout=w.Layout(width=f"{PHOTO_SIDE_PX}px",
+                                                           height=f"{PHOTO_SIDE_PX}px"))
+        self.pullback_figure = figure_widget()
+        self.gradient_figure = figure_widget()
+        self.strip_figure = figure_widget()
         self.strip_box = w.Box([self.strip_figure], layout=w.Layout(display="none"))
 
         for button in self.top_buttons:
@@ -118,36 +149,56 @@ class PullbackExplorer(w.VBox):
             w.HBox([self.image, self.upload]),
             w.HBox([self.target, w.Label("Top 5:"), *self.top_buttons],
                    layout=w.Layout(flex_flow="row wrap")),
-            w.HBox([self.temperature, self.gate]),
+            w.HBox([self.temperature_control.box, self.gate]),
             w.HBox([self.layer, self.channel]),
             self.view,
-            w.HBox([self.pullback_figure, self.gradient_figure]),
+            w.HBox([w.VBox([w.Label("Photo"), self.photo]), self.pullback_figure,
+                    self.gradient_figure], layout=w.Layout(flex_flow="row wrap")),
             w.HBox([self.strip_button]),
             self.strip_box,
             self.status,
         ])
         self._worker = LatestOnlyWorker(self._compute, self._show_error)
-        self._on_change()
+        self._closed = False
+        self._status.show(f"loading the model ({source.name}) and the photo “{first_key}” …",
+                          self._status.event())
+        self._submit(self._request(), announce=False)
 
     # ------------------------------------------------------------------ controls -> request
 
-    def _layer_options(self) -> list[tuple[str, str]]:
-        options = [(f"{LOGITS} ({len(self.labels)} classes)", LOGITS)]
-        options += [(f"{name} ({'×'.join(map(str, shape))})", name)
-                    for name, shape in self.layer_shapes.items()]
-        return options
-
     def _request(self) -> _Request:
-        return _Request(self.image.value, option_index(self.target.value), self.temperature.value,
-                        self.gate.value, self.layer.value, self.channel.value, self.view.value,
+        typed = self.target.value.strip()
+        return _Request(self._status.event(), self.image.value,
+                        "" if typed == self._auto_target else typed,
+                        float(f"{self.temperature.value:.12g}"), self.gate.value,
+                        self.layer.value, self.channel.value, self.view.value,
                         self._strip_token)
 
+    def _submit(self, request: _Request, announce: bool = True) -> None:
+        if request == self._submitted:  # e.g. the Target box now names the class drawn
+            return
+        self._submitted = request
+        if announce:
+            self._status.show(f"computing {self._describe(request)} …", request.event)
+        self._worker.submit(request)
+
+    def _describe(self, request: _Request) -> str:
+        if request.layer != LOGITS:
+            what = f"{request.layer} channel {request.channel}"
+        else:
+            what = request.target_text or "the predicted class"
+        if request.image_key != self._session_key:
+            what += f" on “{request.image_key}”"
+        if request.strip_token != self._strip_done:
+            what += " and the temperature strip"
+        return f"{what} · T = {request.temperature:.3g} · {request.gate}"
 
     def _on_change(self, change=None) -> None:
-        self._worker.submit(self._request())
+        if not self._closed:
+            self._submit(self._request())
 
     def _on_layer(self, change) -> None:
-        if change["new"] == LOGITS:
+        if change["new"] == LOGITS or change["new"] not in self.layer_shapes:
             self.channel.disabled = True
             return
         channels = self.layer_shapes[change["new"]][0]
@@ -168,10 +219,11 @@ class PullbackExplorer(w.VBox):
     def _on_upload(self, change) -> None:
         if not change["new"]:
             return
+        event = self._status.event()
         upload = change["new"][0]
         try:
             if upload["size"] > self.max_upload_bytes:
-                raise ValueError(f"upload is {upload['size'] / 1e6:.1f} MB; the limit is "
+                raise PullbackWidgetsError(f"upload is {upload['size'] / 1e6:.1f} MB; the limit is "
                                  f"{self.max_upload_bytes / 1e6:.0f} MB")
             data = bytes(upload["content"])
             digest = hashlib.sha1(data).hexdigest()[:6]
@@ -179,7 +231,7 @@ class PullbackExplorer(w.VBox):
                                       name=f"upload: {upload['name']} [{digest}]")
             self._images[key] = tensor
         except Exception as error:  # the status line says what went wrong
-            self._show_error(error)
+            self._status.show_error(error, event)
             return
         finally:
             self.upload.value = ()
@@ -188,13 +240,37 @@ class PullbackExplorer(w.VBox):
 
     # ------------------------------------------------------------------ worker side
 
+    def _load(self) -> None:
+        """Load the model and learn its classes and layers (once, on the worker)."""
+        if self.model is not None:
+            return
+        model, labels, _ = prepare_model(self._model_source, self._labels_given)
+        self.layer_shapes = feature_layers(model, self._image(self.image.value))
+        self.model, self.labels = model, labels
+        self.target.options = class_options(labels)
+        self.layer.options = [(f"{LOGITS} ({len(labels)} classes)", LOGITS)] + [
+            (f"{name} ({'×'.join(map(str, shape))})", name)
+            for name, shape in self.layer_shapes.items()]
+
+    def _image(self, key: str) -> Tensor:
+        if self._images.get(key) is None:  # a sample, loaded when first shown
+            self._images[key] = load_choice(key, self.input_size)[1]
+        return self._images[key]
+
     def _ensure_session(self, image_key: str) -> PullbackSession:
         if self._session_key != image_key:
-            self._session = PullbackSession(self.model, self._images[image_key],
-                                            layers=list(self.layer_shapes))
+            image = self._image(image_key)
+            self._session = PullbackSession(self.model, image, layers=list(self.layer_shapes))
             self._session_key = image_key
+            self._show_photo(image[0])
             self._show_top_classes(self._session.probabilities[0])
         return self._session
+
+    def _show_photo(self, image: Tensor) -> None:
+        pixels = (image.detach().permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu()
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(pixels.numpy())).save(buffer, format="PNG")
+        self.photo.value = buffer.getvalue()
 
     def _show_top_classes(self, probabilities: Tensor) -> None:
         top = probabilities.topk(len(self.top_buttons))
@@ -203,11 +279,24 @@ class PullbackExplorer(w.VBox):
             button.description = f"{self.labels[index]} {p:.0%}"
             button.class_index = index
 
+    def _show_target(self, request: _Request, target_class: int) -> None:
+        """Let the Target box name the class drawn when the explorer chose it (the predicted
+        class), unless the box was changed since the request was taken."""
+        if request.target_text or request.layer != LOGITS:
+            return
+        option = class_options(self.labels)[target_class]
+        if self.target.value.strip() in ("", self._auto_target) and \
+                self.target.value != option:
+            self._auto_target = option
+            self.target.value = option  # its request equals this one: nothing is recomputed
+
     def _compute(self, request: _Request) -> None:
         started = time.perf_counter()
+        self._load()
         session = self._ensure_session(request.image_key)
-        target_class = request.target if request.target is not None else \
-            int(session.logits[0].argmax())
+        target_class = parse_target(request.target_text, self.labels)
+        if target_class is None:
+            target_class = int(session.logits[0].argmax())
         target = target_class if request.layer == LOGITS else Unit(request.layer,
                                                                   request.channel)
         pullback = session.pullback(target, temperature=request.temperature,
@@ -232,16 +321,33 @@ class PullbackExplorer(w.VBox):
                 strip, STRIP_TEMPERATURES, title=f"{what}: from gradient-like to linear"))
             self._strip_done = request.strip_token
             self.strip_box.layout.display = None
+        self._show_target(request, target_class)
         elapsed = (time.perf_counter() - started) * 1e3
-        self.status.value = status_html(
-            f"{what} · T = {request.temperature:.3g} · {request.gate} · {elapsed:.0f} ms")
+        self._status.show(f"{what} · T = {request.temperature:.3g} · {request.gate} · "
+                          f"drawn in {elapsed:.0f} ms", request.event)
 
-    def _show_error(self, error: BaseException) -> None:
-        self.status.value = status_html(describe(error), error=True)
+    def _show_error(self, error: Exception, request: _Request) -> None:
+        self._status.show_error(error, request.event)
+
+    # ------------------------------------------------------------------ lifecycle
 
     def wait(self, timeout: float | None = 60.0) -> bool:
         """Block until the figures show the current controls (for scripts and tests)."""
         return self._worker.wait(timeout)
+
+    def close(self) -> None:
+        """Stop the worker, close every widget the explorer made and drop the session.
+
+        Idempotent. Afterwards nothing holds the explorer: ``del`` lets it be collected.
+        """
+        if getattr(self, "_closed", True):  # closed, or its constructor failed (Widget.__del__)
+            return
+        self._closed = True
+        self._worker.close()
+        close_children(self)
+        self._session = self._session_key = None
+        self._images.clear()
+        super().close()
 
 
 def _view_figure(view: str, image: Tensor, attribution: Tensor, title: str) -> go.Figure:

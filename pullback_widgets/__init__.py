@@ -19,6 +19,7 @@ from .gates import GATES, GateSettings
 from .images import SAMPLE_IMAGES, load_image, sample_image
 from .interception import soft_gating
 from .models import MODELS, imagenet_labels, load_model
+from .paper import PAPER_LATEST, PAPER_V1, PaperSettings
 from .session import ExcitationPullback, PullbackSession, excitation_pullback
 from .targets import Unit
 from .validation import PullbackWidgetsError, PullbackWidgetsTypeError
@@ -32,12 +33,15 @@ except PackageNotFoundError:  # imported from a checkout that was never installe
 __all__ = [
     "GATES",
     "MODELS",
+    "PAPER_LATEST",
+    "PAPER_V1",
     "SAMPLE_IMAGES",
     "AscentExplorer",
     "AscentGrid",
     "AscentResult",
     "ExcitationPullback",
     "GateSettings",
+    "PaperSettings",
     "PullbackExplorer",
     "PullbackSession",
     "PullbackWidgetsError",

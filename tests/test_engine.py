@@ -478,19 +478,26 @@ def test_every_door_gives_the_same_map(own_temperature):
     if own_temperature is not None:
         net.default_temperature = own_temperature
     expected = reference_pullback(net, x, 2, own_temperature or 0.3, "sigmoid")
+    _assert_every_door_gives(expected, net, x, 2)
+
+
+def _assert_every_door_gives(expected, net, x, target, **settings):
+    """Every entry point, given ``settings``, pulls back ``target`` at x (1, 3, H, W) to
+    ``expected``; the ascent's first step moves along it (normalised) inside a wide ball."""
     doors = {
-        "excitation_pullback": pw.excitation_pullback(net, x, 2),
-        "session": pw.PullbackSession(net, x).pullback(2),
-        "session.pullbacks": pw.PullbackSession(net, x).pullbacks([2])[0],
-        "ExcitationPullback": pw.ExcitationPullback(net).attribute(x, target=2),
+        "excitation_pullback": pw.excitation_pullback(net, x, target, **settings),
+        "session": pw.PullbackSession(net, x, **settings).pullback(target),
+        "per call": pw.PullbackSession(net, x).pullback(target, **settings),
+        "pullbacks": pw.PullbackSession(net, x).pullbacks([target], **settings)[0],
+        "ExcitationPullback": pw.ExcitationPullback(net, **settings).attribute(x, target),
     }
-    with pw.soft_gating(net):
+    with pw.soft_gating(net, **settings):
         xg = x.clone().requires_grad_()
-        (doors["soft_gating"],) = torch.autograd.grad(net(xg)[0, 2], xg)
+        (doors["soft_gating"],) = torch.autograd.grad(net(xg)[0, target], xg)
     for door, pullback in doors.items():
         torch.testing.assert_close(pullback, expected, msg=door)
-    # The ascent's first step moves along the same map (normalised), inside a wide ball.
-    step = pw.pullback_ascent(net, x, 2, steps=1, step_size=0.01, eps=10.0, progress=False)
+    step = pw.pullback_ascent(net, x, target, steps=1, step_size=0.01, eps=10.0,
+                              progress=False, **settings)
     torch.testing.assert_close(step.images[1] - x, 0.01 * expected / expected.norm())
 
 
@@ -604,18 +611,34 @@ def test_pool_weights_reach_the_pool_through_every_door():
     net, x = every_op_net(), random_image(1) * 0.8 + 0.1
     detached = reference_pullback(net, x, 3, 0.5, "sigmoid", detached=True)
     assert not torch.allclose(detached, reference_pullback(net, x, 3, 0.5, "sigmoid"))
-    rule = dict(temperature=0.5, pool_weights="detached")
-    doors = {
-        "excitation_pullback": pw.excitation_pullback(net, x, 3, **rule),
-        "session": pw.PullbackSession(net, x, **rule).pullback(3),
-        "per call": pw.PullbackSession(net, x, temperature=0.5).pullback(3, **rule),
-        "ExcitationPullback": pw.ExcitationPullback(net, **rule).attribute(x, target=3),
-    }
-    with pw.soft_gating(net, **rule):
-        xg = x.clone().requires_grad_()
-        (doors["soft_gating"],) = torch.autograd.grad(net(xg)[0, 3], xg)
-    for door, pullback in doors.items():
-        torch.testing.assert_close(pullback, detached, msg=door)
-    step = pw.pullback_ascent(net, x, 3, steps=1, step_size=0.01, eps=10.0, progress=False,
-                              **rule)
-    torch.testing.assert_close(step.images[1] - x, 0.01 * detached / detached.norm())
+    _assert_every_door_gives(detached, net, x, 3, temperature=0.5, pool_weights="detached")
+
+
+# ---------------------------------------------------------------- the paper's versions
+
+@pytest.mark.parametrize("own_temperature", [None, 0.7])  # the model's own T is overridden
+def test_paper_versions_splat_into_every_door(own_temperature):
+    net, x = every_op_net(), random_image(1) * 0.8 + 0.1
+    if own_temperature is not None:
+        net.default_temperature = own_temperature
+    _assert_every_door_gives(reference_pullback(net, x, 3, 0.3, "sigmoid"), net, x, 3,
+                             **pw.PAPER_V1)
+    latest = reference_pullback(net, x, 3, 0.6, "normal_cdf", pool_temperature=0.3,
+                                detached=True)
+    _assert_every_door_gives(latest, net, x, 3, **pw.PAPER_LATEST)
+    grid = pw.ascent_grid(net, x, [3], steps=1, progress=False, **pw.PAPER_LATEST)
+    assert grid.images.shape == (1, 1, *x.shape[1:])
+
+
+def test_paper_versions_are_frozen_mappings():
+    assert dict(pw.PAPER_V1) == {"gate": "sigmoid", "temperature": {"relu": 0.3, "pool": 0.3},
+                                 "pool_weights": "differentiated"}
+    assert dict(pw.PAPER_LATEST) == {"gate": "normal_cdf",
+                                     "temperature": {"relu": 0.6, "pool": 0.3},
+                                     "pool_weights": "detached"}
+    with pytest.raises(AttributeError):
+        pw.PAPER_V1.gate = "hard"
+    with pytest.raises(TypeError):
+        pw.PAPER_V1.temperature["relu"] = 1.0
+    with pytest.raises(pw.PullbackWidgetsError, match="pool_weights"):
+        pw.PaperSettings(gate="sigmoid", temperature={"relu": 0.3}, pool_weights="frozen")

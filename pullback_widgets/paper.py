@@ -1,0 +1,61 @@
+"""The paper's versions by name: settings you can splat into any call that takes gate settings.
+
+``pw.excitation_pullback(model, x, t, **pw.PAPER_V1)``, ``pw.PullbackSession(model, x,
+**pw.PAPER_LATEST)``, ``session.pullback(t, **pw.PAPER_V1)``, ``pw.ExcitationPullback(model,
+**pw.PAPER_LATEST)``, ``pw.soft_gating(model, **...)``, ``pw.pullback_ascent(..., **...)`` and
+``pw.ascent_grid(..., **...)`` all take them.
+
+Temperatures are per kind of op (see :data:`pullback_widgets.gates.KINDS`): each version names
+the ReLU-family and max-pool temperatures it defines; any other kind (SiLU, GELU, ...) keeps the
+model's own default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
+from types import MappingProxyType
+
+from .gates import GateSettings
+
+
+@dataclass(frozen=True)
+class PaperSettings(Mapping):
+    """One version's gate settings; a read-only mapping of keyword arguments.
+
+    ``temperature``: kind -> T, in units of the pre-activations. ``gate``: the ReLU gate
+    g(z/T). ``pool_weights``: the soft max-pool's softmax weights, differentiated or detached.
+    """
+
+    gate: str
+    temperature: Mapping[str, float]
+    pool_weights: str
+
+    def __post_init__(self) -> None:
+        GateSettings(**self)  # a preset is checked like any other settings
+        object.__setattr__(self, "temperature", MappingProxyType(dict(self.temperature)))
+
+    def __getitem__(self, key: str) -> object:
+        if key not in self._keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    def _keys(self) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(self))
+
+
+#: The first version (what this package implements by default): sigmoid gates, T = 0.3 for
+#: ReLUs and max-pools, the soft pool's softmax weights differentiated.
+PAPER_V1 = PaperSettings(gate="sigmoid", temperature={"relu": 0.3, "pool": 0.3},
+                         pool_weights="differentiated")
+
+#: The later version (the author's follow-up code): normal-CDF gates at T = 0.6 for ReLUs, the
+#: soft pool at T = 0.3 with its softmax weights detached (constants in the backward).
+PAPER_LATEST = PaperSettings(gate="normal_cdf", temperature={"relu": 0.6, "pool": 0.3},
+                             pool_weights="detached")

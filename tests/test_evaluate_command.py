@@ -242,6 +242,14 @@ def test_parquet_output_and_labels_from_folders(tmp_path):
     assert status == 0
     rows = _rows(out)
     assert [(Path(r[0]).parent.name, r[1]) for r in rows] == [("967", 967), ("tabby", 281)]
+    # An output inside the folder it reads is not read as an image when resumed.
+    inside = tmp_path / "data" / "results.csv"
+    for resume in ([], ["--resume"]):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert _main(str(tmp_path / "data"), "--image-size", "32", "--methods", "random",
+                         "--metrics", "deletion", "--out", str(inside), *resume) == 0
+        assert "skipped" not in err.getvalue()
     assert json.loads(out.with_name("results.settings.json").read_text())[
         "settings"]["targets"] == "label"
 
@@ -264,6 +272,20 @@ def test_items_from_any_source_and_randomisation_equals_the_cascade(tmp_path):
     np.testing.assert_allclose([r[4] for r in report.rows], expected.numpy(), rtol=1e-12)
     with pytest.raises(pw.PullbackWidgetsError, match="label"):
         ev.evaluate([("unlabelled", images[0])], settings, tmp_path / "s.csv", model=model)
+
+
+def test_pullback_settings_reach_the_engine():
+    model = _relu6_net()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    classes = torch.tensor([0, 2])
+    settings = ev.EvaluationSettings(temperature=0.2, gate="normal_cdf",
+                                     pool_weights="detached")
+    explain = settings.explainers(model)["pullback"]
+    expected = pw.excitation_pullback(model, x, classes, temperature=0.2, gate="normal_cdf",
+                                      pool_weights="detached")
+    torch.testing.assert_close(explain(model, x, classes), expected, rtol=0, atol=0)
+    with pytest.raises(pw.PullbackWidgetsError, match="pool_weights"):
+        ev.EvaluationSettings(pool_weights="frozen")
 
 
 def test_summary_statistics_by_hand():

@@ -119,10 +119,6 @@ def random_attribution(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     return noise.to(x.device, x.dtype)
 
 
-def _pullback(model, x, target, **settings):
-    return excitation_pullback(model, x, target, **settings)
-
-
 def pullback_method(temperature: Temperature = None, gate: str = "sigmoid",
                     temperature_mode: str = "absolute", *,
                     pool_temperature: float | None = None,
@@ -145,7 +141,7 @@ def pullback_method(temperature: Temperature = None, gate: str = "sigmoid",
     if attention_weights is not None:
         settings["attention_weights"] = check_choice(attention_weights, ATTENTION_WEIGHTS,
                                                      "attention_weights")
-    return functools.partial(_pullback, **settings)
+    return functools.partial(excitation_pullback, **settings)
 
 
 def pullback_name(temperature: float, gate: str = "sigmoid", mode: str = "absolute") -> str:

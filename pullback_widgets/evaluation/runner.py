@@ -132,9 +132,11 @@ def as_item(value: object) -> Item:
     return Item(name, image, label=None if third is None else check_index(third, "label"))
 
 
-def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+def find_images(paths: Sequence[str | os.PathLike],
+                exclude: Sequence[Path] = ()) -> list[Path]:
     """Every file named or under a named folder (recursively; hidden files and folders
-    skipped), sorted by path, each once. A missing path is refused."""
+    skipped), sorted by path, each once, but for ``exclude`` and what lies under it (a run's
+    own output inside the folder it reads). A missing path is refused."""
     found: set[Path] = set()
     for raw in paths:
         path = Path(raw)
@@ -146,17 +148,19 @@ def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
         for root, folders, files in os.walk(path, followlinks=True):
             folders[:] = [f for f in folders if not f.startswith(".")]
             found.update(Path(root) / f for f in files if not f.startswith("."))
-    return sorted(found, key=str)
+    excluded = {path.resolve() for path in exclude}
+    return sorted((f for f in found
+                   if not excluded & {f.resolve(), *f.resolve().parents}), key=str)
 
 
 def folder_items(paths: Sequence[str | os.PathLike], *, labels_from_folders: bool = False,
-                 class_names: Sequence[str] | None = None,
-                 limit: int | None = None) -> list[Item]:
+                 class_names: Sequence[str] | None = None, limit: int | None = None,
+                 exclude: Sequence[Path] = ()) -> list[Item]:
     """Items for the image files named in ``paths`` or found under its folders (sorted by
     path; the first ``limit``). ``labels_from_folders``: each image's label is its folder's
     name read as a class index or a class name of ``class_names`` (torchvision's ImageFolder
     layout, ``root/tabby/0001.jpg``); a folder that names no class is refused."""
-    files = find_images(paths)
+    files = find_images(paths, exclude)
     if limit is not None:
         files = files[:check_index(limit, "limit", 1)]
     if not files:
@@ -381,13 +385,15 @@ def _existing_rows(out: Path) -> list[Row]:
 
 @dataclass
 class _Batch:
-    """What a metric sees: images (N, 3, H, W), one target class each (N,), and the run."""
+    """What a metric sees: images (N, 3, H, W), one target class each (N,), the items' masks
+    (N, H, W) where every item has one (else None), and the run."""
 
     model: nn.Module
     x: Tensor
     classes: Tensor
     settings: EvaluationSettings
     randomised: nn.Module | None
+    masks: Tensor | None = None
 
 
 def _metric_value(metric: str, batch: _Batch, explain: Explainer,
@@ -513,6 +519,8 @@ def _evaluate_shard(items: Sequence[Item], model: nn.Module, settings: Evaluatio
             kept, images = _load_batch(chunk, settings.image_size, skipped)
             if kept:
                 x = torch.stack(images).to(world.device, dtype)
+                masks = (torch.stack([it.mask for it in kept]).to(world.device)
+                         if all(it.mask is not None for it in kept) else None)
                 probabilities = predict(model, x).softmax(1)
                 targets = _targets_of(probabilities, [it.label for it in kept], k)
                 pairs = [(i, t) for i, classes in enumerate(targets) for t in classes]
@@ -524,7 +532,8 @@ def _evaluate_shard(items: Sequence[Item], model: nn.Module, settings: Evaluatio
                     todo = [entry for entry in todo if entry[2]]
                     if not todo:
                         continue
-                    rows = _score(model, x, todo, kept, method, explain, settings, randomised)
+                    rows = _score(model, x, masks, todo, kept, method, explain, settings,
+                                  randomised)
                     path = parts / f"{stamp}-{written:06d}{_PART_SUFFIX}"
                     _atomic_write(path, lambda tmp, rows=rows: _write_csv(tmp, rows))
                     written += 1
@@ -534,12 +543,15 @@ def _evaluate_shard(items: Sequence[Item], model: nn.Module, settings: Evaluatio
     return evaluated, skipped
 
 
-def _score(model: nn.Module, x: Tensor, todo: list[tuple[int, int, list[str]]],
-           kept: Sequence[Item], method: str, explain: Explainer,
-           settings: EvaluationSettings, randomised: nn.Module | None) -> list[Row]:
+def _score(model: nn.Module, x: Tensor, masks: Tensor | None,
+           todo: list[tuple[int, int, list[str]]], kept: Sequence[Item], method: str,
+           explain: Explainer, settings: EvaluationSettings,
+           randomised: nn.Module | None) -> list[Row]:
+    """The rows of one method for the (image, target, metrics) entries of ``todo``."""
     index = torch.tensor([i for i, _, _ in todo], device=x.device)
     classes = torch.tensor([t for _, t, _ in todo], device=x.device)
-    batch = _Batch(model, x[index], classes, settings, randomised)
+    batch = _Batch(model, x[index], classes, settings, randomised,
+                   None if masks is None else masks[index])
     attribution = explain(model, batch.x, classes).detach()
     rows: list[Row] = []
     for metric in settings.metrics:
@@ -548,7 +560,9 @@ def _score(model: nn.Module, x: Tensor, todo: list[tuple[int, int, list[str]]],
             continue
         if len(wanted) < len(todo):  # resumed: only the pairs that lack this metric
             keep = torch.tensor(wanted, device=x.device)
-            sub = dataclasses.replace(batch, x=batch.x[keep], classes=classes[keep])
+            sub = dataclasses.replace(
+                batch, x=batch.x[keep], classes=classes[keep],
+                masks=None if batch.masks is None else batch.masks[keep])
             values = _metric_value(metric, sub, explain, attribution[keep])
         else:
             values = _metric_value(metric, batch, explain, attribution)
@@ -648,7 +662,7 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
         done = {row[:4] for row in _existing_rows(out)} if resume else set()
         if world.rank == 0:
             _write_settings(out, settings, {"world_size": world.size, "status": "running"})
-        world.barrier()  # the parts folder and settings exist before anyone writes
+        world.barrier()  # every rank has read what is done before anyone writes a part
         explainers = settings.explainers(model) if methods is None else dict(methods)
         evaluated, skipped = _evaluate_shard(items[world.rank::world.size], model, settings,
                                              explainers, world, out, done, progress)
@@ -790,8 +804,9 @@ def run_command(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike,
     run_settings = EvaluationSettings(targets=targets, image_size=image_size, **settings)
     check_methods(list(run_settings.methods))
     checked = check_output(out, resume)
+    own = [checked, _settings_path(checked), summary_path(checked), _parts_dir(checked)]
     items = folder_items(paths, labels_from_folders=labels_from_folders,
-                         class_names=imagenet_labels(), limit=limit)
+                         class_names=imagenet_labels(), limit=limit, exclude=own)
     report = evaluate(items, run_settings, checked, resume=resume)
     if report is not None:
         print(report.summary)

@@ -76,6 +76,9 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--temperature", type=_positive_float, default=None,
                          help="gate temperature T (default: the model's own)")
         sub.add_argument("--gate", default="sigmoid", choices=["sigmoid", "normal_cdf", "hard"])
+        sub.add_argument("--pool-weights", default="differentiated", choices=POOL_WEIGHTS,
+                         help="soft max-pool rule: softmax weights differentiated (the "
+                              "paper's first version, default) or detached (its later one)")
         sub.add_argument("--steps", type=_steps, default=5,
                          help=f"ascent steps, 0 to {MAX_STEPS} (default 5)")
         sub.add_argument("--step-size", type=_positive_float, default=10.0,
@@ -195,7 +198,8 @@ def _parameters(args: argparse.Namespace, model, source: str) -> dict[str, objec
 
     return {"model": args.model, "image": source,
             "temperature T": args.temperature or model.default_temperature, "gate": args.gate,
-            "ascent steps": args.steps, "step size (L2, [0, 1] units)": args.step_size,
+            "pool weights": args.pool_weights, "ascent steps": args.steps,
+            "step size (L2, [0, 1] units)": args.step_size,
             "eps (L2, [0, 1] units)": args.eps, "pullback-widgets": version(package_name)}
 
 
@@ -220,7 +224,8 @@ def _run_explain(args: argparse.Namespace) -> None:
         target = None if args.target is None else find_class(args.target, model.labels)
         temperature = args.temperature or model.default_temperature
         explanation = explain(model, image, target, temperature=temperature, gate=args.gate,
-                              steps=args.steps, step_size=args.step_size, eps=args.eps,
+                              pool_weights=args.pool_weights, steps=args.steps,
+                              step_size=args.step_size, eps=args.eps,
                               on_progress=done)
         explanation.parameters = _parameters(args, model, names[0])
         explanation.parameters["target"] = f"{model.labels[explanation.target]} " \
@@ -242,7 +247,8 @@ def _run_grid(args: argparse.Namespace) -> None:
         done = _advance(bar)
         grid = ascent_grid(model, images, targets, steps=args.steps, step_size=args.step_size,
                            eps=args.eps, temperature=temperature, gate=args.gate,
-                           progress=False, callback=lambda step, _: done(f"step {step}"))
+                           pool_weights=args.pool_weights, progress=False,
+                           callback=lambda step, _: done(f"step {step}"))
         parameters = _parameters(args, model, ", ".join(names))
         page = grid_html(grid, names, model.labels, parameters)
         _write(args.out, page)

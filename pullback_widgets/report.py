@@ -50,7 +50,8 @@ def explain_work(steps: int) -> int:
 
 
 def explain(model: nn.Module, image: Tensor, target: int | None = None, *,
-            temperature: float, gate: str = "sigmoid", steps: int = 5,
+            temperature: float, gate: str = "sigmoid", pool_weights: str = "differentiated",
+            steps: int = 5,
             step_size: float = 10.0, eps: float = 50.0,
             on_progress: Callable[[str], None] = lambda done: None) -> Explanation:
     """Run everything the report needs. ``target=None`` explains the predicted class.
@@ -58,7 +59,8 @@ def explain(model: nn.Module, image: Tensor, target: int | None = None, *,
     ``on_progress(what)`` runs after each unit of work, :func:`explain_work` times in all:
     the forward, the two maps, the temperature strip and every step of both ascents.
     """
-    session = PullbackSession(model, image, temperature=temperature, gate=gate)
+    session = PullbackSession(model, image, temperature=temperature, gate=gate,
+                              pool_weights=pool_weights)
     probabilities = session.probabilities[0]
     target = int(probabilities.argmax()) if target is None else target
     on_progress("forward pass")
@@ -70,7 +72,7 @@ def explain(model: nn.Module, image: Tensor, target: int | None = None, *,
              for t in STRIP_TEMPERATURES]
     on_progress("temperature strip")
     ascent_args = dict(steps=steps, step_size=step_size, eps=eps, temperature=temperature,
-                       progress=False)
+                       pool_weights=pool_weights, progress=False)
     ascent = pullback_ascent(model, image, target, gate=gate, **ascent_args, callback=lambda
                              step, _: on_progress(f"pullback ascent step {step}/{steps}"))
     gradient_ascent = pullback_ascent(model, image, target, method="gradient", **ascent_args,

@@ -72,3 +72,36 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, capsys, args, message):
     assert message in error_lines[0]
     assert "Traceback" not in err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_pool_weights_flag_reaches_the_report(tmp_path, monkeypatch):
+    """--pool-weights is passed to every pullback the report draws (a net with max-pools)."""
+    import torch
+
+    import pullback_widgets as pw
+    from pullback_widgets import report
+    from tests.conftest import every_op_net
+
+    net = every_op_net(dtype=torch.float32)
+    net.labels = [f"class {i}" for i in range(5)]
+    net.default_temperature = 0.5
+    seen = {}
+
+    def explain(model, image, target, **kwargs):
+        seen.update(kwargs, image=image, target=target)
+        seen["explanation"] = report.explain(model, image, target, **kwargs)
+        return seen["explanation"]
+
+    monkeypatch.setattr(cli, "load_model", lambda name: net)
+    monkeypatch.setattr(cli, "explain", explain)
+    out = tmp_path / "report.html"
+    assert cli.main(["explain", "--sample", "coffee", "--steps", "1", "--target", "2",
+                     "--pool-weights", "detached", "--out", str(out)]) == 0
+    assert seen["pool_weights"] == "detached" and "detached" in out.read_text()
+    pullback = seen["explanation"].pullback
+    torch.testing.assert_close(pullback, pw.excitation_pullback(
+        net, seen["image"], 2, temperature=0.5, pool_weights="detached")[0])
+    assert not torch.allclose(pullback, pw.excitation_pullback(
+        net, seen["image"], 2, temperature=0.5)[0])
+    assert cli.main(["explain", "--sample", "coffee", "--pool-weights", "frozen",
+                     "--out", str(out)]) == 2

@@ -272,6 +272,13 @@ def test_items_from_any_source_and_randomisation_equals_the_cascade(tmp_path):
     np.testing.assert_allclose([r[4] for r in report.rows], expected.numpy(), rtol=1e-12)
     with pytest.raises(pw.PullbackWidgetsError, match="label"):
         ev.evaluate([("unlabelled", images[0])], settings, tmp_path / "s.csv", model=model)
+    # A tensor of the run's size is used as it is; another size is resized like a file.
+    exact = images[0]
+    assert ev.Item("exact", exact).load(8) is exact
+    larger = torch.rand(1, 3, 12, 16, generator=generator)
+    torch.testing.assert_close(ev.Item("larger", larger).load(8), pw.load_image(larger, size=8)[0])
+    with pytest.raises(pw.PullbackWidgetsError, match="pixel values"):
+        ev.Item("bright", 2 * images[0]).load(8)
 
 
 def test_pullback_settings_reach_the_engine():

@@ -90,7 +90,8 @@ _PART_SUFFIX = ".csv"
 @dataclass(frozen=True)
 class Item:
     """One image to evaluate. ``name`` identifies it in the output (unique); ``image`` a file
-    path, a tensor (3, H, W) / (1, 3, H, W) in [0, 1], or a callable returning either;
+    path, a tensor (3, H, W) / (1, 3, H, W) in [0, 1] (H = W = the run's image size, or it is
+    resized and cropped), or a callable returning either;
     ``label``: its class index (for ``targets="label"``); ``mask``: (H, W), carried along for
     metrics that need one."""
 
@@ -100,9 +101,9 @@ class Item:
     mask: Tensor | None = None
 
     def load(self, size: int) -> Tensor:
-        """The image as (3, size, size) in [0, 1]. Files go through
-        :func:`pullback_widgets.load_image` (resize and centre crop, float32); tensors are
-        used as they are."""
+        """The image as (3, size, size) in [0, 1]. A tensor of that shape is used as it is;
+        anything else goes through :func:`pullback_widgets.load_image` (resize and centre
+        crop, float32)."""
         image = self.image() if callable(self.image) else self.image
         if isinstance(image, Tensor):
             image = image[0] if image.dim() == 4 and image.shape[0] == 1 else image
@@ -111,7 +112,8 @@ class Item:
                                            f"(3, H, W), got {tuple(image.shape)} {image.dtype}")
             if image.min() < 0 or image.max() > 1 or not torch.isfinite(image).all():
                 raise PullbackWidgetsError(f"{self.name}: pixel values must lie in [0, 1]")
-            return image
+            if tuple(image.shape[1:]) == (size, size):
+                return image
         return load_image(image, size=size)[0]
 
 

@@ -23,24 +23,46 @@ from .gates import GateSettings, compute_dtype
 def layer_norm_statistics(x: Tensor, normalized_shape: Sequence[int], eps: float
                           ) -> tuple[Tensor, Tensor]:
     """(mean, 1/sqrt(var + eps)) over the last ``len(normalized_shape)`` dims, kept as size-1
-    dims so that both broadcast against ``x``; biased variance, as layer_norm uses."""
-    dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
-    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-    return mean, (var + eps).rsqrt()
+    dims so that both broadcast against ``x``: layer_norm's own kernel computes them."""
+    _, mean, rstd = torch.ops.aten.native_layer_norm(x, list(normalized_shape), None, None, eps)
+    return mean, rstd
 
 
 def group_norm_statistics(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor]:
     """(mean, 1/sqrt(var + eps)) over each example's channel groups, as (N, C, 1, ...) so that
-    both broadcast against ``x`` (N, C, ...)."""
+    both broadcast against ``x`` (N, C, ...): group_norm's own kernel computes them."""
     n, c = x.shape[:2]
-    var, mean = torch.var_mean(x.reshape(n, num_groups, -1), dim=2, correction=0, keepdim=True)
+    _, mean, rstd = torch.ops.aten.native_group_norm(
+        x.contiguous(), None, None, n, c, x[0, 0].numel(), num_groups, eps)
     trailing = (1,) * (x.dim() - 2)
     per_channel = c // num_groups
 
-    def spread(stat: Tensor) -> Tensor:
+    def spread(stat: Tensor) -> Tensor:  # (N, G) -> (N, C, 1, ...)
         return stat.repeat_interleave(per_channel, dim=1).view(n, c, *trailing)
 
-    return spread(mean), spread((var + eps).rsqrt())
+    return spread(mean), spread(rstd)
+
+
+def _gradient_node(tensor: Tensor | None):
+    """The autograd node a gradient for ``tensor`` goes to, or None if it needs none."""
+    if tensor is None or not tensor.requires_grad:
+        return None
+    try:
+        return torch.autograd.graph._get_grad_fn_or_grad_acc(tensor)
+    except AttributeError:  # another torch version: assume every gradient is wanted
+        return True
+
+
+def _will_run(node) -> bool:
+    """Whether the running backward uses the gradient sent to ``node``. A custom Function's
+    ``needs_input_grad`` is fixed at forward time; a pullback wants only the input's gradient,
+    so the norm's weight and bias gradients would be computed for nothing."""
+    if node is None or node is True:
+        return node is True
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):
+        return True
 
 
 class ConstantStatisticsNorm(torch.autograd.Function):
@@ -62,6 +84,7 @@ class ConstantStatisticsNorm(torch.autograd.Function):
                       for t in (x, weight, bias)]
             out = hard_op(*leaves)
         ctx.inner = (out, leaves)
+        ctx.nodes = [_gradient_node(t) for t in (x, weight, bias)]
         ctx.statistics, ctx.affine_shape, ctx.settings = statistics, affine_shape, settings
         ctx.cached_statistics = None
         return out.detach()
@@ -70,8 +93,11 @@ class ConstantStatisticsNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         out, leaves = ctx.inner
+        needed = [_will_run(node) for node in ctx.nodes]
         if ctx.settings.gate == "hard":
-            wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
+            wanted = [i for i in range(3) if needed[i]]
+            if not wanted:
+                return None, None, None, None, None, None, None
             grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad_out,
                                         retain_graph=True)
             result: list[Tensor | None] = [None, None, None]
@@ -88,10 +114,10 @@ class ConstantStatisticsNorm(torch.autograd.Function):
         grad = grad_out.to(dtype)
         grad_x = grad * rstd
         grad_weight = grad_bias = None
-        if weight is not None and ctx.needs_input_grad[1]:
+        if weight is not None and needed[1]:
             grad_weight = (grad_x * (x.to(dtype) - mean)).sum_to_size(shape) \
                 .view(weight.shape).to(weight.dtype)
-        if bias is not None and ctx.needs_input_grad[2]:
+        if bias is not None and needed[2]:
             grad_bias = grad.sum_to_size(shape).view(bias.shape).to(bias.dtype)
         if weight is not None:
             grad_x = grad_x * weight.to(dtype).view(shape)

@@ -56,6 +56,10 @@ PAPER_V1 = PaperSettings(gate="sigmoid", temperature={"relu": 0.3, "pool": 0.3},
                          pool_weights="differentiated")
 
 #: The later version (the author's follow-up code): normal-CDF gates at T = 0.6 for ReLUs, the
-#: soft pool at T = 0.3 with its softmax weights detached (constants in the backward).
-PAPER_LATEST = PaperSettings(gate="normal_cdf", temperature={"relu": 0.6, "pool": 0.3},
+#: soft pool at T = 0.3 with its softmax weights detached (constants in the backward), and that
+#: code's per-kind temperatures for SiLU (1.6), GELU (1.0) and attention (1.0). Its LayerNorm
+#: rule (constant statistics) is the package's only rule for norms, so it holds here too.
+PAPER_LATEST = PaperSettings(gate="normal_cdf",
+                             temperature={"relu": 0.6, "pool": 0.3, "silu": 1.6, "gelu": 1.0,
+                                          "attention": 1.0},
                              pool_weights="detached")

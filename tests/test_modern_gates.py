@@ -157,6 +157,17 @@ def test_a_kind_not_named_takes_the_model_default():
     assert GateSettings({"relu": 0.4}, pool_temperature=0.9).temperature_of("pool") == 0.9
 
 
+def test_paper_latest_pins_the_later_code_temperatures():
+    torch.manual_seed(5)
+    net = ModernOpNet().double().eval()
+    net.default_temperatures = {"silu": 0.4, "gelu": 3.0, "hardswish": 0.7}
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    expected = pw.excitation_pullback(
+        net, x, 0, gate="normal_cdf", temperature={"relu": 0.6, "silu": 1.6, "gelu": 1.0,
+                                                   "hardswish": 0.7})
+    assert torch.equal(pw.excitation_pullback(net, x, 0, **pw.PAPER_LATEST), expected)
+
+
 def test_temperature_none_gives_each_kind_its_default():
     torch.manual_seed(4)
     net = ModernOpNet().double().eval()

@@ -126,6 +126,55 @@ def user_forward_in_another_thread_is_not_recorded():
     assert torch.equal(pw.excitation_pullback(net, x, pw.Unit("conv4", 2)), expected)
 
 
+@case
+def threads_list_layers_while_another_records_a_unit():
+    """The explorer lists layers (feature_layers) while a pullback records one."""
+    net, x = every_op_net(), random_image(1)
+    expected_map = pw.excitation_pullback(net, x, pw.Unit("conv4", 1))
+    expected_layers = feature_layers(net, x)
+
+    def work(i: int) -> list[object]:
+        if i % 2:
+            return [feature_layers(net, x) for _ in range(5)]
+        return [pw.excitation_pullback(net, x, pw.Unit("conv4", 1)) for _ in range(5)]
+
+    for i, results in enumerate(_in_threads(work, 4)):
+        for result in results:
+            if i % 2:
+                assert result == expected_layers
+            else:
+                assert torch.equal(result, expected_map)
+
+
+# ---------------------------------------------------------------- Captum's calling convention
+
+@case
+def captum_passes_a_tuple_of_inputs():
+    metrics = pytest.importorskip("captum.metrics")
+    net, x = every_op_net(), random_image()
+    method = pw.ExcitationPullback(net)
+    (attribution,) = method.attribute((x,), target=1)
+    torch.testing.assert_close(attribution, pw.excitation_pullback(net, x, 1))
+    sensitivity = metrics.sensitivity_max(method.attribute, x, target=1, n_perturb_samples=2)
+    assert sensitivity.shape == (2,) and torch.isfinite(sensitivity).all()
+
+
+@case
+def captum_passes_additional_forward_args():
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = every_op_net()
+
+        def forward(self, x, bias):
+            return self.net(x) + bias
+
+    model, x = TwoInputs(), random_image()
+    bias = torch.randn(2, 5, dtype=torch.float64)
+    attribution = pw.ExcitationPullback(model).attribute(x, 1, additional_forward_args=(bias,))
+    torch.testing.assert_close(attribution, pw.excitation_pullback(model.net, x, 1))
+
+
 # ---------------------------------------------------------------- models the mode cannot see
 
 @case

@@ -1,9 +1,13 @@
 """The interception: a ``TorchFunctionMode`` that routes gated ops to the soft autograd ops.
 
-Every ReLU-family and 2-D max-pool call made while :func:`soft_gating` is active, whether through
-a module (``nn.ReLU``, reused or inplace) or a functional call inside ``forward()`` (``F.relu``,
-``torch.relu_``, ``Tensor.relu``, ...), is intercepted and routed through the soft-gated ops of
-:mod:`pullback_widgets.gates`. The model itself is never touched: no hooks, no swapped modules.
+Every gated call made while :func:`soft_gating` is active, whether through a module
+(``nn.ReLU``, reused or inplace) or a functional call inside ``forward()`` (``F.relu``,
+``torch.relu_``, ``Tensor.relu``, ...), is intercepted and routed through the soft-gated ops:
+ReLU family and 2-D max-pool (:mod:`.gates`), SiLU, GELU, Hardswish, LeakyReLU and PReLU
+(:mod:`.activation_gates`), LayerNorm and GroupNorm (:mod:`.norm_gates`), and attention
+(:mod:`.attention_gates`). A mode sees the calls the model makes, not those made inside a
+function it handles, so each route sits at the level models call. The model itself is never
+touched: no hooks, no swapped modules.
 The mode is thread-local and gates every such call made in this thread inside the context, the
 model's and any other.
 """

@@ -686,7 +686,7 @@ def logit_curves(
 
 
 def _png_data_uri(pixels: np.ndarray) -> str:
-    """``data:image/png;base64,...`` of uint8 (H, W, 3) RGB or (H, W, 4) RGBA pixels."""
+    """``data:image/png;base64,...`` of uint8 (H, W, 3) RGB pixels."""
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -694,13 +694,11 @@ def _png_data_uri(pixels: np.ndarray) -> str:
 
 def _compact_image(trace: go.Image) -> None:
     if trace.z is None or trace.source is not None or trace.zmin is not None \
-            or trace.zmax is not None or trace.colormodel not in (None, "rgb", "rgba"):
-        return  # already a source, or a colour model a PNG does not hold: left as is
+            or trace.zmax is not None or trace.colormodel not in (None, "rgb"):
+        return  # already a source, or not plain 0..255 RGB: left as is
     pixels = np.asarray(trace.z, dtype=np.float64)
-    if pixels.ndim != 3 or pixels.shape[2] != (4 if trace.colormodel == "rgba" else 3):
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
         return
-    if pixels.shape[2] == 4:  # plotly's alpha is 0..1, a PNG's 0..255
-        pixels = pixels * np.array([1.0, 1.0, 1.0, 255.0])
     pixels = np.clip(np.rint(np.nan_to_num(pixels)), 0, 255).astype(np.uint8)
     trace.update(source=_png_data_uri(pixels), z=None)
 
@@ -728,7 +726,7 @@ def _compact_heatmap(trace: go.Heatmap) -> None:
 def compact(fig: go.Figure) -> go.Figure:
     """A copy of ``fig`` that serialises small, for a page that embeds many images.
 
-    - ``go.Image`` traces given as RGB(A) ``z`` arrays of 0..255 (as every builder here makes)
+    - ``go.Image`` traces given as RGB ``z`` arrays of 0..255 (as every builder here makes)
       become PNG data URIs (``source=``): lossless for uint8 pixels.
     - ``go.Heatmap`` traces with a fixed ``[zmin, zmax]`` and finite ``z`` are stored as uint8
       codes 0..254 of that range, one byte a pixel (plotly writes them as a typed array): the

@@ -36,12 +36,11 @@ def _project() -> dict:
 
 
 def _source_files() -> list[str]:
-    """The source tree's files: what git tracks (or would), or, in an unpacked sdist, the file
-    list setuptools wrote into it."""
+    """The source tree's files: what git tracks, or, in an unpacked sdist, the file list
+    setuptools wrote into it."""
     if (ROOT / ".git").exists() and shutil.which("git"):
-        listed = subprocess.run(
-            ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-            capture_output=True, text=True, check=True).stdout.splitlines()
+        listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.splitlines()
     else:
         listed = (ROOT / "pullback_widgets.egg-info" / "SOURCES.txt").read_text().splitlines()
     return sorted(f for f in listed if (ROOT / f).is_file())

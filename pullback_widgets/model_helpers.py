@@ -85,10 +85,12 @@ class LayerRecorder:
 
     Only forwards run by the thread that made the recorder are recorded, so a forward the user
     runs on the same model in another thread is never mixed in. Use it as a context manager.
+    ``copy=False`` keeps the outputs themselves, for when only their shapes matter.
     """
 
-    def __init__(self, model: nn.Module, layers: Iterable[str]) -> None:
+    def __init__(self, model: nn.Module, layers: Iterable[str], copy: bool = True) -> None:
         modules = dict(model.named_modules())
+        self.copy = copy
         self.outputs: dict[str, Tensor] = {}
         self.calls: dict[str, int] = {}
         self._thread = threading.get_ident()
@@ -109,7 +111,7 @@ class LayerRecorder:
             self.calls[name] = self.calls.get(name, 0) + 1
             if isinstance(output, Tensor):
                 # A copy, because the parent may overwrite this output in place (ReLU(inplace)).
-                self.outputs[name] = output.clone()
+                self.outputs[name] = output.clone() if self.copy else output
         return record
 
     def close(self) -> None:
@@ -134,7 +136,7 @@ def feature_layers(model: nn.Module, inputs: Tensor) -> dict[str, tuple[int, ...
     check_inputs(model, inputs)
     candidates = [name for name, module in model.named_modules()
                   if name and ("." not in name or next(module.children(), None) is not None)]
-    with evaluation_mode(model), LayerRecorder(model, candidates) as recorder, \
+    with evaluation_mode(model), LayerRecorder(model, candidates, copy=False) as recorder, \
             torch.no_grad():
         model(inputs)
     outputs = recorder.outputs

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .gates import GateSettings
 from .model_helpers import default_temperatures, predict
 from .session import PullbackSession, Temperature
-from .targets import Target, Unit, class_indices
+from .targets import Target, Unit, class_indices, unit_seed
 from .validation import (
     PullbackWidgetsError,
     PullbackWidgetsTypeError,
@@ -63,11 +63,10 @@ class AscentResult:
 
 def _target_score(session: PullbackSession, target: Target) -> tuple[Tensor, Tensor | None]:
     """(target logit or unit activation (B,), target probability (B,) or None)."""
-    if isinstance(target, Unit):
-        activation = session.activations[target.layer].detach()[:, target.channel]
-        value = activation.flatten(1).mean(1) if target.y is None else \
-            activation[:, target.y, target.x]
-        return value, None
+    if isinstance(target, Unit):  # the unit's value: its seed's weighted sum
+        activation = session.activations[target.layer].detach()
+        seed = unit_seed(target, activation, session.token_grid)
+        return (activation * seed).flatten(1).sum(1), None
     batch, num_classes = session.logits.shape
     classes = class_indices(target, batch, num_classes, session.logits.device)
     rows = torch.arange(batch, device=classes.device)

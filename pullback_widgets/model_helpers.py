@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .gates import KIND_TEMPERATURES
+from .targets import TokenGrid
 from .validation import PullbackWidgetsError, check_inputs, check_model, suggest
 
 DEFAULT_TEMPERATURE = 0.3
@@ -53,6 +54,23 @@ def model_lock(model: nn.Module) -> threading.RLock:
         if lock is None:
             lock = _MODEL_LOCKS[model] = threading.RLock()
         return lock
+
+
+def token_grid(model: nn.Module, inputs: Tensor) -> TokenGrid | None:
+    """The token layout of a vision transformer at ``inputs`` (B, C, H, W), or None.
+
+    Knows timm's ViTs (``num_prefix_tokens``, ``patch_embed.patch_size``) and torchvision's
+    ``VisionTransformer`` (one class token, ``patch_size``).
+    """
+    patch_embed = getattr(model, "patch_embed", None)
+    if hasattr(model, "num_prefix_tokens") and hasattr(patch_embed, "patch_size"):
+        prefix, patch = int(model.num_prefix_tokens), patch_embed.patch_size
+    elif hasattr(model, "class_token") and isinstance(getattr(model, "patch_size", None), int):
+        prefix, patch = 1, model.patch_size
+    else:
+        return None
+    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    return TokenGrid(prefix, inputs.shape[-2] // patch_h, inputs.shape[-1] // patch_w)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .gates import GateSettings
 from .interception import _gating
-from .model_helpers import LayerRecorder, default_temperatures, evaluation_mode
+from .model_helpers import LayerRecorder, default_temperatures, evaluation_mode, token_grid
 from .targets import Target, Unit, class_indices, is_class_target, unit_seed
 from .validation import (
     PullbackWidgetsError,
@@ -94,6 +94,8 @@ class PullbackSession:
         # lock, to that call's settings.
         self._live = self.settings.replaced()
         self._lock = threading.RLock()
+        # A ViT's token layout: Units on its (B, N, C) token maps address patches.
+        self.token_grid = token_grid(model, inputs)
         self._state = self._run_forward(layers)
 
     # ------------------------------------------------------------ the recorded forward
@@ -205,8 +207,7 @@ class PullbackSession:
 
     # ------------------------------------------------------------ pullbacks
 
-    @staticmethod
-    def _seed(state: _Forward, target: Target) -> tuple[Tensor, Tensor]:
+    def _seed(self, state: _Forward, target: Target) -> tuple[Tensor, Tensor]:
         """(output tensor, gradient seed on it) that selects ``target``."""
         if is_class_target(target):
             batch, num_classes = state.logits.shape
@@ -215,7 +216,7 @@ class PullbackSession:
             seed[torch.arange(batch, device=seed.device), classes] = 1.0
             return state.logits, seed
         activation = state.activations[target.layer]
-        return activation, unit_seed(target, activation)
+        return activation, unit_seed(target, activation, self.token_grid)
 
     def _backward(self, targets: Sequence[Target], call: GateSettings, batched: bool) -> Tensor:
         """Pullbacks (k, B, C, H, W) of ``targets`` under ``call``'s settings.

@@ -87,9 +87,52 @@ def class_indices(target: object, batch: int, num_classes: int, device) -> Tenso
     return indices.to(device)
 
 
-def unit_seed(unit: Unit, activation: Tensor) -> Tensor:
-    """The gradient seed on ``activation`` (B, C[, H, W]) that selects ``unit``."""
+@dataclass(frozen=True)
+class TokenGrid:
+    """How a vision transformer lays out its tokens: ``prefix`` tokens (class, registers) and
+    then one per image patch, row by row, on a ``height`` x ``width`` patch grid."""
+
+    prefix: int
+    height: int
+    width: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prefix + self.height * self.width
+
+
+def _token_seed(unit: Unit, activation: Tensor, grid: TokenGrid, where: str) -> Tensor:
+    """The seed on a token map (B, N, C): channel ``unit.channel`` of the patch token at
+    (y, x) on the patch grid, or that channel's mean over the patch tokens."""
+    tokens, channels = activation.shape[1:]
+    if tokens != grid.tokens:
+        raise PullbackWidgetsError(
+            f"{where} output has shape {tuple(activation.shape)}, not a token map of this "
+            f"model ({grid.prefix} prefix + {grid.height}x{grid.width} patch tokens)")
+    if unit.channel >= channels:
+        raise PullbackWidgetsError(f"channel {unit.channel} is out of range for {where} "
+                                   f"with {channels} channels")
+    seed = torch.zeros_like(activation)
+    if unit.y is None:
+        seed[:, grid.prefix:, unit.channel] = 1.0 / (grid.height * grid.width)
+        return seed
+    if unit.y >= grid.height or unit.x >= grid.width:
+        raise PullbackWidgetsError(f"(y, x) = ({unit.y}, {unit.x}) is outside {where}'s "
+                                   f"{grid.height}x{grid.width} patch grid")
+    seed[:, grid.prefix + unit.y * grid.width + unit.x, unit.channel] = 1.0
+    return seed
+
+
+def unit_seed(unit: Unit, activation: Tensor, grid: TokenGrid | None = None) -> Tensor:
+    """The gradient seed on ``activation`` (B, C[, H, W]) that selects ``unit``.
+
+    For a vision transformer (``grid`` given), a 3-D output is a token map (B, N, C): the
+    Unit's channel is the last dim and (y, x) a place on the patch grid (see
+    :class:`TokenGrid`); its spatial mean is the mean over the patch tokens.
+    """
     where = f"layer {unit.layer!r}"
+    if grid is not None and activation.dim() == 3:
+        return _token_seed(unit, activation, grid, where)
     if activation.dim() < 2:
         raise PullbackWidgetsError(f"{where} output has shape {tuple(activation.shape)}; "
                                    "a Unit needs (B, C) or (B, C, H, W)")

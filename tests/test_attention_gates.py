@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pullback_widgets as pw
+from pullback_widgets.targets import TokenGrid
 from tests import reference_modern as ref
 
 TEMPERATURES = (0.5, 1.0, 2.0)
@@ -237,3 +238,29 @@ def test_tiny_temperatures_give_the_argmax_among_allowed_keys(temperature):
         winners = scores.masked_fill(~allowed, float("-inf")).argmax(-1)
         hard = F.one_hot(winners, 6).to(v.dtype)
         torch.testing.assert_close(grad_v, hard.transpose(-2, -1) @ grad_out)
+
+
+@pytest.mark.parametrize(("make", "layer"), [(timm_vit, "blocks.1"),
+                                             (torchvision_vit, "encoder.layers.encoder_layer_1")])
+def test_a_unit_on_a_token_map_addresses_a_patch(inputs, make, layer):
+    model = make()
+    session = pw.PullbackSession(model, inputs, gate="hard", layers=[layer])
+    assert session.token_grid == TokenGrid(1, 4, 4)  # 64 px, patches of 16, a class token
+    leaf = inputs.clone().requires_grad_()
+    tokens = {}
+    handle = dict(model.named_modules())[layer].register_forward_hook(
+        lambda module, args, out: tokens.setdefault("out", out))
+    try:
+        model(leaf)
+    finally:
+        handle.remove()
+    out = tokens["out"]  # (B, 17, C)
+    (patch,) = torch.autograd.grad(out[:, 1 + 2 * 4 + 3, 5].sum(), leaf, retain_graph=True)
+    assert torch.equal(session.pullback(pw.Unit(layer, 5, y=2, x=3)), patch)
+    (mean,) = torch.autograd.grad(out[:, 1:, 5].mean(1).sum(), leaf)
+    torch.testing.assert_close(session.pullback(pw.Unit(layer, 5)), mean)
+    with pytest.raises(pw.PullbackWidgetsError, match=r"outside .* 4x4 patch grid"):
+        session.pullback(pw.Unit(layer, 5, y=4, x=0))
+    result = pw.pullback_ascent(model, inputs[:1], pw.Unit(layer, 5, y=2, x=3), steps=1,
+                                progress=False)
+    torch.testing.assert_close(result.logits[0], out[:1, 1 + 2 * 4 + 3, 5].detach())

@@ -148,7 +148,9 @@ def feature_layers(model: nn.Module, inputs: Tensor) -> dict[str, tuple[int, ...
     """Layers worth pulling back from, with their output shapes (C, H, W) for ``inputs``.
 
     Top-level modules and containers (blocks, stages) that run exactly once and return a
-    (B, C, H, W) tensor, in ``named_modules()`` order. Runs one plain forward, no gradients.
+    (B, C, H, W) tensor, in ``named_modules()`` order; in a vision transformer also those that
+    return a token map (B, N, C), given as (C, patch rows, patch columns) (see
+    :func:`token_grid`). Runs one plain forward, no gradients.
     """
     model = check_model(model)
     check_inputs(model, inputs)
@@ -158,5 +160,15 @@ def feature_layers(model: nn.Module, inputs: Tensor) -> dict[str, tuple[int, ...
             torch.no_grad():
         model(inputs)
     outputs = recorder.outputs
-    return {name: tuple(outputs[name].shape[1:]) for name in candidates
-            if name in outputs and outputs[name].dim() == 4 and recorder.calls[name] == 1}
+    grid = token_grid(model, inputs)
+
+    def shape(output: Tensor) -> tuple[int, ...] | None:
+        if output.dim() == 4:
+            return tuple(output.shape[1:])
+        if grid is not None and output.dim() == 3 and output.shape[1] == grid.tokens:
+            return output.shape[2], grid.height, grid.width
+        return None
+
+    shapes = {name: shape(outputs[name]) for name in candidates
+              if name in outputs and recorder.calls[name] == 1}
+    return {name: value for name, value in shapes.items() if value is not None}

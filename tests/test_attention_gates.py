@@ -3,6 +3,7 @@ against the slow references of tests/reference_modern.py."""
 
 import warnings
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -264,3 +265,31 @@ def test_a_unit_on_a_token_map_addresses_a_patch(inputs, make, layer):
     result = pw.pullback_ascent(model, inputs[:1], pw.Unit(layer, 5, y=2, x=3), steps=1,
                                 progress=False)
     torch.testing.assert_close(result.logits[0], out[:1, 1 + 2 * 4 + 3, 5].detach())
+
+
+@pytest.mark.parametrize(("make", "block", "channels"), [
+    (timm_vit, "blocks.1", 192), (torchvision_vit, "encoder.layers.encoder_layer_1", 32)])
+def test_feature_layers_offer_the_blocks_token_maps(inputs, make, block, channels):
+    layers = pw.model_helpers.feature_layers(make(), inputs[:1])
+    assert layers[block] == (channels, 4, 4)  # (C, patch rows, patch columns)
+
+
+def test_the_explorer_pulls_back_a_vit_block_channel():
+    from tests.test_widgets import _expected_relative, _heatmap_z
+
+    model = timm_vit().float()
+    model.input_size = 64
+    explorer = pw.PullbackExplorer(model, "coffee", labels=[f"c{i}" for i in range(10)],
+                                   temperature=0.5)
+    try:
+        explorer.wait()
+        assert explorer.layer_shapes["blocks.1"] == (192, 4, 4)
+        explorer.layer.value = "blocks.1"
+        explorer.channel.value = 3
+        explorer.wait()
+        expected = _expected_relative(model, explorer._images["coffee"],
+                                      pw.Unit("blocks.1", 3), temperature=0.5)
+        np.testing.assert_allclose(_heatmap_z(explorer.pullback_figure), expected,
+                                   rtol=1e-5, atol=1e-6)
+    finally:
+        explorer.close()

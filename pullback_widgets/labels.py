@@ -6,6 +6,34 @@ from collections.abc import Sequence
 
 from .validation import PullbackWidgetsError, PullbackWidgetsTypeError, close_matches, is_integer
 
+IMAGENET_ASSUMED = "assuming ImageNet-1k class names; pass labels= to change"
+
+
+def class_names(num_classes: int, labels: Sequence[str] | None = None,
+                model: object = None) -> tuple[list[str], str | None]:
+    """(a name per class, a note or None) for a model with ``num_classes`` outputs.
+
+    ``labels`` given always win, and must name every class; else the model's own ``labels``
+    attribute (as :func:`~pullback_widgets.load_model` sets it); else, for 1000 classes, the
+    ImageNet-1k names, with the note :data:`IMAGENET_ASSUMED` for the status line; else
+    "class 0", "class 1", ...
+    """
+    if labels is None:
+        labels = getattr(model, "labels", None)
+    if labels is not None:
+        if isinstance(labels, str) or not isinstance(labels, Sequence):
+            raise PullbackWidgetsTypeError(
+                f"labels must be a list of class names, got {type(labels).__name__}")
+        if len(labels) != num_classes:
+            raise PullbackWidgetsError(f"labels names {len(labels)} classes but the model "
+                                       f"has {num_classes} outputs")
+        return [str(label) for label in labels], None
+    if num_classes == 1000:
+        from .models import imagenet_labels
+
+        return imagenet_labels(), IMAGENET_ASSUMED
+    return [f"class {i}" for i in range(num_classes)], None
+
 
 def find_class(query: int | str, labels: Sequence[str]) -> int:
     """The class index that ``query`` names: an index, a digit string or a class name.

@@ -144,18 +144,40 @@ class LayerRecorder:
         self.close()
 
 
-def feature_layers(model: nn.Module, inputs: Tensor) -> dict[str, tuple[int, ...]]:
+def _has_children(module: nn.Module) -> bool:
+    return next(module.children(), None) is not None
+
+
+def _is_flat_sequence(module: nn.Module) -> bool:
+    """An ``nn.Sequential`` of leaves only (VGG's and AlexNet's ``features``): its children
+    are the network's layers, so they are offered one by one."""
+    return isinstance(module, nn.Sequential) and _has_children(module) and \
+        not any(_has_children(child) for child in module.children())
+
+
+def feature_layers(model: nn.Module, inputs: Tensor, *,
+                   every: bool = False) -> dict[str, tuple[int, ...]]:
     """Layers worth pulling back from, with their output shapes (C, H, W) for ``inputs``.
 
-    Top-level modules and containers (blocks, stages) that run exactly once and return a
-    (B, C, H, W) tensor, in ``named_modules()`` order; in a vision transformer also those that
-    return a token map (B, N, C), given as (C, patch rows, patch columns) (see
-    :func:`token_grid`). Runs one plain forward, no gradients.
+    Those that run exactly once and return a (B, C, H, W) tensor, in ``named_modules()``
+    order: top-level modules, containers (blocks, stages), and the leaves of a top-level flat
+    ``nn.Sequential`` (VGG's ``features.0`` … ``features.28``), so that a flat network offers
+    its convolutions and activations too; in a vision transformer also those that return a
+    token map (B, N, C), given as (C, patch rows, patch columns) (see :func:`token_grid`).
+    ``every=True``: every module, the leaves inside deep blocks included (hundreds on a
+    ResNet-50). Runs one plain forward, no gradients.
     """
     model = check_model(model)
     check_inputs(model, inputs)
-    candidates = [name for name, module in model.named_modules()
-                  if name and ("." not in name or next(module.children(), None) is not None)]
+    modules = dict(model.named_modules())
+
+    def offered(name: str) -> bool:
+        if every or "." not in name or _has_children(modules[name]):
+            return True
+        parent = name.rsplit(".", 1)[0]
+        return "." not in parent and _is_flat_sequence(modules[parent])
+
+    candidates = [name for name in modules if name and offered(name)]
     with evaluation_mode(model), LayerRecorder(model, candidates, copy=False) as recorder, \
             torch.no_grad():
         model(inputs)

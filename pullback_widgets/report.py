@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from . import figures
 from .ascent import AscentGrid, AscentResult, pullback_ascent
+from .labels import class_names
 from .model_helpers import STRIP_TEMPERATURES
 from .session import PullbackSession
 
@@ -42,6 +43,7 @@ class Explanation:
     ascent: AscentResult
     gradient_ascent: AscentResult
     parameters: dict[str, object] = field(default_factory=dict)
+    notices: tuple[str, ...] = ()  # the engine's (see PullbackSession.notices), on the page
 
 
 def explain_work(steps: int) -> int:
@@ -79,7 +81,7 @@ def explain(model: nn.Module, image: Tensor, target: int | None = None, *,
                                       callback=lambda step, _: on_progress(
                                           f"gradient ascent step {step}/{steps}"))
     return Explanation(image[0], probabilities, target, pullback, gradient, strip, ascent,
-                       gradient_ascent)
+                       gradient_ascent, notices=session.notices)
 
 
 def _frame_labels(result: AscentResult) -> list[str]:
@@ -194,13 +196,19 @@ them.</p></noscript>
 """
 
 
-def explain_html(explanation: Explanation, labels: Sequence[str]) -> str:
-    """The explain report for ``explanation``; class names from ``labels``."""
+def explain_html(explanation: Explanation, labels: Sequence[str] | None = None) -> str:
+    """The explain report for ``explanation``; class names from ``labels`` (None: see
+    :func:`~pullback_widgets.labels.class_names`, ImageNet-1k's for 1000 classes, and the
+    page says it assumed them)."""
     e = explanation
+    labels, assumed = class_names(len(e.probabilities), labels)
     name = labels[e.target]
     pullback_gain = float(e.ascent.gain[0])
     gradient_gain = float(e.gradient_ascent.gain[0])
-    sections = [
+    notices = [notice for notice in (*e.notices, assumed) if notice]
+    sections = [("Notice", "", " ".join(f"{n[0].upper()}{n[1:]}." for n in notices))] \
+        if notices else []
+    sections += [
         ("Photo and top-5 predictions",
          figures.ascent_frames([e.image], labels=["input"]),
          ""),

@@ -31,6 +31,28 @@ _NO_GRADIENT_PATH = (
     "input. A pullback needs the whole gradient path; remove that from forward().")
 
 
+NO_GATED_OP = (
+    "the model has no ReLU-family or max-pool op, nor any other gated op (SiLU, GELU, "
+    "Hardswish, leaky ReLU, LayerNorm, GroupNorm, attention) on the input's path: the "
+    "pullback equals the plain gradient")
+PLAIN_ATTENTION = (
+    "the model computes {count} softmax(es) by hand on the input's path (attention written as "
+    "matmul-softmax-matmul, e.g. timm with fused attention off, or nn.MultiheadAttention with "
+    "need_weights=True): attention there stays plain, not gated; only "
+    "F.scaled_dot_product_attention is gated")
+
+
+def gating_notices(gated_calls: int, plain_attention: int) -> tuple[str, ...]:
+    """The honest notices for a forward that gated ``gated_calls`` ops and left
+    ``plain_attention`` softmaxes plain: every place that shows a pullback shows them."""
+    notices = []
+    if gated_calls == 0:
+        notices.append(NO_GATED_OP)
+    if plain_attention:
+        notices.append(PLAIN_ATTENTION.format(count=plain_attention))
+    return tuple(notices)
+
+
 @contextlib.contextmanager
 def _autograd_on() -> Iterator[None]:
     with torch.inference_mode(False), torch.enable_grad():
@@ -131,6 +153,12 @@ class PullbackSession:
         return self._state.plain_attention
 
     @property
+    def notices(self) -> tuple[str, ...]:
+        """What the forward's pullbacks are not (see :func:`gating_notices`); the session
+        also warns them once. Empty when every op on the input's path is gated."""
+        return gating_notices(self.gated_calls, self.plain_attention)
+
+    @property
     def probabilities(self) -> Tensor:
         """Softmax of the logits, (B, num_classes), detached."""
         return self.logits.detach().softmax(dim=1)
@@ -158,18 +186,8 @@ class PullbackSession:
                     "its output is ambiguous; pick a layer that runs once")
             if not recorder.outputs[name].requires_grad:
                 raise PullbackWidgetsError(_NO_GRADIENT_PATH.format(what=f"layer {name!r}"))
-        if mode.gated_calls == 0:
-            warnings.warn("the model has no ReLU-family or max-pool op, nor any other gated op "
-                          "(SiLU, GELU, Hardswish, leaky ReLU, LayerNorm, GroupNorm, attention) "
-                          "on the input's path: the pullback equals the plain gradient",
-                          stacklevel=4)
-        if mode.plain_attention:
-            warnings.warn(
-                f"the model computes {mode.plain_attention} softmax(es) by hand on the input's "
-                "path (attention written as matmul-softmax-matmul, e.g. timm with fused "
-                "attention off, or nn.MultiheadAttention with need_weights=True): attention "
-                "there stays plain, not gated; only F.scaled_dot_product_attention is gated",
-                stacklevel=4)
+        for notice in gating_notices(mode.gated_calls, mode.plain_attention):
+            warnings.warn(notice, stacklevel=4)
         return _Forward(leaf, logits, recorder.outputs, layers, mode.gated_calls,
                         dict(mode.gated_kinds), mode.plain_attention)
 

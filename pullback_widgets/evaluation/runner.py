@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ from ..gates import POOL_WEIGHTS
 from ..images import load_image
 from ..labels import find_class
 from ..model_helpers import predict
+from ..session import PullbackSession
 from ..validation import PullbackWidgetsError, PullbackWidgetsTypeError, check_index, suggest
 from .methods import Explainer, build_method, check_methods
 from .metrics import (
@@ -666,6 +668,8 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
             _write_settings(out, settings, {"world_size": world.size, "status": "running"})
         world.barrier()  # every rank has read what is done before anyone writes a part
         explainers = settings.explainers(model) if methods is None else dict(methods)
+        notices = gating_probe(model, settings.image_size) \
+            if any(name.startswith("pullback") for name in explainers) else ()
         evaluated, skipped = _evaluate_shard(items[world.rank::world.size], model, settings,
                                              explainers, world, out, done, progress)
         counts = world.gather((evaluated, skipped))  # also the barrier before the merge
@@ -679,11 +683,12 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
         shutil.rmtree(_parts_dir(out), ignore_errors=True)
         seconds = time.perf_counter() - began
         summary = summarise(rows, settings, images=evaluated, skipped=skipped,
-                            seconds=seconds, world_size=world.size)
+                            seconds=seconds, world_size=world.size, notices=notices)
         _atomic_write(summary_path(out), lambda tmp: tmp.write_text(summary, encoding="utf-8"))
         _write_settings(out, settings, {"world_size": world.size, "status": "complete",
                                         "images": evaluated, "skipped": skipped,
-                                        "rows": len(rows), "seconds": round(seconds, 3)})
+                                        "rows": len(rows), "seconds": round(seconds, 3),
+                                        "notices": list(notices)})
         return RunReport(rows, summary, evaluated, skipped, seconds)
     finally:
         if world.initialised:
@@ -718,14 +723,26 @@ def _interval(values: Sequence[float], higher_is_better: bool) -> str:
     return f"{mean:+.3g} [{mean - half:+.3g}, {mean + half:+.3g}]{mark}"
 
 
+def gating_probe(model: nn.Module, image_size: int) -> tuple[str, ...]:
+    """The engine's notices (:attr:`PullbackSession.notices`) for ``model`` on a grey image
+    (1, 3, image_size, image_size): whether its pullbacks are anything but the gradient."""
+    parameter = next(model.parameters(), torch.empty(0))
+    grey = torch.full((1, 3, image_size, image_size), 0.5, device=parameter.device,
+                      dtype=parameter.dtype if parameter.is_floating_point() else None)
+    with warnings.catch_warnings():  # said in the summary instead
+        warnings.simplefilter("ignore")
+        return PullbackSession(model, grey).notices
+
+
 def summarise(rows: Sequence[Row], settings: EvaluationSettings, *, images: int,
               skipped: Sequence[tuple[str, str]] = (), seconds: float | None = None,
-              world_size: int = 1) -> str:
+              world_size: int = 1, notices: Sequence[str] = ()) -> str:
     """The markdown summary: per metric and method, the mean ± s.e. over images, and the
     paired difference against ``gradient`` and against ``random`` with its 95% interval.
 
     An image evaluated at several targets counts once: its value is the mean over its
-    targets (they are not independent), and n is the number of images.
+    targets (they are not independent), and n is the number of images. ``notices``: the
+    engine's (:func:`gating_probe`), printed above the table.
     """
     values: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
     for image, target, method, metric, value in rows:
@@ -778,6 +795,8 @@ def summarise(rows: Sequence[Row], settings: EvaluationSettings, *, images: int,
         "",
         f"Settings: {fields}.",
         "",
+        *(f"**Notice:** {notice}." for notice in notices),
+        *([""] if notices else []),
         "Mean ± standard error over images (an image's value is the mean over its targets). "
         "Δ: paired difference (this method minus the reference) over the same (image, "
         "target) pairs, mean and 95% interval (Student t over images). ↑ higher is better, "

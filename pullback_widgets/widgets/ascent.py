@@ -9,16 +9,18 @@ lock; the status line has one writer, :class:`~pullback_widgets.widgets.common.S
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import ipywidgets as w
-from torch import nn
+from torch import Tensor, nn
 
 from .. import figures
 from ..ascent import METHODS, AscentResult, pullback_ascent
 from ..gates import GATES
 from ..model_helpers import predict
+from ..session import PullbackSession
 from ..validation import PullbackWidgetsError, check_choice
 from .common import (
     STYLE,
@@ -69,8 +71,11 @@ class AscentExplorer(w.VBox):
                  *, labels: Sequence[str] | None = None, temperature: float | None = None,
                  gate: str = "sigmoid") -> None:
         source = model_source(model, temperature)
-        self.model, self.labels, self.input_size = prepare_model(model, labels)
+        prepared = prepare_model(model, labels)
+        self.model, self.labels, self.input_size = \
+            prepared.model, prepared.labels, prepared.input_size
         self._images, first_key = image_choices(image, self.input_size)
+        self._notes = prepared.notes  # said once, in the first status line
         self._options = class_options(self.labels)
         self._stop = threading.Event()
         self._state_lock, self._draw_lock = threading.Lock(), threading.Lock()
@@ -127,8 +132,29 @@ class AscentExplorer(w.VBox):
         ])
         self._worker = LatestOnlyWorker(self._run_job, self._show_error)
         self._closed = False
+        self._notices: tuple[str, ...] = ()
+        self._check_gating(self._images[first_key])
         sync_figure(self.frames_figure, figures.ascent_frames([self._images[first_key][0]],
                                                               labels=["start"]))
+
+    def _check_gating(self, image: Tensor) -> None:
+        """One forward on the start image: where nothing is gated, pullback ascent is
+        gradient ascent, so the status line says so and the controls that change nothing
+        (temperature, gate, method) are disabled."""
+        with warnings.catch_warnings():  # the status line says it instead
+            warnings.simplefilter("ignore")
+            session = PullbackSession(self.model, image)
+        self._notices, plain = session.notices, session.gated_calls == 0
+        for control in (self.temperature, self.gate, self.method,
+                        self.temperature_control.down, self.temperature_control.up):
+            control.disabled = plain
+        if plain:
+            self.method.value = "gradient"
+            self.temperature.tooltip = self.gate.tooltip = self.method.tooltip = \
+                "no gated op in this model: pullback ascent is plain gradient ascent"
+        message = " · ".join([*self._notes, *self._notices])
+        if message:
+            self._status.show(message, self._status.event())
 
     # ------------------------------------------------------------------ controls
 
@@ -243,7 +269,8 @@ class AscentExplorer(w.VBox):
         gains = ", ".join(f"{name} {gain:+.2f}" for name, gain
                           in zip(self._names, result.gain.tolist()))
         state = f"stopped after step {last}" if result.stopped else f"{last} steps"
-        self._status.show(f"{state} · target-logit gain: {gains}", run.event)
+        self._status.show(" · ".join([f"{state} · target-logit gain: {gains}",
+                                      *self._notices]), run.event)
 
     def _draw_frame(self, index: int) -> None:
         """The one writer of the frame view, called by the worker and the Frame slider."""

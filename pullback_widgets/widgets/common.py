@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..images import SAMPLE_IMAGES, load_image, sample_image
-from ..labels import find_class
+from ..labels import class_names, find_class
 from ..model_helpers import default_temperature, predict
 from ..models import MODELS, load_model
 from ..validation import (
@@ -281,22 +281,49 @@ def sync_figure(widget: go.FigureWidget, figure: go.Figure) -> None:
         widget._widget_data = deepcopy(widget._data)
 
 
-def prepare_model(model: str | nn.Module, labels: Sequence[str] | None
-                  ) -> tuple[nn.Module, list[str], int]:
-    """(model, class names, input size in pixels) for a registry name or a user's module."""
+@dataclass
+class PreparedModel:
+    """A model ready for an explorer: its class names, input size, and the notes the status
+    line says once (names assumed, gates that do nothing)."""
+
+    model: nn.Module
+    labels: list[str]
+    input_size: int  # pixels, square
+    notes: list[str]
+
+
+def prepare_model(model: str | nn.Module, labels: Sequence[str] | None) -> PreparedModel:
+    """A registry name or a user's module, with its class names (:func:`class_names`: given
+    ``labels`` win) and input size."""
     if isinstance(model, str):
         model = load_model(model)
     elif not isinstance(model, nn.Module):
         raise PullbackWidgetsTypeError(f"model must be a model name or a torch.nn.Module, "
                         f"got {type(model).__name__}")
     input_size = int(getattr(model, "input_size", 224))
-    labels = labels if labels is not None else getattr(model, "labels", None)
-    if labels is None:  # a user's model without names: number its classes
+    known = labels if labels is not None else getattr(model, "labels", None)
+    if known is not None and labels is None:
+        num_classes = len(known)  # a registry model: its names are its classes
+    else:
         parameter = next(model.parameters(), torch.empty(0))
         probe = torch.zeros(1, 3, input_size, input_size, device=parameter.device)
         num_classes = predict(model, probe).shape[-1]
-        labels = [f"class {i}" for i in range(num_classes)]
-    return model, list(labels), input_size
+    names, note = class_names(num_classes, labels, model)
+    return PreparedModel(model, names, input_size, [note] if note else [])
+
+
+LOGITS = "logits"
+
+
+def layer_options(layer_shapes: dict[str, tuple[int, ...]], num_classes: int
+                  ) -> list[tuple[str, str]]:
+    """Layer dropdown options (label, value): the logits, then each layer with its shape
+    (C×H×W), indented by its depth in the model so that a block's layers sit under it."""
+    options = [(f"{LOGITS} ({num_classes} classes)", LOGITS)]
+    for name, shape in layer_shapes.items():
+        indent = "\u00a0\u00a0" * name.count(".")  # plain spaces collapse in a <select>
+        options.append((f"{indent}{name} ({'×'.join(map(str, shape))})", name))
+    return options
 
 
 def class_options(labels: Sequence[str]) -> list[str]:

@@ -33,6 +33,7 @@ from ..session import PullbackSession
 from ..targets import Unit
 from ..validation import PullbackWidgetsError, check_choice
 from .common import (
+    LOGITS,
     STYLE,
     LatestOnlyWorker,
     StatusLine,
@@ -40,6 +41,7 @@ from .common import (
     class_options,
     close_children,
     figure_widget,
+    layer_options,
     load_choice,
     model_source,
     parse_target,
@@ -49,7 +51,6 @@ from .common import (
 )
 
 VIEWS = ("signed heatmap", "magnitude overlay", "RGB")
-LOGITS = "logits"
 MAX_UPLOAD_BYTES = 20_000_000
 MAX_UPLOAD_PIXELS = 40_000_000
 PHOTO_SIDE_PX = 160
@@ -107,6 +108,9 @@ class PullbackExplorer(w.VBox):
         self._strip_token = self._strip_done = 0
         self._submitted: _Request | None = None
         self._auto_target = ""  # the Target box's value when the explorer filled it in
+        self._layer_lists: dict[bool, dict[str, tuple[int, ...]]] = {}  # every -> layers
+        self._notes: list[str] = []  # said once, with the first picture
+        self._notices: tuple[str, ...] = ()  # the engine's, for the image shown
 
         self.image = w.Dropdown(description="Image", options=list(self._images),
                                 value=first_key, style=STYLE)
@@ -123,6 +127,9 @@ class PullbackExplorer(w.VBox):
                                 style=STYLE, layout=wide())
         self.channel = w.BoundedIntText(description="Channel", min=0, max=0, value=0,
                                         disabled=True, style=STYLE)
+        self.all_layers = w.Checkbox(description="all layers", value=False, indent=False,
+                                     tooltip="also the layers inside each block",
+                                     layout=w.Layout(width="auto"))
         self.view = w.ToggleButtons(description="View", options=list(VIEWS), style=STYLE)
         self.strip_button = w.Button(description="Temperature strip", icon="sliders",
                                      layout=w.Layout(width="auto"))
@@ -140,6 +147,7 @@ class PullbackExplorer(w.VBox):
             button.on_click(self._choose_top_class)
         self.upload.observe(self._on_upload, names="value")
         self.layer.observe(self._on_layer, names="value")
+        self.all_layers.observe(self._on_all_layers, names="value")
         for control in (self.image, self.target, self.temperature, self.gate, self.layer,
                         self.channel, self.view):
             control.observe(self._on_change, names="value")
@@ -150,7 +158,7 @@ class PullbackExplorer(w.VBox):
             w.HBox([self.target, w.Label("Top 5:"), *self.top_buttons],
                    layout=w.Layout(flex_flow="row wrap")),
             w.HBox([self.temperature_control.box, self.gate]),
-            w.HBox([self.layer, self.channel]),
+            w.HBox([self.layer, self.channel, self.all_layers]),
             self.view,
             w.HBox([w.VBox([w.Label("Photo"), self.photo]), self.pullback_figure,
                     self.gradient_figure], layout=w.Layout(flex_flow="row wrap")),
@@ -206,6 +214,10 @@ class PullbackExplorer(w.VBox):
         self.channel.value = min(self.channel.value, channels - 1)
         self.channel.disabled = False
 
+    def _on_all_layers(self, change) -> None:
+        if self._layer_lists:  # else the model is still loading; _load reads the box
+            self._show_layer_options(change["new"])
+
     def _choose_top_class(self, button: w.Button) -> None:
         if button.class_index is None:  # the first forward has not finished yet
             return
@@ -244,13 +256,20 @@ class PullbackExplorer(w.VBox):
         """Load the model and learn its classes and layers (once, on the worker)."""
         if self.model is not None:
             return
-        model, labels, _ = prepare_model(self._model_source, self._labels_given)
-        self.layer_shapes = feature_layers(model, self._image(self.image.value))
-        self.model, self.labels = model, labels
-        self.target.options = class_options(labels)
-        self.layer.options = [(f"{LOGITS} ({len(labels)} classes)", LOGITS)] + [
-            (f"{name} ({'×'.join(map(str, shape))})", name)
-            for name, shape in self.layer_shapes.items()]
+        prepared = prepare_model(self._model_source, self._labels_given)
+        image = self._image(self.image.value)
+        self._layer_lists = {every: feature_layers(prepared.model, image, every=every)
+                             for every in (False, True)}
+        self.model, self.labels = prepared.model, prepared.labels
+        self._notes = prepared.notes
+        self.target.options = class_options(self.labels)
+        self._show_layer_options(self.all_layers.value)
+
+    def _show_layer_options(self, every: bool) -> None:
+        self.layer_shapes = self._layer_lists[every]
+        chosen = self.layer.value if self.layer.value in self.layer_shapes else LOGITS
+        self.layer.options = layer_options(self.layer_shapes, len(self.labels))
+        self.layer.value = chosen  # new options reset the value; keep the layer if offered
 
     def _image(self, key: str) -> Tensor:
         if self._images.get(key) is None:  # a sample, loaded when first shown
@@ -260,11 +279,24 @@ class PullbackExplorer(w.VBox):
     def _ensure_session(self, image_key: str) -> PullbackSession:
         if self._session_key != image_key:
             image = self._image(image_key)
-            self._session = PullbackSession(self.model, image, layers=list(self.layer_shapes))
+            self._session = PullbackSession(self.model, image,
+                                            layers=list(self._layer_lists[False]))
             self._session_key = image_key
+            self._show_notices(self._session.notices, self._session.gated_calls == 0)
             self._show_photo(image[0])
             self._show_top_classes(self._session.probabilities[0])
         return self._session
+
+    def _show_notices(self, notices: tuple[str, ...], plain: bool) -> None:
+        """Keep the engine's notices for the status line; where nothing is gated, the
+        temperature and gate change nothing: say so on the controls and disable them."""
+        self._notices = notices
+        for control in (self.temperature, self.gate, self.temperature_control.down,
+                        self.temperature_control.up, self.strip_button):
+            control.disabled = plain
+        hint = "no gated op in this model: the pullback is the plain gradient" if plain else ""
+        self.temperature.tooltip = self.gate.tooltip = hint or None
+        self.strip_button.tooltip = hint or "the same target from T = 0.01 to T = 10"
 
     def _show_photo(self, image: Tensor) -> None:
         pixels = (image.detach().permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu()
@@ -273,11 +305,13 @@ class PullbackExplorer(w.VBox):
         self.photo.value = buffer.getvalue()
 
     def _show_top_classes(self, probabilities: Tensor) -> None:
-        top = probabilities.topk(len(self.top_buttons))
+        top = probabilities.topk(min(len(self.top_buttons), len(probabilities)))
         for button, p, index in zip(self.top_buttons, top.values.tolist(),
                                     top.indices.tolist()):
             button.description = f"{self.labels[index]} {p:.0%}"
             button.class_index = index
+        for button in self.top_buttons[len(top.indices):]:  # a model with under 5 classes
+            button.layout.display = "none"
 
     def _show_target(self, request: _Request, target_class: int) -> None:
         """Let the Target box name the class drawn when the explorer chose it (the predicted
@@ -304,9 +338,10 @@ class PullbackExplorer(w.VBox):
         image = self._images[request.image_key][0]
         what = f"{self.labels[target_class]}" if request.layer == LOGITS else \
             f"{request.layer} channel {request.channel}"
-        sync_figure(self.pullback_figure, _view_figure(
-            request.view, image, pullback,
-            f"Pullback of {what} (T = {request.temperature:.3g}, {request.gate})"))
+        plain = session.gated_calls == 0
+        title = f"Plain gradient of {what} (nothing to gate)" if plain else \
+            f"Pullback of {what} (T = {request.temperature:.3g}, {request.gate})"
+        sync_figure(self.pullback_figure, _view_figure(request.view, image, pullback, title))
         shown = (request.image_key, target, request.view)
         if shown != self._gradient_shown:  # the plain gradient does not depend on T or gate
             gradient = session.pullback(target, gate="hard")[0]
@@ -323,8 +358,11 @@ class PullbackExplorer(w.VBox):
             self.strip_box.layout.display = None
         self._show_target(request, target_class)
         elapsed = (time.perf_counter() - started) * 1e3
-        self._status.show(f"{what} · T = {request.temperature:.3g} · {request.gate} · "
-                          f"drawn in {elapsed:.0f} ms", request.event)
+        settings = "plain gradient" if plain else f"T = {request.temperature:.3g} · " \
+            f"{request.gate}"
+        notes, self._notes = self._notes, []
+        self._status.show(" · ".join([what, settings, f"drawn in {elapsed:.0f} ms", *notes,
+                                      *self._notices]), request.event)
 
     def _show_error(self, error: Exception, request: _Request) -> None:
         self._status.show_error(error, request.event)

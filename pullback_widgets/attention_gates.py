@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .gates import GateSettings, capped_reciprocal, compute_dtype
+from .own_graph import OwnGraph
 from .validation import PullbackWidgetsError
 
 
@@ -95,29 +96,19 @@ class SoftAttention(torch.autograd.Function):
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
                 hard_op: Callable[..., Tensor], call: AttentionCall,
                 settings: GateSettings) -> Tensor:
-        # The call runs on detached copies with its own graph, which the hard gate pulls back
-        # through: autograd's own backward, bit for bit, for whichever backend ran.
-        with torch.enable_grad():
-            leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad)
-                      for t in (query, key, value, mask)]
-            out = hard_op(*leaves)
-        ctx.inner = (out, leaves)
+        # The hard gate pulls back through the model's own call: bit for bit, for whichever
+        # backend ran.
+        ctx.own = OwnGraph(hard_op, (query, key, value, mask))
         ctx.call, ctx.settings = call, settings
-        return out.detach()
+        return ctx.own.output.detach()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        out, leaves = ctx.inner
-        settings = ctx.settings
+        own, settings = ctx.own, ctx.settings
         if settings.gate == "hard":
-            wanted = [i for i in range(4) if ctx.needs_input_grad[i]]
-            grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad_out,
-                                        retain_graph=True)
-            result: list[Tensor | None] = [None] * 4
-            for i, grad in zip(wanted, grads):
-                result[i] = grad
-            return (*result, None, None, None)
+            return (*own.plain_gradients(grad_out), None, None, None)
+        leaves = own.inputs
         query, key, value, mask = (None if t is None else t.detach() for t in leaves)
         weights, scale = softened_weights(query, key, mask, ctx.call, settings)
         grad = grad_out.to(weights.dtype)
@@ -132,6 +123,6 @@ class SoftAttention(torch.autograd.Function):
         grad_key = (grad_logits.transpose(-2, -1) @ query.to(weights.dtype) * scale
                     ).sum_to_size(key.shape).to(key.dtype)
         grad_mask = None
-        if ctx.needs_input_grad[3]:  # a learned additive mask (a bias on the logits)
+        if own.wanted()[3]:  # a learned additive mask (a bias on the logits)
             grad_mask = grad_logits.sum_to_size(mask.shape).to(mask.dtype)
         return grad_query, grad_key, grad_value, grad_mask, None, None, None

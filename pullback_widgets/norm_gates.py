@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .gates import GateSettings, compute_dtype
+from .own_graph import OwnGraph
 
 
 def layer_norm_statistics(x: Tensor, normalized_shape: Sequence[int], eps: float
@@ -43,28 +44,6 @@ def group_norm_statistics(x: Tensor, num_groups: int, eps: float) -> tuple[Tenso
     return spread(mean), spread(rstd)
 
 
-def _gradient_node(tensor: Tensor | None):
-    """The autograd node a gradient for ``tensor`` goes to, or None if it needs none."""
-    if tensor is None or not tensor.requires_grad:
-        return None
-    try:
-        return torch.autograd.graph._get_grad_fn_or_grad_acc(tensor)
-    except AttributeError:  # another torch version: assume every gradient is wanted
-        return True
-
-
-def _will_run(node) -> bool:
-    """Whether the running backward uses the gradient sent to ``node``. A custom Function's
-    ``needs_input_grad`` is fixed at forward time; a pullback wants only the input's gradient,
-    so the norm's weight and bias gradients would be computed for nothing."""
-    if node is None or node is True:
-        return node is True
-    try:
-        return bool(torch._C._will_engine_execute_node(node))
-    except (AttributeError, RuntimeError):
-        return True
-
-
 class ConstantStatisticsNorm(torch.autograd.Function):
     """Runs ``hard_op(x, weight, bias)`` forward; pulls back with constant statistics.
 
@@ -77,33 +56,20 @@ class ConstantStatisticsNorm(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None,
                 hard_op: Callable[..., Tensor], statistics: Callable[[Tensor], tuple],
                 affine_shape: tuple[int, ...], settings: GateSettings) -> Tensor:
-        # The op runs on detached copies with its own graph, which the hard gate pulls back
-        # through: autograd's own backward, bit for bit.
-        with torch.enable_grad():
-            leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad)
-                      for t in (x, weight, bias)]
-            out = hard_op(*leaves)
-        ctx.inner = (out, leaves)
-        ctx.nodes = [_gradient_node(t) for t in (x, weight, bias)]
+        # The hard gate pulls back through the model's own call: bit for bit.
+        ctx.own = OwnGraph(hard_op, (x, weight, bias))
         ctx.statistics, ctx.affine_shape, ctx.settings = statistics, affine_shape, settings
         ctx.cached_statistics = None
-        return out.detach()
+        return ctx.own.output.detach()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        out, leaves = ctx.inner
-        needed = [_will_run(node) for node in ctx.nodes]
+        own = ctx.own
         if ctx.settings.gate == "hard":
-            wanted = [i for i in range(3) if needed[i]]
-            if not wanted:
-                return None, None, None, None, None, None, None
-            grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad_out,
-                                        retain_graph=True)
-            result: list[Tensor | None] = [None, None, None]
-            for i, grad in zip(wanted, grads):
-                result[i] = grad
-            return (*result, None, None, None, None)
+            return (*own.plain_gradients(grad_out), None, None, None, None)
+        needed = own.wanted()
+        leaves = own.inputs
         # At least float32 (see gates), each gradient cast back to its input's dtype.
         dtype = compute_dtype(leaves[0].dtype)
         x, weight, bias = (None if t is None else t.detach() for t in leaves)

@@ -217,8 +217,11 @@ _ROUTES: dict[Callable, Callable] = {
 }
 
 
+_ATTENTION_FUNCTIONS = (F.scaled_dot_product_attention, F.multi_head_attention_forward)
+
+
 class _SoftGatingMode(TorchFunctionMode):
-    """Routes ReLU-family and max-pool calls to the soft-gated autograd ops."""
+    """Routes every gated call to its soft-gated autograd op."""
 
     def __init__(self, settings: GateSettings) -> None:
         super().__init__()
@@ -235,8 +238,10 @@ class _SoftGatingMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         route = _ROUTES.get(func)
-        if route is not None and torch.is_grad_enabled() and isinstance(args[0], Tensor) \
-                and args[0].requires_grad:
+        # Attention is on the input's path when q, k or v is (a fixed query still gates v).
+        inputs = args[:3] if func in _ATTENTION_FUNCTIONS else args[:1]
+        if route is not None and torch.is_grad_enabled() \
+                and any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
             return route(self, func, args, kwargs)
         parse = _CLAMP_PARSERS.get(func)
         is_pool = parse is None and func in _POOL_FUNCTIONS

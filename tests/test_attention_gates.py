@@ -293,3 +293,16 @@ def test_the_explorer_pulls_back_a_vit_block_channel():
                                    rtol=1e-5, atol=1e-6)
     finally:
         explorer.close()
+
+
+def test_attention_with_a_fixed_query_still_gates_the_values():
+    torch.manual_seed(8)
+    query = torch.randn(1, 2, 3, 4, dtype=torch.float64)  # e.g. a buffer: no gradient
+    key, value = (torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+                  for _ in range(2))
+    grad_out = torch.randn(1, 2, 3, 4, dtype=torch.float64)
+    with pw.soft_gating(nn.Identity(), temperature={"attention": 0.5}):
+        (grad_value,) = torch.autograd.grad(
+            F.scaled_dot_product_attention(query, key, value), value, grad_out)
+    weights = torch.softmax(query @ key.detach().transpose(-2, -1) / (2 * 0.5), dim=-1)
+    torch.testing.assert_close(grad_value, weights.transpose(-2, -1) @ grad_out)

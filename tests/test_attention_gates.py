@@ -306,3 +306,17 @@ def test_attention_with_a_fixed_query_still_gates_the_values():
             F.scaled_dot_product_attention(query, key, value), value, grad_out)
     weights = torch.softmax(query @ key.detach().transpose(-2, -1) / (2 * 0.5), dim=-1)
     torch.testing.assert_close(grad_value, weights.transpose(-2, -1) @ grad_out)
+
+
+def test_relative_temperature_is_in_units_of_each_example_score_spread():
+    torch.manual_seed(9)
+    q, k, v = (torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    grad_out = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    with pw.soft_gating(nn.Identity(), temperature={"attention": 0.7},
+                        temperature_mode="relative"):
+        (grad_v,) = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), v, grad_out)
+    scores = (q @ k.transpose(-2, -1) / 2).detach()
+    spread = scores.flatten(1).std(dim=1).view(2, 1, 1, 1)
+    weights = torch.softmax(scores / (0.7 * spread), dim=-1)
+    torch.testing.assert_close(grad_v, weights.transpose(-2, -1) @ grad_out)

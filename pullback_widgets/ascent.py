@@ -29,6 +29,33 @@ from .validation import (
 )
 
 METHODS = ("pullback", "gradient")
+STARTS = ("photo", "grey", "noise")
+# (steps, step size, eps) per start. From the photo, the paper's (halved to [0, 1] units).
+# From grey or noise nothing is there to begin with, so the ascent needs more room:
+# benchmarks/ascent_starts.py measured on EfficientNet-Lite0 which settings show structure.
+START_DEFAULTS = {"photo": (5, 10.0, 50.0), "grey": (10, 20.0, 200.0),
+                  "noise": (10, 20.0, 200.0)}
+
+
+def ascent_start(start: str, size: int, *, photo: Tensor | None = None,
+                 seed: int = 0) -> Tensor:
+    """The image an ascent starts at, (1, 3, size, size) in pixel space [0, 1].
+
+    ``"photo"``: ``photo`` itself; ``"grey"``: 0.5 everywhere; ``"noise"``: uniform in
+    [0, 1), drawn from a generator seeded with ``seed`` (the same seed, the same picture;
+    the global random state is left alone). From grey or noise, ascending a hidden unit is
+    feature visualisation.
+    """
+    start = check_choice(start, STARTS, "start")
+    size = check_index(size, "size", 1)
+    if start == "photo":
+        if photo is None:
+            raise PullbackWidgetsError("start='photo' needs the photo")
+        return photo
+    if start == "grey":
+        return torch.full((1, 3, size, size), 0.5)
+    generator = torch.Generator().manual_seed(check_index(seed, "seed"))
+    return torch.rand((1, 3, size, size), generator=generator)
 
 
 @dataclass
@@ -162,6 +189,20 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
     finally:
         bar.close()
     return result
+
+
+def stack_results(results: Sequence[AscentResult]) -> AscentResult:
+    """Several trajectories side by side: their batches concatenated, every one cut to the
+    shortest (one stopped early). ``probs`` only where all have them."""
+    if not results:
+        raise PullbackWidgetsError("stack_results needs at least one result")
+    length = min(len(result.images) for result in results)
+    probs = None if any(r.probs is None for r in results) else \
+        torch.cat([r.probs[:length] for r in results], dim=1)
+    return AscentResult(images=[torch.cat([r.images[i] for r in results])
+                                for i in range(length)],
+                        logits=torch.cat([r.logits[:length] for r in results], dim=1),
+                        probs=probs, stopped=any(r.stopped for r in results))
 
 
 @dataclass

@@ -665,8 +665,10 @@ def logit_curves(
     names: Sequence[str],
     *,
     title: str | None = None,
+    value_name: str = "target logit",
 ) -> go.Figure:
-    """Target logit per ascent step: ``logits`` (steps+1, K), one line per target in ``names``."""
+    """Target logit per ascent step: ``logits`` (steps+1, K), one line per target in ``names``;
+    ``value_name`` labels the y axis (e.g. a hidden unit's activation)."""
     values = _raw_array(logits, "logits")
     if values.ndim != 2 or values.shape[0] == 0:
         raise ValueError(f"logits must have shape (steps+1, K), got {values.shape}")
@@ -675,7 +677,7 @@ def logit_curves(
                                 mode="lines+markers") for k, name in enumerate(names)])
     fig.update_layout(
         title=dict(text=title, x=0.5, xanchor="center") if title else None,
-        xaxis_title="step", yaxis_title="target logit", template="plotly_white",
+        xaxis_title="step", yaxis_title=value_name, template="plotly_white",
         width=380, height=260, margin=dict(l=50, r=10, t=40 if title else 10, b=40),
         showlegend=values.shape[1] > 1,
     )

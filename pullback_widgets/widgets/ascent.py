@@ -17,14 +17,25 @@ import ipywidgets as w
 from torch import Tensor, nn
 
 from .. import figures
-from ..ascent import METHODS, AscentResult, pullback_ascent
+from ..ascent import (
+    METHODS,
+    START_DEFAULTS,
+    STARTS,
+    AscentResult,
+    ascent_start,
+    pullback_ascent,
+    stack_results,
+)
 from ..gates import GATES
 from ..model_helpers import predict
 from ..session import PullbackSession
+from ..targets import Unit
 from ..validation import PullbackWidgetsError, check_choice
 from .common import (
+    LOGITS,
     STYLE,
     LatestOnlyWorker,
+    LayerControl,
     StatusLine,
     TemperatureControl,
     class_options,
@@ -54,13 +65,29 @@ class _Run:
     eps: float
     temperature: float
     gate: str
-    method: str
+    method: str  # one of ASCENT_METHODS
+    layer: str = LOGITS  # a feature layer: the target is Unit(layer, channel)
+    channel: int = 0
+    start: str = "photo"
+    seed: int = 0
+
+
+# "both": pullback ascent and plain gradient ascent from the same start, side by side.
+ASCENT_METHODS = (*METHODS, "both")
+COUNTERFACTUAL_HELP = "counterfactual mode ascends classes only: the layer is not used"
 
 
 class AscentExplorer(w.VBox):
     """Pullback ascent in a notebook: Run / Stop, a progress bar, frames as they are computed,
     a "Frame" slider to scrub the finished trajectory, and a counterfactual mode that ascends
     one image towards several classes at once (a row of the paper's Figure 1).
+
+    Layer and Channel (attributes ``layer``, ``channel``) choose a hidden unit instead of a
+    class: the target is ``Unit(layer, channel)``, its spatial mean, and the curve shows its
+    activation. Start (``start``) is the photo, grey (0.5) or uniform noise (``seed``); from
+    grey or noise a hidden unit's ascent is feature visualisation along pullbacks, and Method
+    "both" runs gradient ascent from the same start beside it. Choosing a start sets Steps,
+    Step size and Eps to that start's defaults (:data:`~pullback_widgets.ascent.START_DEFAULTS`).
 
     ``model`` and ``image`` as for :class:`PullbackExplorer`. Step size and eps are L2 distances
     in pixel space [0, 1] (the paper's values halved; see :mod:`pullback_widgets.ascent`).
@@ -81,7 +108,8 @@ class AscentExplorer(w.VBox):
         self._state_lock, self._draw_lock = threading.Lock(), threading.Lock()
         self._state, self._runs = IDLE, 0
         self.result: AscentResult | None = None
-        self._names: list[str] = []
+        self._names: list[str] = []  # one per image of the result's batch
+        self._unit = False  # the result's target is a hidden unit
 
         self.image = w.Dropdown(description="Image", options=list(self._images),
                                 value=first_key, style=STYLE)
@@ -90,18 +118,27 @@ class AscentExplorer(w.VBox):
                                  style=STYLE, layout=wide())
         self.counterfactual = w.Checkbox(description="Counterfactual", value=False,
                                          style=STYLE)
+        self.counterfactual_help = w.HTML()
+        self.layer_control = LayerControl()
+        self.layer, self.channel, self.all_layers = \
+            self.layer_control.layer, self.layer_control.channel, self.layer_control.all_layers
+        self.layer_control.set_layers(self.model, self._images[first_key], len(self.labels))
+        self.start = w.ToggleButtons(description="Start", options=list(STARTS), style=STYLE)
+        self.seed = w.BoundedIntText(description="Seed", min=0, max=2**31 - 1, value=0,
+                                     style=STYLE, layout=w.Layout(display="none"))
         self.targets = w.TagsInput(allowed_tags=self._options, allow_duplicates=False,
                                    layout=w.Layout(width="640px"))
         self.steps = w.IntSlider(description="Steps", min=0, max=30, value=5, style=STYLE)
         self.step_size = w.FloatSlider(description="Step size", min=0.5, max=40, step=0.5,
                                        value=10.0, style=STYLE)
-        self.eps = w.FloatSlider(description="Eps", min=1, max=200, step=1, value=50.0,
+        self.eps = w.FloatSlider(description="Eps", min=1, max=400, step=1, value=50.0,
                                  style=STYLE)
         self.temperature_control = TemperatureControl(source.temperature)
         self.temperature = self.temperature_control.slider
         self.gate = w.Dropdown(description="Gate", options=list(GATES),
                                value=check_choice(gate, tuple(GATES), "gate"), style=STYLE)
-        self.method = w.ToggleButtons(description="Method", options=list(METHODS), style=STYLE)
+        self.method = w.ToggleButtons(description="Method", options=list(ASCENT_METHODS),
+                                      style=STYLE)
         self.run_button = w.Button(description="Run", button_style="primary", icon="play")
         self.stop_button = w.Button(description="Stop", icon="stop", disabled=True)
         self.progress = w.IntProgress(description="Progress", min=0, max=1, value=0,
@@ -118,10 +155,14 @@ class AscentExplorer(w.VBox):
         self.stop_button.on_click(lambda _: self.stop())
         self.frame.observe(lambda change: self._draw_frame(change["new"]), names="value")
         self.counterfactual.observe(self._on_mode, names="value")
+        self.layer.observe(self._on_mode, names="value")
+        self.start.observe(self._on_start, names="value")
         self._on_mode()
         super().__init__([
             w.HBox([self.image, self.target]),
-            w.HBox([self.counterfactual, self.targets]),
+            self.layer_control.box,
+            w.HBox([self.start, self.seed]),
+            w.HBox([self.counterfactual, self.counterfactual_help, self.targets]),
             w.HBox([self.steps, self.step_size, self.eps]),
             w.HBox([self.temperature_control.box, self.gate, self.method]),
             w.HBox([self.run_button, self.stop_button, self.progress]),
@@ -159,8 +200,18 @@ class AscentExplorer(w.VBox):
     # ------------------------------------------------------------------ controls
 
     def _on_mode(self, change=None) -> None:
-        self.targets.layout.display = None if self.counterfactual.value else "none"
-        self.target.disabled = self.counterfactual.value
+        counterfactual = self.counterfactual.value
+        unit = self.layer.value != LOGITS
+        self.targets.layout.display = None if counterfactual else "none"
+        self.target.disabled = counterfactual or unit
+        self.layer.disabled = counterfactual
+        self.channel.disabled = counterfactual or not unit
+        self.counterfactual_help.value = f"<i>{COUNTERFACTUAL_HELP}</i>" if unit else ""
+        self.counterfactual.tooltip = COUNTERFACTUAL_HELP
+
+    def _on_start(self, change) -> None:
+        self.seed.layout.display = None if change["new"] == "noise" else "none"
+        self.steps.value, self.step_size.value, self.eps.value = START_DEFAULTS[change["new"]]
 
     def _snapshot(self, number: int, event: int) -> _Run:
         if self.counterfactual.value:
@@ -168,11 +219,15 @@ class AscentExplorer(w.VBox):
                 raise PullbackWidgetsError(
                     "counterfactual mode: add at least one class to Targets")
             targets = tuple(parse_target(t, self.labels) for t in self.targets.value)
+            layer = LOGITS
         else:
-            targets = (parse_target(self.target.value, self.labels),)
+            layer = self.layer.value
+            targets = (None,) if layer != LOGITS else \
+                (parse_target(self.target.value, self.labels),)
         return _Run(number, event, self.image.value, targets, self.steps.value,
                     self.step_size.value, self.eps.value, self.temperature.value,
-                    self.gate.value, self.method.value)
+                    self.gate.value, self.method.value, layer, self.channel.value,
+                    self.start.value, self.seed.value)
 
     def run(self) -> bool:
         """Start an ascent with the current controls (what the Run button does).
@@ -238,20 +293,42 @@ class AscentExplorer(w.VBox):
 
     def _run_job(self, run: _Run) -> None:
         try:
-            start = self._images[run.image_key]
-            if any(t is None for t in run.targets):
-                predicted = int(predict(self.model, start).argmax())
-            targets = [predicted if t is None else t for t in run.targets]
-            self._names = [self.labels[t] for t in targets]
+            start = ascent_start(run.start, self.input_size, photo=self._images[run.image_key],
+                                 seed=run.seed)
+            if run.layer != LOGITS:
+                targets: list = [Unit(run.layer, run.channel)]
+                names = [f"{run.layer} channel {run.channel}"]
+            else:
+                if any(t is None for t in run.targets):
+                    predicted = int(predict(self.model, start).argmax())
+                targets = [predicted if t is None else t for t in run.targets]
+                names = [self.labels[t] for t in targets]
+            self._unit = run.layer != LOGITS
+            methods = METHODS if run.method == "both" else (run.method,)
             batch = start.expand(len(targets), -1, -1, -1)
-            self._status.show(f"ascending towards {', '.join(self._names)} …", run.event)
-            self.result = pullback_ascent(
-                self.model, batch, targets, steps=run.steps, step_size=run.step_size,
-                eps=run.eps, temperature=run.temperature, gate=run.gate, method=run.method,
-                callback=self._on_step, progress=False)
+            results = []
+            for method in methods:
+                self._names = [f"{method}: {name}" for name in names] \
+                    if len(methods) > 1 else names
+                self._status.show(f"{method} ascent of {', '.join(names)} from "
+                                  f"{self._start_name(run)} …", run.event)
+                results.append(pullback_ascent(
+                    self.model, batch, targets[0] if self._unit else targets, steps=run.steps,
+                    step_size=run.step_size, eps=run.eps, temperature=run.temperature,
+                    gate=run.gate, method=method, callback=self._on_step, progress=False))
+                if results[-1].stopped:
+                    break
+            self._names = [f"{method}: {name}" for method in methods[:len(results)]
+                           for name in names] if len(methods) > 1 else names
+            self.result = results[0] if len(results) == 1 else stack_results(results)
             self._finish(self.result, run)
         finally:
             self._end_run(run.number)
+
+    @staticmethod
+    def _start_name(run: _Run) -> str:
+        return {"photo": f"“{run.image_key}”", "grey": "grey",
+                "noise": f"noise (seed {run.seed})"}[run.start]
 
     def _on_step(self, step: int, result: AscentResult) -> bool:
         self.result = result
@@ -269,8 +346,9 @@ class AscentExplorer(w.VBox):
         gains = ", ".join(f"{name} {gain:+.2f}" for name, gain
                           in zip(self._names, result.gain.tolist()))
         state = f"stopped after step {last}" if result.stopped else f"{last} steps"
-        self._status.show(" · ".join([f"{state} · target-logit gain: {gains}",
-                                      *self._notices]), run.event)
+        value = "activation gain" if self._unit else "target-logit gain"
+        self._status.show(" · ".join([f"{state} from {self._start_name(run)} · {value}: "
+                                      f"{gains}", *self._notices]), run.event)
 
     def _draw_frame(self, index: int) -> None:
         """The one writer of the frame view, called by the worker and the Frame slider."""
@@ -279,17 +357,19 @@ class AscentExplorer(w.VBox):
             if self._closed or result is None or index >= len(result.images):
                 return
             probs = result.probs
+            value = "activation " if self._unit else ""
             labels = [f"{name} · step {index} · " + (f"p={float(probs[index, k]):.2f}"
                                                      if probs is not None else
-                                                     f"{float(result.logits[index, k]):.2f}")
+                                                     f"{value}{float(result.logits[index, k]):.2f}")
                       for k, name in enumerate(self._names)]
             frame = result.images[index]
             sync_figure(self.frames_figure, figures.ascent_frames(list(frame), labels=labels))
             sync_figure(self.diff_figure, figures.rgb_difference(
                 frame[0] - result.images[0][0],
                 title=f"step {index} minus start ({self._names[0]})"))
-            sync_figure(self.curve_figure, figures.logit_curves(result.logits[:index + 1],
-                                                                self._names))
+            sync_figure(self.curve_figure, figures.logit_curves(
+                result.logits[:index + 1], self._names,
+                value_name="unit activation (spatial mean)" if self._unit else "target logit"))
 
     def _show_error(self, error: Exception, run: _Run) -> None:
         self._status.show_error(error, run.event)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..images import SAMPLE_IMAGES, load_image, sample_image
 from ..labels import class_names, find_class
-from ..model_helpers import default_temperature, predict
+from ..model_helpers import default_temperature, feature_layers, predict
 from ..models import MODELS, load_model
 from ..validation import (
     PullbackWidgetsError,
@@ -324,6 +324,59 @@ def layer_options(layer_shapes: dict[str, tuple[int, ...]], num_classes: int
         indent = "\u00a0\u00a0" * name.count(".")  # plain spaces collapse in a <select>
         options.append((f"{indent}{name} ({'×'.join(map(str, shape))})", name))
     return options
+
+
+class LayerControl:
+    """Layer, Channel and "all layers", as both explorers offer them.
+
+    Layer is "logits" or one of the model's feature layers (:func:`feature_layers`, shapes
+    in the labels); Channel is enabled, and bounded by the layer's channels, when a layer is
+    chosen; "all layers" switches to every layer, those inside blocks too.
+    """
+
+    def __init__(self) -> None:
+        self.layer = w.Dropdown(description="Layer", options=[(LOGITS, LOGITS)], value=LOGITS,
+                                style=STYLE, layout=wide())
+        self.channel = w.BoundedIntText(description="Channel", min=0, max=0, value=0,
+                                        disabled=True, style=STYLE)
+        self.all_layers = w.Checkbox(description="all layers", value=False, indent=False,
+                                     tooltip="also the layers inside each block",
+                                     layout=w.Layout(width="auto"))
+        self.box = w.HBox([self.layer, self.channel, self.all_layers])
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._lists: dict[bool, dict[str, tuple[int, ...]]] = {}
+        self._num_classes = 0
+        self.layer.observe(self._on_layer, names="value")
+        self.all_layers.observe(lambda change: self._show(), names="value")
+
+    @property
+    def short_list(self) -> dict[str, tuple[int, ...]]:
+        """The layers offered without "all layers" (what a session records up front)."""
+        return self._lists.get(False, {})
+
+    def set_layers(self, model: nn.Module, image: Tensor, num_classes: int) -> None:
+        """Learn ``model``'s layers from a forward of ``image`` (two: short and full list)."""
+        self._lists = {every: feature_layers(model, image, every=every)
+                       for every in (False, True)}
+        self._num_classes = num_classes
+        self._show()
+
+    def _show(self) -> None:
+        if not self._lists:  # the model is still loading; set_layers reads the box
+            return
+        self.shapes = self._lists[self.all_layers.value]
+        chosen = self.layer.value if self.layer.value in self.shapes else LOGITS
+        self.layer.options = layer_options(self.shapes, self._num_classes)
+        self.layer.value = chosen  # new options reset the value; keep the layer if offered
+
+    def _on_layer(self, change) -> None:
+        if change["new"] == LOGITS or change["new"] not in self.shapes:
+            self.channel.disabled = True
+            return
+        channels = self.shapes[change["new"]][0]
+        self.channel.max = channels - 1
+        self.channel.value = min(self.channel.value, channels - 1)
+        self.channel.disabled = False
 
 
 def class_options(labels: Sequence[str]) -> list[str]:

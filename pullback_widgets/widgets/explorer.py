@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .. import figures
 from ..gates import GATES
 from ..images import SAMPLE_IMAGES
-from ..model_helpers import STRIP_TEMPERATURES, feature_layers
+from ..model_helpers import STRIP_TEMPERATURES
 from ..session import PullbackSession
 from ..targets import Unit
 from ..validation import PullbackWidgetsError, check_choice
@@ -36,12 +36,12 @@ from .common import (
     LOGITS,
     STYLE,
     LatestOnlyWorker,
+    LayerControl,
     StatusLine,
     TemperatureControl,
     class_options,
     close_children,
     figure_widget,
-    layer_options,
     load_choice,
     model_source,
     parse_target,
@@ -97,7 +97,6 @@ class PullbackExplorer(w.VBox):
         self.model: nn.Module | None = None  # loaded on the worker
         self.labels: list[str] = []
         self.input_size = source.input_size
-        self.layer_shapes: dict[str, tuple[int, ...]] = {}
         self.max_upload_bytes, self.max_upload_pixels = max_upload_bytes, max_upload_pixels
         first_key, first_image = load_choice(image, self.input_size, lazy=True)
         self._images: dict[str, Tensor | None] = {first_key: first_image}
@@ -108,7 +107,6 @@ class PullbackExplorer(w.VBox):
         self._strip_token = self._strip_done = 0
         self._submitted: _Request | None = None
         self._auto_target = ""  # the Target box's value when the explorer filled it in
-        self._layer_lists: dict[bool, dict[str, tuple[int, ...]]] = {}  # every -> layers
         self._notes: list[str] = []  # said once, with the first picture
         self._notices: tuple[str, ...] = ()  # the engine's, for the image shown
 
@@ -123,13 +121,9 @@ class PullbackExplorer(w.VBox):
         self.temperature = self.temperature_control.slider
         self.gate = w.Dropdown(description="Gate", options=list(GATES),
                                value=check_choice(gate, tuple(GATES), "gate"), style=STYLE)
-        self.layer = w.Dropdown(description="Layer", options=[(LOGITS, LOGITS)], value=LOGITS,
-                                style=STYLE, layout=wide())
-        self.channel = w.BoundedIntText(description="Channel", min=0, max=0, value=0,
-                                        disabled=True, style=STYLE)
-        self.all_layers = w.Checkbox(description="all layers", value=False, indent=False,
-                                     tooltip="also the layers inside each block",
-                                     layout=w.Layout(width="auto"))
+        self.layer_control = LayerControl()
+        self.layer, self.channel, self.all_layers = \
+            self.layer_control.layer, self.layer_control.channel, self.layer_control.all_layers
         self.view = w.ToggleButtons(description="View", options=list(VIEWS), style=STYLE)
         self.strip_button = w.Button(description="Temperature strip", icon="sliders",
                                      layout=w.Layout(width="auto"))
@@ -146,8 +140,6 @@ class PullbackExplorer(w.VBox):
             button.class_index = None
             button.on_click(self._choose_top_class)
         self.upload.observe(self._on_upload, names="value")
-        self.layer.observe(self._on_layer, names="value")
-        self.all_layers.observe(self._on_all_layers, names="value")
         for control in (self.image, self.target, self.temperature, self.gate, self.layer,
                         self.channel, self.view):
             control.observe(self._on_change, names="value")
@@ -158,7 +150,7 @@ class PullbackExplorer(w.VBox):
             w.HBox([self.target, w.Label("Top 5:"), *self.top_buttons],
                    layout=w.Layout(flex_flow="row wrap")),
             w.HBox([self.temperature_control.box, self.gate]),
-            w.HBox([self.layer, self.channel, self.all_layers]),
+            self.layer_control.box,
             self.view,
             w.HBox([w.VBox([w.Label("Photo"), self.photo]), self.pullback_figure,
                     self.gradient_figure], layout=w.Layout(flex_flow="row wrap")),
@@ -205,19 +197,6 @@ class PullbackExplorer(w.VBox):
         if not self._closed:
             self._submit(self._request())
 
-    def _on_layer(self, change) -> None:
-        if change["new"] == LOGITS or change["new"] not in self.layer_shapes:
-            self.channel.disabled = True
-            return
-        channels = self.layer_shapes[change["new"]][0]
-        self.channel.max = channels - 1
-        self.channel.value = min(self.channel.value, channels - 1)
-        self.channel.disabled = False
-
-    def _on_all_layers(self, change) -> None:
-        if self._layer_lists:  # else the model is still loading; _load reads the box
-            self._show_layer_options(change["new"])
-
     def _choose_top_class(self, button: w.Button) -> None:
         if button.class_index is None:  # the first forward has not finished yet
             return
@@ -257,19 +236,16 @@ class PullbackExplorer(w.VBox):
         if self.model is not None:
             return
         prepared = prepare_model(self._model_source, self._labels_given)
-        image = self._image(self.image.value)
-        self._layer_lists = {every: feature_layers(prepared.model, image, every=every)
-                             for every in (False, True)}
+        self.layer_control.set_layers(prepared.model, self._image(self.image.value),
+                                      len(prepared.labels))
         self.model, self.labels = prepared.model, prepared.labels
         self._notes = prepared.notes
         self.target.options = class_options(self.labels)
-        self._show_layer_options(self.all_layers.value)
 
-    def _show_layer_options(self, every: bool) -> None:
-        self.layer_shapes = self._layer_lists[every]
-        chosen = self.layer.value if self.layer.value in self.layer_shapes else LOGITS
-        self.layer.options = layer_options(self.layer_shapes, len(self.labels))
-        self.layer.value = chosen  # new options reset the value; keep the layer if offered
+    @property
+    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The layers offered now, with their shapes (C, H, W)."""
+        return self.layer_control.shapes
 
     def _image(self, key: str) -> Tensor:
         if self._images.get(key) is None:  # a sample, loaded when first shown
@@ -280,7 +256,7 @@ class PullbackExplorer(w.VBox):
         if self._session_key != image_key:
             image = self._image(image_key)
             self._session = PullbackSession(self.model, image,
-                                            layers=list(self._layer_lists[False]))
+                                            layers=list(self.layer_control.short_list))
             self._session_key = image_key
             self._show_notices(self._session.notices, self._session.gated_calls == 0)
             self._show_photo(image[0])

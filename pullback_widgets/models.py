@@ -2,13 +2,14 @@
 
 Every model returned by :func:`load_model` is an ``nn.Module`` in eval mode that takes RGB
 images in pixel space, float values in [0, 1], shape (B, 3, H, W), and returns ImageNet logits
-(B, 1000). The ImageNet normalisation is folded in as a forward pre-hook that applies the
+(B, 1000), except ``"shapes"``: the small CNN trained on :mod:`pullback_widgets.synthetic`,
+64 px input, 4 logits. The normalisation is folded in as a forward pre-hook that applies the
 visible submodule ``model.pixel_normalization``; the layer names (``model.named_modules()``)
-and the state dict stay exactly those of the underlying timm / torchvision network, so a unit
+and the state dict stay exactly those of the underlying network, so a unit
 such as ``"layer3.1"`` of ResNet-50 means the same thing everywhere.
 
-Each model also carries the plain attributes ``model_name`` (str), ``labels`` (the 1000
-ImageNet class names, list[str]), ``input_size`` (224, pixels) and ``default_temperature``
+Each model also carries the plain attributes ``model_name`` (str), ``labels`` (its class
+names, list[str]), ``input_size`` (pixels) and ``default_temperature``
 (the gate temperature, in units of the pre-activations).
 """
 
@@ -40,7 +41,6 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-WEIGHTS = ("imagenet", None)
 
 # Lite0 is built by timm's EfficientNet; its stage i holds this many blocks.
 _LITE0_STAGE_REPEATS = (1, 2, 2, 3, 3, 4, 1)
@@ -125,14 +125,24 @@ def _normalize_input(module: nn.Module, args: tuple) -> tuple:
 # --------------------------------------------------------------------------- the registry
 
 
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet-1k class names in logit order (from torchvision's metadata, offline).
+
+    Names are not all unique (e.g. "crane" is both the bird and the machine); index by position.
+    """
+    return list(tvm.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One registry entry.
 
     ``builder(weights)`` returns the bare network (no normalisation, any mode) with ``weights``
-    ("imagenet" or None) loaded. ``mean``/``std`` are the normalisation the weights were
+    ("pretrained" or None) loaded. ``mean``/``std`` are the normalisation the weights were
     trained with, for pixel values in [0, 1]. ``input_size`` is in pixels (square).
     ``default_temperature`` is the gate temperature in units of the pre-activations.
+    ``labels()`` gives the class names; ``trained_on`` names the training data, which
+    ``weights`` may name instead of ``"pretrained"``.
     """
 
     name: str
@@ -142,14 +152,8 @@ class ModelSpec:
     input_size: int
     default_temperature: float
     description: str
-
-
-def imagenet_labels() -> list[str]:
-    """The 1000 ImageNet-1k class names in logit order (from torchvision's metadata, offline).
-
-    Names are not all unique (e.g. "crane" is both the bird and the machine); index by position.
-    """
-    return list(tvm.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+    labels: Callable[[], list[str]] = imagenet_labels
+    trained_on: str = "imagenet"
 
 
 def lite0_state_dict_to_timm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -260,6 +264,18 @@ def _build_torchvision(
     return net
 
 
+def _build_shapes(weights: str | None) -> nn.Module:
+    from . import synthetic
+
+    return synthetic.ShapesNet() if weights is None else synthetic.load_weights()
+
+
+def _shape_labels() -> list[str]:
+    from . import synthetic
+
+    return list(synthetic.CLASSES)
+
+
 # The paper uses T = 0.3 with the sigmoid gate on the torchvision CNNs; we cannot sweep those
 # here without their weights, so we keep the paper's choice.
 _PAPER_TEMPERATURE = 0.3
@@ -323,6 +339,21 @@ MODELS: Mapping[str, ModelSpec] = MappingProxyType(
                 default_temperature=_PAPER_TEMPERATURE,
                 description="torchvision DenseNet-121, IMAGENET1K_V1 weights (download, 31 MB).",
             ),
+            ModelSpec(
+                name="shapes",
+                builder=_build_shapes,
+                mean=(0.5, 0.5, 0.5),  # pullback_widgets.synthetic.MEAN / STD
+                std=(0.25, 0.25, 0.25),
+                input_size=64,
+                # The T of the largest mean mask AUC (sigmoid gate) in the ground-truth
+                # benchmark (benchmarks/results/ground_truth.md).
+                default_temperature=0.3,
+                description="A small ReLU CNN (conv-BN-ReLU, max-pooling, two residual "
+                "blocks; 0.12M parameters) trained on pullback_widgets.synthetic's shapes; "
+                "the weights ship inside the package.",
+                labels=_shape_labels,
+                trained_on="synthetic shapes",
+            ),
         )
     }
 )
@@ -346,39 +377,43 @@ def _check_device(device: object) -> torch.device:
 def load_model(
     name: str = "efficientnet_lite0",
     *,
-    weights: str | None = "imagenet",
+    weights: str | None = "pretrained",
     device: str | torch.device = "cpu",
 ) -> nn.Module:
-    """A registered ImageNet classifier in eval mode, taking pixel-space input.
+    """A registered classifier in eval mode, taking pixel-space input.
 
     Args:
         name: a key of :data:`MODELS`.
-        weights: ``"imagenet"`` for pretrained weights (efficientnet_lite0 offline from a pip
-            package; the torchvision models from torch hub's cache, downloaded there if
-            missing), or None for random initialisation.
+        weights: ``"pretrained"`` (or the name of the model's training data, ``"imagenet"``
+            for the ImageNet models) for its trained weights (efficientnet_lite0 offline from a
+            pip package, shapes from this package; the torchvision models from torch hub's
+            cache, downloaded there if missing), or None for random initialisation.
         device: where the model lives.
 
     Returns:
-        The timm / torchvision network, unchanged apart from the submodule
-        ``pixel_normalization`` applied by a forward pre-hook, so it takes RGB images with
-        values in [0, 1], shape (B, 3, H, W) (224 x 224 for ImageNet accuracy) and returns
-        logits (B, 1000). Attributes: ``model_name``, ``labels``, ``input_size``,
-        ``default_temperature``.
+        The timm / torchvision / :mod:`~pullback_widgets.synthetic` network, unchanged apart
+        from the submodule ``pixel_normalization`` applied by a forward pre-hook, so it takes
+        RGB images with values in [0, 1], shape (B, 3, H, W) (``input_size`` square for its
+        accuracy) and returns logits (B, len(labels)). Attributes: ``model_name``, ``labels``,
+        ``input_size``, ``default_temperature``.
 
     Raises:
         ValueError / TypeError: unknown ``name``, bad ``weights`` or ``device``.
         WeightsUnavailableError: pretrained weights are not on disk and cannot be downloaded.
     """
     spec = _check_name(name)
-    if weights not in WEIGHTS:
-        raise PullbackWidgetsError(f"weights must be 'imagenet' or None, got {weights!r}")
+    if weights == spec.trained_on:
+        weights = "pretrained"
+    elif weights not in ("pretrained", None):
+        raise PullbackWidgetsError(f"weights must be 'pretrained', {spec.trained_on!r} or None "
+                                   f"for {spec.name!r}, got {weights!r}")
     target = _check_device(device)
 
     net = spec.builder(weights)
     net.pixel_normalization = Normalize(spec.mean, spec.std)
     net.register_forward_pre_hook(_normalize_input)
     net.model_name = spec.name
-    net.labels = imagenet_labels()
+    net.labels = spec.labels()
     net.input_size = spec.input_size
     net.default_temperature = spec.default_temperature
     return net.eval().to(target)

@@ -22,7 +22,8 @@ from pullback_widgets.models import (
     lite0_state_dict_to_timm,
 )
 
-NAMES = ("efficientnet_lite0", "resnet50", "vgg11_bn", "densenet121")
+IMAGENET_NAMES = ("efficientnet_lite0", "resnet50", "vgg11_bn", "densenet121")
+NAMES = (*IMAGENET_NAMES, "shapes")
 CAT_CLASSES = {"tiger cat", "tabby", "Egyptian cat"}
 
 
@@ -32,6 +33,10 @@ def _plain_network(name: str) -> torch.nn.Module:
         import timm
 
         return timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if name == "shapes":
+        from pullback_widgets.synthetic import ShapesNet
+
+        return ShapesNet()
     return getattr(tvm, name)(weights=None)
 
 
@@ -54,7 +59,7 @@ def test_registry_names_and_specs() -> None:
     for name, spec in MODELS.items():
         assert isinstance(spec, ModelSpec)
         assert spec.name == name
-        assert spec.input_size == 224
+        assert spec.input_size == (224 if name in IMAGENET_NAMES else 64)
         assert len(spec.mean) == len(spec.std) == 3
         assert spec.description
     assert MODELS["efficientnet_lite0"].mean == MODELS["efficientnet_lite0"].std == (0.5,) * 3
@@ -84,8 +89,8 @@ def test_model_contract(random_model: torch.nn.Module) -> None:
     name = random_model.model_name
     assert not random_model.training
     assert all(not m.training for m in random_model.modules())
-    assert random_model.labels == imagenet_labels()
-    assert random_model.input_size == 224
+    assert random_model.labels == MODELS[name].labels()
+    assert random_model.input_size == MODELS[name].input_size
     assert random_model.default_temperature == MODELS[name].default_temperature
     assert isinstance(random_model.pixel_normalization, Normalize)
 
@@ -238,8 +243,17 @@ def test_unknown_name_lists_names_and_close_matches() -> None:
 
 @pytest.mark.parametrize("weights", ["IMAGENET1K_V1", "", True, "random"])
 def test_bad_weights_argument(weights) -> None:
-    with pytest.raises(pw.PullbackWidgetsError, match="weights must be 'imagenet' or None"):
+    with pytest.raises(pw.PullbackWidgetsError,
+                       match="weights must be 'pretrained', 'imagenet' or None"):
         load_model(weights=weights)
+
+
+def test_weights_name_the_training_data() -> None:
+    with pytest.raises(pw.PullbackWidgetsError, match="'synthetic shapes' or None for 'shapes'"):
+        load_model("shapes", weights="imagenet")
+    trained = load_model("shapes", weights="synthetic shapes")
+    for key, value in load_model("shapes").state_dict().items():
+        assert torch.equal(value, trained.state_dict()[key]), key
 
 
 def test_bad_device_argument() -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 import pullback_widgets as pw
-from pullback_widgets import ground_truth as gt
 from pullback_widgets import synthetic
+from pullback_widgets.evaluation import ground_truth as gt
 
 HERE = Path(__file__).resolve().parent
 

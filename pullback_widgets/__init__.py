@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import evaluation, synthetic
 from .ascent import AscentGrid, AscentResult, ascent_grid, pullback_ascent
 from .evaluation.methods import quantus_explain_func
 from .figures import (
@@ -49,6 +50,7 @@ __all__ = [
     "Unit",
     "ascent_frames",
     "ascent_grid",
+    "evaluation",
     "excitation_pullback",
     "imagenet_labels",
     "labelled_grid",
@@ -63,6 +65,7 @@ __all__ = [
     "signed_heatmap",
     "signed_range",
     "soft_gating",
+    "synthetic",
     "temperature_strip",
     "topk_bar",
 ]

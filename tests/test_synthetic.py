@@ -18,8 +18,8 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 import pullback_widgets as pw
-from pullback_widgets import ground_truth as gt
 from pullback_widgets import synthetic
+from pullback_widgets.evaluation import ground_truth as gt
 from pullback_widgets.evaluation import random_attribution
 from pullback_widgets.validation import PullbackWidgetsError, PullbackWidgetsTypeError
 
@@ -302,8 +302,8 @@ def test_small_benchmark(model) -> None:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     result = gt.ground_truth_benchmark(model, n=64, seed=1)
     assert result.accuracy >= 0.9 and result.n == 64
-    assert {"gradient", "random", "grad-cam", "integrated gradients", "smoothgrad",
-            "guided backprop", "pullback sigmoid T=0.3", "pullback normal_cdf T=1"} \
+    assert {"gradient", "random", "gradcam", "integrated_gradients", "smoothgrad",
+            "guided_backprop", "pullback sigmoid T=0.3", "pullback normal_cdf T=1"} \
         <= set(result.methods)
     chance = result.interval("random", "auc")
     assert chance.low < 0.5 < chance.high

@@ -18,9 +18,9 @@ Metrics, one value per image (B,):
   0.5 is chance.
 
 :func:`ground_truth_benchmark` runs methods (the adapters of
-:func:`~pullback_widgets.evaluation.method_registry`, plus Grad-CAM and the random control)
-over n images and returns a :class:`GroundTruthResult`: means with 95% intervals, and paired
-differences against a reference method.
+:func:`~pullback_widgets.evaluation.method_registry`, which include the random control, plus
+Grad-CAM) over n images and returns a :class:`GroundTruthResult`: means with 95% intervals,
+and paired differences against a reference method.
 """
 
 from __future__ import annotations
@@ -34,18 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import synthetic
-from .evaluation import (
-    Explainer,
-    _average_ranks,
-    method_registry,
-    pullback_method,
-    pullback_name,
-    random_attribution,
-    ranking_map,
-)
-from .model_helpers import evaluation_mode, predict
-from .validation import PullbackWidgetsError, check_index, check_model, check_positive
+from .. import synthetic
+from ..model_helpers import evaluation_mode, predict
+from ..validation import PullbackWidgetsError, check_index, check_model, check_positive
+from .methods import method_registry, pullback_method, pullback_name
+from .metrics import Explainer, _average_ranks, ranking_map
 
 __all__ = [
     "METRICS",
@@ -57,6 +50,7 @@ __all__ = [
     "mask_auc",
     "mask_mass",
     "pointing_game",
+    "temperature_curve_methods",
 ]
 
 METRICS = ("mass", "pointing", "auc")
@@ -166,17 +160,16 @@ def grad_cam(layer: str) -> Explainer:
 def ground_truth_methods(model: nn.Module, *, temperatures: Sequence[float] = TABLE_TEMPERATURES,
                          gates: Sequence[str] = GATES, cam_layer: str | None = None,
                          captum: bool | None = None) -> dict[str, Explainer]:
-    """The benchmark's methods: :func:`~pullback_widgets.evaluation.method_registry`'s (pullbacks
-    at ``temperatures`` × ``gates``, gradient, gradient × input and, with Captum, guided
-    backprop, integrated gradients, SmoothGrad, guided Grad-CAM), then ``"grad-cam"`` at
-    ``cam_layer`` (default the last Conv2d) and the ``"random"`` control."""
+    """The benchmark's methods: :func:`~pullback_widgets.evaluation.method_registry`'s
+    (pullbacks at ``temperatures`` × ``gates``, gradient, gradient_x_input, the random control
+    and, with Captum, guided backprop, integrated gradients, SmoothGrad, guided Grad-CAM), and
+    ``"gradcam"`` at ``cam_layer`` (default the last Conv2d)."""
     methods = method_registry(model, temperatures=temperatures, gates=gates, captum=captum,
                               cam_layer=cam_layer)
     # On a ReLU network Captum's guided backprop needs no ReLU6 copy: the two entries agree.
-    methods.pop("guided backprop (Captum as is)", None)
+    methods.pop("guided_backprop_captum", None)
     layer = cam_layer or [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-1]
-    methods["grad-cam"] = grad_cam(layer)
-    methods["random"] = random_attribution
+    methods["gradcam"] = grad_cam(layer)
     return methods
 
 

@@ -8,8 +8,8 @@
 - :mod:`.runner`: ``pullback-widgets evaluate`` over image folders, sharded with torchrun,
   resumable.
 
-Every public name of metrics, methods and runner is re-exported here (``from pullback_widgets.evaluation import
-deletion_auc``).
+Every public name of metrics, methods and runner is re-exported here (``from
+pullback_widgets.evaluation import deletion_auc``), and :func:`ground_truth_benchmark`.
 """
 
 from .ground_truth import ground_truth_benchmark

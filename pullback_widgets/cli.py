@@ -111,15 +111,22 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate_parser = commands.add_parser(
         "evaluate", help="score attribution methods over image files and folders (one row "
         "per image, target, method and metric); runs under torchrun as it is")
-    evaluate_parser.add_argument("paths", nargs="+", help="image files and folders (searched "
+    evaluate_parser.add_argument("paths", nargs="*", help="image files and folders (searched "
                                  "recursively)")
-    evaluate_parser.add_argument("--model", default="efficientnet_lite0", choices=sorted(MODELS))
+    evaluate_parser.add_argument("--synthetic", type=int, default=None, metavar="N",
+                                 help="instead of files: N synthetic shapes with known "
+                                      "evidence (seed --seed); default model shapes, targets "
+                                      "the labels, metrics mass pointing mask_auc")
+    evaluate_parser.add_argument("--seed", type=int, default=0,
+                                 help="seed of the synthetic shapes and of the metrics' noise")
+    evaluate_parser.add_argument("--model", default=None, choices=sorted(MODELS),
+                                 help="default efficientnet_lite0; shapes with --synthetic")
     evaluate_parser.add_argument("--methods", nargs="+", default=["gradient", "pullback",
                                                                    "random"],
                                  help=f"stable method names: {', '.join(METHODS)}")
-    evaluate_parser.add_argument("--metrics", nargs="+",
-                                 default=["deletion", "insertion", "infidelity"],
-                                 help=f"{', '.join(METRICS)}")
+    evaluate_parser.add_argument("--metrics", nargs="+", default=None,
+                                 help=f"{', '.join(METRICS)} (default deletion insertion "
+                                      "infidelity; mass pointing mask_auc with --synthetic)")
     evaluate_parser.add_argument("--targets", default=None,
                                  help="predicted (default), top-K (e.g. top-5), or label "
                                       "(default with --labels-from-folders)")
@@ -261,10 +268,17 @@ def _run(args: argparse.Namespace) -> int:
 
         return serve_classroom(args.notebook, port=args.port, open_browser=args.open)
     if args.command == "evaluate":
+        synthetic = args.synthetic is not None
+        if not args.paths and not synthetic:
+            raise PullbackWidgetsError("give image files or folders, or --synthetic N")
+        metrics = args.metrics or (["mass", "pointing", "mask_auc"] if synthetic
+                                   else ["deletion", "insertion", "infidelity"])
         run_command(args.paths, out=args.out, resume=args.resume,
                     labels_from_folders=args.labels_from_folders, limit=args.limit,
-                    targets=args.targets, model=args.model, methods=tuple(args.methods),
-                    metrics=tuple(args.metrics), temperature=args.temperature,
+                    targets=args.targets, synthetic_images=args.synthetic, seed=args.seed,
+                    model=args.model or ("shapes" if synthetic else "efficientnet_lite0"),
+                    methods=tuple(args.methods), metrics=tuple(metrics),
+                    temperature=args.temperature,
                     gate=args.gate, pool_weights=args.pool_weights,
                     batch_size=args.batch_size, image_size=args.image_size)
         return 0

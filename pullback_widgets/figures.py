@@ -32,6 +32,7 @@ __all__ = [
     "fit_width",
     "labelled_grid",
     "magnitude_overlay",
+    "mask_outline",
     "rgb_difference",
     "rgb_difference_image",
     "shared_signed_range",
@@ -327,6 +328,20 @@ def _check_labels(labels: Sequence[str] | None, n: int, name: str) -> list[str] 
 
 
 # --------------------------------------------------------------------------- builders
+
+
+def mask_outline(figure: go.Figure, mask: Any, *, color: str = "#00e676") -> go.Figure:
+    """``figure`` with the outline of ``mask`` (bool (H, W), e.g. the evidence of a synthetic
+    image) drawn over its first panel: a contour at 0.5 of the mask as 0/1, in pixel
+    coordinates, so it lies on the pixels of a heatmap or image of the same (H, W)."""
+    z = _raw_array(mask, "mask")
+    if z.ndim != 2 or z.dtype != bool:
+        raise ValueError(f"mask must be a bool array (H, W), got {z.dtype} {z.shape}")
+    figure.add_trace(go.Contour(
+        z=z.astype(np.float32), contours=dict(start=0.5, end=0.5, size=1, coloring="none"),
+        line=dict(color=color, width=2), showscale=False, hoverinfo="skip",
+        name="evidence mask"))
+    return figure
 
 
 def signed_heatmap(

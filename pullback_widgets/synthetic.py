@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -279,7 +280,7 @@ def train(*, steps: int = 1200, batch_size: int = 64, learning_rate: float = 3e-
     ``learning_rate``; batch k comes from the training stream of ``seed``, never from a
     :func:`make_dataset` seed. Returns the bare network in eval mode and its provenance: seed,
     steps, batch size, accuracy on ``make_dataset(test_size, seed=TEST_SEED)``, wall time in
-    seconds and the torch thread count.
+    seconds, the torch thread count and the machine's 15-minute load average at the end.
     """
     steps = check_index(steps, "steps", minimum=1)
     batch_size = check_index(batch_size, "batch_size", minimum=2)
@@ -313,6 +314,9 @@ def train(*, steps: int = 1200, batch_size: int = 64, learning_rate: float = 3e-
         "test_accuracy": accuracy(net, test_images, test_labels),
         "train_seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
+        # Wall time means little without it on a shared machine.
+        "load_average_15min": round(os.getloadavg()[2], 1) if hasattr(os, "getloadavg")
+        else None,
     }
     return net, provenance
 

@@ -41,6 +41,7 @@ from .methods import method_registry, pullback_method, pullback_name
 from .metrics import Explainer, _average_ranks, ranking_map
 
 __all__ = [
+    "MASK_METRICS",
     "METRICS",
     "GroundTruthResult",
     "Interval",
@@ -53,9 +54,9 @@ __all__ = [
     "temperature_curve_methods",
 ]
 
-METRICS = ("mass", "pointing", "auc")
+METRICS = ("mass", "pointing", "mask_auc")
 METRIC_TITLES = {"mass": "mass inside the mask", "pointing": "pointing game",
-                 "auc": "mask ROC AUC"}
+                 "mask_auc": "mask ROC AUC"}
 # The pointing game's blur: about a quarter of the smallest object's radius (9 px at 64 px),
 # so that one stray pixel cannot outvote a region.
 POINTING_SIGMA = 2.0
@@ -126,7 +127,8 @@ def mask_auc(attribution: Tensor, masks: Tensor) -> Tensor:
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-_METRIC_FUNCTIONS = {"mass": mask_mass, "pointing": pointing_game, "auc": mask_auc}
+# Metric name -> function(attribution (B, C, H, W), masks bool (B, H, W)) -> (B,).
+MASK_METRICS = {"mass": mask_mass, "pointing": pointing_game, "mask_auc": mask_auc}
 
 
 # --------------------------------------------------------------------------- methods
@@ -164,8 +166,10 @@ def ground_truth_methods(model: nn.Module, *, temperatures: Sequence[float] = TA
     (pullbacks at ``temperatures`` × ``gates``, gradient, gradient_x_input, the random control
     and, with Captum, guided backprop, integrated gradients, SmoothGrad, guided Grad-CAM), and
     ``"gradcam"`` at ``cam_layer`` (default the last Conv2d)."""
+    # batch_size: integrated gradients runs this many (image, step) pairs at once; at least a
+    # benchmark batch, which Captum requires.
     methods = method_registry(model, temperatures=temperatures, gates=gates, captum=captum,
-                              cam_layer=cam_layer)
+                              cam_layer=cam_layer, batch_size=256)
     # On a ReLU network Captum's guided backprop needs no ReLU6 copy: the two entries agree.
     methods.pop("guided_backprop_captum", None)
     layer = cam_layer or [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-1]
@@ -309,7 +313,7 @@ def ground_truth_benchmark(model: nn.Module, methods: Mapping[str, Explainer] | 
             attribution = explain(model, images[batch], labels[batch]).detach()
             for metric in METRICS:
                 scores[name][metric].append(
-                    _METRIC_FUNCTIONS[metric](attribution, masks[batch]).cpu())
+                    MASK_METRICS[metric](attribution, masks[batch]).cpu())
     return GroundTruthResult(
         {name: {metric: torch.cat(parts) for metric, parts in per.items()}
          for name, per in scores.items()}, accuracy, n, seed)
@@ -330,7 +334,7 @@ def recommended_temperature(result: GroundTruthResult, gate: str = "sigmoid",
     if missing:
         raise PullbackWidgetsError(f"the result has no {missing[0]!r}: run the benchmark with "
                                    "temperature_curve_methods()")
-    return max(temperatures, key=lambda t: result.interval(names[t], "auc").mean)
+    return max(temperatures, key=lambda t: result.interval(names[t], "mask_auc").mean)
 
 
 def curve_table(result: GroundTruthResult, gates: Sequence[str] = GATES,
@@ -357,7 +361,7 @@ def verdict(result: GroundTruthResult, reference: str = "gradient",
                      + (", ".join(winners) if winners else "none") + "; not: "
                      + (", ".join(losers) if losers else "none") + ".")
     ranked = sorted((m for m in result.methods if m not in (reference, control)),
-                    key=lambda m: result.difference(m, reference, "auc").mean, reverse=True)
+                    key=lambda m: result.difference(m, reference, "mask_auc").mean, reverse=True)
     for method in ranked[:3]:
         cells = ", ".join(f"{METRIC_TITLES[metric]} "
                           f"{result.difference(method, reference, metric):+.3f}"

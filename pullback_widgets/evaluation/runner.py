@@ -24,7 +24,9 @@ under ``torchrun`` (one process per GPU or CPU slot, ``gloo`` on CPU, ``nccl`` o
 Metrics (:data:`METRICS`), each one value per (image, target, method):
 ``deletion`` / ``insertion`` (AUC, blur baseline), ``infidelity`` (logit²,
 normalised), ``ascent_gain`` (logit), ``randomisation`` (Spearman ρ of |attribution| with the
-attribution on a fully re-initialised copy of the model: :func:`~.metrics.randomised_copy`).
+attribution on a fully re-initialised copy of the model: :func:`~.metrics.randomised_copy`);
+for items with an evidence mask (:func:`synthetic_items`), ``mass``, ``pointing`` and
+``mask_auc`` (:mod:`.ground_truth`).
 """
 
 from __future__ import annotations
@@ -49,12 +51,14 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .. import synthetic
 from ..gates import POOL_WEIGHTS
 from ..images import load_image
 from ..labels import find_class
 from ..model_helpers import predict
 from ..session import PullbackSession
 from ..validation import PullbackWidgetsError, PullbackWidgetsTypeError, check_index, suggest
+from .ground_truth import MASK_METRICS
 from .methods import Explainer, build_method, check_methods
 from .metrics import (
     ascent_gain,
@@ -77,12 +81,13 @@ __all__ = [
     "read_rows",
     "run_command",
     "summarise",
+    "synthetic_items",
 ]
 
 COLUMNS = ("image", "target", "method", "metric", "value")
 # metric -> True where higher is better
 METRICS = {"deletion": False, "insertion": True, "infidelity": False, "ascent_gain": True,
-           "randomisation": False}
+           "randomisation": False, "mass": True, "pointing": True, "mask_auc": True}
 OUTPUT_SUFFIXES = (".csv", ".parquet")
 _PART_SUFFIX = ".csv"
 
@@ -180,6 +185,15 @@ def folder_items(paths: Sequence[str | os.PathLike], *, labels_from_folders: boo
         except ValueError as error:
             raise PullbackWidgetsError(f"folder {folder!r}: {error}") from None
     return [Item(str(f), f, label=labels[f.parent.name]) for f in files]
+
+
+def synthetic_items(n: int, *, seed: int = 0, size: int = synthetic.INPUT_SIZE) -> list[Item]:
+    """The ``n`` images of :func:`pullback_widgets.synthetic.make_dataset` as items
+    ``shapes-s{seed}-{i:06d}`` with their labels and evidence masks (for ``targets="label"``
+    and the mask metrics). Held in memory: about 50 KB per 64 px image."""
+    images, labels, masks = synthetic.make_dataset(n, size=size, seed=seed)
+    return [Item(f"shapes-s{seed}-{i:06d}", images[i], label=int(labels[i]), mask=masks[i])
+            for i in range(n)]
 
 
 # --------------------------------------------------------------------------- settings
@@ -416,6 +430,8 @@ def _metric_value(metric: str, batch: _Batch, explain: Explainer,
     if metric == "randomisation":
         after = explain(batch.randomised, x, classes).detach()
         return spearman(attribution.sum(1).abs(), after.sum(1).abs())
+    if metric in MASK_METRICS:
+        return MASK_METRICS[metric](attribution, batch.masks)
     raise AssertionError(metric)  # check_metrics lets no other name through
 
 
@@ -652,6 +668,10 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
     if settings.top_k() is None and any(item.label is None for item in items):
         raise PullbackWidgetsError("targets='label' needs a label for every image "
                                    "(--labels-from-folders)")
+    needs_mask = [m for m in settings.metrics if m in MASK_METRICS]
+    if needs_mask and any(item.mask is None for item in items):
+        raise PullbackWidgetsError(f"metric(s) {', '.join(needs_mask)} need an evidence mask "
+                                   "for every image (--synthetic N)")
     world = _join_world()
     try:
         if model is None:
@@ -810,24 +830,35 @@ def summarise(rows: Sequence[Row], settings: EvaluationSettings, *, images: int,
 def run_command(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike,
                 resume: bool = False, labels_from_folders: bool = False,
                 limit: int | None = None, targets: str | None = None,
-                image_size: int | None = None, **settings: object) -> RunReport | None:
+                image_size: int | None = None, synthetic_images: int | None = None,
+                **settings: object) -> RunReport | None:
     """``pullback-widgets evaluate``: check everything, then :func:`evaluate` the files under
-    ``paths`` and print the summary (rank 0). ``targets=None``: each image's label with
-    ``labels_from_folders``, else the predicted class. ``image_size=None``: the model's.
-    ``settings``: the other fields of :class:`EvaluationSettings`."""
-    from ..models import MODELS, imagenet_labels  # every registered model is for ImageNet
+    ``paths`` (or, with ``synthetic_images=N``, the first N synthetic shapes of seed
+    ``settings["seed"]``, with their masks) and print the summary (rank 0).
+    ``targets=None``: each image's label with ``labels_from_folders`` or synthetic images,
+    else the predicted class. ``image_size=None``: the model's. ``settings``: the other
+    fields of :class:`EvaluationSettings`."""
+    from ..models import MODELS
 
+    if synthetic_images is not None and (paths or labels_from_folders):
+        raise PullbackWidgetsError("give image paths or --synthetic N, not both")
     if targets is None:
-        targets = "label" if labels_from_folders else "predicted"
+        targets = "label" if labels_from_folders or synthetic_images else "predicted"
     model = settings.get("model", EvaluationSettings.model)
     if image_size is None and model in MODELS:
         image_size = MODELS[model].input_size
     run_settings = EvaluationSettings(targets=targets, image_size=image_size, **settings)
     check_methods(list(run_settings.methods))
     checked = check_output(out, resume)
-    own = [checked, _settings_path(checked), summary_path(checked), _parts_dir(checked)]
-    items = folder_items(paths, labels_from_folders=labels_from_folders,
-                         class_names=imagenet_labels(), limit=limit, exclude=own)
+    if synthetic_images is not None:
+        count = check_index(synthetic_images, "--synthetic", 1)
+        items = synthetic_items(count if limit is None else min(count, limit),
+                                seed=run_settings.seed, size=run_settings.image_size)
+    else:
+        own = [checked, _settings_path(checked), summary_path(checked), _parts_dir(checked)]
+        items = folder_items(paths, labels_from_folders=labels_from_folders,
+                             class_names=MODELS[model].labels() if model in MODELS else None,
+                             limit=limit, exclude=own)
     report = evaluate(items, run_settings, checked, resume=resume)
     if report is not None:
         print(report.summary)

@@ -21,6 +21,7 @@ import torch
 import pullback_widgets as pw
 from pullback_widgets import synthetic
 from pullback_widgets.evaluation import ground_truth as gt
+from pullback_widgets.evaluation import pullback_name
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,6 +36,8 @@ def report(n: int, seed: int) -> str:
     main = gt.GroundTruthResult({m: result.scores[m] for m in table_methods}, result.accuracy,
                                 result.n, result.seed)
     best = gt.recommended_temperature(result)
+    model_default = model.default_temperature
+    default = model_default if pullback_name(model_default) in table_methods else best
     load = os.getloadavg()[2] if hasattr(os, "getloadavg") else float("nan")
     return "\n".join([
         "# Ground truth: which method finds the object?",
@@ -67,6 +70,10 @@ def report(n: int, seed: int) -> str:
         "## Paired differences against the random control",
         "",
         main.difference_table("random"),
+        "",
+        f"## Paired differences against the pullback at the default T = {default:g}",
+        "",
+        main.difference_table(pullback_name(default)),
         "",
         "## Temperature curve of the pullback",
         "",

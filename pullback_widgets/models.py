@@ -347,7 +347,7 @@ MODELS: Mapping[str, ModelSpec] = MappingProxyType(
                 input_size=64,
                 # The T of the largest mean mask AUC (sigmoid gate) in the ground-truth
                 # benchmark (benchmarks/results/ground_truth.md).
-                default_temperature=0.3,
+                default_temperature=1.0,
                 description="A small ReLU CNN (conv-BN-ReLU, max-pooling, two residual "
                 "blocks; 0.12M parameters) trained on pullback_widgets.synthetic's shapes; "
                 "the weights ship inside the package.",

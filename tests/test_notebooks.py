@@ -35,6 +35,7 @@ NOTEBOOKS = (
     "04_inside_the_network.ipynb",
     "05_classroom.ipynb",
     "06_paper_models.ipynb",
+    "07_ground_truth.ipynb",
 )
 # Each takes 10-25 s on an idle 2-core machine; the limit leaves room for a busy CI runner and
 # still stops a hung cell.
@@ -55,7 +56,7 @@ assert len(ascent.result.images) == 4  # the start and three steps
 assert grid.gains.shape == (3, 3)
 """,
     "05_classroom.ipynb": """
-assert len(exercises) == 5
+assert len(exercises) == 6
 for ex in exercises:
     ex.choices.value = next(option for option in ex.choices.options if option != ex.correct)
     assert "✗" in ex.feedback.value, ex.feedback.value
@@ -65,7 +66,7 @@ for ex in exercises:
     assert ex.evidence.children, "the experiment showed nothing"
     shown = " ".join(str(getattr(child, "value", "")) for child in ex.evidence.children)
     assert "⚠" not in shown and "running" not in shown, shown
-assert "5 / 5" in score.value, score.value
+assert "6 / 6" in score.value, score.value
 # The experiments must back the answers the exercises call correct.
 rows = re.findall(r"<td[^>]*>([^<]*)</td>", exercises[0].evidence.children[0].value)
 assert float(rows[-1]) > 0.99, rows  # T = 1e-4: pullback ~ gradient
@@ -77,9 +78,23 @@ early, late = (float(re.search(r"([\\d.]+)%", label).group(1)) for label in labe
 assert late > 5 * early, labels
 first_row = re.findall(r"<td[^>]*>([^<]*)</td>", exercises[4].evidence.children[1].value)[0]
 assert first_row == "tiger cat", first_row
+shares = dict(re.findall(r"<td[^>]*>([^<]*)</td><td[^>]*>([^<]*)</td>",
+                         exercises[5].evidence.children[1].value))
+assert max(shares, key=lambda name: float(shares[name])) == exercises[5].correct, shares
 """,
     "06_paper_models.ipynb": """
 assert models, "no model to run the notebook on"
+""",
+    "07_ground_truth.ipynb": """
+assert explorer.wait(120), "the explorer is still computing"
+assert "⚠" not in explorer.status.value, explorer.status.value
+explorer.show_evidence.value = True
+assert explorer.wait(120)
+assert any(trace.type == "contour" for trace in explorer.pullback_figure.data)
+assert result.n == 64 and result.accuracy > 0.9
+assert "random" in result.beats("gradient") or "gradient" in result.beats("random")
+assert len(rows) == 3 and all(len(row) == 6 for row in rows)
+assert classes.images.shape == (1, 4, 3, 64, 64)
 """,
 }
 CHECK_PRELUDE = "import re\n"

@@ -381,6 +381,9 @@ def test_explorer_shows_the_evidence_mask(model) -> None:
     images, _, masks = synthetic.make_dataset(1, seed=9)
     explorer = pw.PullbackExplorer(model, image=images[0], evidence=masks[0])
     assert explorer.wait(120), "the explorer is still computing"
+    assert "⚠" not in explorer.status.value, explorer.status.value
+    # Four classes, five top-class buttons: the fifth is hidden.
+    assert [b.layout.display for b in explorer.top_buttons][3:] == [None, "none"]
     assert explorer.show_evidence.layout.display is None
     # The image is the dataset's, untouched, so the mask lies on the object.
     assert torch.equal(explorer._session.inputs, images)

@@ -352,7 +352,8 @@ def curve_table(result: GroundTruthResult, gates: Sequence[str] = GATES,
 def verdict(result: GroundTruthResult, reference: str = "gradient",
             control: str = "random") -> list[str]:
     """Sentences read off the paired differences: who beats ``reference`` and ``control`` on
-    every metric (95% intervals above zero), and by how much on the mask AUC."""
+    every metric (95% intervals above zero), the best mean on each metric, and the three
+    largest gains over ``reference`` in mask AUC."""
     lines = []
     for against in (control, reference):
         winners = result.beats(against)
@@ -360,6 +361,10 @@ def verdict(result: GroundTruthResult, reference: str = "gradient",
         lines.append(f"Beat the {against} on all three metrics: "
                      + (", ".join(winners) if winners else "none") + "; not: "
                      + (", ".join(losers) if losers else "none") + ".")
+    best = [f"{METRIC_TITLES[metric]}: {top} ({result.interval(top, metric).mean:.3f})"
+            for metric in METRICS
+            for top in [max(result.methods, key=lambda m: result.interval(m, metric).mean)]]
+    lines.append("Largest mean: " + "; ".join(best) + ".")
     ranked = sorted((m for m in result.methods if m not in (reference, control)),
                     key=lambda m: result.difference(m, reference, "mask_auc").mean, reverse=True)
     for method in ranked[:3]:

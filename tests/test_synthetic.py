@@ -394,7 +394,10 @@ def test_explorer_shows_the_evidence_mask(model) -> None:
         (outline,) = [t for t in figure.data if t.type == "contour"]
         assert np.array_equal(np.asarray(outline.z) > 0.5, masks[0].numpy())
     assert "⚠" not in explorer.status.value, explorer.status.value
-    assert pw.PullbackExplorer(model, image=images[0]).show_evidence.layout.display == "none"
+    explorer.close()
+    plain = pw.PullbackExplorer(model, image=images[0])
+    assert plain.show_evidence.layout.display == "none"
+    plain.close()
     with pytest.raises(PullbackWidgetsError, match="bool mask"):
         pw.PullbackExplorer(model, image=images[0], evidence=masks[0].float())
     with pytest.raises(PullbackWidgetsError, match="input size"):

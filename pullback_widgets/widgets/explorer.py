@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import ipywidgets as w
 import numpy as np
 import plotly.graph_objects as go
+import torch
 from PIL import Image
 from torch import Tensor, nn
 
@@ -31,7 +32,7 @@ from ..images import SAMPLE_IMAGES
 from ..model_helpers import STRIP_TEMPERATURES
 from ..session import PullbackSession
 from ..targets import Unit
-from ..validation import PullbackWidgetsError, check_choice
+from ..validation import PullbackWidgetsError, PullbackWidgetsTypeError, check_choice
 from .common import (
     LOGITS,
     STYLE,
@@ -73,6 +74,7 @@ class _Request:
     channel: int
     view: str
     strip_token: int
+    evidence: bool = False
 
 
 class PullbackExplorer(w.VBox):
@@ -81,6 +83,10 @@ class PullbackExplorer(w.VBox):
     ``model``: a :func:`~pullback_widgets.load_model` name or any ``nn.Module`` taking pixel
     space [0, 1] (B, 3, H, W); ``labels``: class names, taken from the model when it has them.
     ``image``: a sample name (see ``SAMPLE_IMAGES``) or anything :func:`load_image` accepts.
+    ``evidence``: the pixels that hold the evidence in ``image``, bool (H, W), e.g. a mask of
+    :func:`pullback_widgets.synthetic.make_dataset`; then ``image`` must be a tensor (3, H, W)
+    or (1, 3, H, W) at the model's input size, used as it is (no resize, so the mask fits),
+    and a "Show the evidence mask" toggle draws the mask's outline on the heatmaps.
 
     The explorer shows at once and loads the model and the photo on its worker thread, saying
     so in its status line. :meth:`close` stops the worker, closes every widget it made and
@@ -90,6 +96,7 @@ class PullbackExplorer(w.VBox):
     def __init__(self, model: str | nn.Module = "efficientnet_lite0",
                  image: object = "coffee", *, labels: Sequence[str] | None = None,
                  temperature: float | None = None, gate: str = "sigmoid",
+                 evidence: Tensor | None = None,
                  max_upload_bytes: int = MAX_UPLOAD_BYTES,
                  max_upload_pixels: int = MAX_UPLOAD_PIXELS) -> None:
         source = model_source(model, temperature)
@@ -98,7 +105,13 @@ class PullbackExplorer(w.VBox):
         self.labels: list[str] = []
         self.input_size = source.input_size
         self.max_upload_bytes, self.max_upload_pixels = max_upload_bytes, max_upload_pixels
-        first_key, first_image = load_choice(image, self.input_size, lazy=True)
+        self._evidence: dict[str, Tensor] = {}  # image key -> its evidence mask (H, W)
+        if evidence is None:
+            first_key, first_image = load_choice(image, self.input_size, lazy=True)
+        else:
+            first_key = "image with evidence"
+            first_image, self._evidence[first_key] = _image_with_evidence(
+                image, evidence, self.input_size)
         self._images: dict[str, Tensor | None] = {first_key: first_image}
         self._images.update({name: None for name in SAMPLE_IMAGES if name != first_key})
         self._session: PullbackSession | None = None
@@ -127,6 +140,9 @@ class PullbackExplorer(w.VBox):
         self.view = w.ToggleButtons(description="View", options=list(VIEWS), style=STYLE)
         self.strip_button = w.Button(description="Temperature strip", icon="sliders",
                                      layout=w.Layout(width="auto"))
+        self.show_evidence = w.Checkbox(
+            description="Show the evidence mask", value=False, indent=False,
+            layout=w.Layout(width="auto", display=None if self._evidence else "none"))
         self._status = StatusLine()
         self.status = self._status.widget
         self.photo = w.Image(format="png", layout=w.Layout(width=f"{PHOTO_SIDE_PX}px",
@@ -141,7 +157,7 @@ class PullbackExplorer(w.VBox):
             button.on_click(self._choose_top_class)
         self.upload.observe(self._on_upload, names="value")
         for control in (self.image, self.target, self.temperature, self.gate, self.layer,
-                        self.channel, self.view):
+                        self.channel, self.view, self.show_evidence):
             control.observe(self._on_change, names="value")
         self.strip_button.on_click(self._on_strip)
 
@@ -154,7 +170,7 @@ class PullbackExplorer(w.VBox):
             self.view,
             w.HBox([w.VBox([w.Label("Photo"), self.photo]), self.pullback_figure,
                     self.gradient_figure], layout=w.Layout(flex_flow="row wrap")),
-            w.HBox([self.strip_button]),
+            w.HBox([self.strip_button, self.show_evidence]),
             self.strip_box,
             self.status,
         ])
@@ -172,7 +188,7 @@ class PullbackExplorer(w.VBox):
                         "" if typed == self._auto_target else typed,
                         float(f"{self.temperature.value:.12g}"), self.gate.value,
                         self.layer.value, self.channel.value, self.view.value,
-                        self._strip_token)
+                        self._strip_token, self.show_evidence.value)
 
     def _submit(self, request: _Request, announce: bool = True) -> None:
         if request == self._submitted:  # e.g. the Target box now names the class drawn
@@ -312,17 +328,19 @@ class PullbackExplorer(w.VBox):
         pullback = session.pullback(target, temperature=request.temperature,
                                     gate=request.gate)[0]
         image = self._images[request.image_key][0]
+        mask = self._evidence.get(request.image_key) if request.evidence else None
         what = f"{self.labels[target_class]}" if request.layer == LOGITS else \
             f"{request.layer} channel {request.channel}"
         plain = session.gated_calls == 0
         title = f"Plain gradient of {what} (nothing to gate)" if plain else \
             f"Pullback of {what} (T = {request.temperature:.3g}, {request.gate})"
-        sync_figure(self.pullback_figure, _view_figure(request.view, image, pullback, title))
-        shown = (request.image_key, target, request.view)
+        sync_figure(self.pullback_figure, _view_figure(request.view, image, pullback, title,
+                                                       mask))
+        shown = (request.image_key, target, request.view, mask is not None)
         if shown != self._gradient_shown:  # the plain gradient does not depend on T or gate
             gradient = session.pullback(target, gate="hard")[0]
             sync_figure(self.gradient_figure, _view_figure(
-                request.view, image, gradient, f"Plain gradient of {what}"))
+                request.view, image, gradient, f"Plain gradient of {what}", mask))
             self._gradient_shown = shown
         if request.strip_token != self._strip_done:
             strip_gate = "sigmoid" if request.gate == "hard" else request.gate
@@ -364,11 +382,32 @@ class PullbackExplorer(w.VBox):
         super().close()
 
 
-def _view_figure(view: str, image: Tensor, attribution: Tensor, title: str) -> go.Figure:
+def _view_figure(view: str, image: Tensor, attribution: Tensor, title: str,
+                 mask: Tensor | None = None) -> go.Figure:
     if view == "magnitude overlay":
-        return figures.magnitude_overlay(image, attribution, title=title)
-    if view == "RGB":
-        return figures.rgb_difference(attribution, title=title)
-    # Relative to the map's own scale: the gradient is often tens of times larger than a
-    # pullback, so on raw values one of the two panels would look blank.
-    return figures.signed_heatmap(figures.relative_map(attribution), zmax=1.0, title=title)
+        figure = figures.magnitude_overlay(image, attribution, title=title)
+    elif view == "RGB":
+        figure = figures.rgb_difference(attribution, title=title)
+    else:
+        # Relative to the map's own scale: the gradient is often tens of times larger than a
+        # pullback, so on raw values one of the two panels would look blank.
+        figure = figures.signed_heatmap(figures.relative_map(attribution), zmax=1.0,
+                                        title=title)
+    return figure if mask is None else figures.mask_outline(figure, mask)
+
+
+def _image_with_evidence(image: object, evidence: object, size: int) -> tuple[Tensor, Tensor]:
+    """(image (1, 3, size, size), mask (size, size) bool), checked, for the ``evidence``
+    option: the image is taken as it is, so that the mask's pixels stay on the object's."""
+    if not isinstance(image, Tensor) or not isinstance(evidence, Tensor):
+        raise PullbackWidgetsTypeError("with evidence=, image and evidence must be tensors")
+    batch = image.unsqueeze(0) if image.dim() == 3 else image
+    if batch.shape != (1, 3, size, size) or not batch.is_floating_point():
+        raise PullbackWidgetsError(f"with evidence=, image must be float (3, {size}, {size}) "
+                                   f"(the model's input size), got {tuple(image.shape)}")
+    if not torch.isfinite(batch).all() or batch.min() < 0 or batch.max() > 1:
+        raise PullbackWidgetsError("image must be in pixel space [0, 1]")
+    if evidence.shape != (size, size) or evidence.dtype != torch.bool:
+        raise PullbackWidgetsError(f"evidence must be a bool mask ({size}, {size}), got "
+                                   f"{evidence.dtype} {tuple(evidence.shape)}")
+    return batch.detach().float(), evidence.detach().cpu()

@@ -449,6 +449,7 @@ class _World:
     size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     initialised: bool = False
+    owned: bool = False  # this run started the process group, so it ends it
 
     def gather(self, value: object) -> list[object]:
         if not self.initialised:
@@ -480,9 +481,10 @@ def _join_world() -> _World:
         device = torch.device("cpu")
     if size == 1:
         return _World(0, 1, device)
-    if not torch.distributed.is_initialized():
+    owned = not torch.distributed.is_initialized()
+    if owned:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return _World(rank, size, device, initialised=True)
+    return _World(rank, size, device, initialised=True, owned=owned)
 
 
 # --------------------------------------------------------------------------- the run
@@ -711,7 +713,7 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
                                         "notices": list(notices)})
         return RunReport(rows, summary, evaluated, skipped, seconds)
     finally:
-        if world.initialised:
+        if world.owned:
             torch.distributed.destroy_process_group()
 
 

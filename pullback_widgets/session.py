@@ -236,11 +236,13 @@ class PullbackSession:
         activation = state.activations[target.layer]
         return activation, unit_seed(target, activation, self.token_grid)
 
-    def _backward(self, targets: Sequence[Target], call: GateSettings, batched: bool) -> Tensor:
+    def _backward(self, targets: Sequence[Target], call: GateSettings, batched: bool,
+                  retain_graph: bool = True) -> Tensor:
         """Pullbacks (k, B, C, H, W) of ``targets`` under ``call``'s settings.
 
         Everything that can fail on bad input (a new forward for new layers, the seeds) runs
-        before the session's state changes.
+        before the session's state changes. ``retain_graph=False`` frees the graph as the
+        backward goes (less peak memory); the session is then spent.
         """
         with self._lock:
             state = self._state_for(targets)
@@ -249,7 +251,7 @@ class PullbackSession:
             self._live.assign(call)
             try:
                 with _autograd_on():
-                    grads = self._grads(state, seeds, batched)
+                    grads = self._grads(state, seeds, batched, retain_graph)
             finally:
                 self._live.assign(self.settings)
         if grads is None:
@@ -258,9 +260,9 @@ class PullbackSession:
 
     @staticmethod
     def _grads(state: _Forward, seeds: list[tuple[Tensor, Tensor]],
-               batched: bool) -> Tensor | None:
+               batched: bool, retain_graph: bool) -> Tensor | None:
         if not batched:
-            grads = [torch.autograd.grad(output, state.input, seed, retain_graph=True,
+            grads = [torch.autograd.grad(output, state.input, seed, retain_graph=retain_graph,
                                          allow_unused=True)[0] for output, seed in seeds]
             return None if any(g is None for g in grads) else torch.stack(grads)
         outputs: list[Tensor] = []
@@ -269,7 +271,7 @@ class PullbackSession:
                 outputs.append(output)
         stacked = [torch.stack([seed if out is output else torch.zeros_like(output)
                                 for out, seed in seeds]) for output in outputs]
-        (grads,) = torch.autograd.grad(outputs, state.input, stacked, retain_graph=True,
+        (grads,) = torch.autograd.grad(outputs, state.input, stacked, retain_graph=retain_graph,
                                        is_grads_batched=True, allow_unused=True)
         return grads
 
@@ -329,7 +331,8 @@ def excitation_pullback(model: nn.Module, inputs: Tensor, target: Target, *,
                               temperature_mode=temperature_mode,
                               attention_weights=attention_weights, pool_weights=pool_weights,
                               layers=layers)
-    return session.pullback(target)
+    # One backward of a session nobody else sees: let it free the graph as it goes.
+    return session._backward([target], session.settings, batched=False, retain_graph=False)[0]
 
 
 class ExcitationPullback:

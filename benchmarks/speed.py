@@ -1,16 +1,30 @@
-"""Speed of the engine, as ratios measured in one run (CPU by default; --device cuda too).
+"""Speed and memory of a one-shot pullback against a plain input gradient, as ratios of one run.
 
-    python benchmarks/speed.py [--models resnet50 efficientnet_lite0] [--batches 1 8]
-                               [--repeats 7] [--out benchmarks/results/speed.md]
+    python benchmarks/speed.py [--device cpu|cuda] [--models resnet50 efficientnet_lite0]
+                               [--batches 1 8] [--repeats 7] [--session] [--out FILE]
 
-Each figure is the median of ``--repeats`` timings, the methods interleaved so that machine noise
-hits them alike. Ratios, not seconds, are what to compare across machines.
+r1 = excitation_pullback ÷ plain input gradient (goal ≤ 1.10), on (batch, 3, 224, 224) inputs,
+ResNet-50 with random weights and EfficientNet-Lite0 with its packaged ImageNet weights (random
+weights, with a note, where that package is missing): nothing is downloaded. The two methods are
+interleaved, alternating which goes first, so machine noise hits them alike; r1 is the median of
+the per-repeat ratios, with their range, in wall-clock time and in the process's CPU time (all
+threads; less sensitive to waiting for a core on a shared machine, though not to cache
+contention). ``--session`` adds the session columns (an update at a
+new temperature, 5 targets batched and looped). Memory: the peak of one pullback against one
+gradient, each in a fresh process on CPU (peak RSS, whole process and above the loaded model),
+``torch.cuda.max_memory_allocated`` on CUDA. Ratios, not seconds, are what to compare across
+machines.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,85 +33,176 @@ import torch
 
 import pullback_widgets as pw
 
-
-def _timed(fn: Callable[[], object], device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+MODELS = ("resnet50", "efficientnet_lite0")
 
 
-def _plain_gradient(model, x, target):
+def load(name: str, device: str) -> tuple[torch.nn.Module, str]:
+    """(model, how its weights were made): Lite0 from the weights package, others random."""
+    if name == "efficientnet_lite0":
+        try:
+            return pw.load_model(name, weights="imagenet", device=device), "ImageNet"
+        except pw.models.WeightsUnavailableError:
+            pass
+    return pw.load_model(name, weights=None, device=device), "random"
+
+
+def plain_gradient(model, x: torch.Tensor, target: int) -> torch.Tensor:
     x = x.clone().requires_grad_()
     (grad,) = torch.autograd.grad(model(x)[:, target].sum(), x)
     return grad
 
 
-def measure(model, batch: int, repeats: int, device: str) -> dict[str, float]:
-    """Median seconds of each operation on a (batch, 3, 224, 224) input."""
+def _operations(model, x: torch.Tensor, session_columns: bool) -> dict[str, Callable]:
+    temperature = pw.model_helpers.default_temperature(model)
+    operations = {
+        "gradient": lambda: plain_gradient(model, x, 1),
+        "pullback": lambda: pw.excitation_pullback(model, x, 1, temperature=temperature),
+    }
+    if session_columns:
+        session = pw.PullbackSession(model, x, temperature=temperature)
+        operations.update({
+            "session update": lambda: session.pullback(1, temperature=temperature * 1.01),
+            "5 targets batched": lambda: session.pullbacks([1, 2, 3, 4, 5], batched=True),
+            "5 targets loop": lambda: session.pullbacks([1, 2, 3, 4, 5], batched=False),
+        })
+    return operations
+
+
+def _timed(fn: Callable[[], object], device: str) -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of this process) of one call."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def measure(model, batch: int, repeats: int, device: str,
+            session_columns: bool = False) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) seconds of each operation per repeat, the operations interleaved, their
+    order alternating from one repeat to the next."""
     torch.manual_seed(0)
     x = torch.rand(batch, 3, 224, 224, device=device)
-    temperature = pw.model_helpers.default_temperature(model)
-    session = pw.PullbackSession(model, x, temperature=temperature)
-    targets = [1, 2, 3, 4, 5]
-    operations = {
-        "gradient": lambda: _plain_gradient(model, x, 1),
-        "pullback": lambda: pw.excitation_pullback(model, x, 1, temperature=temperature),
-        "session update": lambda: session.pullback(1, temperature=temperature * 1.01),
-        "5 targets batched": lambda: session.pullbacks(targets, batched=True),
-        "5 targets loop": lambda: session.pullbacks(targets, batched=False),
-    }
+    operations = _operations(model, x, session_columns)
     for fn in operations.values():  # warm-up
         fn()
-    times: dict[str, list[float]] = {name: [] for name in operations}
-    for _ in range(repeats):
-        for name, fn in operations.items():
-            times[name].append(_timed(fn, device))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in operations}
+    names = list(operations)
+    for repeat in range(repeats):
+        for name in (names if repeat % 2 == 0 else names[::-1]):
+            times[name].append(_timed(operations[name], device))
+    return times
 
 
-def _peak_rss_mb() -> float:
-    import resource
+def peak_memory(name: str, batch: int, method: str, device: str) -> dict[str, float]:
+    """Peak memory (MB) of one ``method`` call: ``peak`` and ``above_model`` (the peak less
+    what the process held before the call)."""
+    if device == "cpu":  # RSS never shrinks within a process: one fresh process per figure
+        probe = subprocess.run(
+            [sys.executable, __file__, "--memory-probe", name, str(batch), method],
+            capture_output=True, text=True, check=True, env=os.environ.copy())
+        return json.loads(probe.stdout.strip().splitlines()[-1])
+    model, _ = load(name, device)
+    x = torch.rand(batch, 3, 224, 224, device=device)
+    operation = _operations(model, x, False)[method]
+    operation()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    operation()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return {"peak": peak / 2**20, "above_model": (peak - before) / 2**20}
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def _proc_status_mb(field: str) -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+)", status).group(1)) / 1024
 
 
-def table(rows: list[tuple[str, str, int, dict[str, float]]]) -> str:
-    lines = [
-        "| device | model | batch | gradient (ms) | pullback ÷ gradient (goal ≤ 1.10) | "
-        "session update ÷ fresh pullback (goal ≤ 0.6) | 5 targets batched ÷ one update | "
-        "5 targets loop ÷ one update |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for device, name, batch, t in rows:
-        update = t["session update"]
-        lines.append(
-            f"| {device} | {name} | {batch} | {t['gradient'] * 1e3:.0f} | "
-            f"{t['pullback'] / t['gradient']:.2f} | {update / t['pullback']:.2f} | "
-            f"{t['5 targets batched'] / update:.2f} | {t['5 targets loop'] / update:.2f} |")
+def _rss_probe(name: str, batch: int, method: str) -> None:
+    """Prints the peak RSS (MB) of one call; Linux only (it resets the peak through
+    /proc/self/clear_refs, so that loading the model does not count)."""
+    model, _ = load(name, "cpu")
+    x = torch.rand(batch, 3, 224, 224)
+    with torch.no_grad():  # the allocators' first use, outside the measured call
+        model(x)
+    operation = _operations(model, x, False)[method]
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _proc_status_mb("VmRSS")
+    operation()
+    peak = _proc_status_mb("VmHWM")
+    print(json.dumps({"peak": peak, "above_model": peak - before}))
+
+
+def _ratio_cell(numerator: list[tuple[float, float]], denominator: list[tuple[float, float]],
+                clock: int = 0) -> str:
+    """Median (range) of the per-repeat ratios; clock 0 = wall, 1 = CPU time."""
+    ratios = [a[clock] / b[clock] for a, b in zip(numerator, denominator)]
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
+def _median_ms(times: list[tuple[float, float]]) -> str:
+    return f"{statistics.median(t[0] for t in times) * 1e3:.0f}"
+
+
+def table(rows: list[dict]) -> str:
+    session = any("session update" in row["times"] for row in rows)
+    header = ("| device | model | batch | gradient ms | pullback ms | "
+              "r1 = pullback ÷ gradient, wall, median (range) | r1, CPU time | "
+              "peak memory ÷ gradient's (whole / above model) |")
+    if session:
+        header += (" session update ÷ fresh pullback | 5 targets batched ÷ update | "
+                   "5 targets loop ÷ update |")
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for row in rows:
+        t, memory = row["times"], row.get("memory")
+        memory_cell = "–" if memory is None else (
+            f"{memory['pullback']['peak'] / memory['gradient']['peak']:.2f} / "
+            f"{memory['pullback']['above_model'] / memory['gradient']['above_model']:.2f}")
+        line = (f"| {row['device']} | {row['model']} | {row['batch']} | "
+                f"{_median_ms(t['gradient'])} | {_median_ms(t['pullback'])} | "
+                f"{_ratio_cell(t['pullback'], t['gradient'])} | "
+                f"{_ratio_cell(t['pullback'], t['gradient'], clock=1)} | {memory_cell} |")
+        if session:
+            line += (f" {_ratio_cell(t['session update'], t['pullback'])} | "
+                     f"{_ratio_cell(t['5 targets batched'], t['session update'])} | "
+                     f"{_ratio_cell(t['5 targets loop'], t['session update'])} |")
+        lines.append(line)
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet50", "efficientnet_lite0"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--session", action="store_true", help="add the session columns")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--memory-probe", nargs=3, metavar=("MODEL", "BATCH", "METHOD"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    rows = []
+    if args.memory_probe:
+        _rss_probe(args.memory_probe[0], int(args.memory_probe[1]), args.memory_probe[2])
+        return ""
+    rows, notes = [], []
     for name in args.models:
-        weights = "imagenet" if name == "efficientnet_lite0" else None  # random: no download
-        model = pw.load_model(name, weights=weights, device=args.device)
+        model, weights = load(name, args.device)
+        notes.append(f"{name}: {weights} weights")
         for batch in args.batches:
-            rows.append((args.device, name, batch, measure(model, batch, args.repeats,
-                                                           args.device)))
+            row = {"device": args.device, "model": name, "batch": batch,
+                   "times": measure(model, batch, args.repeats, args.device, args.session)}
+            if not args.no_memory:
+                row["memory"] = {method: peak_memory(name, batch, method, args.device)
+                                 for method in ("gradient", "pullback")}
+            rows.append(row)
             print(table(rows[-1:]).splitlines()[-1], flush=True)
-    text = table(rows) + f"\n\nPeak RSS of the benchmark process: {_peak_rss_mb():.0f} MB.\n"
+    text = (table(rows) + f"\n\n{args.repeats} repeats; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; " + "; ".join(notes) + ".\n")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

@@ -404,7 +404,7 @@ def test_temperature_shows_the_default_exactly_and_draws_it_once(net):
     explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS)
     explorer.wait()
     slider = explorer.temperature
-    assert slider.value == 0.7 and format(slider.value, slider.readout_format) == "0.7"
+    assert slider.value == 0.7 and slider.readout_format == ".3"  # d3 then shows "0.7"
     steps = (np.log10(0.7) - slider.min) / slider.step
     assert abs(steps - round(steps)) < 1e-9  # the log grid passes through 0.7
     assert slider.base ** slider.min <= 0.01 and slider.base ** slider.max >= 10

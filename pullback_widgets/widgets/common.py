@@ -203,8 +203,9 @@ class TemperatureControl:
 
     A log slider snaps to ``min + k * step``; its grid is laid through ``value`` so that the
     model's default shows exactly (0.7, not 0.708) and is not computed a second time at the
-    snapped value. The buttons are there because in Notebook 7 the arrow keys do not reach a
-    focused slider (the notebook's shortcuts take them).
+    snapped value. The readout format ".3" (no type) trims trailing zeros in d3: "0.7", not
+    "0.700". The buttons are there because in Notebook 7 the arrow keys do not reach a focused
+    slider (the notebook's shortcuts take them).
     """
 
     STEP = 0.05  # in decades
@@ -215,7 +216,7 @@ class TemperatureControl:
         above = math.ceil((math.log10(max(high, value)) - centre) / self.STEP - 1e-9)
         self.slider = w.FloatLogSlider(
             description="Temperature", base=10, min=centre - below * self.STEP,
-            max=centre + above * self.STEP, step=self.STEP, value=value, readout_format=".3g",
+            max=centre + above * self.STEP, step=self.STEP, value=value, readout_format=".3",
             style=STYLE, layout=wide())
         self.down = w.Button(description="−", tooltip="one step colder",
                              layout=w.Layout(width="32px"))

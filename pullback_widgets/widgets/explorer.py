@@ -54,7 +54,7 @@ from .common import (
 VIEWS = ("signed heatmap", "magnitude overlay", "RGB")
 MAX_UPLOAD_BYTES = 20_000_000
 MAX_UPLOAD_PIXELS = 40_000_000
-PHOTO_SIDE_PX = 160
+PHOTO_SIDE_PX = 112  # small enough that the two maps still fit side by side
 
 
 @dataclass(frozen=True)
@@ -167,9 +167,9 @@ class PullbackExplorer(w.VBox):
                    layout=w.Layout(flex_flow="row wrap")),
             w.HBox([self.temperature_control.box, self.gate]),
             self.layer_control.box,
-            self.view,
-            w.HBox([w.VBox([w.Label("Photo"), self.photo]), self.pullback_figure,
-                    self.gradient_figure], layout=w.Layout(flex_flow="row wrap")),
+            w.HBox([self.view, w.Label("Photo:"), self.photo],
+                   layout=w.Layout(align_items="flex-end", flex_flow="row wrap")),
+            w.HBox([self.pullback_figure, self.gradient_figure]),
             w.HBox([self.strip_button, self.show_evidence]),
             self.strip_box,
             self.status,
@@ -323,6 +323,7 @@ class PullbackExplorer(w.VBox):
         target_class = parse_target(request.target_text, self.labels)
         if target_class is None:
             target_class = int(session.logits[0].argmax())
+        self._show_target(request, target_class)
         target = target_class if request.layer == LOGITS else Unit(request.layer,
                                                                   request.channel)
         pullback = session.pullback(target, temperature=request.temperature,
@@ -350,7 +351,6 @@ class PullbackExplorer(w.VBox):
                 strip, STRIP_TEMPERATURES, title=f"{what}: from gradient-like to linear"))
             self._strip_done = request.strip_token
             self.strip_box.layout.display = None
-        self._show_target(request, target_class)
         elapsed = (time.perf_counter() - started) * 1e3
         settings = "plain gradient" if plain else f"T = {request.temperature:.3g} · " \
             f"{request.gate}"

@@ -571,6 +571,27 @@ def assert_temperature_label_fully_visible(page: Page) -> None:
     )
 
 
+def assert_first_seconds(page: Page, first_checksum: str) -> None:
+    """What a newcomer sees first: the Temperature readout shows the model's default exactly
+    (0.7, not a log slider's snapped 0.708), the first heatmap is drawn once and not redrawn at
+    a snapped value, the photo is shown, the status line says when the map was drawn, the
+    Target box names the class drawn, and no Plotly mode bar covers a panel title."""
+    readout = temperature_slider(page).locator(".widget-readout").first
+    assert readout.inner_text().strip() == "0.7", readout.inner_text()
+    assert wait_for_heatmap_settled(page, quiet_ms=3000) == first_checksum
+    assert page.locator(".widget-image img, img.widget-image").first.is_visible()
+    page.locator(".widget-html", has_text="drawn in").first.wait_for(timeout=UPDATE_TIMEOUT_MS)
+    wait_for_js(page, "() => [...document.querySelectorAll('.widget-text input[list]')]"
+                ".some((box) => box.value === 'espresso (967)')", None, UPDATE_TIMEOUT_MS,
+                "The Target box does not name the class drawn (espresso)")
+    assert page.locator(".js-plotly-plot .modebar").count() == 0
+
+
+def click_temperature_step(page: Page, sign: str = "+") -> None:
+    """Click the − or + button beside the Temperature slider."""
+    page.locator(".widget-button", has_text=re.compile(rf"^\s*{re.escape(sign)}\s*$")).first.click()
+
+
 def assert_temperature_moves_heatmap(page: Page, presses: int = 3) -> None:
     """Arrow keys on the focused Temperature handle change the heatmap's z."""
     before = wait_for_heatmap_settled(page)

@@ -19,6 +19,10 @@ def test_heatmap_renders(lab_explorer):
     harness.save_screenshot(page, "jupyterlab-explorer")
 
 
+def test_first_seconds(lab_explorer):
+    harness.assert_first_seconds(lab_explorer.page, lab_explorer.first_checksum)
+
+
 def test_temperature_label_is_not_truncated(lab_explorer):
     harness.assert_temperature_label_fully_visible(lab_explorer.page)
 
@@ -26,3 +30,10 @@ def test_temperature_label_is_not_truncated(lab_explorer):
 def test_temperature_keys_change_heatmap(lab_explorer):
     harness.assert_temperature_moves_heatmap(lab_explorer.page)
     harness.save_screenshot(lab_explorer.page, "jupyterlab-explorer-temperature")
+
+
+def test_temperature_step_button_changes_heatmap(lab_explorer):
+    page = lab_explorer.page
+    before = harness.wait_for_heatmap_settled(page)
+    harness.click_temperature_step(page, "+")
+    assert harness.wait_for_heatmap_change(page, before) != before

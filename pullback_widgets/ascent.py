@@ -129,12 +129,6 @@ def _step(current: Tensor, start: Tensor, direction: Tensor, step_size: float,
     return (start + delta * unit).clamp_(0.0, 1.0)
 
 
-def _project(image: Tensor, start: Tensor, eps: float) -> Tensor:
-    """``image`` projected onto the L2 ball of radius ``eps`` around ``start``, then into
-    [0, 1]: a step of length 0 (the evaluation's ascent loop uses it)."""
-    return _step(image, start, torch.zeros_like(image), 0.0, eps)
-
-
 def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: int = 5,
                     step_size: float = 10.0, eps: float = 50.0,
                     temperature: Temperature = None, gate: str = "sigmoid",

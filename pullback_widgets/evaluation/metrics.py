@@ -38,7 +38,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torch import Tensor, nn
 
-from ..ascent import _project, _unit_l2
+from ..ascent import _step, _unit_l2
 from ..model_helpers import predict
 from ..targets import class_indices
 from ..validation import check_index, check_inputs, check_positive
@@ -417,6 +417,6 @@ def ascent_gain(model: nn.Module, x: Tensor, target: Target, explain: Explainer,
     current = x
     for _ in range(steps):
         direction = explain(model, current, classes).detach()
-        current = _project(current + step_size * _unit_l2(direction), x, eps)
+        current = _step(current, x, _unit_l2(direction), step_size, eps)
     final = _target_outputs(model, current, classes, probability=False)
     return final - logits.gather(1, classes.view(-1, 1)).squeeze(1)

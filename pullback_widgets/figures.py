@@ -503,8 +503,12 @@ def temperature_strip(
     percentile: float = 99.5,
     colorscale: str = "RdBu_r",
     title: str | None = None,
+    extra_panel: tuple[str, Any] | None = None,
 ) -> go.Figure:
     """One row of signed heatmaps of the same target at several temperatures, titled "T = 0.01".
+
+    ``extra_panel``: (title, attribution) of one more map drawn at the end of the row, on the
+    same terms (e.g. another method's map, for the classroom).
 
     By default each panel gets its own symmetric range (its ``percentile`` of ``|a|``, printed
     under it as "±zmax"): across T = 0.01 .. 10 the pullback's overall magnitude changes by
@@ -523,13 +527,17 @@ def temperature_strip(
     if any(not (np.isfinite(t) and t > 0) for t in temps):
         raise ValueError(f"temperatures must be finite and > 0, got {temps}")
     maps = [_channel_sum(a, f"attributions[{i}]") for i, a in enumerate(attributions)]
+    titles = [f"T = {t:.3g}" for t in temps]
+    if extra_panel is not None:
+        maps.append(_channel_sum(extra_panel[1], "extra_panel"))
+        titles.append(str(extra_panel[0]))
     shared = (
         _abs_percentile(np.concatenate([m.ravel() for m in maps]), percentile)
         if shared_range
         else None
     )
 
-    fig = _grid(1, len(maps), subplot_titles=[f"T = {t:.3g}" for t in temps])
+    fig = _grid(1, len(maps), subplot_titles=titles)
     for j, z in enumerate(maps):
         zmax = shared if shared is not None else _abs_percentile(z, percentile)
         fig.add_trace(

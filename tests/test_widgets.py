@@ -361,7 +361,9 @@ def test_busy_state_names_the_request_at_once_and_the_time_when_done(net):
     explorer.temperature.value = 2.0
     assert "computing" in explorer.status.value and "T = 2" in explorer.status.value
     explorer.wait()
-    assert re.search(r"T = 2 · sigmoid · drawn in \d+ ms", explorer.status.value)
+    # Each panel's time; the plain gradient does not depend on T and comes from the cache.
+    assert re.search(r"T = 2 · sigmoid · pullback \d+ ms · Plain gradient \d+ ms \(cached\) · "
+                     r"drawn in \d+ ms", explorer.status.value)
     explorer.close()
 
 

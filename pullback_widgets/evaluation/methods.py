@@ -63,6 +63,7 @@ __all__ = [
     "gradient",
     "gradient_times_input",
     "method_registry",
+    "method_settings",
     "pullback_method",
     "pullback_name",
     "quantus_explain_func",
@@ -79,9 +80,14 @@ METHODS = {
     "integrated_gradients": "Captum's integrated gradients, black baseline",
     "smoothgrad": "Captum's SmoothGrad, signed",
     "guided_gradcam": "Captum's guided Grad-CAM, last Conv2d (or cam_layer)",
+    "gradcam": "Captum's Grad-CAM (ReLU'd), last Conv2d (or cam_layer), upsampled bilinearly",
 }
 CAPTUM_METHODS = ("guided_backprop", "guided_backprop_captum", "integrated_gradients",
-                  "smoothgrad", "guided_gradcam")
+                  "smoothgrad", "guided_gradcam", "gradcam")
+# build_method's defaults, which method_settings names.
+IG_STEPS = 16
+SMOOTHGRAD_SAMPLES = 8
+SMOOTHGRAD_STD = 0.15
 
 
 # --------------------------------------------------------------------------- methods
@@ -200,6 +206,20 @@ def _captum_guided_gradcam(model, x, target, *, layer):
             inputs, target=target, interpolate_mode="bilinear").detach()
 
 
+def _captum_gradcam(model, x, target, *, layer):
+    """Grad-CAM: the layer's channels weighted by their mean gradient, summed, ReLU'd, and
+    upsampled bilinearly to the input; spread evenly over the 3 colour channels (B, 3, H, W),
+    so that its channel sum is the map."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    modules = dict(model.named_modules())
+    with evaluation_mode(model):
+        cam = LayerGradCam(model, modules[layer]).attribute(
+            x.detach(), target=target, relu_attributions=True).detach()
+    cam = LayerAttribution.interpolate(cam, tuple(x.shape[2:]), interpolate_mode="bilinear")
+    return (cam / x.shape[1]).expand(-1, x.shape[1], -1, -1).contiguous()
+
+
 def _captum_integrated_gradients(model, x, target, *, n_steps, batch_size):
     from captum.attr import IntegratedGradients
 
@@ -259,15 +279,16 @@ def check_methods(names: Sequence[str]) -> list[str]:
 def build_method(name: str, model: nn.Module, *, temperature: float | None = None,
                  gate: str = "sigmoid", temperature_mode: str = "absolute",
                  pool_temperature: float | None = None, pool_weights: str | None = None,
-                 cam_layer: str | None = None, ig_steps: int = 16,
-                 smoothgrad_samples: int = 8, smoothgrad_std: float = 0.15,
+                 cam_layer: str | None = None, ig_steps: int = IG_STEPS,
+                 smoothgrad_samples: int = SMOOTHGRAD_SAMPLES,
+                 smoothgrad_std: float = SMOOTHGRAD_STD,
                  batch_size: int = 16) -> Explainer:
     """The :data:`Explainer` a stable name (:data:`METHODS`) stands for.
 
     The pullback settings apply to ``pullback`` only. ``ig_steps`` Gauss-Legendre points for
     integrated gradients (run ``batch_size`` at a time), ``smoothgrad_samples`` draws of
-    N(0, ``smoothgrad_std``²) pixel noise for SmoothGrad (seed 0), ``cam_layer`` for guided
-    Grad-CAM (default: the model's last Conv2d).
+    N(0, ``smoothgrad_std``²) pixel noise for SmoothGrad (seed 0), ``cam_layer`` for Grad-CAM
+    and guided Grad-CAM (default: the model's last Conv2d).
     """
     (name,) = check_methods([name])
     if name == "pullback":
@@ -290,15 +311,31 @@ def build_method(name: str, model: nn.Module, *, temperature: float | None = Non
     layer = _last_conv(model) if cam_layer is None else cam_layer
     if layer not in dict(model.named_modules()):
         raise PullbackWidgetsError(f"cam_layer {layer!r} is not a module of the model")
-    return partial(_captum_guided_gradcam, layer=layer)
+    return partial(_captum_gradcam if name == "gradcam" else _captum_guided_gradcam,
+                   layer=layer)
+
+
+def method_settings(name: str, model: nn.Module, *, cam_layer: str | None = None,
+                    ig_steps: int = IG_STEPS, smoothgrad_samples: int = SMOOTHGRAD_SAMPLES,
+                    smoothgrad_std: float = SMOOTHGRAD_STD) -> str:
+    """The settings :func:`build_method` gives ``name`` with these options, in words for a
+    title ("16 steps, black baseline"); "" for methods without settings."""
+    if name == "integrated_gradients":
+        return f"{ig_steps} steps, black baseline"
+    if name == "smoothgrad":
+        return f"{smoothgrad_samples} samples, noise σ = {smoothgrad_std:g}"
+    if name in ("gradcam", "guided_gradcam"):
+        return f"layer {_last_conv(model) if cam_layer is None else cam_layer}"
+    return ""
 
 
 def method_registry(model: nn.Module, *, temperatures: Sequence[float] = (0.1, 0.3, 1.0),
                     gates: Sequence[str] = ("sigmoid", "normal_cdf"),
                     temperature_modes: Sequence[str] = ("absolute",),
                     captum: bool | None = None, cam_layer: str | None = None,
-                    ig_steps: int = 16, smoothgrad_samples: int = 8,
-                    smoothgrad_std: float = 0.15, batch_size: int = 16) -> dict[str, Explainer]:
+                    ig_steps: int = IG_STEPS, smoothgrad_samples: int = SMOOTHGRAD_SAMPLES,
+                    smoothgrad_std: float = SMOOTHGRAD_STD,
+                    batch_size: int = 16) -> dict[str, Explainer]:
     """Name -> :data:`Explainer` for the methods compared.
 
     Pullbacks for every (gate, temperature, mode), named by :func:`pullback_name`; then

@@ -27,11 +27,12 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .. import figures
+from ..evaluation.methods import CAPTUM_METHODS, build_method, captum_available, method_settings
 from ..gates import GATES
 from ..images import SAMPLE_IMAGES
 from ..model_helpers import STRIP_TEMPERATURES
 from ..session import PullbackSession
-from ..targets import Unit
+from ..targets import Target, Unit
 from ..validation import PullbackWidgetsError, PullbackWidgetsTypeError, check_choice
 from .common import (
     LOGITS,
@@ -52,6 +53,14 @@ from .common import (
 )
 
 VIEWS = ("signed heatmap", "magnitude overlay", "RGB")
+# The right-hand panel's methods: label -> the evaluation's method name, so that what the
+# explorer shows is what `pullback-widgets evaluate` benchmarks.
+COMPARE_METHODS = {"plain gradient": "gradient", "gradient × input": "gradient_x_input",
+                   "guided backprop": "guided_backprop",
+                   "integrated gradients": "integrated_gradients", "SmoothGrad": "smoothgrad",
+                   "Grad-CAM": "gradcam"}
+NEEDS_CAPTUM = "needs the compare extra: pip install 'pullback-widgets[compare]'"
+COMPARE_CACHE_SIZE = 32  # maps kept, per (image, target, method)
 MAX_UPLOAD_BYTES = 20_000_000
 MAX_UPLOAD_PIXELS = 40_000_000
 PHOTO_SIDE_PX = 112  # small enough that the two maps still fit side by side
@@ -75,6 +84,8 @@ class _Request:
     view: str
     strip_token: int
     evidence: bool = False
+    compare: str = "gradient"  # an evaluation method name, see COMPARE_METHODS
+    strip_compare: bool = False
 
 
 class PullbackExplorer(w.VBox):
@@ -143,6 +154,18 @@ class PullbackExplorer(w.VBox):
         self.show_evidence = w.Checkbox(
             description="Show the evidence mask", value=False, indent=False,
             layout=w.Layout(width="auto", display=None if self._evidence else "none"))
+        captum = captum_available()
+        self.compare = w.Dropdown(
+            description="Compare", style=STYLE, value="gradient",
+            options=[(label if captum or name not in CAPTUM_METHODS
+                      else f"{label} (needs the compare extra)", name)
+                     for label, name in COMPARE_METHODS.items()])
+        self.strip_compare = w.Checkbox(description="comparison at the end of the strip",
+                                        value=False, indent=False,
+                                        layout=w.Layout(width="auto"))
+        self._compare_cache: dict[tuple, tuple[Tensor, float]] = {}
+        self._pullback_shown: tuple | None = None
+        self._pullback_time = ""
         self._status = StatusLine()
         self.status = self._status.widget
         self.photo = w.Image(format="png", layout=w.Layout(width=f"{PHOTO_SIDE_PX}px",
@@ -157,7 +180,7 @@ class PullbackExplorer(w.VBox):
             button.on_click(self._choose_top_class)
         self.upload.observe(self._on_upload, names="value")
         for control in (self.image, self.target, self.temperature, self.gate, self.layer,
-                        self.channel, self.view, self.show_evidence):
+                        self.channel, self.view, self.show_evidence, self.compare):
             control.observe(self._on_change, names="value")
         self.strip_button.on_click(self._on_strip)
 
@@ -170,7 +193,7 @@ class PullbackExplorer(w.VBox):
             w.HBox([self.view, w.Label("Photo:"), self.photo],
                    layout=w.Layout(align_items="flex-end", flex_flow="row wrap")),
             w.HBox([self.pullback_figure, self.gradient_figure]),
-            w.HBox([self.strip_button, self.show_evidence]),
+            w.HBox([self.compare, self.strip_button, self.strip_compare, self.show_evidence]),
             self.strip_box,
             self.status,
         ])
@@ -188,7 +211,8 @@ class PullbackExplorer(w.VBox):
                         "" if typed == self._auto_target else typed,
                         float(f"{self.temperature.value:.12g}"), self.gate.value,
                         self.layer.value, self.channel.value, self.view.value,
-                        self._strip_token, self.show_evidence.value)
+                        self._strip_token, self.show_evidence.value, self.compare.value,
+                        self.strip_compare.value)
 
     def _submit(self, request: _Request, announce: bool = True) -> None:
         if request == self._submitted:  # e.g. the Target box now names the class drawn
@@ -326,37 +350,85 @@ class PullbackExplorer(w.VBox):
         self._show_target(request, target_class)
         target = target_class if request.layer == LOGITS else Unit(request.layer,
                                                                   request.channel)
-        pullback = session.pullback(target, temperature=request.temperature,
-                                    gate=request.gate)[0]
         image = self._images[request.image_key][0]
         mask = self._evidence.get(request.image_key) if request.evidence else None
         what = f"{self.labels[target_class]}" if request.layer == LOGITS else \
             f"{request.layer} channel {request.channel}"
         plain = session.gated_calls == 0
-        title = f"Plain gradient of {what} (nothing to gate)" if plain else \
-            f"Pullback of {what} (T = {request.temperature:.3g}, {request.gate})"
-        sync_figure(self.pullback_figure, _view_figure(request.view, image, pullback, title,
-                                                       mask))
-        shown = (request.image_key, target, request.view, mask is not None)
-        if shown != self._gradient_shown:  # the plain gradient does not depend on T or gate
-            gradient = session.pullback(target, gate="hard")[0]
-            sync_figure(self.gradient_figure, _view_figure(
-                request.view, image, gradient, f"Plain gradient of {what}", mask))
+        mask = self._evidence.get(request.image_key) if request.evidence else None
+        shown = (request.image_key, target, request.temperature, request.gate, request.view,
+                 mask is not None)
+        if shown != self._pullback_shown:
+            began = time.perf_counter()
+            pullback = session.pullback(target, temperature=request.temperature,
+                                        gate=request.gate)[0]
+            title = f"Plain gradient of {what} (nothing to gate)" if plain else \
+                f"Pullback of {what} (T = {request.temperature:.3g}, {request.gate})"
+            sync_figure(self.pullback_figure,
+                        _view_figure(request.view, image, pullback, title, mask))
+            self._pullback_shown = shown
+            self._pullback_time = f"pullback {_ms(began)}"
+        compared = self._comparison(request, session, target, target_class)
+        label, attribution, seconds, cached, note = compared
+        shown = (request.image_key, target, request.view, label, mask is not None)
+        if shown != self._gradient_shown:
+            title = f"{label} of {what}"
+            if label.startswith("Grad-CAM"):  # a coarse map: over the photo, in any view
+                figure = figures.magnitude_overlay(image, attribution, title=title)
+                figure = figure if mask is None else figures.mask_outline(figure, mask)
+            else:
+                figure = _view_figure(request.view, image, attribution, title, mask)
+            sync_figure(self.gradient_figure, figure)
             self._gradient_shown = shown
+        # Each panel's time: what its map took to compute, when it was computed.
+        times = [self._pullback_time, f"{label.split(' (')[0]} {seconds * 1e3:.0f} ms"
+                 + (" (cached)" if cached else "")]
         if request.strip_token != self._strip_done:
             strip_gate = "sigmoid" if request.gate == "hard" else request.gate
             strip = [session.pullback(target, temperature=t, gate=strip_gate)[0]
                      for t in STRIP_TEMPERATURES]
+            extra = (label, attribution) if request.strip_compare else None
             sync_figure(self.strip_figure, figures.temperature_strip(
-                strip, STRIP_TEMPERATURES, title=f"{what}: from gradient-like to linear"))
+                strip, STRIP_TEMPERATURES, extra_panel=extra,
+                title=f"{what}: from gradient-like to linear"))
             self._strip_done = request.strip_token
             self.strip_box.layout.display = None
-        elapsed = (time.perf_counter() - started) * 1e3
         settings = "plain gradient" if plain else f"T = {request.temperature:.3g} · " \
             f"{request.gate}"
         notes, self._notes = self._notes, []
-        self._status.show(" · ".join([what, settings, f"drawn in {elapsed:.0f} ms", *notes,
-                                      *self._notices]), request.event)
+        self._status.show(" · ".join([what, settings, *times, f"drawn in {_ms(started)}",
+                                      *([note] if note else []), *notes, *self._notices]),
+                          request.event)
+
+    def _comparison(self, request: _Request, session: PullbackSession, target: Target,
+                    target_class: int) -> tuple[str, Tensor, float, bool, str]:
+        """(panel label, map (3, H, W), seconds, whether cached, note) of the Compare method,
+        through the evaluation's adapters, cached per (image, target, method)."""
+        method, note = request.compare, ""
+        if method in CAPTUM_METHODS and not captum_available():
+            method, note = "gradient", f"{_label(request.compare)} {NEEDS_CAPTUM}"
+        if isinstance(target, Unit):  # the evaluation's methods explain classes
+            if method != "gradient":
+                note = f"{_label(method)} explains classes; the unit's plain gradient is shown"
+            method = "gradient"
+        key = (request.image_key, target, method)
+        cached = key in self._compare_cache
+        if not cached:
+            began = time.perf_counter()
+            if isinstance(target, Unit):
+                attribution = session.pullback(target, gate="hard")[0]
+            else:
+                image = self._images[request.image_key]
+                explain = build_method(method, self.model)
+                attribution = explain(self.model, image, torch.tensor(
+                    [target_class], device=image.device))[0].detach()
+            if len(self._compare_cache) >= COMPARE_CACHE_SIZE:
+                self._compare_cache.pop(next(iter(self._compare_cache)))
+            self._compare_cache[key] = (attribution, time.perf_counter() - began)
+        attribution, seconds = self._compare_cache[key]
+        settings = method_settings(method, self.model)
+        label = _label(method) + (f" ({settings})" if settings else "")
+        return label, attribution, seconds, cached, note
 
     def _show_error(self, error: Exception, request: _Request) -> None:
         self._status.show_error(error, request.event)
@@ -379,7 +451,17 @@ class PullbackExplorer(w.VBox):
         close_children(self)
         self._session = self._session_key = None
         self._images.clear()
+        self._compare_cache.clear()
         super().close()
+
+
+def _label(method: str) -> str:
+    label = next(label for label, name in COMPARE_METHODS.items() if name == method)
+    return label[0].upper() + label[1:]
+
+
+def _ms(since: float) -> str:
+    return f"{(time.perf_counter() - since) * 1e3:.0f} ms"
 
 
 def _view_figure(view: str, image: Tensor, attribution: Tensor, title: str,

@@ -28,6 +28,7 @@ from .evaluation.runner import METRICS, run_command
 from .gates import POOL_WEIGHTS
 from .images import SAMPLE_IMAGES, load_image, sample_image
 from .labels import find_class
+from .model_helpers import default_temperatures
 from .models import MODELS, WeightsUnavailableError, load_model
 from .report import explain, explain_html, explain_work, grid_html
 from .validation import PullbackWidgetsError, check_index, check_positive
@@ -204,10 +205,18 @@ def _parameters(args: argparse.Namespace, model, source: str) -> dict[str, objec
     from importlib.metadata import version
 
     return {"model": args.model, "image": source,
-            "temperature T": args.temperature or model.default_temperature, "gate": args.gate,
+            "temperature T": _temperature_text(args.temperature, model), "gate": args.gate,
             "pool weights": args.pool_weights, "ascent steps": args.steps,
             "step size (L2, [0, 1] units)": args.step_size,
             "eps (L2, [0, 1] units)": args.eps, "pullback-widgets": version(package_name)}
+
+
+def _temperature_text(temperature: float | None, model) -> str:
+    """The T the report used: the one given, else the model's defaults per kind of op."""
+    if temperature is not None:
+        return f"{temperature:g} (every kind of gate)"
+    defaults = default_temperatures(model)
+    return "the model's defaults: " + ", ".join(f"{kind} {t:g}" for kind, t in defaults.items())
 
 
 def _advance(bar: tqdm) -> Callable[[str], None]:
@@ -229,8 +238,7 @@ def _run_explain(args: argparse.Namespace) -> None:
         model = load_model(args.model)
         done("model loaded")
         target = None if args.target is None else find_class(args.target, model.labels)
-        temperature = args.temperature or model.default_temperature
-        explanation = explain(model, image, target, temperature=temperature, gate=args.gate,
+        explanation = explain(model, image, target, temperature=args.temperature, gate=args.gate,
                               pool_weights=args.pool_weights, steps=args.steps,
                               step_size=args.step_size, eps=args.eps,
                               on_progress=done)
@@ -247,13 +255,12 @@ def _run_grid(args: argparse.Namespace) -> None:
     model = load_model(args.model)
     targets = None if args.targets is None else [find_class(t, model.labels)
                                                  for t in args.targets]
-    temperature = args.temperature or model.default_temperature
     columns = len(images) if targets is None else len(targets)
     with tqdm(total=columns * args.steps + 1, desc="grid", unit="step",
               mininterval=0, miniters=1) as bar:
         done = _advance(bar)
         grid = ascent_grid(model, images, targets, steps=args.steps, step_size=args.step_size,
-                           eps=args.eps, temperature=temperature, gate=args.gate,
+                           eps=args.eps, temperature=args.temperature, gate=args.gate,
                            pool_weights=args.pool_weights, progress=False,
                            callback=lambda step, _: done(f"step {step}"))
         parameters = _parameters(args, model, ", ".join(names))

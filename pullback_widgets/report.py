@@ -27,7 +27,7 @@ from . import figures
 from .ascent import AscentGrid, AscentResult, pullback_ascent
 from .labels import class_names
 from .model_helpers import STRIP_TEMPERATURES
-from .session import PullbackSession
+from .session import PullbackSession, Temperature
 
 
 @dataclass
@@ -52,14 +52,16 @@ def explain_work(steps: int) -> int:
 
 
 def explain(model: nn.Module, image: Tensor, target: int | None = None, *,
-            temperature: float, gate: str = "sigmoid", pool_weights: str = "differentiated",
-            steps: int = 5,
+            temperature: Temperature = None, gate: str = "sigmoid",
+            pool_weights: str = "differentiated", steps: int = 5,
             step_size: float = 10.0, eps: float = 50.0,
             on_progress: Callable[[str], None] = lambda done: None) -> Explanation:
     """Run everything the report needs. ``target=None`` explains the predicted class.
 
     ``on_progress(what)`` runs after each unit of work, :func:`explain_work` times in all:
     the forward, the two maps, the temperature strip and every step of both ascents.
+    ``temperature=None`` is the model's own default per kind of op, as everywhere; the strip
+    sets every kind to each of its temperatures.
     """
     session = PullbackSession(model, image, temperature=temperature, gate=gate,
                               pool_weights=pool_weights)

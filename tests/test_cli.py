@@ -105,3 +105,33 @@ def test_pool_weights_flag_reaches_the_report(tmp_path, monkeypatch):
         net, seen["image"], 2, temperature=0.5)[0])
     assert cli.main(["explain", "--sample", "coffee", "--pool-weights", "frozen",
                      "--out", str(out)]) == 2
+
+
+def test_explain_without_temperature_uses_the_models_per_kind_defaults(tmp_path, monkeypatch):
+    """A SiLU model's default T is 1.6 for its SiLUs: the CLI must not flatten it to one float."""
+    import torch
+    from torch import nn
+
+    import pullback_widgets as pw
+    from pullback_widgets import report
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    net.labels, net.default_temperature = ["a", "b", "c"], 0.3
+    seen = {}
+
+    def explain(model, image, target, **kwargs):
+        seen.update(image=image, explanation=report.explain(model, image, target, **kwargs))
+        return seen["explanation"]
+
+    monkeypatch.setattr(cli, "load_model", lambda name: net)
+    monkeypatch.setattr(cli, "explain", explain)
+    out = tmp_path / "report.html"
+    assert cli.main(["explain", "--sample", "coffee", "--steps", "1", "--target", "1",
+                     "--out", str(out)]) == 0
+    expected = pw.excitation_pullback(net, seen["image"], 1)[0]
+    torch.testing.assert_close(seen["explanation"].pullback, expected)
+    flattened = pw.excitation_pullback(net, seen["image"], 1, temperature=0.3)[0]
+    assert not torch.allclose(expected, flattened)
+    assert "silu 1.6" in out.read_text()

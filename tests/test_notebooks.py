@@ -54,6 +54,23 @@ assert ascent.wait(120)
 assert "⚠" not in ascent.status.value, ascent.status.value
 assert len(ascent.result.images) == 4  # the start and three steps
 assert grid.gains.shape == (3, 3)
+assert explorer.wait(120)
+assert "⚠" not in explorer.status.value, explorer.status.value
+compared = explorer.gradient_figure.layout.title.text
+from pullback_widgets.evaluation.methods import captum_available
+assert compared.startswith("Integrated gradients (16 steps" if captum_available()
+                           else "Plain gradient"), compared
+""",
+    "04_inside_the_network.ipynb": """
+assert unit_ascent.wait(120)
+assert "⚠" not in unit_ascent.status.value, unit_ascent.status.value
+assert unit_ascent.result.images[-1].shape[0] == 2  # pullback and gradient, side by side
+assert unit_ascent.curve_figure.layout.yaxis.title.text == "unit activation (spatial mean)"
+assert len(visualisation_gains) == 12
+assert vgg_explorer.wait(120)
+assert "⚠" not in vgg_explorer.status.value, vgg_explorer.status.value
+assert "features.10 channel 7" in vgg_explorer.status.value
+assert vgg_explorer.labels == pw.imagenet_labels()
 """,
     "05_classroom.ipynb": """
 assert len(exercises) == 6

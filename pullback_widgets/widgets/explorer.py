@@ -48,6 +48,7 @@ from .common import (
     model_source,
     parse_target,
     prepare_model,
+    start_in_thread,
     sync_figure,
     wide,
 )
@@ -111,7 +112,9 @@ class PullbackExplorer(w.VBox):
                  max_upload_bytes: int = MAX_UPLOAD_BYTES,
                  max_upload_pixels: int = MAX_UPLOAD_PIXELS) -> None:
         source = model_source(model, temperature)
-        self._model_source, self._labels_given = model, labels
+        # Loading the model overlaps with building the widgets (Plotly's first FigureWidget
+        # imports for seconds); the worker's first job waits for it.
+        self._prepared = start_in_thread(lambda: prepare_model(model, labels))
         self.model: nn.Module | None = None  # loaded on the worker
         self.labels: list[str] = []
         self.input_size = source.input_size
@@ -275,7 +278,7 @@ class PullbackExplorer(w.VBox):
         """Load the model and learn its classes and layers (once, on the worker)."""
         if self.model is not None:
             return
-        prepared = prepare_model(self._model_source, self._labels_given)
+        prepared = self._prepared.result()
         self.layer_control.set_layers(prepared.model, self._image(self.image.value),
                                       len(prepared.labels))
         self.model, self.labels = prepared.model, prepared.labels

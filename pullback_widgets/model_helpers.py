@@ -38,6 +38,24 @@ def default_temperatures(model: nn.Module) -> dict[str, float]:
     return temperatures
 
 
+
+def scaled_temperatures(model: nn.Module, temperature: float) -> dict[str, float]:
+    """The model's per-kind default temperatures, all scaled by one factor so that the
+    ReLU family's T is ``temperature``: how the explorers' single Temperature slider moves
+    every kind of gate together (a SiLU model at its defaults keeps SiLU 1.6, GELU 1.0, ...)."""
+    defaults = default_temperatures(model)
+    factor = temperature / defaults["relu"]
+    return {kind: t * factor for kind, t in defaults.items()}
+
+
+def describe_temperatures(temperatures: dict[str, float], gated_kinds: Iterable[str]) -> str:
+    """"T = 0.7", plus the other kinds' temperatures where the model has such gates,
+    e.g. "T = 0.7 (silu 1.6, gelu 1)"."""
+    others = [f"{kind} {temperatures[kind]:.3g}" for kind in dict.fromkeys(gated_kinds)
+              if kind in temperatures and kind not in ("relu", "pool")]
+    text = f"T = {temperatures['relu']:.3g}"
+    return f"{text} ({', '.join(others)})" if others else text
+
 _MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = \
     weakref.WeakKeyDictionary()
 _MODEL_LOCKS_GUARD = threading.Lock()

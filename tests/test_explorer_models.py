@@ -15,6 +15,7 @@ import pullback_widgets as pw
 from pullback_widgets import figures
 from pullback_widgets.evaluation.runner import EvaluationSettings, gating_probe, summarise
 from pullback_widgets.labels import IMAGENET_ASSUMED, class_names
+from pullback_widgets.model_helpers import scaled_temperatures
 from pullback_widgets.models import imagenet_labels
 from pullback_widgets.report import explain, explain_html
 from pullback_widgets.session import NO_GATED_OP
@@ -207,11 +208,13 @@ def test_modern_cnns_draw_soft_gated_pullbacks(name, kinds, explorers):
     assert kinds <= set(explorer._session.gated_kinds)
     assert "plain gradient" not in explorer.status.value and "⚠" not in explorer.status.value
     target = int(explorer._session.logits[0].argmax())
-    _assert_shows(explorer, target, temperature=0.8)
+    # The slider is the ReLU family's T; every other kind moves by the same factor.
+    temperatures = scaled_temperatures(net, 0.8)
+    _assert_shows(explorer, target, temperature=temperatures)
     assert not np.allclose(_heatmap_z(explorer.pullback_figure),
                            _heatmap_z(explorer.gradient_figure), atol=1e-3)
     stage = next(value for _, value in explorer.layer.options if value.startswith("stages.")
                  or value.startswith("blocks."))
     explorer.layer.value = stage
     assert explorer.wait() and "⚠" not in explorer.status.value
-    _assert_shows(explorer, pw.Unit(stage, 0), temperature=0.8)
+    _assert_shows(explorer, pw.Unit(stage, 0), temperature=temperatures)

@@ -443,3 +443,49 @@ def test_plotly_mode_bar_is_hidden_so_titles_stay_readable(net):
         assert figure._config.get("displayModeBar") is False
     explorer.close()
     ascent.close()
+
+
+def _silu_relu_net():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3), torch.nn.SiLU(), torch.nn.Conv2d(6, 6, 3), torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(6, 5)).eval()
+    model.input_size = 32
+    return model
+
+
+@pytest.mark.parametrize("explorer_class", ["PullbackExplorer", "AscentExplorer"])
+def test_one_temperature_slider_scales_every_kind_of_gate(explorer_class):
+    """At its first value the slider gives the model's per-kind defaults (SiLU 1.6, not the
+    ReLU's 0.3); moved, every kind moves by the same factor (issue 15: one slider, a factor)."""
+    net = _silu_relu_net()
+    explorer = getattr(pw, explorer_class)(net, "chelsea", labels=LABELS)
+    try:
+        assert explorer.wait()
+        assert explorer.temperature.value == pytest.approx(0.3)
+        if explorer_class == "AscentExplorer":
+            explorer.steps.value = 1
+            explorer.run_button.click()
+            assert explorer.wait()
+            expected = pw.pullback_ascent(net, explorer.result.images[0], int(
+                net(explorer.result.images[0]).argmax()), steps=1,
+                step_size=explorer.step_size.value, eps=explorer.eps.value, progress=False)
+            torch.testing.assert_close(explorer.result.images[-1], expected.images[-1])
+            return
+        image = explorer._images["chelsea"]
+        predicted = int(net(image).argmax())
+        np.testing.assert_allclose(_heatmap_z(explorer.pullback_figure),
+                                   _expected_relative(net, image, predicted),
+                                   rtol=1e-5, atol=1e-6)
+        assert "silu 1.6" in explorer.status.value
+        explorer.temperature.value = 0.6
+        assert explorer.wait()
+        doubled = {"relu": 0.6, "pool": 0.6, "silu": 3.2}
+        np.testing.assert_allclose(_heatmap_z(explorer.pullback_figure),
+                                   _expected_relative(net, image, predicted,
+                                                      temperature=doubled),
+                                   rtol=1e-5, atol=1e-6)
+        assert "silu 3.2" in explorer.status.value
+    finally:
+        explorer.close()

@@ -27,7 +27,7 @@ from ..ascent import (
     stack_results,
 )
 from ..gates import GATES
-from ..model_helpers import predict
+from ..model_helpers import predict, scaled_temperatures
 from ..session import PullbackSession
 from ..targets import Unit
 from ..validation import PullbackWidgetsError, check_choice
@@ -314,7 +314,8 @@ class AscentExplorer(w.VBox):
                                   f"{self._start_name(run)} …", run.event)
                 results.append(pullback_ascent(
                     self.model, batch, targets[0] if self._unit else targets, steps=run.steps,
-                    step_size=run.step_size, eps=run.eps, temperature=run.temperature,
+                    step_size=run.step_size, eps=run.eps,
+                    temperature=scaled_temperatures(self.model, run.temperature),
                     gate=run.gate, method=method, callback=self._on_step, progress=False))
                 if results[-1].stopped:
                     break

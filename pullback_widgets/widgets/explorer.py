@@ -30,7 +30,7 @@ from .. import figures
 from ..evaluation.methods import CAPTUM_METHODS, build_method, captum_available, method_settings
 from ..gates import GATES
 from ..images import SAMPLE_IMAGES
-from ..model_helpers import STRIP_TEMPERATURES
+from ..model_helpers import STRIP_TEMPERATURES, describe_temperatures, scaled_temperatures
 from ..session import PullbackSession
 from ..targets import Target, Unit
 from ..validation import PullbackWidgetsError, PullbackWidgetsTypeError, check_choice
@@ -361,12 +361,15 @@ class PullbackExplorer(w.VBox):
         mask = self._evidence.get(request.image_key) if request.evidence else None
         shown = (request.image_key, target, request.temperature, request.gate, request.view,
                  mask is not None)
+        # One slider moves every kind of gate by the same factor on the model's defaults.
+        temperatures = scaled_temperatures(self.model, request.temperature)
+        described = describe_temperatures(temperatures, session.gated_kinds)
         if shown != self._pullback_shown:
             began = time.perf_counter()
-            pullback = session.pullback(target, temperature=request.temperature,
+            pullback = session.pullback(target, temperature=temperatures,
                                         gate=request.gate)[0]
             title = f"Plain gradient of {what} (nothing to gate)" if plain else \
-                f"Pullback of {what} (T = {request.temperature:.3g}, {request.gate})"
+                f"Pullback of {what} ({described}, {request.gate})"
             sync_figure(self.pullback_figure,
                         _view_figure(request.view, image, pullback, title, mask))
             self._pullback_shown = shown
@@ -396,8 +399,7 @@ class PullbackExplorer(w.VBox):
                 title=f"{what}: from gradient-like to linear"))
             self._strip_done = request.strip_token
             self.strip_box.layout.display = None
-        settings = "plain gradient" if plain else f"T = {request.temperature:.3g} · " \
-            f"{request.gate}"
+        settings = "plain gradient" if plain else f"{described} · {request.gate}"
         notes, self._notes = self._notes, []
         self._status.show(" · ".join([what, settings, *times, f"drawn in {_ms(started)}",
                                       *([note] if note else []), *notes, *self._notices]),

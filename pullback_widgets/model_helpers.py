@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -39,13 +39,18 @@ def default_temperatures(model: nn.Module) -> dict[str, float]:
 
 
 
-def scaled_temperatures(model: nn.Module, temperature: float) -> dict[str, float]:
-    """The model's per-kind default temperatures, all scaled by one factor so that the
-    ReLU family's T is ``temperature``: how the explorers' single Temperature slider moves
-    every kind of gate together (a SiLU model at its defaults keeps SiLU 1.6, GELU 1.0, ...)."""
+def scaled_temperatures(model: nn.Module, temperature: float,
+                        base: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Per-kind temperatures, all scaled by the factor ``temperature`` ÷ the model's default
+    ReLU-family T: how the explorers' single Temperature slider moves every kind of gate
+    together (a SiLU model at its defaults keeps SiLU 1.6, GELU 1.0, ...).
+
+    ``base`` (e.g. a paper preset's temperatures) replaces the model's defaults for the kinds it
+    names before scaling, so at the slider's first value the preset holds exactly.
+    """
     defaults = default_temperatures(model)
     factor = temperature / defaults["relu"]
-    return {kind: t * factor for kind, t in defaults.items()}
+    return {kind: t * factor for kind, t in {**defaults, **(base or {})}.items()}
 
 
 def describe_temperatures(temperatures: dict[str, float], gated_kinds: Iterable[str]) -> str:

@@ -63,3 +63,7 @@ PAPER_LATEST = PaperSettings(gate="normal_cdf",
                              temperature={"relu": 0.6, "pool": 0.3, "silu": 1.6, "gelu": 1.0,
                                           "attention": 1.0},
                              pool_weights="detached")
+
+#: The presets by the names the explorer's Gate control offers beside the raw gates.
+PAPER_PRESETS: Mapping[str, PaperSettings] = MappingProxyType(
+    {"paper v1": PAPER_V1, "paper latest": PAPER_LATEST})

@@ -489,3 +489,21 @@ def test_one_temperature_slider_scales_every_kind_of_gate(explorer_class):
         assert "silu 3.2" in explorer.status.value
     finally:
         explorer.close()
+
+
+@pytest.mark.parametrize("preset", ["paper v1", "paper latest"])
+def test_gate_control_offers_the_paper_versions(net, preset):
+    """At the slider's first value a preset is exactly that version's settings (issue 12)."""
+    explorer = pw.PullbackExplorer(net, "chelsea", labels=LABELS, gate=preset)
+    try:
+        assert explorer.wait()
+        assert list(explorer.gate.options)[-2:] == ["paper v1", "paper latest"]
+        image = explorer._images["chelsea"]
+        predicted = int(net(image).argmax())
+        settings = pw.PAPER_V1 if preset == "paper v1" else pw.PAPER_LATEST
+        np.testing.assert_allclose(_heatmap_z(explorer.pullback_figure),
+                                   _expected_relative(net, image, predicted, **settings),
+                                   rtol=1e-5, atol=1e-6)
+        assert f"T = {settings.temperature['relu']:.3g}" in explorer.status.value
+    finally:
+        explorer.close()

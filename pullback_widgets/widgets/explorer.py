@@ -31,6 +31,7 @@ from ..evaluation.methods import CAPTUM_METHODS, build_method, captum_available,
 from ..gates import GATES
 from ..images import SAMPLE_IMAGES
 from ..model_helpers import STRIP_TEMPERATURES, describe_temperatures, scaled_temperatures
+from ..paper import PAPER_PRESETS
 from ..session import PullbackSession
 from ..targets import Target, Unit
 from ..validation import PullbackWidgetsError, PullbackWidgetsTypeError, check_choice
@@ -99,6 +100,10 @@ class PullbackExplorer(w.VBox):
     :func:`pullback_widgets.synthetic.make_dataset`; then ``image`` must be a tensor (3, H, W)
     or (1, 3, H, W) at the model's input size, used as it is (no resize, so the mask fits),
     and a "Show the evidence mask" toggle draws the mask's outline on the heatmaps.
+    ``temperature``: the ReLU family's T (default: the model's); the slider scales every other
+    kind of gate by the same factor. ``gate``: a raw gate of ``GATES`` or a paper version
+    ("paper v1", "paper latest": :data:`pullback_widgets.PAPER_V1` / ``PAPER_LATEST``, exact
+    at the slider's first value).
 
     The explorer shows at once and loads the model and the photo on its worker thread, saying
     so in its status line. :meth:`close` stops the worker, closes every widget it made and
@@ -146,8 +151,9 @@ class PullbackExplorer(w.VBox):
         self.top_buttons = [w.Button(layout=w.Layout(width="auto")) for _ in range(5)]
         self.temperature_control = TemperatureControl(source.temperature)
         self.temperature = self.temperature_control.slider
-        self.gate = w.Dropdown(description="Gate", options=list(GATES),
-                               value=check_choice(gate, tuple(GATES), "gate"), style=STYLE)
+        gates = (*GATES, *PAPER_PRESETS)  # the raw gates, then the paper versions' settings
+        self.gate = w.Dropdown(description="Gate", options=list(gates),
+                               value=check_choice(gate, gates, "gate"), style=STYLE)
         self.layer_control = LayerControl()
         self.layer, self.channel, self.all_layers = \
             self.layer_control.layer, self.layer_control.channel, self.layer_control.all_layers
@@ -361,13 +367,18 @@ class PullbackExplorer(w.VBox):
         mask = self._evidence.get(request.image_key) if request.evidence else None
         shown = (request.image_key, target, request.temperature, request.gate, request.view,
                  mask is not None)
-        # One slider moves every kind of gate by the same factor on the model's defaults.
-        temperatures = scaled_temperatures(self.model, request.temperature)
+        # One slider moves every kind of gate by the same factor on the model's defaults (or
+        # on a paper preset's temperatures).
+        preset = PAPER_PRESETS.get(request.gate)
+        gate = preset.gate if preset else request.gate
+        pool_weights = preset.pool_weights if preset else "differentiated"
+        temperatures = scaled_temperatures(self.model, request.temperature,
+                                           preset.temperature if preset else None)
         described = describe_temperatures(temperatures, session.gated_kinds)
         if shown != self._pullback_shown:
             began = time.perf_counter()
-            pullback = session.pullback(target, temperature=temperatures,
-                                        gate=request.gate)[0]
+            pullback = session.pullback(target, temperature=temperatures, gate=gate,
+                                        pool_weights=pool_weights)[0]
             title = f"Plain gradient of {what} (nothing to gate)" if plain else \
                 f"Pullback of {what} ({described}, {request.gate})"
             sync_figure(self.pullback_figure,
@@ -390,8 +401,9 @@ class PullbackExplorer(w.VBox):
         times = [self._pullback_time, f"{label.split(' (')[0]} {seconds * 1e3:.0f} ms"
                  + (" (cached)" if cached else "")]
         if request.strip_token != self._strip_done:
-            strip_gate = "sigmoid" if request.gate == "hard" else request.gate
-            strip = [session.pullback(target, temperature=t, gate=strip_gate)[0]
+            strip_gate = "sigmoid" if gate == "hard" else gate
+            strip = [session.pullback(target, temperature=t, gate=strip_gate,
+                                      pool_weights=pool_weights)[0]
                      for t in STRIP_TEMPERATURES]
             extra = (label, attribution) if request.strip_compare else None
             sync_figure(self.strip_figure, figures.temperature_strip(

@@ -274,25 +274,80 @@ def test_feature_layers_offer_the_blocks_token_maps(inputs, make, block, channel
     assert layers[block] == (channels, 4, 4)  # (C, patch rows, patch columns)
 
 
-def test_the_explorer_pulls_back_a_vit_block_channel():
+@pytest.mark.parametrize(("make", "block", "channels"), [
+    (timm_vit, "blocks.1", 192), (torchvision_vit, "encoder.layers.encoder_layer_1", 32)])
+def test_the_explorer_pulls_back_a_vit_block_channel(make, block, channels):
+    from pullback_widgets.model_helpers import scaled_temperatures
     from tests.test_widgets import _expected_relative, _heatmap_z
 
-    model = timm_vit().float()
+    model = make().float()
     model.input_size = 64
     explorer = pw.PullbackExplorer(model, "coffee", labels=[f"c{i}" for i in range(10)],
                                    temperature=0.5)
     try:
         explorer.wait()
-        assert explorer.layer_shapes["blocks.1"] == (192, 4, 4)
-        explorer.layer.value = "blocks.1"
+        assert explorer.layer_shapes[block] == (channels, 4, 4)
+        assert "attention" in explorer._session.gated_kinds
+        explorer.layer.value = block
         explorer.channel.value = 3
         explorer.wait()
-        expected = _expected_relative(model, explorer._images["coffee"],
-                                      pw.Unit("blocks.1", 3), temperature=0.5)
+        # The slider is the ReLU family's T; GELU and attention move by the same factor.
+        expected = _expected_relative(model, explorer._images["coffee"], pw.Unit(block, 3),
+                                      temperature=scaled_temperatures(model, 0.5))
         np.testing.assert_allclose(_heatmap_z(explorer.pullback_figure), expected,
                                    rtol=1e-5, atol=1e-6)
+        assert "attention" in explorer.status.value
     finally:
         explorer.close()
+
+
+@pytest.mark.parametrize(("make", "block"), [
+    (timm_vit, "blocks.0"), (torchvision_vit, "encoder.layers.encoder_layer_0")])
+def test_the_ascent_explorer_ascends_a_vit_hidden_unit(make, block):
+    from pullback_widgets.model_helpers import scaled_temperatures
+
+    model = make().float()
+    model.input_size = 64
+    explorer = pw.AscentExplorer(model, "coffee", labels=[f"c{i}" for i in range(10)])
+    try:
+        explorer.wait()
+        explorer.layer.value = block
+        explorer.channel.value = 2
+        explorer.steps.value = 2
+        explorer.run_button.click()
+        assert explorer.wait()
+        start = explorer.result.images[0]
+        expected = pw.pullback_ascent(model, start, pw.Unit(block, 2), steps=2,
+                                      step_size=explorer.step_size.value,
+                                      eps=explorer.eps.value, progress=False,
+                                      temperature=scaled_temperatures(
+                                          model, explorer.temperature.value))
+        torch.testing.assert_close(explorer.result.images[-1], expected.images[-1])
+        torch.testing.assert_close(explorer.result.logits, expected.logits)
+    finally:
+        explorer.close()
+
+
+def test_the_evaluation_runner_scores_a_vit(tmp_path, inputs):
+    from pullback_widgets.evaluation import EvaluationSettings, evaluate, read_rows
+
+    model = timm_vit().float()
+    model.labels = [f"c{i}" for i in range(10)]
+    settings = EvaluationSettings(model="timm vit", methods=("gradient", "pullback"),
+                                  metrics=("deletion", "insertion"), image_size=64, steps=4,
+                                  batch_size=2)
+    items = [(f"image{i}", image) for i, image in enumerate(inputs.float())]
+    evaluate(items, settings, tmp_path / "vit.csv", model=model, progress=False)
+    rows = read_rows(tmp_path / "vit.csv")
+    assert len(rows) == 2 * 2 * 2  # images x methods x metrics
+    values = {(r[0], r[2], r[3]): r[4] for r in rows}
+    assert all(np.isfinite(v) for v in values.values())
+    x = inputs[:1].float()
+    target = model(x).argmax(dim=1)
+    attribution = pw.evaluation.build_method("pullback", model)(model, x, target)
+    deletion = pw.evaluation.deletion_auc(model, x, target, attribution, steps=4)
+    assert float(deletion) == pytest.approx(values[("image0", "pullback", "deletion")],
+                                            rel=1e-4)
 
 
 def test_attention_with_a_fixed_query_still_gates_the_values():

@@ -75,3 +75,26 @@ def test_quick_quality_benchmark_writes_its_tables(tmp_path, monkeypatch):
     rebuilt = quality.main(["--quick", "--report-only", "--out-dir", str(tmp_path)])
     assert (tmp_path / "temperature_curves.md").read_text(encoding="utf-8") == curves
     assert rebuilt.photos == run.photos
+
+
+SPEED = Path(__file__).parents[1] / "benchmarks" / "speed.py"
+
+
+def test_speed_benchmark_prints_r1_and_the_memory_ratio(tmp_path, monkeypatch):
+    # One repeat of ResNet-50 (random weights) at batch 1; its memory figures come from two
+    # fresh processes. The numbers are not checked, only that each row carries them.
+    spec = importlib.util.spec_from_file_location("speed_benchmark", SPEED)
+    speed = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, speed)
+    spec.loader.exec_module(speed)
+    out = tmp_path / "speed.md"
+    text = speed.main(["--models", "resnet50", "--batches", "1", "--repeats", "1",
+                       "--out", str(out)])
+    assert out.read_text(encoding="utf-8") == text
+    header, rows = _table_rows(text, "| device |")
+    assert header[5].startswith("r1 = pullback ÷ gradient")
+    assert [row[:3] for row in rows] == [["cpu", "resnet50", "1"]]
+    ratio = r"\d+\.\d\d \(\d+\.\d\d–\d+\.\d\d\)"
+    assert re.fullmatch(ratio, rows[0][5]) and re.fullmatch(ratio, rows[0][6])
+    assert re.fullmatch(r"\d+\.\d\d / \d+\.\d\d", rows[0][7])
+    assert "resnet50: random weights" in text

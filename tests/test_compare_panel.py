@@ -167,3 +167,11 @@ def test_the_strip_can_end_with_the_comparison(net, explorer):
     assert titles[:7] == [f"T = {t:.3g}" for t in pw.model_helpers.STRIP_TEMPERATURES]
     assert titles[7] == "Gradient × input"
     assert len(explorer.strip_figure.data) == 8
+
+
+def test_the_default_panel_is_the_evaluations_gradient_bit_for_bit(net, explorer):
+    image = explorer._images["coffee"]
+    target = int(explorer._session.logits[0].argmax())
+    evaluated = ev.build_method("gradient", net)(net, image, torch.tensor([target]))[0]
+    shown = explorer._compare_cache[("coffee", target, "gradient")][0]
+    assert torch.equal(shown, evaluated)

@@ -432,7 +432,10 @@ class PullbackExplorer(w.VBox):
         cached = key in self._compare_cache
         if not cached:
             began = time.perf_counter()
-            if isinstance(target, Unit):
+            if method == "gradient":
+                # The session's hard gates give autograd's gradient bit for bit (the engine's
+                # promise, tested), so this is the evaluation's "gradient" without another
+                # forward, and it is drawn together with the pullback.
                 attribution = session.pullback(target, gate="hard")[0]
             else:
                 image = self._images[request.image_key]

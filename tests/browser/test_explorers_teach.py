@@ -1,5 +1,5 @@
-"""Issue 14 in JupyterLab, driven by a real Chromium: the AscentExplorer on a hidden unit
-(choose Layer and Channel, press Run: frames and the activation curve are drawn), and the
+"""Issue 14 in JupyterLab and Voilà, driven by a real Chromium: the AscentExplorer on a hidden
+unit (choose Layer and Channel, press Run: frames and the activation curve are drawn), and the
 PullbackExplorer's Compare control (switching it redraws only the right-hand panel)."""
 
 from __future__ import annotations
@@ -128,3 +128,16 @@ def test_switching_compare_redraws_only_the_right_panel(lab_explorer):
     assert _figure(page, 0) == pullback  # the pullback panel was not redrawn
     page.locator(".js-plotly-plot").nth(1).scroll_into_view_if_needed()
     harness.save_screenshot(page, "jupyterlab-explorer-compare")
+
+
+def test_compare_in_voila(voila_explorer):
+    page = voila_explorer.page
+    harness.wait_for_heatmap_settled(page)
+    _wait_for_title(page, 1, "Plain gradient")
+    pullback = _figure(page, 0)
+    _choose(page, "Compare", "Grad-CAM")
+    _wait_for_title(page, 1, "Grad-CAM")
+    assert "image" in _figure(page, 1)["types"]  # an overlay on the photo
+    assert _figure(page, 0) == pullback
+    page.locator(".js-plotly-plot").nth(1).scroll_into_view_if_needed()
+    harness.save_screenshot(page, "voila-explorer-compare")

@@ -218,3 +218,34 @@ def test_modern_cnns_draw_soft_gated_pullbacks(name, kinds, explorers):
     explorer.layer.value = stage
     assert explorer.wait() and "⚠" not in explorer.status.value
     _assert_shows(explorer, pw.Unit(stage, 0), temperature=temperatures)
+
+
+class _HandAttention(nn.Module):
+    """Convolution, ReLU, then attention over positions written as matmul-softmax-matmul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, stride=4)
+        self.head = nn.Linear(4, 3)
+        self.input_size = 24
+
+    def forward(self, x):
+        tokens = torch.relu(self.conv(x)).flatten(2).transpose(1, 2)  # (B, N, 4)
+        weights = (tokens @ tokens.transpose(1, 2) / 2.0).softmax(dim=-1)
+        return self.head((weights @ tokens).mean(1))
+
+
+def test_attention_left_plain_is_said_in_both_explorers(explorers):
+    net = _HandAttention().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        explorer = pw.PullbackExplorer(net, "coffee")
+        explorers(explorer)
+        assert explorer.wait()
+        ascent = pw.AscentExplorer(net, "coffee")
+        explorers(ascent)
+    for status in (explorer.status.value, ascent.status.value):
+        assert "attention there stays plain" in status and "⚠" not in status, status
+    assert not explorer.temperature.disabled  # the ReLU is gated: the controls still act
+    assert "plain gradient" not in explorer.status.value

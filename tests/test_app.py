@@ -231,7 +231,7 @@ def test_serves_the_classroom_and_stops_on_ctrl_c(served):
     served.wait_for_url()
     status, page = _get(served.url, PAGE_TIMEOUT_S)
     assert status == 200
-    assert "Classroom: excitation pullbacks in five questions" in page
+    assert "Classroom: excitation pullbacks in six questions" in page
     assert "There was an error when executing cell" not in page, page[-3000:]
     assert page.count("application/vnd.jupyter.widget-view+json") >= 5  # the exercises
     processes = served.descendants()

@@ -243,7 +243,8 @@ def test_serves_the_classroom_and_stops_on_ctrl_c(served):
     assert served.process.wait(STOP_TIMEOUT_S) == 0, served.log
     assert _wait_gone(processes), f"left running: {commands}"
     assert not _listening(served.port)
-    assert "Stopping the classroom app" in served.log
+    # The whole output: a kernel's shutdown noise can push the line out of the short log.
+    assert "Stopping the classroom app" in "".join(served.lines)
 
 
 def test_sigterm_stops_voila_too(served):

@@ -8,7 +8,6 @@ import math
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
@@ -119,20 +118,6 @@ class LatestOnlyWorker:
                 with self._lock:
                     self._busy = False
                     self._lock.notify_all()
-
-
-def start_in_thread(job: Callable[[], Any]) -> Future:
-    """Run ``job()`` on a new daemon thread; its result (or exception) comes as a Future."""
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(job())
-        except Exception as error:  # handed to whoever asks for the result
-            future.set_exception(error)
-
-    threading.Thread(target=run, daemon=True, name="pullback-widgets-loader").start()
-    return future
 
 
 class StatusLine:

@@ -49,7 +49,6 @@ from .common import (
     model_source,
     parse_target,
     prepare_model,
-    start_in_thread,
     sync_figure,
     wide,
 )
@@ -117,9 +116,7 @@ class PullbackExplorer(w.VBox):
                  max_upload_bytes: int = MAX_UPLOAD_BYTES,
                  max_upload_pixels: int = MAX_UPLOAD_PIXELS) -> None:
         source = model_source(model, temperature)
-        # Loading the model overlaps with building the widgets (Plotly's first FigureWidget
-        # imports for seconds); the worker's first job waits for it.
-        self._prepared = start_in_thread(lambda: prepare_model(model, labels))
+        self._model_source, self._labels_given = model, labels
         self.model: nn.Module | None = None  # loaded on the worker
         self.labels: list[str] = []
         self.input_size = source.input_size
@@ -284,7 +281,7 @@ class PullbackExplorer(w.VBox):
         """Load the model and learn its classes and layers (once, on the worker)."""
         if self.model is not None:
             return
-        prepared = self._prepared.result()
+        prepared = prepare_model(self._model_source, self._labels_given)
         self.layer_control.set_layers(prepared.model, self._image(self.image.value),
                                       len(prepared.labels))
         self.model, self.labels = prepared.model, prepared.labels

@@ -104,9 +104,10 @@ class PullbackExplorer(w.VBox):
     ("paper v1", "paper latest": :data:`pullback_widgets.PAPER_V1` / ``PAPER_LATEST``, exact
     at the slider's first value).
 
-    The explorer shows at once and loads the model and the photo on its worker thread, saying
-    so in its status line. :meth:`close` stops the worker, closes every widget it made and
-    drops the session, so that a closed explorer can be garbage-collected.
+    The explorer shows once the model is loaded, and loads the photo and the model's layers on
+    its worker thread, saying so in its status line. :meth:`close` stops the worker, closes
+    every widget it made and drops the session, so that a closed explorer can be
+    garbage-collected.
     """
 
     def __init__(self, model: str | nn.Module = "efficientnet_lite0",
@@ -116,7 +117,9 @@ class PullbackExplorer(w.VBox):
                  max_upload_bytes: int = MAX_UPLOAD_BYTES,
                  max_upload_pixels: int = MAX_UPLOAD_PIXELS) -> None:
         source = model_source(model, temperature)
-        self._model_source, self._labels_given = model, labels
+        # The model loads here, in the kernel's thread: loaded on another thread, every later
+        # backward on the worker ran 4 to 8 times slower (measured; cause not found).
+        self._prepared = prepare_model(model, labels)
         self.model: nn.Module | None = None  # loaded on the worker
         self.labels: list[str] = []
         self.input_size = source.input_size
@@ -205,7 +208,7 @@ class PullbackExplorer(w.VBox):
         ])
         self._worker = LatestOnlyWorker(self._compute, self._show_error)
         self._closed = False
-        self._status.show(f"loading the model ({source.name}) and the photo “{first_key}” …",
+        self._status.show(f"loading the photo “{first_key}” and the layers of {source.name} …",
                           self._status.event())
         self._submit(self._request(), announce=False)
 
@@ -281,7 +284,7 @@ class PullbackExplorer(w.VBox):
         """Load the model and learn its classes and layers (once, on the worker)."""
         if self.model is not None:
             return
-        prepared = prepare_model(self._model_source, self._labels_given)
+        prepared = self._prepared
         self.layer_control.set_layers(prepared.model, self._image(self.image.value),
                                       len(prepared.labels))
         self.model, self.labels = prepared.model, prepared.labels

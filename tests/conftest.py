@@ -6,11 +6,23 @@ each comes from.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from pullback_widgets.interception import _active_gating_mode
 from tests.reference import EveryOpNet
+
+#: Class names of the reference net's five outputs, for the widget tests.
+LABELS = ["ant", "bee", "cat", "dog", "eel"]
+
+
+@pytest.fixture
+def net() -> EveryOpNet:
+    """The reference net in float32, sized for the explorers (input_size 32)."""
+    model = every_op_net(dtype=torch.float32)
+    model.input_size = 32
+    return model
 
 
 def every_op_net(seed: int = 0, dtype: torch.dtype = torch.float64) -> EveryOpNet:

@@ -7,17 +7,7 @@ import torch
 import pullback_widgets as pw
 from pullback_widgets.ascent import START_DEFAULTS, ascent_start, stack_results
 from pullback_widgets.widgets.ascent import COUNTERFACTUAL_HELP
-from tests.reference import EveryOpNet
-
-LABELS = ["ant", "bee", "cat", "dog", "eel"]
-
-
-@pytest.fixture
-def net() -> EveryOpNet:
-    torch.manual_seed(0)
-    model = EveryOpNet().eval()
-    model.input_size = 32
-    return model
+from tests.conftest import LABELS
 
 
 @pytest.fixture

@@ -11,18 +11,10 @@ import pullback_widgets as pw
 from pullback_widgets import figures
 from pullback_widgets.evaluation import methods as ev
 from pullback_widgets.widgets import explorer as explorer_module
-from tests.reference import EveryOpNet
+from tests.conftest import LABELS
 
-LABELS = ["ant", "bee", "cat", "dog", "eel"]
 captum = pytest.importorskip("captum.attr")
 
-
-@pytest.fixture
-def net() -> EveryOpNet:
-    torch.manual_seed(0)
-    model = EveryOpNet().eval()
-    model.input_size = 32
-    return model
 
 
 @pytest.fixture

@@ -21,23 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageFile
 
 import pullback_widgets as pw
 from pullback_widgets import app, cli
 from pullback_widgets.validation import PullbackWidgetsError
-from tests.reference import EveryOpNet
-
-LABELS = ["ant", "bee", "cat", "dog", "eel"]
-
-
-@pytest.fixture
-def net() -> EveryOpNet:
-    torch.manual_seed(0)
-    model = EveryOpNet().eval()
-    model.input_size = 32
-    return model
+from tests.conftest import LABELS
 
 
 @pytest.fixture

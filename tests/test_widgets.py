@@ -14,18 +14,8 @@ from PIL import Image
 import pullback_widgets as pw
 from pullback_widgets import figures
 from pullback_widgets.widgets.common import LatestOnlyWorker
-from tests.reference import EveryOpNet
+from tests.conftest import LABELS
 from tests.test_engine import _assert_untouched, _model_snapshot
-
-LABELS = ["ant", "bee", "cat", "dog", "eel"]
-
-
-@pytest.fixture
-def net() -> EveryOpNet:
-    torch.manual_seed(0)
-    model = EveryOpNet().eval()
-    model.input_size = 32
-    return model
 
 
 def _heatmap_z(figure) -> np.ndarray:

@@ -50,7 +50,6 @@ from ..validation import (
     check_choice,
     check_index,
     check_positive,
-    suggest,
 )
 from .metrics import Explainer
 
@@ -263,9 +262,7 @@ def check_methods(names: Sequence[str]) -> list[str]:
     if isinstance(names, str) or not names:
         raise PullbackWidgetsTypeError("methods must be a non-empty list of method names")
     for name in names:
-        if name not in METHODS:
-            raise PullbackWidgetsError(f"unknown method {name!r}{suggest(name, METHODS)}; "
-                                       f"known: {', '.join(METHODS)}")
+        check_choice(name, METHODS, "method")
     captum = [name for name in names if name in CAPTUM_METHODS]
     if captum and not captum_available():
         raise PullbackWidgetsError(

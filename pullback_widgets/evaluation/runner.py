@@ -57,7 +57,12 @@ from ..images import load_image
 from ..labels import find_class
 from ..model_helpers import predict
 from ..session import PullbackSession
-from ..validation import PullbackWidgetsError, PullbackWidgetsTypeError, check_index, suggest
+from ..validation import (
+    PullbackWidgetsError,
+    PullbackWidgetsTypeError,
+    check_choice,
+    check_index,
+)
 from .ground_truth import MASK_METRICS
 from .methods import Explainer, build_method, check_methods
 from .metrics import (
@@ -272,9 +277,7 @@ def check_metrics(names: Sequence[str]) -> list[str]:
     if isinstance(names, str) or not names:
         raise PullbackWidgetsTypeError("metrics must be a non-empty list of metric names")
     for name in names:
-        if name not in METRICS:
-            raise PullbackWidgetsError(f"unknown metric {name!r}{suggest(name, METRICS)}; "
-                                       f"known: {', '.join(METRICS)}")
+        check_choice(name, METRICS, "metric")
     if len(set(names)) != len(names):
         raise PullbackWidgetsError(f"metrics are listed twice: {list(names)}")
     return list(names)

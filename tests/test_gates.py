@@ -58,6 +58,29 @@ def test_detached_soft_pool_backward_equals_window_loop(kernel, stride, padding,
     torch.testing.assert_close(actual, expected)
 
 
+@pytest.mark.parametrize("detached", [False, True])
+@pytest.mark.parametrize("chunk_bytes", [1, 700, 1 << 40])  # a channel per chunk, a few, one
+def test_soft_pool_in_channel_chunks_equals_window_loop(monkeypatch, chunk_bytes, detached):
+    # The backward works through the channels in cache-sized chunks: every chunking gives the
+    # window loop's result, for a per-example temperature and for a vmapped grad_out (batched
+    # targets), where the last chunk is a partial one.
+    monkeypatch.setattr(pw.gates, "_POOL_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, 7, dtype=torch.float64)
+    geometry = PoolGeometry.of(3, 2, 1)
+    grad_outs = torch.randn(3, 2, 5, 4, 4, dtype=torch.float64)
+    temperature = torch.tensor([0.2, 0.7], dtype=torch.float64).view(2, 1, 1, 1)
+    batched = torch.func.vmap(
+        lambda g: soft_max_pool_backward(g, x, geometry, temperature, detached))(grad_outs)
+    for grad_out, actual in zip(grad_outs, batched):
+        expected = torch.cat([window_loop_pool_grad(x[i:i + 1], grad_out[i:i + 1], 3, 2, 1,
+                                                    float(temperature[i]), detached=detached)
+                              for i in range(2)])
+        torch.testing.assert_close(actual, expected)
+        torch.testing.assert_close(
+            soft_max_pool_backward(grad_out, x, geometry, temperature, detached), expected)
+
+
 def test_detached_soft_pool_gives_each_window_its_gradient_as_weights():
     # Backward = sum_j p_j * delta_j: a window's entries get p_j * g, summing to g; as T -> 0
     # all of it goes to the window's maximum, tied maxima sharing it.

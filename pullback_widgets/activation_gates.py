@@ -29,7 +29,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .gates import GateSettings, capped_reciprocal, compute_dtype
+from .gates import (
+    GateSettings,
+    Remake,
+    capped_reciprocal,
+    compute_dtype,
+    keep_pre_activation,
+    kept_pre_activation,
+)
 
 
 def _sigmoid_gate(u: Tensor) -> Tensor:
@@ -91,20 +98,18 @@ class SoftActivation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: Tensor, hard_op: Callable[[Tensor], Tensor], rule: ActivationRule,
-                inplace: bool, settings: GateSettings) -> Tensor:
-        # An in-place op destroys z, and the gate needs it.
-        pre_activation = z.clone() if inplace else z
+                inplace: bool, settings: GateSettings, remake: Remake | None = None) -> Tensor:
+        keep_pre_activation(ctx, z, inplace, remake)
         out = hard_op(z)
         if inplace:
             ctx.mark_dirty(z)
-        ctx.save_for_backward(pre_activation)
         ctx.rule, ctx.settings = rule, settings
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        (z,) = ctx.saved_tensors
+        (z,) = kept_pre_activation(ctx)
         rule, settings = ctx.rule, ctx.settings
         if settings.gate == "hard":
             grad_in = rule.plain_backward(grad_out, z)
@@ -114,7 +119,7 @@ class SoftActivation(torch.autograd.Function):
             u = z.to(dtype) * capped_reciprocal(settings.temperature_for(z, kind=rule.kind),
                                                 dtype)
             grad_in = (grad_out.to(dtype) * rule.gate(u, settings.gate)).to(grad_out.dtype)
-        return grad_in, None, None, None, None
+        return grad_in, None, None, None, None, None
 
 
 class SoftPReLU(torch.autograd.Function):

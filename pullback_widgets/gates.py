@@ -203,53 +203,111 @@ def capped_reciprocal(temperature: float | Tensor, dtype: torch.dtype) -> float 
     return largest if temperature * largest <= 1.0 else 1.0 / temperature
 
 
-def gate_times(grad: Tensor, x: Tensor, scale: float | Tensor, gate: str) -> Tensor:
-    """``grad * g(scale * x)`` for a soft gate, as a new tensor; ``scale`` a finite float or a
-    tensor that broadcasts against ``x``.
+def gate_times(grad: Tensor, x: Tensor, scale: float | Tensor, gate: str,
+               out: Tensor | None = None) -> Tensor:
+    """``grad * g(scale * x)`` for a soft gate; ``scale`` a finite float or a tensor that
+    broadcasts against ``x``. ``out``: a tensor of the result's shape to write it into (it may
+    be ``grad`` or ``x`` themselves), else a new tensor.
 
     softplus's backward is exactly ``grad * sigmoid(beta * x)``, fused into one pass.
     """
     if gate == "sigmoid":
         if isinstance(scale, Tensor):
-            return torch.ops.aten.softplus_backward(grad, x * scale, 1.0, _SIGMOID_SATURATION)
-        return torch.ops.aten.softplus_backward(grad, x, scale, _SIGMOID_SATURATION)
-    return grad * torch.special.ndtr(x * scale)
+            x, scale = x * scale, 1.0
+        if out is None:
+            return torch.ops.aten.softplus_backward(grad, x, scale, _SIGMOID_SATURATION)
+        return torch.ops.aten.softplus_backward.grad_input(
+            grad, x, scale, _SIGMOID_SATURATION, grad_input=out)
+    return torch.mul(grad, torch.special.ndtr(x * scale), **({} if out is None else {"out": out}))
+
+
+def _is_plain(tensor: Tensor) -> bool:
+    """Not a batched tensor (``is_grads_batched`` and ``vmap`` wrap gradients), so results made
+    from it may be written into ordinary tensors. False where torch cannot tell."""
+    checks = [getattr(torch._C._functorch, name, None)
+              for name in ("is_legacy_batchedtensor", "is_functorch_wrapped_tensor")]
+    return all(check is not None and not check(tensor) for check in checks)
+
+
+@dataclass(frozen=True)
+class Remake:
+    """How the backward remakes a pre-activation instead of keeping it from the forward.
+
+    ``op(*tensors)`` gives it bit for bit: the same call on the same tensors (an eval-mode batch
+    norm and its input, which that norm's own backward keeps anyway). Keeping the pre-activation
+    would hold one more activation map per gate; remaking it costs one elementwise pass.
+    """
+
+    tensors: tuple[Tensor | None, ...]
+    op: Callable[..., Tensor]
+
+
+def keep_pre_activation(ctx, z: Tensor, inplace: bool, remake: Remake | None,
+                        *others: Tensor) -> None:
+    """Save what the backward needs to have ``z`` again (call before an in-place op runs on
+    it), then ``others``; :func:`kept_pre_activation` gives them back."""
+    if remake is None:
+        # An in-place op destroys z, and the soft gate needs its negative part.
+        ctx.save_for_backward(z.clone() if inplace else z, *others)
+        ctx.remake_op, ctx.kept = None, 1
+    else:
+        ctx.save_for_backward(*remake.tensors, *others)
+        ctx.remake_op, ctx.kept = remake.op, len(remake.tensors)
+
+
+def kept_pre_activation(ctx) -> tuple[Tensor, ...]:
+    """(z, *others) as saved by :func:`keep_pre_activation`."""
+    saved = ctx.saved_tensors
+    kept, others = saved[:ctx.kept], saved[ctx.kept:]
+    z = kept[0] if ctx.remake_op is None else ctx.remake_op(*kept)
+    return (z, *others)
 
 
 class SoftClamp(torch.autograd.Function):
-    """ReLU-family op: runs ``hard_op`` forward, pulls back through g(z - low) * g(high - z)."""
+    """ReLU-family op: runs ``hard_op`` forward, pulls back through g(z - low) * g(high - z).
+
+    ``remake``: how to remake z in the backward instead of keeping it (see :class:`Remake`).
+    """
 
     @staticmethod
     def forward(ctx, z: Tensor, hard_op: Callable[[Tensor], Tensor], low: float,
-                high: float | None, inplace: bool, settings: GateSettings) -> Tensor:
-        # An in-place op destroys z, and the soft gate needs its negative part.
-        pre_activation = z.clone() if inplace else z
+                high: float | None, inplace: bool, settings: GateSettings,
+                remake: Remake | None = None) -> Tensor:
+        keep_pre_activation(ctx, z, inplace, remake)
         out = hard_op(z)
         if inplace:
             ctx.mark_dirty(z)
-        ctx.save_for_backward(pre_activation)
         ctx.low, ctx.high, ctx.settings = low, high, settings
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        (z,) = ctx.saved_tensors
+        (z,) = kept_pre_activation(ctx)
         low, high, settings = ctx.low, ctx.high, ctx.settings
         if settings.gate == "hard":
             # torch.where, not a product, so that the result equals autograd's bit for bit.
             inside = z > low if high is None else (z > low) & (z < high)
             grad_in = torch.where(inside, grad_out, torch.zeros((), dtype=grad_out.dtype))
         else:
-            # Out of place throughout: under batched targets grad_out is vmapped.
             dtype = compute_dtype(z.dtype)
+            # A remade or promoted z is this call's own, and its buffer can take the results
+            # (fewer big allocations), unless grad_out is vmapped (batched targets): then
+            # everything is out of place.
+            own = (ctx.remake_op is not None or z.dtype != dtype) and _is_plain(grad_out)
             z, grad = z.to(dtype), grad_out.to(dtype)
             scale = capped_reciprocal(settings.temperature_for(z), dtype)
-            grad_in = gate_times(grad, z - low if low else z, scale, settings.gate)
-            if high is not None:  # g(high - z) = g(-(z - high))
-                grad_in = gate_times(grad_in, z - high, -scale, settings.gate)
+            if high is None:
+                below = (z.sub_(low) if own else z - low) if low else z
+                grad_in = gate_times(grad, below, scale, settings.gate,
+                                     out=below if own else None)
+            else:  # g(high - z) = g(-(z - high))
+                grad_in = gate_times(grad, z - low if low else z, scale, settings.gate)
+                above = z.sub_(high) if own else z - high
+                grad_in = gate_times(grad_in, above, -scale, settings.gate,
+                                     out=grad_in if own else None)
             grad_in = grad_in.to(grad_out.dtype)
-        return grad_in, None, None, None, None, None
+        return grad_in, None, None, None, None, None, None
 
 
 @dataclass(frozen=True)

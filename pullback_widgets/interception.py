@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import types
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -34,7 +35,7 @@ from .activation_gates import (
     leaky_relu_rule,
 )
 from .attention_gates import AttentionCall, SoftAttention
-from .gates import GateSettings, PoolGeometry, SoftClamp, SoftMaxPool2d
+from .gates import GateSettings, PoolGeometry, Remake, SoftClamp, SoftMaxPool2d
 from .model_helpers import default_temperatures
 from .norm_gates import ConstantStatisticsNorm, group_norm_statistics, layer_norm_statistics
 from .validation import check_model
@@ -102,7 +103,8 @@ def _activation_route(rule_of: Callable[[tuple, dict], ActivationRule],
         rule = rule_of(args, kwargs)
         mode.count(rule.kind)
         return SoftActivation.apply(args[0], lambda t: func(t, *args[1:], **kwargs), rule,
-                                    bool(inplace_of(args, kwargs)), mode.settings)
+                                    bool(inplace_of(args, kwargs)), mode.settings,
+                                    mode.remake_for(args[0]))
     return route
 
 
@@ -141,6 +143,23 @@ def _group_norm_route(mode, func, args, kwargs):
         x, weight, bias, lambda x, w, b: func(x, groups, w, b, eps),
         lambda x: group_norm_statistics(x, groups, eps), (x.shape[1],) + (1,) * (x.dim() - 2),
         mode.settings)
+
+
+def _batch_norm_route(mode, func, args, kwargs):
+    """``F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+    eps)`` runs as it is. In eval mode its output is remembered as remakable, so that a gate
+    taking it next need not keep a copy (see :class:`.gates.Remake`)."""
+    out = func(*args, **kwargs)
+    names = ("input", "running_mean", "running_var", "weight", "bias")
+    tensors = tuple(_arg(args, kwargs, i, name, None) for i, name in enumerate(names))
+    momentum, eps = _arg(args, kwargs, 6, "momentum", 0.1), _arg(args, kwargs, 7, "eps", 1e-5)
+    # Training mode updates the running statistics, which a remake would do again; under
+    # autocast the backward's remake would not run in the forward's dtype.
+    if not _arg(args, kwargs, 5, "training", False) and isinstance(out, Tensor) \
+            and not torch.is_autocast_enabled(out.device.type):
+        mode.remember(out, Remake(tensors, lambda x, mean, var, weight, bias: func(
+            x, mean, var, weight, bias, False, momentum, eps)))
+    return out
 
 
 def _attention_route(mode, func, args, kwargs):
@@ -214,6 +233,7 @@ _ROUTES: dict[Callable, Callable] = {
     torch.layer_norm: _layer_norm_route,
     F.group_norm: _group_norm_route,
     torch.group_norm: _group_norm_route,
+    F.batch_norm: _batch_norm_route,
 }
 
 
@@ -230,10 +250,23 @@ class _SoftGatingMode(TorchFunctionMode):
         self.gated_kinds: collections.Counter[str] = collections.Counter()
         # Softmax calls and need_weights=True attention on the input's path: left plain.
         self.plain_attention = 0
+        # The last remakable output: (weak reference, its version then, how to remake it).
+        self._remakable: tuple[weakref.ref, int, Remake] | None = None
 
     def count(self, kind: str) -> None:
         self.gated_calls += 1
         self.gated_kinds[kind] += 1
+
+    def remember(self, out: Tensor, remake: Remake) -> None:
+        self._remakable = (weakref.ref(out), out._version, remake)
+
+    def remake_for(self, z: Tensor) -> Remake | None:
+        """How to remake ``z`` in the backward: for the last remembered output only, and only
+        while nothing has changed it in place since."""
+        if self._remakable is None:
+            return None
+        reference, version, remake = self._remakable
+        return remake if reference() is z and z._version == version else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -260,7 +293,8 @@ class _SoftGatingMode(TorchFunctionMode):
             return SoftMaxPool2d.apply(args[0], hard_op, geometry, self.settings)
         z, inplace, low, high = parse(args, kwargs)
         self.count("relu")
-        return SoftClamp.apply(z, hard_op, low, high, bool(inplace), self.settings)
+        return SoftClamp.apply(z, hard_op, low, high, bool(inplace), self.settings,
+                               self.remake_for(z))
 
 
 def _active_gating_mode() -> _SoftGatingMode | None:

@@ -107,6 +107,9 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     """
     with model_lock(model):
         flags = [(module, module.training) for module in model.modules()]
+        if not any(training for _, training in flags):  # already in eval mode: nothing to do
+            yield
+            return
         model.eval()
         try:
             yield
@@ -130,7 +133,8 @@ class LayerRecorder:
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[str], copy: bool = True) -> None:
-        modules = dict(model.named_modules())
+        layers = tuple(layers)
+        modules = dict(model.named_modules()) if layers else {}
         self.copy = copy
         self.outputs: dict[str, Tensor] = {}
         self.calls: dict[str, int] = {}

@@ -162,6 +162,21 @@ def _batch_norm_route(mode, func, args, kwargs):
     return out
 
 
+def _residual_sum_route(mode, func, args, kwargs):
+    """``a + b`` or ``a += b`` (a residual connection) with ``a`` remakable and ``b`` a tensor of
+    its shape and dtype: runs as it is, and the sum is remembered as remakable in turn, from
+    ``a``'s remake and ``b``. (Float addition is correctly rounded, so the remake's in-place
+    add gives the same bits.)"""
+    a, b = args[0], args[1] if len(args) == 2 and not kwargs else None
+    remake = mode.remake_for(a) if isinstance(b, Tensor) and b.shape == a.shape \
+        and b.dtype == a.dtype and b.device == a.device else None
+    out = func(*args, **kwargs)
+    if remake is not None:
+        mode.remember(out, Remake((*remake.tensors, b), lambda *tensors: remake.op(
+            *tensors[:-1]).add_(tensors[-1])))
+    return out
+
+
 def _attention_route(mode, func, args, kwargs):
     """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
     enable_gqa)``, called again with the same arguments by keyword."""
@@ -234,6 +249,9 @@ _ROUTES: dict[Callable, Callable] = {
     F.group_norm: _group_norm_route,
     torch.group_norm: _group_norm_route,
     F.batch_norm: _batch_norm_route,
+    torch.Tensor.add_: _residual_sum_route,
+    torch.Tensor.add: _residual_sum_route,
+    torch.add: _residual_sum_route,
 }
 
 

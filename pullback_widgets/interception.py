@@ -78,7 +78,6 @@ _CLAMP_PARSERS: dict[Callable, Callable] = {
     F.hardtanh_: lambda args, kwargs: _functional_hardtanh(args, kwargs, inplace_default=True),
 }
 
-_POOL_FUNCTIONS = (F.max_pool2d, torch.max_pool2d)
 
 
 def _pool_geometry(args, kwargs) -> PoolGeometry | None:
@@ -94,8 +93,25 @@ def _pool_geometry(args, kwargs) -> PoolGeometry | None:
     )
 
 
-# ---- activations z·g(z) and norms (activation_gates, norm_gates): one route per function,
-# route(mode, func, args, kwargs) -> the op's result, gated.
+# ---- one route per function: route(mode, func, args, kwargs) -> the op's result, gated.
+
+def _clamp_route(parse: Callable):
+    def route(mode, func, args, kwargs):
+        z, inplace, low, high = parse(args, kwargs)
+        mode.count("relu")
+        return SoftClamp.apply(z, lambda t: func(t, *args[1:], **kwargs), low, high,
+                               bool(inplace), mode.settings, mode.remake_for(z))
+    return route
+
+
+def _pool_route(mode, func, args, kwargs):
+    geometry = _pool_geometry(args, kwargs)
+    if geometry is None:
+        return func(*args, **kwargs)
+    mode.count("pool")
+    return SoftMaxPool2d.apply(args[0], lambda t: func(t, *args[1:], **kwargs), geometry,
+                               mode.settings)
+
 
 def _activation_route(rule_of: Callable[[tuple, dict], ActivationRule],
                       inplace_of: Callable[[tuple, dict], bool]):
@@ -252,10 +268,15 @@ _ROUTES: dict[Callable, Callable] = {
     torch.Tensor.add_: _residual_sum_route,
     torch.Tensor.add: _residual_sum_route,
     torch.add: _residual_sum_route,
+    F.max_pool2d: _pool_route,
+    torch.max_pool2d: _pool_route,
+    **{func: _clamp_route(parse) for func, parse in _CLAMP_PARSERS.items()},
 }
-
-
-_ATTENTION_FUNCTIONS = (F.scaled_dot_product_attention, F.multi_head_attention_forward)
+# How many leading arguments put a call on the input's path: attention is when q, k or v is
+# (a fixed query still gates v); everything else when its first argument is.
+_PATH_ARGUMENTS = {func: 3 if func in (F.scaled_dot_product_attention,
+                                       F.multi_head_attention_forward) else 1
+                   for func in _ROUTES}
 
 
 class _SoftGatingMode(TorchFunctionMode):
@@ -289,30 +310,10 @@ class _SoftGatingMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         route = _ROUTES.get(func)
-        # Attention is on the input's path when q, k or v is (a fixed query still gates v).
-        inputs = args[:3] if func in _ATTENTION_FUNCTIONS else args[:1]
-        if route is not None and torch.is_grad_enabled() \
-                and any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
+        if route is not None and torch.is_grad_enabled() and any(
+                isinstance(t, Tensor) and t.requires_grad for t in args[:_PATH_ARGUMENTS[func]]):
             return route(self, func, args, kwargs)
-        parse = _CLAMP_PARSERS.get(func)
-        is_pool = parse is None and func in _POOL_FUNCTIONS
-        if (parse is None and not is_pool) or not torch.is_grad_enabled() \
-                or not isinstance(args[0], Tensor) or not args[0].requires_grad:
-            return func(*args, **kwargs)
-
-        def hard_op(tensor: Tensor) -> Tensor:
-            return func(tensor, *args[1:], **kwargs)
-
-        if is_pool:
-            geometry = _pool_geometry(args, kwargs)
-            if geometry is None:
-                return func(*args, **kwargs)
-            self.count("pool")
-            return SoftMaxPool2d.apply(args[0], hard_op, geometry, self.settings)
-        z, inplace, low, high = parse(args, kwargs)
-        self.count("relu")
-        return SoftClamp.apply(z, hard_op, low, high, bool(inplace), self.settings,
-                               self.remake_for(z))
+        return func(*args, **kwargs)
 
 
 def _active_gating_mode() -> _SoftGatingMode | None:

@@ -109,7 +109,7 @@ class SoftActivation(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        (z,) = kept_pre_activation(ctx)
+        z = kept_pre_activation(ctx)
         rule, settings = ctx.rule, ctx.settings
         if settings.gate == "hard":
             grad_in = rule.plain_backward(grad_out, z)

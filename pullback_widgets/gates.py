@@ -233,34 +233,57 @@ def _is_plain(tensor: Tensor) -> bool:
 class Remake:
     """How the backward remakes a pre-activation instead of keeping it from the forward.
 
-    ``op(*tensors)`` gives it bit for bit: the same call on the same tensors (an eval-mode batch
-    norm and its input, which that norm's own backward keeps anyway). Keeping the pre-activation
-    would hold one more activation map per gate; remaking it costs one elementwise pass.
+    ``op(*tensors)`` gives it bit for bit: the same calls on the same tensors (an eval-mode batch
+    norm and its input, which that norm's own backward keeps anyway; then residual sums).
+    Keeping the pre-activation would hold one more activation map per gate; remaking it costs
+    one elementwise pass. ``versions``: the tensors' versions when the pre-activation was made;
+    a remake is only valid while they are unchanged (:meth:`intact`).
     """
 
     tensors: tuple[Tensor | None, ...]
     op: Callable[..., Tensor]
+    versions: tuple[int | None, ...]
+
+    @staticmethod
+    def of(tensors: tuple[Tensor | None, ...], op: Callable[..., Tensor]) -> Remake:
+        """A remake from ``tensors`` as they are now."""
+        return Remake(tensors, op, tuple(None if t is None else t._version for t in tensors))
+
+    def intact(self) -> bool:
+        """Nothing has changed the tensors in place since: the remake gives the same bits."""
+        return all(t is None or t._version == version
+                   for t, version in zip(self.tensors, self.versions))
 
 
-def keep_pre_activation(ctx, z: Tensor, inplace: bool, remake: Remake | None,
-                        *others: Tensor) -> None:
+_CHANGED_SINCE_FORWARD = (
+    "a tensor the pullback remakes a pre-activation from (a batch norm's input, statistics or "
+    "parameters, or a residual sum's operand) was changed in place after the forward; "
+    "run a new forward (a new PullbackSession) after changing the model")
+
+
+def keep_pre_activation(ctx, z: Tensor, inplace: bool, remake: Remake | None) -> None:
     """Save what the backward needs to have ``z`` again (call before an in-place op runs on
-    it), then ``others``; :func:`kept_pre_activation` gives them back."""
+    it); :func:`kept_pre_activation` gives it back."""
     if remake is None:
         # An in-place op destroys z, and the soft gate needs its negative part.
-        ctx.save_for_backward(z.clone() if inplace else z, *others)
-        ctx.remake_op, ctx.kept = None, 1
-    else:
-        ctx.save_for_backward(*remake.tensors, *others)
-        ctx.remake_op, ctx.kept = remake.op, len(remake.tensors)
+        ctx.save_for_backward(z.clone() if inplace else z)
+        ctx.remake_op = None
+    else:  # saved, so autograd refuses them if they change before the backward
+        ctx.save_for_backward(*remake.tensors)
+        ctx.remake_op = remake.op
 
 
-def kept_pre_activation(ctx) -> tuple[Tensor, ...]:
-    """(z, *others) as saved by :func:`keep_pre_activation`."""
-    saved = ctx.saved_tensors
-    kept, others = saved[:ctx.kept], saved[ctx.kept:]
-    z = kept[0] if ctx.remake_op is None else ctx.remake_op(*kept)
-    return (z, *others)
+def kept_pre_activation(ctx) -> Tensor:
+    """``z`` as saved by :func:`keep_pre_activation` (remade, when it was)."""
+    if ctx.remake_op is None:
+        return ctx.saved_tensors[0]
+    try:
+        saved = ctx.saved_tensors
+    except RuntimeError as error:
+        if "modified by an inplace operation" not in str(error):
+            raise
+        raise PullbackWidgetsError(_CHANGED_SINCE_FORWARD) from error
+    return ctx.remake_op(*saved)
 
 
 class SoftClamp(torch.autograd.Function):
@@ -283,7 +306,7 @@ class SoftClamp(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        (z,) = kept_pre_activation(ctx)
+        z = kept_pre_activation(ctx)
         low, high, settings = ctx.low, ctx.high, ctx.settings
         if settings.gate == "hard":
             # torch.where, not a product, so that the result equals autograd's bit for bit.

@@ -173,7 +173,7 @@ def _batch_norm_route(mode, func, args, kwargs):
     # autocast the backward's remake would not run in the forward's dtype.
     if not _arg(args, kwargs, 5, "training", False) and isinstance(out, Tensor) \
             and not torch.is_autocast_enabled(out.device.type):
-        mode.remember(out, Remake(tensors, lambda x, mean, var, weight, bias: func(
+        mode.remember(out, Remake.of(tensors, lambda x, mean, var, weight, bias: func(
             x, mean, var, weight, bias, False, momentum, eps)))
     return out
 
@@ -189,7 +189,7 @@ def _residual_sum_route(mode, func, args, kwargs):
     out = func(*args, **kwargs)
     if remake is not None:
         mode.remember(out, Remake((*remake.tensors, b), lambda *tensors: remake.op(
-            *tensors[:-1]).add_(tensors[-1])))
+            *tensors[:-1]).add_(tensors[-1]), (*remake.versions, b._version)))
     return out
 
 
@@ -279,33 +279,54 @@ _PATH_ARGUMENTS = {func: 3 if func in (F.scaled_dot_product_attention,
                    for func in _ROUTES}
 
 
+# How many remakable outputs the mode remembers: a block's last norm, its shortcut's norm, and
+# their sum come before the gate.
+_REMEMBERED = 4
+
+
 class _SoftGatingMode(TorchFunctionMode):
     """Routes every gated call to its soft-gated autograd op."""
 
-    def __init__(self, settings: GateSettings) -> None:
+    def __init__(self, settings: GateSettings, remake: bool = True) -> None:
         super().__init__()
         self.settings = settings
+        self.remake = remake
         self.gated_calls = 0
         self.gated_kinds: collections.Counter[str] = collections.Counter()
         # Softmax calls and need_weights=True attention on the input's path: left plain.
         self.plain_attention = 0
-        # The last remakable output: (weak reference, its version then, how to remake it).
-        self._remakable: tuple[weakref.ref, int, Remake] | None = None
+        # The last few remakable outputs, by id: (weak reference, its version then, how to
+        # remake it); and the remakes handed out.
+        self._remakable: dict[int, tuple[weakref.ref, int, Remake]] = {}
+        self._handed_out: list[Remake] = []
 
     def count(self, kind: str) -> None:
         self.gated_calls += 1
         self.gated_kinds[kind] += 1
 
     def remember(self, out: Tensor, remake: Remake) -> None:
-        self._remakable = (weakref.ref(out), out._version, remake)
+        if not self.remake:
+            return
+        if len(self._remakable) >= _REMEMBERED:  # the oldest goes (dicts keep insertion order)
+            del self._remakable[next(iter(self._remakable))]
+        self._remakable[id(out)] = (weakref.ref(out), out._version, remake)
 
     def remake_for(self, z: Tensor) -> Remake | None:
-        """How to remake ``z`` in the backward: for the last remembered output only, and only
-        while nothing has changed it in place since."""
-        if self._remakable is None:
+        """How to remake ``z`` in the backward: for the last few remembered outputs, and only
+        while nothing has changed it, or what it is remade from, in place since."""
+        entry = self._remakable.get(id(z))
+        if entry is None:
             return None
-        reference, version, remake = self._remakable
-        return remake if reference() is z and z._version == version else None
+        reference, version, remake = entry
+        if reference() is not z or z._version != version or not remake.intact():
+            return None
+        self._handed_out.append(remake)
+        return remake
+
+    def remakes_intact(self) -> bool:
+        """Whether every remake handed out still holds (the forward changed nothing they need
+        in place after the gate took them)."""
+        return all(remake.intact() for remake in self._handed_out)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -322,13 +343,13 @@ def _active_gating_mode() -> _SoftGatingMode | None:
 
 
 @contextlib.contextmanager
-def _gating(settings: GateSettings) -> Iterator[_SoftGatingMode]:
+def _gating(settings: GateSettings, remake: bool = True) -> Iterator[_SoftGatingMode]:
     if _active_gating_mode() is not None:
         raise RuntimeError(
             "soft_gating is already active in this thread; nesting it would gate every ReLU "
             "twice. Leave the outer context first (excitation_pullback and PullbackSession "
             "open their own).")
-    mode = _SoftGatingMode(settings)
+    mode = _SoftGatingMode(settings, remake)
     with mode:
         yield mode
 
@@ -353,5 +374,7 @@ def soft_gating(model: nn.Module, temperature: float | Mapping[str, float] | Non
     settings = GateSettings(temperature, gate, pool_temperature, temperature_mode,
                             attention_weights, pool_weights,
                             defaults=default_temperatures(model))
-    with _gating(settings):
+    # The user runs the forward, and it cannot be checked and run again: no remakes (see
+    # PullbackSession).
+    with _gating(settings, remake=False):
         yield settings

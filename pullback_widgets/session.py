@@ -165,11 +165,17 @@ class PullbackSession:
 
     def _run_forward(self, layers: tuple[str, ...]) -> _Forward:
         """A new forward recording ``layers``; checked, and not yet the session's."""
-        # Pullbacks need autograd even when the caller is inside no_grad or inference_mode.
-        with _autograd_on(), evaluation_mode(self.model), \
-                LayerRecorder(self.model, layers) as recorder, _gating(self._live) as mode:
-            leaf = self.inputs.clone().requires_grad_(True)
-            logits = self.model(leaf, *self._forward_args)
+        # A forward that changes in place, after a gate, a tensor that gate's pre-activation is
+        # remade from cannot be remade: it runs again, keeping every pre-activation.
+        for remake in (True, False):
+            # Pullbacks need autograd even when the caller is inside no_grad or inference_mode.
+            with _autograd_on(), evaluation_mode(self.model), \
+                    LayerRecorder(self.model, layers) as recorder, \
+                    _gating(self._live, remake) as mode:
+                leaf = self.inputs.clone().requires_grad_(True)
+                logits = self.model(leaf, *self._forward_args)
+            if mode.remakes_intact():
+                break
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             raise PullbackWidgetsError(
                 "the model must return logits of shape (B, num_classes), got "

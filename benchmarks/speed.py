@@ -1,7 +1,8 @@
 """Speed and memory of a one-shot pullback against a plain input gradient, as ratios of one run.
 
     python benchmarks/speed.py [--device cpu|cuda] [--models resnet50 efficientnet_lite0]
-                               [--batches 1 8] [--repeats 7] [--session] [--out FILE]
+                               [--batches 1 8] [--repeats 7] [--session] [--profile]
+                               [--no-memory] [--out FILE]
 
 r1 = excitation_pullback ÷ plain input gradient (goal ≤ 1.10), on (batch, 3, 224, 224) inputs,
 ResNet-50 with random weights and EfficientNet-Lite0 with its packaged ImageNet weights (random
@@ -117,6 +118,41 @@ def peak_memory(name: str, batch: int, method: str, device: str) -> dict[str, fl
     return {"peak": peak / 2**20, "above_model": (peak - before) / 2**20}
 
 
+def profile_summary(model, batch: int, device: str, calls: int = 5, top: int = 12) -> str:
+    """Where the difference goes: the ops whose self time per call (``torch.profiler``, mean
+    of ``calls`` calls after a warm-up) differs most between a pullback and a gradient, as a
+    markdown table; the first row is the total of every op's self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, 224, 224, device=device)
+    operations = _operations(model, x, False)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    per_op = {}
+    for name, fn in operations.items():
+        fn()
+        with profile(activities=activities) as recorded:
+            for _ in range(calls):
+                fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        per_op[name] = {event.key: (event.self_device_time_total if device == "cuda"
+                                    else event.self_cpu_time_total) / calls / 1e3
+                        for event in recorded.key_averages()}
+    gradient, pullback = per_op["gradient"], per_op["pullback"]
+    keys = sorted(set(gradient) | set(pullback),
+                  key=lambda k: -abs(pullback.get(k, 0.0) - gradient.get(k, 0.0)))
+    clock = "device" if device == "cuda" else "CPU"
+    lines = [f"| op | gradient ms | pullback ms | difference ms ({clock} self time) |",
+             "|---|---|---|---|",
+             f"| all ops | {sum(gradient.values()):.2f} | {sum(pullback.values()):.2f} | "
+             f"{sum(pullback.values()) - sum(gradient.values()):+.2f} |"]
+    for key in keys[:top]:
+        a, b = gradient.get(key, 0.0), pullback.get(key, 0.0)
+        lines.append(f"| `{key}` | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
+    return "\n".join(lines)
+
+
 def _proc_status_mb(field: str) -> float:
     status = Path("/proc/self/status").read_text()
     return int(re.search(rf"{field}:\s+(\d+)", status).group(1)) / 1024
@@ -182,6 +218,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--session", action="store_true", help="add the session columns")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
+    parser.add_argument("--profile", action="store_true",
+                        help="add, per model and batch, the ops that differ most in time")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--memory-probe", nargs=3, metavar=("MODEL", "BATCH", "METHOD"),
                         help=argparse.SUPPRESS)
@@ -189,7 +227,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.memory_probe:
         _rss_probe(args.memory_probe[0], int(args.memory_probe[1]), args.memory_probe[2])
         return ""
-    rows, notes = [], []
+    rows, notes, profiles = [], [], []
     for name in args.models:
         model, weights = load(name, args.device)
         notes.append(f"{name}: {weights} weights")
@@ -201,8 +239,12 @@ def main(argv: list[str] | None = None) -> str:
                                  for method in ("gradient", "pullback")}
             rows.append(row)
             print(table(rows[-1:]).splitlines()[-1], flush=True)
+            if args.profile:
+                profiles.append(f"Profile, {name}, batch {batch}:\n\n"
+                                + profile_summary(model, batch, args.device))
     text = (table(rows) + f"\n\n{args.repeats} repeats; torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads; " + "; ".join(notes) + ".\n")
+    text += "".join(f"\n{profile}\n" for profile in profiles)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

@@ -398,9 +398,10 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
         return t[:, :, top:top + (out_h - 1) * sh + 1:sh, left:left + (out_w - 1) * sw + 1:sw]
 
     result_dtype, grad_out = grad_out.dtype, grad_out.to(dtype)
-    # Out of place wherever grad_out enters (under batched targets it is vmapped): the result
-    # is made from it, so the scatter below adds into a tensor of its kind.
-    grad = grad_out.new_zeros(x.shape)
+    # Under batched targets grad_out is vmapped: the result is made from it, so the scatter
+    # below adds into a tensor of its kind, and only out-of-place products enter it.
+    grad = grad_out.new_empty(x.shape)
+    plain = _is_plain(grad_out)
     step = max(1, _POOL_CHUNK_BYTES // (len(offsets) * n * out_h * out_w * x.element_size()))
     for first in range(0, c, step):
         def channels(t: Tensor, first: int = first) -> Tensor:
@@ -409,8 +410,9 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
             return t if step >= c else t.narrow(1, first, min(step, c - first))
 
         entries = [windows_at(channels(x), top, left) for top, left in offsets]
-        maximum = entries[0].clone()
-        for entry in entries[1:]:
+        maximum = torch.maximum(entries[0], entries[1]) if len(entries) > 1 \
+            else entries[0].clone()
+        for entry in entries[2:]:
             torch.maximum(maximum, entry, out=maximum)
         scaled = torch.empty((len(entries), *maximum.shape), dtype=dtype, device=x.device)
         for k, entry in enumerate(entries):
@@ -424,11 +426,15 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
             weights = scaled.exp()
             total = weights.sum(dim=0)
             mean = torch.linalg.vecdot(weights, scaled, dim=0).div_(total)
-            weights = scaled.sub_(mean).add_(1.0).mul_(weights)
-        local = weights * (channels(grad_out) / total)
-        grad_chunk = channels(grad)
+            weights = scaled.sub_(mean.sub_(1.0)).mul_(weights)  # (1 + s - mean) e^s
+        share = channels(grad_out) / total
+        grad_chunk = channels(grad).zero_()  # zeroed here, while it is in cache
         for k, (top, left) in enumerate(offsets):
-            windows_at(grad_chunk, top, left).add_(local[k])
+            target = windows_at(grad_chunk, top, left)
+            if plain:
+                target.addcmul_(weights[k], share)
+            else:
+                target.add_(weights[k] * share)
     if padded:
         grad = grad.narrow(-2, ph, h).narrow(-1, pw, w)
     return grad.to(result_dtype)

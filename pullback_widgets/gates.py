@@ -357,8 +357,9 @@ class PoolGeometry:
         return self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode
 
 
-# The soft pool's working set per channel chunk: small enough to stay in cache (measured on
-# a 2-core CPU: 2-8 MiB chunks ran 3-5x faster than one pass over a batch of 8).
+# The soft pool's working set per channel chunk on the CPU: small enough to stay in cache
+# (measured on a 2-core CPU: 2-8 MiB chunks ran 3-5x faster than one pass over a batch of 8).
+# Accelerators take all channels at once: there every chunk costs kernel launches.
 _POOL_CHUNK_BYTES = 4 << 20
 
 
@@ -402,7 +403,8 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
     # below adds into a tensor of its kind, and only out-of-place products enter it.
     grad = grad_out.new_empty(x.shape)
     plain = _is_plain(grad_out)
-    step = max(1, _POOL_CHUNK_BYTES // (len(offsets) * n * out_h * out_w * x.element_size()))
+    step = max(1, _POOL_CHUNK_BYTES // (len(offsets) * n * out_h * out_w * x.element_size())) \
+        if x.device.type == "cpu" else c
     for first in range(0, c, step):
         def channels(t: Tensor, first: int = first) -> Tensor:
             # Whole tensors when one chunk covers them (vmap cannot slice a batched grad_out

@@ -25,6 +25,11 @@ gives NaN. As T -> 0 the gates become the hard ones, hence the plain gradient, e
 kinks and ties, where the soft rule's limit is the symmetric one: g(0) = 1/2 for a
 pre-activation exactly at ``low`` or ``high``, and tied maxima of a window share its gradient
 equally (the plain gradient gives it all to the first).
+
+Memory: a gate needs its pre-activation in the backward. Where the interception knows how it
+was made (an eval-mode batch norm, then residual sums: :class:`Remake`), the backward remakes it
+bit for bit from tensors autograd keeps anyway; elsewhere the op keeps it (a copy when the op is
+in place).
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ ReLU family and 2-D max-pool (:mod:`.gates`), SiLU, GELU, Hardswish, LeakyReLU a
 (:mod:`.attention_gates`). A mode sees the calls the model makes, not those made inside a
 function it handles, so each route sits at the level models call. The model itself is never
 touched: no hooks, no swapped modules.
+Eval-mode ``F.batch_norm`` and residual sums run as they are, and are remembered so that a gate
+taking their output can remake it in the backward instead of keeping a copy (only in a forward
+the session runs, and checks afterwards: see :class:`.gates.Remake`).
 The mode is thread-local and gates every such call made in this thread inside the context, the
 model's and any other.
 """

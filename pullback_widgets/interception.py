@@ -82,7 +82,6 @@ _CLAMP_PARSERS: dict[Callable, Callable] = {
 }
 
 
-
 def _pool_geometry(args, kwargs) -> PoolGeometry | None:
     """The pool's geometry, or None where the call must stay hard (it asks for indices)."""
     if _arg(args, kwargs, 6, "return_indices", False):
@@ -189,10 +188,12 @@ def _residual_sum_route(mode, func, args, kwargs):
     a, b = args[0], args[1] if len(args) == 2 and not kwargs else None
     remake = mode.remake_for(a) if isinstance(b, Tensor) and b.shape == a.shape \
         and b.dtype == a.dtype and b.device == a.device else None
+    # b's version before the sum: if an in-place sum changes b too (a += a), no remake holds.
+    b_version = None if remake is None else b._version
     out = func(*args, **kwargs)
     if remake is not None:
         mode.remember(out, Remake((*remake.tensors, b), lambda *tensors: remake.op(
-            *tensors[:-1]).add_(tensors[-1]), (*remake.versions, b._version)))
+            *tensors[:-1]).add_(tensors[-1]), (*remake.versions, b_version)))
     return out
 
 
@@ -310,6 +311,7 @@ class _SoftGatingMode(TorchFunctionMode):
     def remember(self, out: Tensor, remake: Remake) -> None:
         if not self.remake:
             return
+        self._remakable.pop(id(out), None)  # an in-place sum: its entry moves to the end
         if len(self._remakable) >= _REMEMBERED:  # the oldest goes (dicts keep insertion order)
             del self._remakable[next(iter(self._remakable))]
         self._remakable[id(out)] = (weakref.ref(out), out._version, remake)

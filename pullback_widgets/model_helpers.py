@@ -107,15 +107,14 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     """
     with model_lock(model):
         flags = [(module, module.training) for module in model.modules()]
-        if not any(training for _, training in flags):  # already in eval mode: nothing to do
-            yield
-            return
-        model.eval()
+        if any(training for _, training in flags):  # already in eval mode: nothing to set
+            model.eval()
         try:
             yield
         finally:
             for module, training in flags:
-                module.training = training
+                if module.training != training:  # an attribute write costs a module lookup
+                    module.training = training
 
 
 def predict(model: nn.Module, inputs: Tensor) -> Tensor:

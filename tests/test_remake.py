@@ -16,13 +16,17 @@ from tests.reference import FrozenGateReLU
 def _remakes(monkeypatch) -> list[bool]:
     """Spy on the gates: one entry per gated call, True where it was handed a remake."""
     seen: list[bool] = []
-    for name in ("SoftClamp", "SoftActivation"):
+
+    def spy(original):
         class Spy:
             @staticmethod
-            def apply(*args, original=getattr(interception, name)):
+            def apply(*args):
                 seen.append(args[-1] is not None)  # the routes pass the remake last
                 return original.apply(*args)
-        monkeypatch.setattr(interception, name, Spy)
+        return Spy
+
+    for name in ("SoftClamp", "SoftActivation"):
+        monkeypatch.setattr(interception, name, spy(getattr(interception, name)))
     return seen
 
 
@@ -89,7 +93,12 @@ def _plus_offsets(t):  # a residual sum whose other operand broadcasts
     return t + torch.linspace(-1, 1, t.shape[-1], dtype=t.dtype)
 
 
-@pytest.mark.parametrize("between", [_scaled_in_place, _plus_offsets])
+def _doubled_in_place(t):  # a += a: the sum changes its own operand
+    t += t
+    return t
+
+
+@pytest.mark.parametrize("between", [_scaled_in_place, _plus_offsets, _doubled_in_place])
 def test_a_pre_activation_a_remake_could_not_give_is_kept(monkeypatch, between):
     # Changed in place after the norm, or summed with a broadcast operand: no remake, and the
     # pullback is still the frozen-gate reference's gradient.

@@ -431,6 +431,21 @@ def settings_assigned_by_hand_are_checked():
     assert session.settings == pw.GateSettings()
 
 
+@case
+def a_forward_that_switches_modes_leaves_them_as_found():
+    # The model came in eval mode, so nothing needed setting before the forward; what its
+    # forward switches is still put back afterwards.
+    class SwitchesToTraining(EveryOpNet):
+        def forward(self, x):
+            self.bn1.train()
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    model = SwitchesToTraining().double().eval()
+    pw.excitation_pullback(model, random_image(), 1)
+    assert not any(module.training for module in model.modules())
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
 @pytest.mark.parametrize("name", sorted(CASES), ids=lambda name: name.replace("_", " "))
 def test_hostile_case(name):

@@ -29,14 +29,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .gates import (
-    GateSettings,
-    Remake,
-    capped_reciprocal,
-    compute_dtype,
-    keep_pre_activation,
-    kept_pre_activation,
-)
+from .gates import GateSettings, capped_reciprocal, compute_dtype
+from .pre_activations import Remake, keep_pre_activation, kept_pre_activation
 
 
 def _sigmoid_gate(u: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ function it handles, so each route sits at the level models call. The model itse
 touched: no hooks, no swapped modules.
 Eval-mode ``F.batch_norm`` and residual sums run as they are, and are remembered so that a gate
 taking their output can remake it in the backward instead of keeping a copy (only in a forward
-the session runs, and checks afterwards: see :class:`.gates.Remake`).
+the session runs, and checks afterwards: see :class:`.pre_activations.Remake`).
 The mode is thread-local and gates every such call made in this thread inside the context, the
 model's and any other.
 """
@@ -38,9 +38,10 @@ from .activation_gates import (
     leaky_relu_rule,
 )
 from .attention_gates import AttentionCall, SoftAttention
-from .gates import GateSettings, PoolGeometry, Remake, SoftClamp, SoftMaxPool2d
+from .gates import GateSettings, PoolGeometry, SoftClamp, SoftMaxPool2d
 from .model_helpers import default_temperatures
 from .norm_gates import ConstantStatisticsNorm, group_norm_statistics, layer_norm_statistics
+from .pre_activations import Remake
 from .validation import check_model
 
 
@@ -166,7 +167,7 @@ def _group_norm_route(mode, func, args, kwargs):
 def _batch_norm_route(mode, func, args, kwargs):
     """``F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
     eps)`` runs as it is. In eval mode its output is remembered as remakable, so that a gate
-    taking it next need not keep a copy (see :class:`.gates.Remake`)."""
+    taking it next need not keep a copy (see :class:`.pre_activations.Remake`)."""
     out = func(*args, **kwargs)
     names = ("input", "running_mean", "running_var", "weight", "bias")
     tensors = tuple(_arg(args, kwargs, i, name, None) for i, name in enumerate(names))

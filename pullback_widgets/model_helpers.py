@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .gates import KIND_TEMPERATURES
 from .targets import TokenGrid
-from .validation import PullbackWidgetsError, check_inputs, check_model, suggest
+from .validation import PullbackWidgetsError, check_inputs, check_model, submodules, suggest
 
 DEFAULT_TEMPERATURE = 0.3
 # The temperature strip's walk from gradient-like (0.01) to nearly linear in path space (10).
@@ -106,7 +106,7 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     forward with Dropout on).
     """
     with model_lock(model):
-        flags = [(module, module.training) for module in model.modules()]
+        flags = [(module, module.training) for module in submodules(model)]
         if any(training for _, training in flags):  # already in eval mode: nothing to set
             model.eval()
         try:

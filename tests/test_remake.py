@@ -1,6 +1,8 @@
 """Pre-activations remade in the backward (an eval-mode batch norm, then residual sums) instead of
 kept: the same bits as keeping them, and kept wherever a remake could differ."""
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -192,3 +194,35 @@ def test_soft_gating_keeps_every_pre_activation(monkeypatch):
         out = model(x)
     torch.autograd.grad(out[:, 1].sum(), x)
     assert len(seen) == 17 and not any(seen)
+
+
+def test_a_residual_remake_frees_what_it_was_made_from_as_the_backward_passes():
+    # out = relu(bn(conv(x)) + x): the gate remakes its pre-activation from the batch norm's
+    # input and the identity. Those must be freed once the backward has passed them, not kept
+    # by the gate's remake until the whole graph goes (memory that the rest of the backward
+    # would otherwise allocate around).
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = F.relu(self.bn(self.conv(x)) + x)
+            return self.head(h.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    normalised = []
+    model.bn.register_forward_hook(
+        lambda module, inputs, output: normalised.append(weakref.ref(inputs[0])))
+    x = torch.rand(2, 4, 8, 8)
+    leaf = torch.rand(2, 4, 8, 8).requires_grad_()
+    alive_at_the_end = []
+    with interception._gating(pw.GateSettings(0.3)) as mode:
+        logits = model(leaf * 1.0 + x)
+    assert mode.gated_kinds["relu"] == 1 and mode._handed_out  # the gate took a remake
+    del mode  # (it remembers the remakes it handed out)
+    leaf.register_hook(lambda grad: alive_at_the_end.append(normalised[0]() is not None))
+    torch.autograd.grad(logits[:, 1].sum(), leaf)
+    assert alive_at_the_end == [False]

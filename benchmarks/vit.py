@@ -18,7 +18,7 @@ from pathlib import Path
 
 import timm
 import torch
-from speed import _plain_gradient, _timed
+from speed import _timed, plain_gradient
 
 import pullback_widgets as pw
 
@@ -29,7 +29,7 @@ def costs(model, x, repeats: int) -> dict[str, float]:
     """Median seconds per operation on ``x`` (1, 3, 224, 224)."""
     session = pw.PullbackSession(model, x)
     operations = {
-        "gradient": lambda: _plain_gradient(model, x, 1),
+        "gradient": lambda: plain_gradient(model, x, 1),
         **{f"pullback {rule}": (lambda rule=rule: pw.excitation_pullback(
             model, x, 1, attention_weights=rule)) for rule in RULES},
         "session update": lambda: session.pullback(1, temperature={"attention": 1.01}),
@@ -39,7 +39,7 @@ def costs(model, x, repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in operations}
     for _ in range(repeats):
         for name, fn in operations.items():
-            times[name].append(_timed(fn, "cpu"))
+            times[name].append(_timed(fn, "cpu")[0])  # wall-clock seconds
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -50,7 +50,7 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def similarity(model, images: torch.Tensor, temperatures) -> list[tuple[str, str, float, float]]:
     """(rule, T, mean cosine, mean magnitude correlation) over ``images`` (N, 3, H, W)."""
-    gradients = [_plain_gradient(model, image[None], int(model(image[None]).argmax()))
+    gradients = [plain_gradient(model, image[None], int(model(image[None]).argmax()))
                  for image in images]
     rows = []
     for rule in RULES:

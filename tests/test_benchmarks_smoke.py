@@ -119,3 +119,39 @@ def test_speed_benchmark_keeps_the_heap_in_its_own_process():
     assert "timed with --keep-heap" in result.stdout
     gradient_faults, pullback_faults = (int(n) for n in rows[0][8].split(" / "))
     assert gradient_faults < 20_000 and pullback_faults < 20_000
+
+
+BENCHMARKS = sorted((Path(__file__).parents[1] / "benchmarks").glob("*.py"))
+
+
+def _import_benchmark(path: Path, monkeypatch):
+    """Import a benchmark script as its own module, without running its main()."""
+    monkeypatch.syspath_prepend(str(path.parent))  # the scripts import each other by name
+    spec = importlib.util.spec_from_file_location(f"benchmark_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", BENCHMARKS, ids=lambda path: path.name)
+def test_every_benchmark_script_imports(path, monkeypatch):
+    # A rename in one script once broke another's import (vit.py took speed.py's helpers by
+    # their old names) while only the scripts run in CI stayed green.
+    assert callable(_import_benchmark(path, monkeypatch).main)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_vit_benchmark_writes_its_cost_and_similarity_tables(tmp_path, monkeypatch):
+    vit = _import_benchmark(BENCHMARKS[[p.name for p in BENCHMARKS].index("vit.py")],
+                            monkeypatch)
+    out = tmp_path / "vit.md"
+    text = vit.main(["--repeats", "1", "--out", str(out)])
+    assert out.read_text(encoding="utf-8") == text
+    _, costs = _table_rows(text, "| gradient (ms) |")
+    assert len(costs) == 1 and all(re.fullmatch(r"\d+(\.\d\d)?", cell) for cell in costs[0])
+    _, similarity = _table_rows(text, "| attention rule |")
+    assert [row[:2] for row in similarity] == [
+        [rule, t] for rule in ("detached", "differentiated")
+        for t in ("model defaults", "0.3", "3")]
+    assert all(-1 <= float(cell) <= 1 for row in similarity for cell in row[2:])

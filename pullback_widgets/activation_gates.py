@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .gates import GateSettings, capped_reciprocal, compute_dtype
-from .pre_activations import Remake, keep_pre_activation, kept_pre_activation
+from .pre_activations import Remake, keep_pre_activation, kept_pre_activation, saved_tensors
 
 
 def _sigmoid_gate(u: Tensor) -> Tensor:
@@ -133,7 +133,7 @@ class SoftPReLU(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        z, weight = ctx.saved_tensors
+        z, weight = saved_tensors(ctx)
         settings = ctx.settings
         # The slope broadcast like torch.prelu does it: over dim 1 (channels) when per channel.
         slope = weight if weight.numel() == 1 or z.dim() < 2 \

@@ -29,7 +29,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .gates import GateSettings, capped_reciprocal, compute_dtype
-from .own_graph import OwnGraph
+from .own_call import OwnCall
+from .pre_activations import saved_tensors
 from .validation import PullbackWidgetsError
 
 
@@ -98,18 +99,19 @@ class SoftAttention(torch.autograd.Function):
                 settings: GateSettings) -> Tensor:
         # The hard gate pulls back through the model's own call: bit for bit, for whichever
         # backend ran.
-        ctx.own = OwnGraph(hard_op, (query, key, value, mask))
+        ctx.own = OwnCall(hard_op, (query, key, value, mask))
+        output, _ = ctx.own.run((query, key, value, mask))
+        ctx.save_for_backward(query, key, value, mask)
         ctx.call, ctx.settings = call, settings
-        return ctx.own.output.detach()
+        return output.detach()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        own, settings = ctx.own, ctx.settings
+        own, settings, saved = ctx.own, ctx.settings, saved_tensors(ctx)
         if settings.gate == "hard":
-            return (*own.plain_gradients(grad_out), None, None, None)
-        leaves = own.inputs
-        query, key, value, mask = (None if t is None else t.detach() for t in leaves)
+            return (*own.plain_gradients(grad_out, saved), None, None, None)
+        query, key, value, mask = (None if t is None else t.detach() for t in saved)
         weights, scale = softened_weights(query, key, mask, ctx.call, settings)
         grad = grad_out.to(weights.dtype)
         grad_value = (weights.transpose(-2, -1) @ grad).sum_to_size(value.shape).to(value.dtype)

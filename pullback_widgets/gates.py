@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .pre_activations import Remake, keep_pre_activation, kept_pre_activation
+from .pre_activations import Remake, keep_pre_activation, kept_pre_activation, saved_tensors
 from .validation import (
     PullbackWidgetsError,
     PullbackWidgetsTypeError,
@@ -409,7 +409,7 @@ class SoftMaxPool2d(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        (x,) = ctx.saved_tensors
+        (x,) = saved_tensors(ctx)
         unbatched = x.dim() == 3
         if unbatched:
             x, grad_out = x.unsqueeze(0), grad_out.unsqueeze(0)

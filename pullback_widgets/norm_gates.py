@@ -18,7 +18,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .gates import GateSettings, compute_dtype
-from .own_graph import OwnGraph
+from .own_call import OwnCall
+from .pre_activations import saved_tensors
 
 
 def layer_norm_statistics(x: Tensor, normalized_shape: Sequence[int], eps: float
@@ -57,22 +58,23 @@ class ConstantStatisticsNorm(torch.autograd.Function):
                 hard_op: Callable[..., Tensor], statistics: Callable[[Tensor], tuple],
                 affine_shape: tuple[int, ...], settings: GateSettings) -> Tensor:
         # The hard gate pulls back through the model's own call: bit for bit.
-        ctx.own = OwnGraph(hard_op, (x, weight, bias))
+        ctx.own = OwnCall(hard_op, (x, weight, bias))
+        output, _ = ctx.own.run((x, weight, bias))
+        ctx.save_for_backward(x, weight, bias)
         ctx.statistics, ctx.affine_shape, ctx.settings = statistics, affine_shape, settings
         ctx.cached_statistics = None
-        return ctx.own.output.detach()
+        return output.detach()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        own = ctx.own
+        own, saved = ctx.own, saved_tensors(ctx)
         if ctx.settings.gate == "hard":
-            return (*own.plain_gradients(grad_out), None, None, None, None)
+            return (*own.plain_gradients(grad_out, saved), None, None, None, None)
         needed = own.wanted()
-        leaves = own.inputs
         # At least float32 (see gates), each gradient cast back to its input's dtype.
-        dtype = compute_dtype(leaves[0].dtype)
-        x, weight, bias = (None if t is None else t.detach() for t in leaves)
+        dtype = compute_dtype(saved[0].dtype)
+        x, weight, bias = (None if t is None else t.detach() for t in saved)
         if ctx.cached_statistics is None:  # the statistics do not change between pullbacks
             ctx.cached_statistics = ctx.statistics(x.to(dtype))
         mean, rstd = ctx.cached_statistics

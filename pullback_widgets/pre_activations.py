@@ -43,9 +43,21 @@ class Remake:
 
 
 _CHANGED_SINCE_FORWARD = (
-    "a tensor the pullback remakes a pre-activation from (a batch norm's input, statistics or "
-    "parameters, or a residual sum's operand) was changed in place after the forward; "
-    "run a new forward (a new PullbackSession) after changing the model")
+    "a tensor that a gated op's backward needs (the op's input, or what its pre-activation is "
+    "remade from: a batch norm's input, statistics or parameters, a residual sum's operand) "
+    "was changed in place after the forward used it: by a later step of the model's forward "
+    "(make that step out of place), or after the forward (run a new forward, a new "
+    "PullbackSession, after changing the model)")
+
+
+def saved_tensors(ctx) -> tuple[Tensor | None, ...]:
+    """``ctx.saved_tensors``; a tensor changed in place since it was saved is a clear error."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as error:
+        if "modified by an inplace operation" not in str(error):
+            raise
+        raise PullbackWidgetsError(_CHANGED_SINCE_FORWARD) from error
 
 
 def keep_pre_activation(ctx, z: Tensor, inplace: bool, remake: Remake | None) -> None:
@@ -62,12 +74,5 @@ def keep_pre_activation(ctx, z: Tensor, inplace: bool, remake: Remake | None) ->
 
 def kept_pre_activation(ctx) -> Tensor:
     """``z`` as saved by :func:`keep_pre_activation` (remade, when it was)."""
-    if ctx.remake_op is None:
-        return ctx.saved_tensors[0]
-    try:
-        saved = ctx.saved_tensors
-    except RuntimeError as error:
-        if "modified by an inplace operation" not in str(error):
-            raise
-        raise PullbackWidgetsError(_CHANGED_SINCE_FORWARD) from error
-    return ctx.remake_op(*saved)
+    saved = saved_tensors(ctx)
+    return saved[0] if ctx.remake_op is None else ctx.remake_op(*saved)

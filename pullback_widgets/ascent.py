@@ -150,7 +150,7 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
     steps, step_size, eps = check_index(steps, "steps"), \
         check_positive(step_size, "step_size"), check_positive(eps, "eps")
     model = check_model(model)
-    start = check_inputs(model, image).detach()
+    start = check_inputs(image).detach()
     if start.min() < 0 or start.max() > 1:
         raise PullbackWidgetsError("image must be in pixel space [0, 1] (see pw.load_image)")
     settings = dict(temperature=temperature, gate="hard" if method == "gradient" else gate,
@@ -221,7 +221,7 @@ def ascent_grid(model: nn.Module, images: Tensor, targets: Sequence[int] | None 
     own class and the off-diagonal cells are counterfactuals. Any integer type counts.
     """
     model = check_model(model)
-    start = check_inputs(model, images).detach()
+    start = check_inputs(images).detach()
     if targets is None:
         targets = predict(model, start).argmax(1).tolist()
     if isinstance(targets, (str, Tensor)) or not isinstance(targets, Sequence) \

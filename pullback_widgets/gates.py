@@ -176,13 +176,19 @@ class GateSettings:
                         kind: str | None = None) -> float | Tensor:
         """The temperature an op of ``kind`` (default "relu", or "pool" with ``pool=True``)
         with input ``x`` uses: a float, or per example (B, 1, ...). It may underflow to 0;
-        the ops cap 1/T (:func:`capped_reciprocal`)."""
+        the ops cap 1/T (:func:`capped_reciprocal`).
+
+        In relative mode an example's spread is the standard deviation over dims 1 and on (so
+        dim 0 must be the batch); one value has none (0, as have values that are not all
+        finite): T ~ 0 there, the step gate."""
         base = self.temperature_of(kind or ("pool" if pool else "relu"))
         if self.temperature_mode == "absolute":
             return base
+        values = x.detach().flatten(1) if x.dim() >= 2 else x.detach().flatten()[None]
+        correction = 1 if values.shape[1] > 1 else 0
+        spread = values.std(dim=1, correction=correction).nan_to_num(0.0).clamp_min(1e-12)
         if x.dim() < 2:
-            return base * float(x.detach().std().clamp_min(1e-12))
-        spread = x.detach().flatten(1).std(dim=1).clamp_min(1e-12)
+            return base * float(spread)
         return base * spread.view(-1, *([1] * (x.dim() - 1)))
 
 

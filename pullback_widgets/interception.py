@@ -42,7 +42,7 @@ from .gates import GateSettings, PoolGeometry, SoftClamp, SoftMaxPool2d
 from .model_helpers import default_temperatures
 from .norm_gates import ConstantStatisticsNorm, group_norm_statistics, layer_norm_statistics
 from .pre_activations import Remake
-from .validation import check_model
+from .validation import PullbackWidgetsError, check_model
 
 
 def _relu_call(inplace: bool, low: float = 0.0, high: float | None = None):
@@ -286,11 +286,26 @@ _ROUTES: dict[Callable, Callable] = {
     torch.max_pool2d: _pool_route,
     **{func: _clamp_route(parse) for func, parse in _CLAMP_PARSERS.items()},
 }
-# How many leading arguments put a call on the input's path: attention is when q, k or v is
-# (a fixed query still gates v); everything else when its first argument is.
-_PATH_ARGUMENTS = {func: 3 if func in (F.scaled_dot_product_attention,
-                                       F.multi_head_attention_forward) else 1
-                   for func in _ROUTES}
+# The leading arguments that put a call on the input's path, by name: attention is when q, k
+# or v is (a fixed query still gates v); everything else when its first argument is.
+_PATH_ARGUMENTS = {func: ("query", "key", "value") if func in (
+    F.scaled_dot_product_attention, F.multi_head_attention_forward) else ("input",)
+    for func in _ROUTES}
+
+
+def _leading_by_position(func: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """(args, kwargs) with the path arguments given by keyword moved to their positions: C
+    builtins pass ``torch.relu(input=z)`` on as it was written, and the routes read them by
+    position."""
+    names = _PATH_ARGUMENTS[func]
+    if len(args) >= len(names) or not any(name in kwargs for name in names):
+        return args, kwargs
+    kwargs = dict(kwargs)
+    for name in names[len(args):]:
+        if name not in kwargs:
+            break
+        args = (*args, kwargs.pop(name))
+    return args, kwargs
 
 
 # How many remakable outputs the mode remembers: a block's last norm, its shortcut's norm, and
@@ -344,9 +359,12 @@ class _SoftGatingMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         route = _ROUTES.get(func)
-        if route is not None and torch.is_grad_enabled() and any(
-                isinstance(t, Tensor) and t.requires_grad for t in args[:_PATH_ARGUMENTS[func]]):
-            return route(self, func, args, kwargs)
+        if route is not None:
+            if kwargs:
+                args, kwargs = _leading_by_position(func, args, kwargs)
+            if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
+                                               for t in args[:len(_PATH_ARGUMENTS[func])]):
+                return route(self, func, args, kwargs)
         return func(*args, **kwargs)
 
 
@@ -355,16 +373,52 @@ def _active_gating_mode() -> _SoftGatingMode | None:
                  if isinstance(m, _SoftGatingMode)), None)
 
 
+CHECKPOINTING = (
+    "the model uses activation checkpointing (torch.utils.checkpoint), which runs parts of the "
+    "forward again during the backward, outside the soft gates, so the pullback would be "
+    "wrong; turn it off to explain the model (timm: model.set_grad_checkpointing(False))")
+
+
+def checkpointing_error(error: BaseException) -> PullbackWidgetsError | None:
+    """The clear error for activation checkpointing met in a gated forward, or for a
+    reentrant checkpoint's refusal of ``torch.autograd.grad``; None for other errors."""
+    message = str(error)
+    if isinstance(error, RuntimeError) and (
+            message == CHECKPOINTING or "torch.utils.checkpoint is incompatible" in message):
+        return PullbackWidgetsError(CHECKPOINTING)
+    return None
+
+
+@contextlib.contextmanager
+def _refusing_checkpoints() -> Iterator[None]:
+    """Non-reentrant activation checkpointing drops what the ops save and runs them again in
+    the backward, unmoded, so plain ops' saved tensors would feed the soft gates: refused here
+    by refusing saved-tensor hooks. Not where the caller has hooks of their own active
+    (``save_on_cpu``), which torch would refuse instead."""
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top_hooks is None or top_hooks(False) is not None:
+        yield
+        return
+    with torch.autograd.graph.disable_saved_tensors_hooks(CHECKPOINTING):
+        yield
+
+
 @contextlib.contextmanager
 def _gating(settings: GateSettings, remake: bool = True) -> Iterator[_SoftGatingMode]:
     if _active_gating_mode() is not None:
-        raise RuntimeError(
+        raise PullbackWidgetsError(
             "soft_gating is already active in this thread; nesting it would gate every ReLU "
             "twice. Leave the outer context first (excitation_pullback and PullbackSession "
             "open their own).")
     mode = _SoftGatingMode(settings, remake)
-    with mode:
-        yield mode
+    try:
+        with mode, _refusing_checkpoints():
+            yield mode
+    except RuntimeError as error:
+        clear = checkpointing_error(error)
+        if clear is None:
+            raise
+        raise clear from error
 
 
 @contextlib.contextmanager

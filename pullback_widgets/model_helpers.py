@@ -12,7 +12,14 @@ from torch import Tensor, nn
 
 from .gates import KIND_TEMPERATURES
 from .targets import TokenGrid
-from .validation import PullbackWidgetsError, check_inputs, check_model, submodules, suggest
+from .validation import (
+    PullbackWidgetsError,
+    check_inputs,
+    check_model,
+    explained_forward_errors,
+    submodules,
+    suggest,
+)
 
 DEFAULT_TEMPERATURE = 0.3
 # The temperature strip's walk from gradient-like (0.01) to nearly linear in path space (10).
@@ -104,6 +111,12 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     which would change the user's model. The lock keeps another thread's save and restore from
     interleaving with ours (which would leave a train-mode model in eval mode, or run our
     forward with Dropout on).
+
+    Flags are set back through ``module.train(flag)``, as ``model.eval()`` set them: a module
+    whose ``train()`` does more than set the flag (LoRA layers merge their weights in eval and
+    unmerge them in train) is left as its own ``train()`` leaves it. ``submodules`` lists
+    parents before their children, so a parent's ``train()``, which sets its children too, is
+    followed by each child's own flag.
     """
     with model_lock(model):
         flags = [(module, module.training) for module in submodules(model)]
@@ -113,13 +126,16 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
             yield
         finally:
             for module, training in flags:
-                if module.training != training:  # an attribute write costs a module lookup
+                if module.training != training:
+                    module.train(training)
+            for module, training in flags:  # a module shared by two parents: the later one's
+                if module.training != training:  # train() may have set it again
                     module.training = training
 
 
 def predict(model: nn.Module, inputs: Tensor) -> Tensor:
     """Plain logits (B, num_classes) for ``inputs``, in eval mode, without gradients."""
-    with evaluation_mode(model), torch.no_grad():
+    with evaluation_mode(model), torch.no_grad(), explained_forward_errors(model, inputs):
         return model(inputs)
 
 
@@ -194,7 +210,7 @@ def feature_layers(model: nn.Module, inputs: Tensor, *,
     ResNet-50). Runs one plain forward, no gradients.
     """
     model = check_model(model)
-    check_inputs(model, inputs)
+    check_inputs(inputs)
     modules = dict(model.named_modules())
 
     def offered(name: str) -> bool:
@@ -205,7 +221,7 @@ def feature_layers(model: nn.Module, inputs: Tensor, *,
 
     candidates = [name for name in modules if name and offered(name)]
     with evaluation_mode(model), LayerRecorder(model, candidates, copy=False) as recorder, \
-            torch.no_grad():
+            torch.no_grad(), explained_forward_errors(model, inputs):
         model(inputs)
     outputs = recorder.outputs
     grid = token_grid(model, inputs)

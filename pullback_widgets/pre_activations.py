@@ -43,11 +43,19 @@ class Remake:
 
 
 _CHANGED_SINCE_FORWARD = (
-    "a tensor that a gated op's backward needs (the op's input, or what its pre-activation is "
-    "remade from: a batch norm's input, statistics or parameters, a residual sum's operand) "
-    "was changed in place after the forward used it: by a later step of the model's forward "
-    "(make that step out of place), or after the forward (run a new forward, a new "
+    "a tensor the backward needs (an op's input, a layer's weights, or what a gate remakes its "
+    "pre-activation from: a batch norm's input, statistics or parameters, a residual sum's "
+    "operand) was changed in place after the forward used it: by a later step of the model's "
+    "forward (make that step out of place), or after the forward (run a new forward, a new "
     "PullbackSession, after changing the model)")
+
+
+def changed_in_place_error(error: BaseException) -> PullbackWidgetsError | None:
+    """The clear error for autograd's "modified by an inplace operation" (a tensor saved for
+    the backward, by a gate or by any other op, changed in place since); None for others."""
+    if isinstance(error, RuntimeError) and "modified by an inplace operation" in str(error):
+        return PullbackWidgetsError(_CHANGED_SINCE_FORWARD)
+    return None
 
 
 def saved_tensors(ctx) -> tuple[Tensor | None, ...]:
@@ -55,9 +63,10 @@ def saved_tensors(ctx) -> tuple[Tensor | None, ...]:
     try:
         return ctx.saved_tensors
     except RuntimeError as error:
-        if "modified by an inplace operation" not in str(error):
+        clear = changed_in_place_error(error)
+        if clear is None:
             raise
-        raise PullbackWidgetsError(_CHANGED_SINCE_FORWARD) from error
+        raise clear from error
 
 
 def keep_pre_activation(ctx, z: Tensor, inplace: bool, remake: Remake | None) -> None:

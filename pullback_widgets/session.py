@@ -12,14 +12,16 @@ import torch
 from torch import Tensor, nn
 
 from .gates import GateSettings
-from .interception import _gating
+from .interception import _gating, checkpointing_error
 from .model_helpers import LayerRecorder, default_temperatures, evaluation_mode, token_grid
+from .pre_activations import changed_in_place_error
 from .targets import Target, Unit, class_indices, is_class_target, unit_seed
 from .validation import (
     PullbackWidgetsError,
     PullbackWidgetsTypeError,
     check_inputs,
     check_model,
+    explained_forward_errors,
 )
 
 # One number for every kind of gated op, a mapping kind -> T, or None: the model's defaults.
@@ -29,6 +31,11 @@ _NO_GRADIENT_PATH = (
     "the model's {what} does not depend on its input through autograd: its forward runs "
     "(at least in part) under torch.no_grad() or torch.inference_mode(), or detaches the "
     "input. A pullback needs the whole gradient path; remove that from forward().")
+
+_NO_PATH_THROUGH_DETACHED_ATTENTION = (
+    "no gradient reaches the input: with attention_weights='detached' the attention weights "
+    "are constants and only the values carry a gradient, so an input that reaches the output "
+    "only through attention queries or keys gets none; use attention_weights='differentiated'")
 
 
 NO_GATED_OP = (
@@ -102,7 +109,7 @@ class PullbackSession:
                  pool_weights: str = "differentiated", layers: Iterable[str] = (),
                  forward_args: Sequence[object] = ()) -> None:
         model = check_model(model)
-        inputs = check_inputs(model, inputs).detach()
+        inputs = check_inputs(inputs).detach()
         if isinstance(layers, str):
             raise PullbackWidgetsTypeError("layers must be a list of layer names, not a str")
         layers = tuple(dict.fromkeys(layers))
@@ -171,9 +178,11 @@ class PullbackSession:
             # Pullbacks need autograd even when the caller is inside no_grad or inference_mode.
             with _autograd_on(), evaluation_mode(self.model), \
                     LayerRecorder(self.model, layers) as recorder, \
-                    _gating(self._live, remake) as mode:
+                    _gating(self._live, remake) as mode, \
+                    explained_forward_errors(self.model, self.inputs):
                 leaf = self.inputs.clone().requires_grad_(True)
-                logits = self.model(leaf, *self._forward_args)
+                # Not the leaf itself: a model may change its input in place.
+                logits = self.model(leaf.clone(), *self._forward_args)
             if mode.remakes_intact():
                 break
         if not isinstance(logits, Tensor) or logits.dim() != 2:
@@ -258,9 +267,16 @@ class PullbackSession:
             try:
                 with _autograd_on():
                     grads = self._grads(state, seeds, batched, retain_graph)
+            except RuntimeError as error:
+                clear = changed_in_place_error(error) or checkpointing_error(error)
+                if clear is None:
+                    raise
+                raise clear from error
             finally:
                 self._live.assign(self.settings)
         if grads is None:
+            if state.gated_kinds.get("attention") and call.attention_weights == "detached":
+                raise PullbackWidgetsError(_NO_PATH_THROUGH_DETACHED_ATTENTION)
             raise PullbackWidgetsError(_NO_GRADIENT_PATH.format(what="output"))
         return grads
 

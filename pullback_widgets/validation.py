@@ -7,6 +7,7 @@ as a status line. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import numbers
@@ -14,7 +15,7 @@ import operator
 import sys
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -162,8 +163,11 @@ def _expected_channels(model: nn.Module) -> int | None:
     return None if first_conv is None else first_conv.in_channels
 
 
-def check_inputs(model: nn.Module, inputs: object) -> Tensor:
-    """Validate an image batch (B, C, H, W), floating point, finite, on the model's device."""
+def check_inputs(inputs: object) -> Tensor:
+    """Validate an image batch (B, C, H, W): a non-empty floating-point tensor of finite
+    values. Whether it suits the model (channels, device, dtype) is told only if the model's
+    forward fails on it (:func:`explained_forward_errors`): guessed from the model's modules
+    beforehand, it would refuse models that take their input another way."""
     if not isinstance(inputs, Tensor):
         raise PullbackWidgetsTypeError(
             f"inputs must be a torch.Tensor of shape (B, C, H, W), got {type(inputs).__name__}")
@@ -173,18 +177,49 @@ def check_inputs(model: nn.Module, inputs: object) -> Tensor:
     if not inputs.is_floating_point():
         raise PullbackWidgetsTypeError(
             f"inputs must be a floating-point tensor (pixel values in [0, 1]), got {inputs.dtype}")
-    channels = _expected_channels(model)
-    if channels is not None and inputs.shape[1] != channels:
-        raise PullbackWidgetsError(f"inputs must have {channels} channels for this model, "
-                                   f"got shape {tuple(inputs.shape)}")
-    parameter = next(model.parameters(), None)
-    if parameter is not None and parameter.device != inputs.device:
-        raise PullbackWidgetsError(f"inputs are on {inputs.device} but the model is on "
-                                   f"{parameter.device}; move one of them")
-    if parameter is not None and parameter.dtype != inputs.dtype:
-        raise PullbackWidgetsTypeError(f"inputs are {inputs.dtype} but the model's parameters "
-                                       f"are {parameter.dtype}; convert one of them")
+    if inputs.numel() == 0:
+        raise PullbackWidgetsError(
+            f"inputs must hold at least one image with pixels, got shape {tuple(inputs.shape)}")
     # The extremes are NaN where any value is (10x faster than isfinite(inputs).all()).
-    if inputs.numel() and not torch.isfinite(torch.stack(torch.aminmax(inputs))).all():
+    if not torch.isfinite(torch.stack(torch.aminmax(inputs))).all():
         raise PullbackWidgetsError("inputs contain NaN or infinite values")
     return inputs
+
+
+def _input_mismatch(model: nn.Module, inputs: Tensor) -> PullbackWidgetsError | None:
+    """How ``inputs`` fail to suit ``model`` (its first convolution's channels, its first
+    parameter's device and dtype), or None where they seem to."""
+    channels = _expected_channels(model)
+    if channels is not None and inputs.shape[1] != channels:
+        return PullbackWidgetsError(f"inputs of shape {tuple(inputs.shape)} may not suit this "
+                                    f"model, whose first declared convolution takes {channels} "
+                                    "channels")
+    parameter = next(model.parameters(), None)
+    if parameter is not None and parameter.device != inputs.device:
+        return PullbackWidgetsError(f"inputs are on {inputs.device} but the model is on "
+                                    f"{parameter.device}; move one of them")
+    if parameter is not None and parameter.dtype != inputs.dtype:
+        return PullbackWidgetsTypeError(f"inputs are {inputs.dtype} but the model's parameters "
+                                        f"are {parameter.dtype}; convert one of them")
+    return None
+
+
+@contextlib.contextmanager
+def explained_forward_errors(model: nn.Module, inputs: Tensor) -> Iterator[None]:
+    """Around a forward of ``model`` on ``inputs``: an error it raises where the inputs do not
+    suit the model (:func:`_input_mismatch`) becomes a clear one, with the model's own first
+    line; any other passes through as it is."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as error:
+        clear = _input_mismatch(model, inputs)
+        if clear is None:
+            raise
+        raise type(clear)(f"{clear}; the model's forward failed: {first_line(error)}") \
+            from error
+
+
+def first_line(error: BaseException) -> str:
+    """An error's message cut to its first line (at most 200 characters), for one-line
+    messages that quote it."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]

@@ -308,7 +308,7 @@ def test_train_mode_model_is_run_in_eval_and_restored():
 
 def test_nested_soft_gating_is_a_clear_error():
     net, x = every_op_net(), random_image()
-    with pw.soft_gating(net), pytest.raises(RuntimeError, match="already active"):
+    with pw.soft_gating(net), pytest.raises(pw.PullbackWidgetsError, match="already active"):
         pw.excitation_pullback(net, x, 0)
     assert _active_gating_mode() is None
 

@@ -85,8 +85,8 @@ def _check_attribution(attribution: object, x: Tensor) -> Tensor:
     return attribution.detach().to(x.device, x.dtype)
 
 
-def _check_images(model: nn.Module, x: object) -> Tensor:
-    x = check_inputs(model, x).detach()
+def _check_images(x: object) -> Tensor:
+    x = check_inputs(x).detach()
     if x.min() < 0 or x.max() > 1:
         raise ValueError("x must be images in pixel space [0, 1] (see pw.load_image)")
     return x
@@ -168,7 +168,7 @@ def perturbation_curve(model: nn.Module, x: Tensor, target: Target, attribution:
     baseline (deletion, starting from the image). All B·(steps+1) images are run
     ``batch_size`` at a time, so memory stays bounded.
     """
-    x = _check_images(model, x)
+    x = _check_images(x)
     attribution = _check_attribution(attribution, x)
     steps, batch_size = check_index(steps, "steps", 1), check_index(batch_size, "batch_size", 1)
     if mode not in ("deletion", "insertion"):
@@ -232,7 +232,7 @@ def infidelity(model: nn.Module, x: Tensor, target: Target, attribution: Tensor,
     ``normalize=True`` returns mean_j (β a_j − d_j)² with β = Σ a d / Σ a², the scale that
     minimises it, which equals mean_j d_j² · (1 − cos²(a, d)); ``False`` uses β = 1.
     """
-    x = _check_images(model, x)
+    x = _check_images(x)
     attribution = _check_attribution(attribution, x)
     n = check_index(n_perturbations, "n_perturbations", 1)
     noise_std = check_positive(noise_std, "noise_std")
@@ -371,7 +371,7 @@ def randomisation_check(model: nn.Module, x: Tensor, target: Target,
     *original* target classes is compared with its attribution on the intact copy. ``model``
     itself is never modified.
     """
-    x = _check_images(model, x)
+    x = _check_images(x)
     if not isinstance(methods, Mapping) or not methods:
         raise ValueError("methods must be a non-empty mapping of name -> explain function")
     stages = randomisation_stages(model) if stages is None else list(stages)
@@ -410,7 +410,7 @@ def ascent_gain(model: nn.Module, x: Tensor, target: Target, explain: Explainer,
     ``step_size`` (L2, pixel units) along the attribution normalised per image, then projects
     onto the L2 ball of radius ``eps`` around ``x`` and into [0, 1].
     """
-    x = _check_images(model, x)
+    x = _check_images(x)
     steps = check_index(steps, "steps", 1)
     step_size, eps = check_positive(step_size, "step_size"), check_positive(eps, "eps")
     classes, logits = _classes(model, x, target)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from . import __name__ as package_name
 from .ascent import ascent_grid
 from .evaluation.methods import METHODS
-from .evaluation.runner import METRICS, run_command
+from .evaluation.runner import METRICS, atomic_write, run_command
 from .gates import POOL_WEIGHTS
 from .images import SAMPLE_IMAGES, load_image, sample_image
 from .labels import find_class
@@ -169,6 +169,9 @@ def _check_out(out: Path, inputs: Sequence[str], force: bool) -> None:
     if out.is_dir():
         raise PullbackWidgetsError(f"--out {str(out)!r} is a directory; give a file name, e.g. "
                                    f"{str(out / 'report.html')!r}")
+    if out.exists() and not os.access(out, os.W_OK):  # the report is renamed over it
+        raise PullbackWidgetsError(f"--out {str(out)!r} exists and is read-only; write the "
+                                   "report elsewhere, or make the file writable")
     if out.exists() and out.suffix.lower() not in REPORT_SUFFIXES and not force:
         raise PullbackWidgetsError(
             f"--out {str(out)!r} exists and is not an .html file; pass --force to replace it")
@@ -185,17 +188,22 @@ def _check_out(out: Path, inputs: Sequence[str], force: bool) -> None:
 
 
 def _write(out: Path, page: str) -> None:
+    """Write ``page`` whole or not at all (a failed write, say a full disk, leaves an earlier
+    report as it was). A file name that is not valid UTF-8 shows its bad bytes as U+FFFD."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(page, encoding="utf-8")
+        data = page.encode("utf-8", "surrogateescape").decode("utf-8", "replace").encode()
+        atomic_write(out, lambda temporary: temporary.write_bytes(data))
     except OSError as error:  # e.g. the disk filled up while we computed
         raise PullbackWidgetsError(f"could not write --out {str(out)!r}: "
                                    f"{error.strerror or error}") from None
 
 
-def _load_rows(files: list[str], samples: list[str] | None) -> tuple[torch.Tensor, list[str]]:
-    rows = [(Path(f).name, load_image(f)) for f in files]
-    rows += [(name, sample_image(name)) for name in samples or []]
+def _load_rows(files: list[str], samples: list[str] | None,
+               size: int) -> tuple[torch.Tensor, list[str]]:
+    """The images (N, 3, size, size) and their names; ``size``: the model's input size."""
+    rows = [(Path(f).name, load_image(f, size=size)) for f in files]
+    rows += [(name, sample_image(name, size=size)) for name in samples or []]
     if not rows:
         raise PullbackWidgetsError("give an image file or --sample NAME")
     return torch.cat([image for _, image in rows]), [name for name, _ in rows]
@@ -234,7 +242,8 @@ def _run_explain(args: argparse.Namespace) -> None:
               mininterval=0, miniters=1) as bar:  # every step shows
         done = _advance(bar)
         image, names = _load_rows([args.image] if args.image else [],
-                                  [args.sample] if args.sample else None)
+                                  [args.sample] if args.sample else None,
+                                  MODELS[args.model].input_size)
         model = load_model(args.model)
         done("model loaded")
         target = None if args.target is None else find_class(args.target, model.labels)
@@ -251,7 +260,7 @@ def _run_explain(args: argparse.Namespace) -> None:
 
 
 def _run_grid(args: argparse.Namespace) -> None:
-    images, names = _load_rows(args.images, args.samples)
+    images, names = _load_rows(args.images, args.samples, MODELS[args.model].input_size)
     model = load_model(args.model)
     targets = None if args.targets is None else [find_class(t, model.labels)
                                                  for t in args.targets]

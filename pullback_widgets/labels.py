@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from .validation import PullbackWidgetsError, PullbackWidgetsTypeError, close_matches, is_integer
@@ -42,7 +43,7 @@ def find_class(query: int | str, labels: Sequence[str]) -> int:
     matches no class, or several (ImageNet has two "crane"s), raises a PullbackWidgetsError (a
     ValueError) that lists close matches with their indices.
     """
-    if isinstance(query, str) and query.strip().lstrip("-").isdigit():
+    if isinstance(query, str) and re.fullmatch(r"-?[0-9]+", query.strip()):
         query = int(query)
     if not isinstance(query, str):
         if not is_integer(query):

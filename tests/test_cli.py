@@ -2,6 +2,7 @@
 
 import base64
 import gzip
+import os
 import re
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from plotly.offline import get_plotlyjs
 
+import pullback_widgets as pw
 from pullback_widgets import cli
 
 
@@ -54,6 +56,8 @@ def test_grid_report(tmp_path):
     (["explain", "--sample", "coffee", "--model", "alexnet"], "alexnet"),
     (["explain", "--sample", "coffee", "--target", "espreso"], "did you mean 'espresso'"),
     (["explain", "--sample", "coffee", "--target", "1000"], "out of range"),
+    (["explain", "--sample", "coffee", "--target=--5"], "unknown class '--5'"),
+    (["explain", "--sample", "coffee", "--target", "²"], "unknown class '²'"),
     (["explain", "--sample", "coffee", "--steps", "-1"], "steps"),
     (["explain"], "IMAGE or --sample"),
     (["explain", "--sample", "coffee"], "--out"),
@@ -135,3 +139,53 @@ def test_explain_without_temperature_uses_the_models_per_kind_defaults(tmp_path,
     flattened = pw.excitation_pullback(net, seen["image"], 1, temperature=0.3)[0]
     assert not torch.allclose(expected, flattened)
     assert "silu 1.6" in out.read_text()
+
+
+def test_reports_load_images_at_the_models_input_size(tmp_path, monkeypatch):
+    # The shapes model takes 64 px: at 224 px it saw another picture and explained another
+    # class, without a word (evaluate and the widgets already used the model's size).
+    seen = []
+    real_explain = cli.explain
+    monkeypatch.setattr(cli, "explain", lambda model, image, *args, **kwargs: (
+        seen.append(tuple(image.shape)), real_explain(model, image, *args, **kwargs))[1])
+    assert cli.main(["explain", "--sample", "coffee", "--model", "shapes", "--steps", "0",
+                     "--out", str(tmp_path / "r.html")]) == 0
+    assert seen == [(1, 3, 64, 64)]
+
+
+def test_a_failed_write_leaves_the_earlier_report_and_no_temporary_file(tmp_path, monkeypatch):
+    out = tmp_path / "r.html"
+    out.write_text("the earlier report")
+
+    def disk_full(path, data):
+        with open(path, "wb") as file:
+            file.write(data[:100])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(cli.PullbackWidgetsError, match="No space left on device"):
+        cli._write(out, "<html>a new report</html>" * 100)
+    assert out.read_text() == "the earlier report"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.html"]
+
+
+def test_an_image_whose_name_is_not_utf8_gets_its_report(tmp_path):
+    from PIL import Image
+
+    image = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png")
+    Image.fromarray(pw.images.sample_image_array("coffee")).save(image, format="PNG")
+    assert cli.main(["explain", image, "--model", "shapes", "--steps", "0",
+                     "--out", str(tmp_path / "r.html")]) == 0
+    assert "caf\ufffd.png" in (tmp_path / "r.html").read_text(encoding="utf-8")
+
+
+def test_a_read_only_report_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r.html"
+    out.write_text("keep me")
+    real_access = os.access
+    # (os.access says yes to root for every file, so the check is driven here)
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == out
+                        else real_access(path, mode))
+    monkeypatch.setattr(cli, "load_model", lambda *_: pytest.fail("work started"))
+    assert cli.main(["explain", "--sample", "coffee", "--out", str(out)]) == 2
+    assert "read-only" in capsys.readouterr().err and out.read_text() == "keep me"

@@ -201,6 +201,8 @@ def test_a_killed_run_resumes_to_the_same_rows(single_run, photos, tmp_path):
     (["{photos}", "--out", "{tmp}/exists.csv"], "--resume"),
     (["{photos}", "--labels-from-folders"], "folder"),
     (["{photos}", "--batch-size", "0"], "batch_size"),
+    (["{photos}", "--image-size", "4"], "image_size must be in [16, 4096] px"),
+    (["{photos}", "--image-size", "1000000"], "image_size must be in [16, 4096] px"),
 ])
 def test_refusals_are_one_line_before_any_work(photos, tmp_path, capsys, monkeypatch, args,
                                                message):
@@ -319,3 +321,29 @@ def test_summary_statistics_by_hand():
     row = next(line for line in ev.summarise(clear, settings, images=3).splitlines()
                if line.startswith("| deletion ↓ | pullback"))
     assert row.endswith("✓ |")
+
+
+def test_each_file_counts_once_however_many_paths_reach_it(tmp_path):
+    # A link to a parent folder, a linked file, and the folder named twice: two files, not 82.
+    (tmp_path / "ds" / "sub").mkdir(parents=True)
+    for name in ("ds/a.png", "ds/sub/b.png"):
+        (tmp_path / name).write_bytes(b"image")
+    (tmp_path / "ds" / "sub" / "up").symlink_to("..")
+    (tmp_path / "ds" / "sub" / "alias.png").symlink_to("../a.png")
+    folder = tmp_path / "ds"
+    found = runner.find_images([folder, f"{folder}/../ds", folder / "a.png"])
+    assert sorted(f.resolve().name for f in found) == ["a.png", "b.png"]
+
+
+def test_a_damaged_output_on_resume_is_a_one_line_error(tmp_path, capsys):
+    out = tmp_path / "results.csv"
+    out.write_text("image,target,method,metric,value\na.png,0,gradient,deletion\n")
+    with pytest.raises(pw.PullbackWidgetsError, match="line 2 is damaged"):
+        runner.read_rows(out)
+
+
+def test_rows_keep_an_image_name_that_is_not_utf8(tmp_path):
+    name = os.fsdecode(b"caf\xe9.png")
+    rows = [(name, 3, "gradient", "deletion", 0.25)]
+    runner._write_csv(tmp_path / "results.csv", rows)
+    assert runner.read_rows(tmp_path / "results.csv") == rows

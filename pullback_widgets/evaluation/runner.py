@@ -62,10 +62,12 @@ from ..validation import (
     PullbackWidgetsTypeError,
     check_choice,
     check_index,
+    first_line,
 )
 from .ground_truth import MASK_METRICS
 from .methods import Explainer, build_method, check_methods
 from .metrics import (
+    BLUR_KERNEL,
     ascent_gain,
     deletion_auc,
     infidelity,
@@ -73,6 +75,9 @@ from .metrics import (
     randomised_copy,
     spearman,
 )
+
+# Larger images would not fit in memory by the batch (4096 px: 200 MB an image in float32).
+MAX_IMAGE_SIZE = 4096
 
 __all__ = [
     "COLUMNS",
@@ -150,8 +155,13 @@ def find_images(paths: Sequence[str | os.PathLike],
                 exclude: Sequence[Path] = ()) -> list[Path]:
     """Every file named or under a named folder (recursively; hidden files and folders
     skipped), sorted by path, each once, but for ``exclude`` and what lies under it (a run's
-    own output inside the folder it reads). A missing path is refused."""
+    own output inside the folder it reads). A missing path is refused.
+
+    Once means one file, however many paths reach it (a folder named twice, relatively and
+    absolutely; symbolic links): the first path in sorted order stands for it. A linked folder
+    already walked is not walked again, so a link to a parent ends there."""
     found: set[Path] = set()
+    walked: set[str] = set()
     for raw in paths:
         path = Path(raw)
         if not path.exists():
@@ -160,11 +170,15 @@ def find_images(paths: Sequence[str | os.PathLike],
             found.add(path)
             continue
         for root, folders, files in os.walk(path, followlinks=True):
-            folders[:] = [f for f in folders if not f.startswith(".")]
+            walked.add(os.path.realpath(root))
+            folders[:] = [f for f in folders if not f.startswith(".")
+                          and os.path.realpath(os.path.join(root, f)) not in walked]
             found.update(Path(root) / f for f in files if not f.startswith("."))
     excluded = {path.resolve() for path in exclude}
-    return sorted((f for f in found
-                   if not excluded & {f.resolve(), *f.resolve().parents}), key=str)
+    by_file: dict[Path, Path] = {}
+    for file in sorted(found, key=str):
+        by_file.setdefault(file.resolve(), file)
+    return [file for real, file in by_file.items() if not excluded & {real, *real.parents}]
 
 
 def folder_items(paths: Sequence[str | os.PathLike], *, labels_from_folders: bool = False,
@@ -245,6 +259,13 @@ class EvaluationSettings:
         for name in ("image_size", "batch_size", "forward_batch", "steps", "perturbations",
                      "ascent_steps"):
             check_index(getattr(self, name), name, 1)
+        blurred = self.baseline == "blur" and {"deletion", "insertion"} & set(self.metrics)
+        smallest = BLUR_KERNEL // 2 + 1 if blurred else 1
+        if not smallest <= self.image_size <= MAX_IMAGE_SIZE:
+            raise PullbackWidgetsError(
+                f"image_size must be in [{smallest}, {MAX_IMAGE_SIZE}] px"
+                + (" (the blur baseline's kernel)" if smallest > 1 else "")
+                + f", got {self.image_size}")
 
     def top_k(self) -> int | None:
         """K for ``top-K`` (1 for ``predicted``), None for ``label``."""
@@ -328,7 +349,7 @@ def check_output(out: str | os.PathLike, resume: bool) -> Path:
     return out
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """``write(temporary)`` then rename onto ``path``: readers see all of it or nothing.
     ``write`` creates the file, so it gets the usual permissions (the umask's)."""
     temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:16]}.tmp"
@@ -344,7 +365,8 @@ Row = tuple[str, int, str, str, float]
 
 
 def _write_csv(path: Path, rows: Iterable[Row]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    # surrogateescape: a file name that is not valid UTF-8 keeps its bytes, and reads back
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         # repr: the shortest text that reads back as the same float
@@ -376,14 +398,22 @@ def read_rows(path: str | os.PathLike) -> list[Row]:
         table = pq.read_table(path).to_pydict()
         return list(zip(table["image"], table["target"], table["method"], table["metric"],
                         table["value"]))
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if tuple(header or ()) != COLUMNS:
             raise PullbackWidgetsError(f"{str(path)!r} is not an evaluation output (columns "
                                        f"{header})")
-        return [(image, int(target), method, metric, float(value))
-                for image, target, method, metric, value in reader]
+        rows = []
+        for row in reader:
+            try:
+                image, target, method, metric, value = row
+                rows.append((image, int(target), method, metric, float(value)))
+            except ValueError:
+                raise PullbackWidgetsError(
+                    f"{str(path)!r} line {reader.line_num} is damaged ({row!r}); remove the "
+                    "line, or the file, and run again") from None
+        return rows
 
 
 def _finished_parts(out: Path) -> list[Path]:
@@ -560,7 +590,7 @@ def _evaluate_shard(items: Sequence[Item], model: nn.Module, settings: Evaluatio
                     rows = _score(model, x, masks, todo, kept, method, explain, settings,
                                   randomised)
                     path = parts / f"{stamp}-{written:06d}{_PART_SUFFIX}"
-                    _atomic_write(path, lambda tmp, rows=rows: _write_csv(tmp, rows))
+                    atomic_write(path, lambda tmp, rows=rows: _write_csv(tmp, rows))
                     written += 1
                     scored.update(i for i, _, _ in todo)
                 evaluated += len(scored)
@@ -642,7 +672,7 @@ def _write_settings(out: Path, settings: EvaluationSettings, extra: Mapping[str,
               "torch": torch.__version__, "pullback-widgets": package, **extra}
     text = json.dumps(record, indent=1, ensure_ascii=False)
     path = _settings_path(out)
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
@@ -688,13 +718,14 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
         if k is not None and classes is not None and k > classes:
             raise PullbackWidgetsError(f"top-{k} asks for more classes than the model's "
                                        f"{classes}")
+        explainers = settings.explainers(model) if methods is None else dict(methods)
+        notices = gating_probe(model, settings.image_size)  # also: does it run at that size
+        if not any(name.startswith("pullback") for name in explainers):
+            notices = ()
         done = {row[:4] for row in _existing_rows(out)} if resume else set()
         if world.rank == 0:
             _write_settings(out, settings, {"world_size": world.size, "status": "running"})
         world.barrier()  # every rank has read what is done before anyone writes a part
-        explainers = settings.explainers(model) if methods is None else dict(methods)
-        notices = gating_probe(model, settings.image_size) \
-            if any(name.startswith("pullback") for name in explainers) else ()
         evaluated, skipped = _evaluate_shard(items[world.rank::world.size], model, settings,
                                              explainers, world, out, done, progress)
         counts = world.gather((evaluated, skipped))  # also the barrier before the merge
@@ -704,12 +735,13 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
         skipped = [entry for _, entries in counts for entry in entries]
         rows = _merge(_existing_rows(out), items, settings)
         parquet = out.suffix.lower() == ".parquet"
-        _atomic_write(out, lambda tmp: _write_rows(tmp, rows, parquet))
+        atomic_write(out, lambda tmp: _write_rows(tmp, rows, parquet))
         shutil.rmtree(_parts_dir(out), ignore_errors=True)
         seconds = time.perf_counter() - began
         summary = summarise(rows, settings, images=evaluated, skipped=skipped,
                             seconds=seconds, world_size=world.size, notices=notices)
-        _atomic_write(summary_path(out), lambda tmp: tmp.write_text(summary, encoding="utf-8"))
+        atomic_write(summary_path(out), lambda tmp: tmp.write_text(summary, encoding="utf-8",
+                                                                     errors="replace"))
         _write_settings(out, settings, {"world_size": world.size, "status": "complete",
                                         "images": evaluated, "skipped": skipped,
                                         "rows": len(rows), "seconds": round(seconds, 3),
@@ -750,13 +782,18 @@ def _interval(values: Sequence[float], higher_is_better: bool) -> str:
 
 def gating_probe(model: nn.Module, image_size: int) -> tuple[str, ...]:
     """The engine's notices (:attr:`PullbackSession.notices`) for ``model`` on a grey image
-    (1, 3, image_size, image_size): whether its pullbacks are anything but the gradient."""
+    (1, 3, image_size, image_size): whether its pullbacks are anything but the gradient. A
+    model that cannot run at that size is a clear error, before a run writes anything."""
     parameter = next(model.parameters(), torch.empty(0))
-    grey = torch.full((1, 3, image_size, image_size), 0.5, device=parameter.device,
-                      dtype=parameter.dtype if parameter.is_floating_point() else None)
-    with warnings.catch_warnings():  # said in the summary instead
-        warnings.simplefilter("ignore")
-        return PullbackSession(model, grey).notices
+    try:
+        grey = torch.full((1, 3, image_size, image_size), 0.5, device=parameter.device,
+                          dtype=parameter.dtype if parameter.is_floating_point() else None)
+        with warnings.catch_warnings():  # said in the summary instead
+            warnings.simplefilter("ignore")
+            return PullbackSession(model, grey).notices
+    except RuntimeError as error:
+        raise PullbackWidgetsError(f"the model cannot run on {image_size} x {image_size} "
+                                   f"images (image_size): {first_line(error)}") from error
 
 
 def summarise(rows: Sequence[Row], settings: EvaluationSettings, *, images: int,

@@ -119,8 +119,12 @@ def _step(current: Tensor, start: Tensor, direction: Tensor, step_size: float,
     of radius ``eps`` around ``start``, then into [0, 1].
 
     Computed in units of max(step_size, eps), where every quantity is at most 2, so that a
-    step of 1e30 neither overflows nor vanishes: it lands on the ball's surface.
+    step of 1e30 neither overflows nor vanishes: it lands on the ball's surface. Both are
+    capped at a quarter of the dtype's largest number (8.5e37 in float32), far beyond any
+    distance inside [0, 1]^n, so that the unit itself is finite in the tensors' dtype.
     """
+    largest = torch.finfo(current.dtype).max / 4
+    step_size, eps = min(step_size, largest), min(eps, largest)
     unit = max(step_size, eps)
     delta = (current - start) / unit + direction * (step_size / unit)
     radius = eps / unit

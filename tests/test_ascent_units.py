@@ -115,3 +115,28 @@ def test_counterfactual_stays_class_only_and_says_so(net, explorer):
     torch.testing.assert_close(explorer.result.images[-1], expected.images[-1])
     explorer.counterfactual.value = False
     assert not explorer.layer.disabled and not explorer.channel.disabled
+
+
+def test_an_eps_beyond_the_dtypes_range_is_a_ball_larger_than_the_cube(net):
+    # eps = 1e308 overflowed to inf in float32 and 0 * inf made every pixel NaN; any radius
+    # beyond the cube's diagonal gives the same trajectory.
+    start = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    wide = _ascent(net, start, 1, steps=2, eps=1e6)
+    for eps in (3.5e38, 1e308):
+        result = _ascent(net, start, 1, steps=2, eps=eps)
+        torch.testing.assert_close(torch.stack(result.images), torch.stack(wide.images))
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_frames_under_its_labels(explorer):
+    explorer.steps.value = 1
+    assert explorer.run() and explorer.wait()
+    assert explorer.result is not None and not explorer.frame.disabled
+    def failing_forward(x):  # the user's model raises in the next run
+        raise RuntimeError("the model failed")
+
+    explorer.model.forward = failing_forward
+    explorer.channel.value = 1
+    explorer.layer.value = explorer.layer.options[1][1]  # a hidden unit now
+    assert explorer.run() and explorer.wait()
+    assert "the model failed" in explorer.status.value
+    assert explorer.result is None and explorer.frame.disabled

@@ -292,6 +292,8 @@ class AscentExplorer(w.VBox):
     # ------------------------------------------------------------------ worker side
 
     def _run_job(self, run: _Run) -> None:
+        with self._draw_lock:  # the run's names and frames replace the last run's together:
+            self.result = None  # one that fails before its first step leaves no frames
         try:
             start = ascent_start(run.start, self.input_size, photo=self._images[run.image_key],
                                  seed=run.seed)

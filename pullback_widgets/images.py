@@ -178,7 +178,7 @@ def _pil_to_tensor(img: Image.Image, max_pixels: int) -> Tensor:
     _check_pixel_count(img.width, img.height, max_pixels)
     img = _apply_exif_orientation(img)
     if img.mode.startswith("I;16"):
-        return _array_to_tensor(np.asarray(img), max_pixels)  # uint16, full precision
+        return _sixteen_bit(img, np.asarray(img), max_pixels)  # full precision
     if img.mode == "I":
         # 32-bit integer images come from 16-bit PNG/TIFF decoders; read them as 16-bit.
         values = np.asarray(img)
@@ -187,7 +187,11 @@ def _pil_to_tensor(img: Image.Image, max_pixels: int) -> Tensor:
                 f"32-bit integer image has values in [{values.min()}, {values.max()}]; "
                 "expected 16-bit data in [0, 65535]"
             )
-        return _array_to_tensor(values.astype(np.uint16), max_pixels)
+        if 0 < values.max() <= 255:
+            warnings.warn(f"a 32-bit integer image with values only up to {values.max()} is "
+                          "read as 16-bit data, so nearly black; if it holds 8-bit data, save "
+                          "it as 8-bit (Pillow mode 'L' or 'RGB')", stacklevel=3)
+        return _sixteen_bit(img, values.astype(np.uint16), max_pixels)
     if img.mode == "F":
         return _array_to_tensor(np.asarray(img), max_pixels)  # float, must lie in [0, 1]
     has_alpha = "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info
@@ -197,6 +201,17 @@ def _pil_to_tensor(img: Image.Image, max_pixels: int) -> Tensor:
         raise PullbackWidgetsError(
             f"cannot convert image mode {img.mode!r} to RGB: {err}") from None
     return _array_to_tensor(np.asarray(rgb), max_pixels)
+
+
+def _sixteen_bit(img: Image.Image, values: np.ndarray, max_pixels: int) -> Tensor:
+    """16-bit grey ``values`` (H, W) of ``img`` -> (3, H, W); a grey level the file marks
+    transparent (PNG's tRNS) goes onto white, as 8-bit images' transparency does."""
+    transparent = img.info.get("transparency")
+    if not isinstance(transparent, int):
+        return _array_to_tensor(values, max_pixels)
+    grey = values.astype(np.float32) / 65535
+    alpha = (values != transparent).astype(np.float32)
+    return _array_to_tensor(np.stack([grey, grey, grey, alpha], axis=-1), max_pixels)
 
 
 _EXIF_ORIENTATION = 0x0112

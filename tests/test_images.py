@@ -467,3 +467,22 @@ def test_user_errors_are_the_package_classes(tmp_path: Path) -> None:
         load_image(np.zeros((4, 4)), size=2.5)  # type: ignore[arg-type]
     with pytest.raises(PullbackWidgetsError):
         sample_image("lena")
+
+
+def test_a_transparent_grey_level_in_a_16_bit_png_goes_onto_white_like_8_bit():
+    levels = np.array([[0, 40000], [65535, 0]], dtype=np.uint16)
+    for values, bits in ((levels, 16), ((levels // 257).astype(np.uint8), 8)):
+        buffer = io.BytesIO()
+        Image.fromarray(values).save(buffer, format="PNG", transparency=0)
+        buffer.seek(0)
+        image = load_image(Image.open(buffer), size=2)[0]
+        assert torch.equal(image[:, 0, 0], torch.ones(3)), bits  # transparent: white
+        assert torch.equal(image[:, 1, 1], torch.ones(3)), bits
+        assert abs(float(image[0, 0, 1]) - 40000 / 65535) < 0.005, bits
+
+
+def test_a_32_bit_image_holding_8_bit_data_is_read_as_16_bit_with_a_warning():
+    values = np.arange(256, dtype=np.int32).reshape(16, 16)
+    with pytest.warns(UserWarning, match="only up to 255 is read as 16-bit data"):
+        image = load_image(Image.fromarray(values), size=16)
+    assert float(image.max()) <= 255 / 65535 + 1e-6

@@ -5,6 +5,7 @@ metrics themselves are checked against slow references in test_evaluation.py.
 """
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -347,3 +348,33 @@ def test_rows_keep_an_image_name_that_is_not_utf8(tmp_path):
     rows = [(name, 3, "gradient", "deletion", 0.25)]
     runner._write_csv(tmp_path / "results.csv", rows)
     assert runner.read_rows(tmp_path / "results.csv") == rows
+
+
+def test_the_model_is_probed_at_the_run_size_before_anything_is_written(tmp_path):
+    # A model that cannot run at the size fails before the settings or parts are written; a
+    # pullback-free run needs only a plain forward (a checkpointed model is refused only
+    # where pullbacks are asked for).
+    from tests.test_hostile_models import _Checkpointed
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    items = [(f"image-{i}", images[i]) for i in range(2)]
+    pooled = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
+                                 torch.nn.MaxPool2d(8), torch.nn.Flatten(),
+                                 torch.nn.LazyLinear(5)).eval()
+    pooled(torch.rand(1, 3, 16, 16))
+    tiny = ev.EvaluationSettings(methods=("gradient",), metrics=("infidelity",), image_size=4,
+                                 perturbations=2)
+    with pytest.raises(pw.PullbackWidgetsError, match="cannot run on 4 x 4 images"):
+        ev.evaluate(items, tiny, tmp_path / "a.csv", model=pooled, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    checkpointed = _Checkpointed(use_reentrant=False).eval()
+    settings = ev.EvaluationSettings(methods=("gradient",), metrics=("infidelity",),
+                                     image_size=16, perturbations=2)
+    report = ev.evaluate(items, settings, tmp_path / "b.csv", model=checkpointed,
+                         progress=False)
+    assert len(report.rows) == 2
+    with pytest.raises(pw.PullbackWidgetsError, match="activation checkpointing"):
+        ev.evaluate(items, dataclasses.replace(settings, methods=("pullback",)),
+                    tmp_path / "c.csv", model=checkpointed, progress=False)
+    assert not (tmp_path / "c.settings.json").exists()

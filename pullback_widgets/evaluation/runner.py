@@ -719,9 +719,9 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
             raise PullbackWidgetsError(f"top-{k} asks for more classes than the model's "
                                        f"{classes}")
         explainers = settings.explainers(model) if methods is None else dict(methods)
-        notices = gating_probe(model, settings.image_size)  # also: does it run at that size
-        if not any(name.startswith("pullback") for name in explainers):
-            notices = ()
+        # Also: does the model run at that size, before anything is written.
+        notices = gating_probe(model, settings.image_size,
+                               pullbacks=any(name.startswith("pullback") for name in explainers))
         done = {row[:4] for row in _existing_rows(out)} if resume else set()
         if world.rank == 0:
             _write_settings(out, settings, {"world_size": world.size, "status": "running"})
@@ -780,14 +780,19 @@ def _interval(values: Sequence[float], higher_is_better: bool) -> str:
     return f"{mean:+.3g} [{mean - half:+.3g}, {mean + half:+.3g}]{mark}"
 
 
-def gating_probe(model: nn.Module, image_size: int) -> tuple[str, ...]:
+def gating_probe(model: nn.Module, image_size: int, pullbacks: bool = True
+                 ) -> tuple[str, ...]:
     """The engine's notices (:attr:`PullbackSession.notices`) for ``model`` on a grey image
-    (1, 3, image_size, image_size): whether its pullbacks are anything but the gradient. A
-    model that cannot run at that size is a clear error, before a run writes anything."""
+    (1, 3, image_size, image_size): whether its pullbacks are anything but the gradient
+    (``pullbacks=False``: none, and only a plain forward runs). A model that cannot run at that
+    size is a clear error, before a run writes anything."""
     parameter = next(model.parameters(), torch.empty(0))
     try:
         grey = torch.full((1, 3, image_size, image_size), 0.5, device=parameter.device,
                           dtype=parameter.dtype if parameter.is_floating_point() else None)
+        if not pullbacks:
+            predict(model, grey)
+            return ()
         with warnings.catch_warnings():  # said in the summary instead
             warnings.simplefilter("ignore")
             return PullbackSession(model, grey).notices

@@ -16,6 +16,7 @@ Conventions shared by every builder:
 from __future__ import annotations
 
 import base64
+import html
 import io
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -68,8 +69,22 @@ _TOP_CODE = 254
 _COLORBAR_TICKS = 5
 
 
-# --------------------------------------------------------------------------- array helpers
+# --------------------------------------------------------------------------- user text
 
+def isolated(text: object) -> str:
+    """``text`` between Unicode isolates (U+2068 ... U+2069): direction controls inside it (a
+    file name with U+202E) cannot reorder the text around it."""
+    return f"\u2068{text}\u2069"
+
+
+def plain_text(text: object) -> str:
+    """A user's string (a class or file name) for a Plotly text field, shown as written:
+    Plotly reads a subset of HTML in its text, so ``&``, ``<`` and ``>`` are escaped (a label
+    cannot become a link or a line break), and the whole is :func:`isolated`."""
+    return isolated(html.escape(str(text), quote=False))
+
+
+# --------------------------------------------------------------------------- array helpers
 
 def _raw_array(x: Any, name: str) -> np.ndarray:
     """``x`` as a numpy array, keeping its dtype; torch tensors are detached and moved to CPU."""
@@ -327,6 +342,12 @@ def _check_labels(labels: Sequence[str] | None, n: int, name: str) -> list[str] 
     return [str(s) for s in labels]
 
 
+def _user_labels(labels: Sequence[str] | None, n: int, name: str) -> list[str] | None:
+    """:func:`_check_labels` for labels that are users' strings, each as :func:`plain_text`."""
+    checked = _check_labels(labels, n, name)
+    return None if checked is None else [plain_text(label) for label in checked]
+
+
 # --------------------------------------------------------------------------- builders
 
 
@@ -464,8 +485,8 @@ def labelled_grid(
     cells = [(i, j, p) for i, r in enumerate(rows) for j, p in enumerate(r) if p is not None]
     if not cells:
         raise ValueError("panels has no non-None cell")
-    row_labels = _check_labels(row_labels, len(rows), "row_labels")
-    col_labels = _check_labels(col_labels, n_cols, "col_labels")
+    row_labels = _user_labels(row_labels, len(rows), "row_labels")
+    col_labels = _user_labels(col_labels, n_cols, "col_labels")
 
     fig = _grid(len(rows), n_cols, column_titles=col_labels)
     if kind == "signed":
@@ -602,7 +623,7 @@ def topk_bar(
     fig.update_yaxes(
         tickmode="array",
         tickvals=list(range(k)),
-        ticktext=[str(labels[c]) for c in top],
+        ticktext=[plain_text(labels[c]) for c in top],
         autorange="reversed",  # rank 0 on top
     )
     fig.update_xaxes(range=[0, max(1.0, float(np.nanmax(values)))], tickformat=".0%")
@@ -695,7 +716,7 @@ def logit_curves(
     values = _raw_array(logits, "logits")
     if values.ndim != 2 or values.shape[0] == 0:
         raise ValueError(f"logits must have shape (steps+1, K), got {values.shape}")
-    names = _check_labels(names, values.shape[1], "names")
+    names = _user_labels(names, values.shape[1], "names")
     fig = go.Figure([go.Scatter(x=list(range(values.shape[0])), y=values[:, k], name=name,
                                 mode="lines+markers") for k, name in enumerate(names)])
     fig.update_layout(

@@ -107,7 +107,8 @@ def _section(title: str, body: str, note: str = "") -> str:
 
 
 def _parameters_table(parameters: dict[str, object]) -> str:
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td><bdi>{html.escape(str(v))}</bdi>"
+                   "</td></tr>"
                    for k, v in parameters.items())
     return f"<table class='params'>{rows}</table>"
 
@@ -204,7 +205,7 @@ def explain_html(explanation: Explanation, labels: Sequence[str] | None = None) 
     page says it assumed them)."""
     e = explanation
     labels, assumed = class_names(len(e.probabilities), labels)
-    name = labels[e.target]
+    name = figures.isolated(labels[e.target])  # escaped where it is written
     pullback_gain = float(e.ascent.gain[0])
     gradient_gain = float(e.gradient_ascent.gain[0])
     notices = [notice for notice in (*e.notices, assumed) if notice]
@@ -247,7 +248,8 @@ def grid_html(grid: AscentGrid, row_labels: Sequence[str], labels: Sequence[str]
     images = [[grid.images[i, j] for j in range(len(columns))] for i in range(len(row_labels))]
     diffs = [[torch.from_numpy(figures.rgb_difference_image(grid.diffs[i, j])).permute(2, 0, 1)
               .float() / 255 for j in range(len(columns))] for i in range(len(row_labels))]
-    gains = ", ".join(f"{r}→{c}: {float(grid.gains[i, j]):+.2f}"
+    gains = ", ".join(f"{figures.isolated(r)}→{figures.isolated(c)}: "
+                      f"{float(grid.gains[i, j]):+.2f}"
                       for i, r in enumerate(row_labels) for j, c in enumerate(columns))
     sections = [
         ("Images after pullback ascent", figures.labelled_grid(

@@ -96,8 +96,9 @@ def test_noise_start_reproduces_with_its_seed_and_both_methods_run_side_by_side(
     torch.testing.assert_close(final[:1], pullback.images[-1])
     torch.testing.assert_close(final[1:], gradient.images[-1])
     torch.testing.assert_close(explorer.result.images[0][1:], start)
-    assert [t.name for t in explorer.curve_figure.data] == \
-        ["pullback: conv5 channel 2", "gradient: conv5 channel 2"]
+    assert [t.name for t in explorer.curve_figure.data] == [
+        pw.figures.plain_text(name)
+        for name in ("pullback: conv5 channel 2", "gradient: conv5 channel 2")]
     assert not torch.equal(final[0], final[1])
 
 

@@ -189,3 +189,17 @@ def test_a_read_only_report_is_refused_before_any_work(tmp_path, monkeypatch, ca
     monkeypatch.setattr(cli, "load_model", lambda *_: pytest.fail("work started"))
     assert cli.main(["explain", "--sample", "coffee", "--out", str(out)]) == 2
     assert "read-only" in capsys.readouterr().err and out.read_text() == "keep me"
+
+
+def test_a_direction_control_in_a_file_name_stays_inside_that_name():
+    # 'a\u202e.png' reversed every name and number after it in the grid's gains sentence.
+    import torch
+
+    from pullback_widgets.ascent import AscentGrid
+    from pullback_widgets.report import grid_html
+
+    grid = AscentGrid(images=torch.rand(2, 1, 3, 4, 4), diffs=torch.zeros(2, 1, 3, 4, 4),
+                      gains=torch.tensor([[1.0], [1.5]]), targets=[0])
+    page = grid_html(grid, ["a\u202e.png", "b.png"], ["cat"], {"image": "a\u202e.png"})
+    assert "\u2068a\u202e.png\u2069→\u2068cat\u2069: +1.00" in page
+    assert "<td><bdi>a\u202e.png</bdi></td>" in page

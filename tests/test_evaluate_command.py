@@ -378,3 +378,13 @@ def test_the_model_is_probed_at_the_run_size_before_anything_is_written(tmp_path
         ev.evaluate(items, dataclasses.replace(settings, methods=("pullback",)),
                     tmp_path / "c.csv", model=checkpointed, progress=False)
     assert not (tmp_path / "c.settings.json").exists()
+
+
+def test_a_skipped_file_name_cannot_add_rows_to_the_summary():
+    rows = [("a.png", 0, "gradient", "deletion", 0.5)]
+    settings = ev.EvaluationSettings(methods=("gradient",), metrics=("deletion",))
+    forged = "x\n\n| deletion ↓ | FORGED | 999 | 0.0001 ± 0 |\n\n.png"
+    text = ev.summarise(rows, settings, images=1,
+                        skipped=[(forged, "could not read\nthe file")])
+    assert not any("FORGED" in line and line.startswith("|") for line in text.splitlines())
+    assert repr(forged) in text and "could not read the file" in text

@@ -508,3 +508,24 @@ def test_bad_arguments_raise_naming_the_argument():
         ev.spearman(torch.ones(2, 3), torch.ones(2, 4))
     with pytest.raises(ValueError, match="cam_layer"):
         ev.method_registry(model, cam_layer="nope", captum=True)
+
+
+def test_parameters_the_model_holds_itself_are_randomised_last():
+    # A ViT's position embedding and class token belong to the model, not to a child: the
+    # cascade kept them trained without a word.
+    import timm
+
+    from pullback_widgets.evaluation.metrics import OWN_PARAMETERS
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1,
+                            num_classes=3).eval()
+    stages = ev.randomisation_stages(vit)
+    assert stages[-1] == OWN_PARAMETERS and OWN_PARAMETERS not in stages[:-1]
+    copied = ev.randomised_copy(vit, seed=0)
+    for name in ("cls_token", "pos_embed", "blocks.0.attn.qkv.weight"):
+        assert not torch.equal(vit.get_parameter(name), copied.get_parameter(name)), name
+    assert OWN_PARAMETERS not in ev.randomisation_stages(_relu6_net())  # a CNN has none
+    result = ev.randomisation_check(vit, torch.rand(1, 3, 32, 32), 0, {"gradient": ev.gradient},
+                                    stages=["head", OWN_PARAMETERS])
+    assert result.stages == ["head", OWN_PARAMETERS] and result.absolute.shape == (2, 1, 1)

@@ -28,6 +28,11 @@ def _annotation_texts(fig: go.Figure) -> list[str]:
     return [a.text for a in fig.layout.annotations]
 
 
+def _user(text: str) -> str:
+    """A user's label as figures show it: isolated, so its direction controls stay inside."""
+    return f"\u2068{text}\u2069"
+
+
 def _assert_image_axes(fig: go.Figure) -> None:
     for ax in fig.select_yaxes():
         assert ax.autorange == "reversed"
@@ -227,8 +232,9 @@ def test_labelled_grid_signed_shares_one_range_and_one_colourbar():
         assert trace.zmax == pytest.approx(expected) and trace.zmin == pytest.approx(-expected)
     assert sum(bool(t.showscale) for t in fig.data) == 1
     np.testing.assert_allclose(fig.data[1].z, panels[0][1].sum(0), rtol=1e-6)
-    assert {"T=0.1", "T=1"} <= set(_annotation_texts(fig))
-    assert fig.layout.yaxis.title.text == "dog" and fig.layout.yaxis3.title.text == "cat"
+    assert {_user("T=0.1"), _user("T=1")} <= set(_annotation_texts(fig))
+    assert fig.layout.yaxis.title.text == _user("dog")
+    assert fig.layout.yaxis3.title.text == _user("cat")
     _assert_image_axes(fig)
 
     fixed = fg.labelled_grid(panels, kind="signed", zmax=2.0)
@@ -241,8 +247,8 @@ def test_labelled_grid_images():
     assert [t.type for t in fig.data] == ["image"] * 6
     assert all(t.z.shape == (12, 16, 3) for t in fig.data)
     np.testing.assert_array_equal(fig.data[4].z, np.rint(panels[1][1] * 255))
-    assert set(_annotation_texts(fig)) >= {"x", "y", "z"}
-    assert fig.layout.yaxis4.title.text == "b"
+    assert set(_annotation_texts(fig)) >= {_user("x"), _user("y"), _user("z")}
+    assert fig.layout.yaxis4.title.text == _user("b")
 
 
 def test_labelled_grid_validation():
@@ -323,7 +329,8 @@ def test_topk_bar_order_text_and_highlight():
     bar = fig.data[0]
     order = np.argsort(-p)[:3]
     np.testing.assert_allclose(bar.x, p[order])
-    assert list(fig.layout.yaxis.ticktext) == [labels[i] for i in order] == ["b", "d", "f"]
+    assert list(fig.layout.yaxis.ticktext) == [_user(labels[i]) for i in order] \
+        == [_user("b"), _user("d"), _user("f")]
     assert list(bar.text) == ["40.0%", "30.0%", "14.0%"]
     assert fig.layout.yaxis.autorange == "reversed"  # rank 0 (largest) on top
     colours = list(bar.marker.color)
@@ -333,7 +340,7 @@ def test_topk_bar_order_text_and_highlight():
 def test_topk_bar_duplicate_names_and_small_class_count():
     fig = fg.topk_bar(torch.tensor([0.2, 0.5, 0.3]), ["crane", "crane", "kite"], k=10)
     assert len(fig.data[0].x) == 3
-    assert list(fig.layout.yaxis.ticktext) == ["crane", "kite", "crane"]
+    assert list(fig.layout.yaxis.ticktext) == [_user("crane"), _user("kite"), _user("crane")]
     assert len(set(fig.data[0].y)) == 3
 
 
@@ -380,7 +387,7 @@ def test_logit_curves_one_line_per_target():
     fig = fg.logit_curves(logits, ["cat", "dog"])
     assert [t.type for t in fig.data] == ["scatter", "scatter"]
     np.testing.assert_array_equal(fig.data[1].y, [2.0, 1.0, 0.5])
-    assert list(fig.data[0].x) == [0, 1, 2] and fig.data[0].name == "cat"
+    assert list(fig.data[0].x) == [0, 1, 2] and fig.data[0].name == _user("cat")
     with pytest.raises(ValueError, match="names"):
         fg.logit_curves(logits, ["cat"])
     with pytest.raises(ValueError, match="logits"):
@@ -489,3 +496,18 @@ def test_fit_width_scales_the_plot_area_and_keeps_margins():
     narrow = fg.signed_heatmap(_attr(99))
     same = fg.fit_width(narrow, 800).layout
     assert (same.width, same.height) == (narrow.layout.width, narrow.layout.height)
+
+
+def test_users_labels_are_shown_as_written_never_as_markup():
+    # Plotly reads a subset of HTML in its text: a class name could become a live link, a line
+    # break or bold; a U+202E in a file name reversed the names and numbers after it.
+    labels = ['<a href="https://example.com">click</a>', "AT&amp;T", "cat<br>dog",
+              "a\u202e.png"]
+    bar = fg.topk_bar(np.array([0.4, 0.3, 0.2, 0.1]), labels, k=4)
+    assert list(bar.layout.yaxis.ticktext) == [
+        _user('&lt;a href="https://example.com"&gt;click&lt;/a&gt;'), _user("AT&amp;amp;T"),
+        _user("cat&lt;br&gt;dog"), _user("a\u202e.png")]
+    grid = fg.labelled_grid([[np.zeros((3, 2, 2))]], row_labels=["<b>x</b>"],
+                                 col_labels=["y&z"])
+    assert _user("y&amp;z") in _annotation_texts(grid)
+    assert grid.layout.yaxis.title.text == _user("&lt;b&gt;x&lt;/b&gt;")

@@ -294,13 +294,19 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
 Stage = str | Sequence[str]
 
 
+# The stage of the parameters the model holds itself, not through a child (a ViT's position
+# embedding and class token): last in the cascade, next to the input.
+OWN_PARAMETERS = "(the model's own parameters)"
+
+
 def randomisation_stages(model: nn.Module) -> list[str]:
     """The model's top-level layers with parameters, containers (Sequential, ModuleList) opened
-    one level, from the output down: the default cascade of :func:`randomisation_check`.
+    one level, from the output down: the default cascade of :func:`randomisation_check`; then
+    :data:`OWN_PARAMETERS` where the model holds parameters itself.
 
     EfficientNet-Lite0: classifier, bn2, conv_head, blocks.6, ..., blocks.0, bn1, conv_stem.
     """
-    names = []
+    names = [OWN_PARAMETERS] if next(model.parameters(recurse=False), None) is not None else []
     for name, child in model.named_children():
         if isinstance(child, (nn.Sequential, nn.ModuleList)):
             names += [f"{name}.{sub}" for sub, grandchild in child.named_children()
@@ -310,11 +316,14 @@ def randomisation_stages(model: nn.Module) -> list[str]:
     return names[::-1]
 
 
-def _reinitialise(module: nn.Module, generator: torch.Generator) -> None:
-    """Weights as at the start of training: matrices and kernels He-normal (fan-in), norm
-    scales 1, biases 0. BatchNorm running statistics are buffers and are kept."""
+def _reinitialise(model: nn.Module, stage: str, generator: torch.Generator) -> None:
+    """Weights of one stage (a module's name, or :data:`OWN_PARAMETERS`) of ``model`` as at the
+    start of training: matrices and kernels He-normal (fan-in), norm scales 1, biases 0.
+    BatchNorm running statistics are buffers and are kept."""
+    own = stage == OWN_PARAMETERS
+    module = model if own else model.get_submodule(stage)
     with torch.no_grad():
-        for name, parameter in module.named_parameters():
+        for name, parameter in module.named_parameters(recurse=not own):
             if parameter.dim() >= 2:
                 nn.init.kaiming_normal_(parameter, mode="fan_in", nonlinearity="relu",
                                         generator=generator)
@@ -329,10 +338,9 @@ def randomised_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     stage i with seed ``seed + i``: the model after the last stage of the default cascade of
     :func:`randomisation_check`. ``model`` itself is not touched."""
     copied = copy.deepcopy(model)
-    modules = dict(copied.named_modules())
     device = next(copied.parameters()).device
     for index, name in enumerate(randomisation_stages(copied)):
-        _reinitialise(modules[name], torch.Generator(device=device).manual_seed(seed + index))
+        _reinitialise(copied, name, torch.Generator(device=device).manual_seed(seed + index))
     return copied
 
 
@@ -380,7 +388,7 @@ def randomisation_check(model: nn.Module, x: Tensor, target: Target,
     copied = copy.deepcopy(model)
     modules = dict(copied.named_modules())
     for name in (n for group in groups for n in group):
-        if not isinstance(name, str) or name not in modules:
+        if not isinstance(name, str) or (name not in modules and name != OWN_PARAMETERS):
             raise ValueError(f"stages names an unknown module {name!r}")
     original = {name: explain(copied, x, classes).detach() for name, explain in methods.items()}
     absolute, signed = [], []
@@ -388,7 +396,7 @@ def randomisation_check(model: nn.Module, x: Tensor, target: Target,
     for index, group in enumerate(groups):
         generator = torch.Generator(device=device).manual_seed(seed + index)
         for name in group:
-            _reinitialise(modules[name], generator)
+            _reinitialise(copied, name, generator)
         rows_abs, rows_signed = [], []
         for name, explain in methods.items():
             before, after = original[name].sum(1), explain(copied, x, classes).detach().sum(1)

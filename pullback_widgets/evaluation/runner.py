@@ -546,7 +546,8 @@ def _load_batch(items: Sequence[Item], size: int, skipped: list[tuple[str, str]]
             images.append(item.load(size))
         except (ValueError, TypeError, OSError) as error:
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            print(f"pullback-widgets: skipped {item.name}: {message}", file=sys.stderr)
+            # repr: a file name cannot break the line, nor add rows to the summary's tables
+            print(f"pullback-widgets: skipped {item.name!r}: {message}", file=sys.stderr)
             skipped.append((item.name, message))
             continue
         kept.append(item)
@@ -850,7 +851,8 @@ def summarise(rows: Sequence[Row], settings: EvaluationSettings, *, images: int,
                          + " | ".join(deltas) + " |")
     skipped_text = f"{len(skipped)} file(s) skipped"
     if skipped:
-        skipped_text += ": " + "; ".join(f"{name} ({why})" for name, why in skipped[:10])
+        skipped_text += ": " + "; ".join(f"{name!r} ({' '.join(why.split())})"
+                                         for name, why in skipped[:10])
         skipped_text += " ..." if len(skipped) > 10 else ""
     fields = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(settings).items())
     timing = "" if seconds is None else f" in {seconds:.1f} s on {world_size} process(es)"

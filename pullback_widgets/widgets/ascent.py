@@ -346,7 +346,7 @@ class AscentExplorer(w.VBox):
             self._draw_frame(last)
         else:
             self.frame.value = last  # the observer draws it
-        gains = ", ".join(f"{name} {gain:+.2f}" for name, gain
+        gains = ", ".join(f"{figures.isolated(name)} {gain:+.2f}" for name, gain
                           in zip(self._names, result.gain.tolist()))
         state = f"stopped after step {last}" if result.stopped else f"{last} steps"
         value = "activation gain" if self._unit else "target-logit gain"
@@ -361,15 +361,15 @@ class AscentExplorer(w.VBox):
                 return
             probs = result.probs
             value = "activation " if self._unit else ""
-            labels = [f"{name} · step {index} · " + (f"p={float(probs[index, k]):.2f}"
-                                                     if probs is not None else
-                                                     f"{value}{float(result.logits[index, k]):.2f}")
+            labels = [f"{figures.plain_text(name)} · step {index} · "
+                      + (f"p={float(probs[index, k]):.2f}" if probs is not None
+                         else f"{value}{float(result.logits[index, k]):.2f}")
                       for k, name in enumerate(self._names)]
             frame = result.images[index]
             sync_figure(self.frames_figure, figures.ascent_frames(list(frame), labels=labels))
             sync_figure(self.diff_figure, figures.rgb_difference(
                 frame[0] - result.images[0][0],
-                title=f"step {index} minus start ({self._names[0]})"))
+                title=f"step {index} minus start ({figures.plain_text(self._names[0])})"))
             sync_figure(self.curve_figure, figures.logit_curves(
                 result.logits[:index + 1], self._names,
                 value_name="unit activation (spatial mean)" if self._unit else "target logit"))

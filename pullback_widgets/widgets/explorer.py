@@ -361,7 +361,7 @@ class PullbackExplorer(w.VBox):
                                                                   request.channel)
         image = self._images[request.image_key][0]
         mask = self._evidence.get(request.image_key) if request.evidence else None
-        what = f"{self.labels[target_class]}" if request.layer == LOGITS else \
+        what = figures.plain_text(self.labels[target_class]) if request.layer == LOGITS else \
             f"{request.layer} channel {request.channel}"
         plain = session.gated_calls == 0
         mask = self._evidence.get(request.image_key) if request.evidence else None

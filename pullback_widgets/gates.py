@@ -32,6 +32,7 @@ remakes it bit for bit where the interception knows how it was made.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -87,6 +88,11 @@ _FIELD_CHECKS = {
         check_choice(kind, KINDS, "defaults key"): check_positive(t, f"defaults[{kind!r}]")
         for kind, t in value.items()}},
 }
+
+
+# Updates and copies of settings are single steps: a session copies its settings under its own
+# lock, while ``session.settings.update(...)`` may run in another thread.
+_SETTINGS_LOCK = threading.RLock()
 
 
 @dataclass
@@ -147,8 +153,9 @@ class GateSettings:
             raise PullbackWidgetsError(
                 f"pool_temperature={pool_temperature} and temperature['pool']="
                 f"{temperature['pool']} disagree; pool_temperature is an alias, give one")
-        for name, value in checked.items():
-            super().__setattr__(name, value)
+        with _SETTINGS_LOCK:  # another thread's assign() sees all of the update or none
+            for name, value in checked.items():
+                super().__setattr__(name, value)
 
     def replaced(self, **changes: object) -> GateSettings:
         """A new GateSettings: these fields changed (None values skipped), the rest copied."""
@@ -158,9 +165,11 @@ class GateSettings:
         return copy
 
     def assign(self, other: GateSettings) -> None:
-        """Copy every field of ``other`` (already checked) into this object."""
-        for name in _FIELD_CHECKS:
-            super().__setattr__(name, getattr(other, name))
+        """Copy every field of ``other`` (already checked) into this object, as one step
+        against another thread's :meth:`update` of either."""
+        with _SETTINGS_LOCK:
+            for name in _FIELD_CHECKS:
+                super().__setattr__(name, getattr(other, name))
 
     def temperature_of(self, kind: str) -> float:
         """The base temperature of one kind of op (before ``temperature_mode``)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import weakref
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -68,22 +67,10 @@ def describe_temperatures(temperatures: dict[str, float], gated_kinds: Iterable[
     text = f"T = {temperatures['relu']:.3g}"
     return f"{text} ({', '.join(others)})" if others else text
 
-_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = \
-    weakref.WeakKeyDictionary()
-_MODEL_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model: nn.Module) -> threading.RLock:
-    """The one lock of ``model`` that every forward of the package holds (re-entrant).
-
-    The mode flags and the recording hooks live on the model, so two threads running it at
-    once would interleave them; the lock makes the package's forwards on one model take turns.
-    """
-    with _MODEL_LOCKS_GUARD:
-        lock = _MODEL_LOCKS.get(model)
-        if lock is None:
-            lock = _MODEL_LOCKS[model] = threading.RLock()
-        return lock
+# Every forward the package runs holds this lock: it sets a model's training flags and records
+# layers on its modules, and two models may share modules (two heads on one backbone), so a
+# lock per model would let two forwards interleave their flags on the shared ones.
+_FORWARD_LOCK = threading.RLock()
 
 
 def token_grid(model: nn.Module, inputs: Tensor) -> TokenGrid | None:
@@ -103,14 +90,23 @@ def token_grid(model: nn.Module, inputs: Tensor) -> TokenGrid | None:
     return TokenGrid(prefix, inputs.shape[-2] // patch_h, inputs.shape[-1] // patch_w)
 
 
+_TRAINED_DURING_THE_FORWARD = (
+    "the model was put in train mode while the package ran its forward in eval mode (by "
+    "another thread?), so that forward mixed the modes; do not train and explain one model at "
+    "once: explain a copy (copy.deepcopy(model))")
+
+
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Hold the model's lock, put every submodule in eval mode, restore each one's own flag.
+    """Hold the package's forward lock, put every submodule in eval mode, restore each one's
+    own flag.
 
     Train-mode BatchNorm would both mix the examples of a batch and update running statistics,
-    which would change the user's model. The lock keeps another thread's save and restore from
-    interleaving with ours (which would leave a train-mode model in eval mode, or run our
-    forward with Dropout on).
+    which would change the user's model. The lock keeps another package forward's save and
+    restore from interleaving with ours (which would leave a train-mode model in eval mode, or
+    run our forward with Dropout on). The flags live on the model, shared by every thread: the
+    user's own forwards in another thread meanwhile run in eval mode too, and a switch to train
+    mode during ours is an error (that forward mixed the modes).
 
     Flags are set back through ``module.train(flag)``, as ``model.eval()`` set them: a module
     whose ``train()`` does more than set the flag (LoRA layers merge their weights in eval and
@@ -118,12 +114,14 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     parents before their children, so a parent's ``train()``, which sets its children too, is
     followed by each child's own flag.
     """
-    with model_lock(model):
+    with _FORWARD_LOCK:
         flags = [(module, module.training) for module in submodules(model)]
         if any(training for _, training in flags):  # already in eval mode: nothing to set
             model.eval()
         try:
             yield
+            if any(module.training for module, _ in flags):
+                raise PullbackWidgetsError(_TRAINED_DURING_THE_FORWARD)
         finally:
             for module, training in flags:
                 if module.training != training:

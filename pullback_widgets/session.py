@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import types
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -98,9 +99,11 @@ class PullbackSession:
 
     Threads. A session may be used from several threads at once: each call gets the result
     of its own settings (the backward passes of one session take turns), and every forward
-    of the package on one model holds that model's lock, so mode flags and layer recording
-    never interleave. The model's own forward calls made by you in another thread are not
-    locked; they run as they would without the package.
+    of the package holds one lock, so mode flags and layer recording never interleave, even
+    on models that share modules. Your own forward calls in another thread are not locked, but
+    the training flags are the model's: while the package runs a forward on a train-mode
+    model, your forwards there run in eval mode, and switching it to train mode meanwhile is
+    an error. Do not train and explain one model at once; explain a copy.
     """
 
     def __init__(self, model: nn.Module, inputs: Tensor, *, temperature: Temperature = None,
@@ -412,6 +415,12 @@ class ExcitationPullback:
             target = session.logits.detach().argmax(dim=1)
         attribution = session.pullback(target)
         return (attribution,) if as_tuple else attribution
+
+    # Captum's wrappers (NoiseTunnel) call ``attribute.__wrapped__``, which Captum's own
+    # methods get from their logging decorator: here a copy of the function itself.
+    attribute.__wrapped__ = types.FunctionType(
+        attribute.__code__, attribute.__globals__, attribute.__name__, attribute.__defaults__,
+        attribute.__closure__)
 
     def has_convergence_delta(self) -> bool:
         return False

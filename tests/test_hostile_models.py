@@ -1,6 +1,7 @@
 """Models users bring that are built in unusual ways: each gets the right pullback, or a clear
 error, and is left as it was."""
 
+import threading
 import warnings
 
 import pytest
@@ -226,3 +227,100 @@ def test_an_input_reaching_attention_only_through_queries_says_which_rule_to_use
     with pytest.raises(pw.PullbackWidgetsError, match="attention_weights='differentiated'"):
         pw.excitation_pullback(model, x, 0)
     assert pw.excitation_pullback(model, x, 0, attention_weights="differentiated").norm() > 0
+
+
+def test_captum_noise_tunnel_wraps_the_pullback():
+    # NoiseTunnel calls attribute.__wrapped__ (Captum's logging decorator provides it).
+    import inspect
+
+    from captum.attr import NoiseTunnel, Saliency
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 14 * 14, 10)).eval()
+    x = torch.rand(2, 3, 16, 16)
+    torch.manual_seed(1)
+    ours = NoiseTunnel(pw.ExcitationPullback(model, gate="hard")).attribute(
+        x, nt_type="smoothgrad", nt_samples=4, target=3)
+    torch.manual_seed(1)
+    saliency = NoiseTunnel(Saliency(model)).attribute(x, nt_type="smoothgrad", nt_samples=4,
+                                                      target=3, abs=False)
+    assert torch.equal(ours, saliency)
+    assert "target" in inspect.signature(pw.ExcitationPullback.attribute).parameters
+
+
+class _Pause(nn.Module):
+    """Holds the forward of thread "first" until ``first_may_go``, and that of thread "second"
+    until ``first_done`` (each at most 2 s)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first_inside, self.first_may_go = threading.Event(), threading.Event()
+        self.second_inside, self.first_done = threading.Event(), threading.Event()
+
+    def forward(self, x):
+        name = threading.current_thread().name
+        if name == "first":
+            self.first_inside.set()
+            self.first_may_go.wait(2.0)
+        elif name == "second":
+            self.second_inside.set()
+            self.first_done.wait(2.0)
+        return x
+
+
+def test_two_models_sharing_a_backbone_take_turns_and_keep_their_flags():
+    # A lock per model let two package forwards interleave their flag changes on the shared
+    # modules: the second saved the backbone's flags as the first had set them (eval) and
+    # restored those after the first had finished, leaving a train-mode backbone in eval.
+    torch.manual_seed(0)
+    pause = _Pause()
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                             pause, nn.Flatten())
+    heads = [nn.Sequential(backbone, nn.Linear(4 * 8 * 8, n)).train() for n in (3, 5)]
+    x = torch.rand(2, 3, 8, 8)
+    first = threading.Thread(target=pw.excitation_pullback, args=(heads[0], x, 0), name="first")
+    second = threading.Thread(target=pw.excitation_pullback, args=(heads[1], x, 0),
+                              name="second")
+    first.start()
+    assert pause.first_inside.wait(5.0)
+    second.start()
+    # The second forward must wait for the first: it may not get inside meanwhile.
+    assert not pause.second_inside.wait(0.5)
+    pause.first_may_go.set()
+    first.join()
+    pause.first_done.set()
+    second.join()
+    assert all(module.training for head in heads for module in head.modules())
+
+
+def test_a_switch_to_train_mode_during_the_forward_is_an_error():
+    class SwitchesTheModel(nn.Module):
+        def forward(self, x):
+            model.train()  # as another thread's training loop would
+            return x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), SwitchesTheModel(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    with pytest.raises(pw.PullbackWidgetsError, match="put in train mode while"):
+        pw.excitation_pullback(model, torch.rand(1, 3, 8, 8), 0)
+    assert not model.training  # left as it was found
+
+
+def test_a_settings_update_is_one_step_for_a_thread_copying_them():
+    # session.settings.update() in one thread and a session copying its settings in another
+    # gave torn settings (a temperature of one update with the gate of another).
+    from pullback_widgets import gates
+
+    settings = pw.GateSettings(0.3, "sigmoid")
+    with gates._SETTINGS_LOCK:  # a copy in progress
+        writer = threading.Thread(target=settings.update,
+                                  kwargs=dict(temperature=2.0, gate="hard"))
+        writer.start()
+        writer.join(0.3)
+        assert writer.is_alive() and (settings.temperature, settings.gate) == (0.3, "sigmoid")
+    writer.join()
+    copy = pw.GateSettings()
+    copy.assign(settings)
+    assert (copy.temperature, copy.gate) == (2.0, "hard")

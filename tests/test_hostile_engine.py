@@ -434,7 +434,8 @@ def settings_assigned_by_hand_are_checked():
 @case
 def a_forward_that_switches_modes_leaves_them_as_found():
     # The model came in eval mode, so nothing needed setting before the forward; what its
-    # forward switches is still put back afterwards.
+    # forward switches is still put back afterwards. A forward that switched a module to
+    # train mode was not the eval forward the pullback needs: an error, not a result.
     class SwitchesToTraining(EveryOpNet):
         def forward(self, x):
             self.bn1.train()
@@ -442,7 +443,8 @@ def a_forward_that_switches_modes_leaves_them_as_found():
 
     torch.manual_seed(0)
     model = SwitchesToTraining().double().eval()
-    pw.excitation_pullback(model, random_image(), 1)
+    with pytest.raises(pw.PullbackWidgetsError, match="put in train mode while"):
+        pw.excitation_pullback(model, random_image(), 1)
     assert not any(module.training for module in model.modules())
 
 

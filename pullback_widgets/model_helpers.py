@@ -91,9 +91,10 @@ def token_grid(model: nn.Module, inputs: Tensor) -> TokenGrid | None:
 
 
 _TRAINED_DURING_THE_FORWARD = (
-    "the model was put in train mode while the package ran its forward in eval mode (by "
-    "another thread?), so that forward mixed the modes; do not train and explain one model at "
-    "once: explain a copy (copy.deepcopy(model))")
+    "the model was put in train mode while the package ran its forward in eval mode (by its "
+    "own forward, or by another thread), so that forward mixed the modes; do not switch modes "
+    "inside forward(), nor train and explain one model at once: explain a copy "
+    "(copy.deepcopy(model))")
 
 
 @contextlib.contextmanager

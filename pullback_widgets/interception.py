@@ -42,7 +42,7 @@ from .gates import GateSettings, PoolGeometry, SoftClamp, SoftMaxPool2d
 from .model_helpers import default_temperatures
 from .norm_gates import ConstantStatisticsNorm, group_norm_statistics, layer_norm_statistics
 from .pre_activations import Remake
-from .validation import PullbackWidgetsError, check_model
+from .validation import PullbackWidgetsError, check_model, explained_errors
 
 
 def _relu_call(inplace: bool, low: float = 0.0, high: float | None = None):
@@ -411,14 +411,8 @@ def _gating(settings: GateSettings, remake: bool = True) -> Iterator[_SoftGating
             "twice. Leave the outer context first (excitation_pullback and PullbackSession "
             "open their own).")
     mode = _SoftGatingMode(settings, remake)
-    try:
-        with mode, _refusing_checkpoints():
-            yield mode
-    except RuntimeError as error:
-        clear = checkpointing_error(error)
-        if clear is None:
-            raise
-        raise clear from error
+    with explained_errors(checkpointing_error), mode, _refusing_checkpoints():
+        yield mode
 
 
 @contextlib.contextmanager

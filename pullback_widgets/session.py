@@ -22,6 +22,7 @@ from .validation import (
     PullbackWidgetsTypeError,
     check_inputs,
     check_model,
+    explained_errors,
     explained_forward_errors,
 )
 
@@ -268,13 +269,9 @@ class PullbackSession:
             self._state = state
             self._live.assign(call)
             try:
-                with _autograd_on():
+                with _autograd_on(), explained_errors(changed_in_place_error,
+                                                      checkpointing_error):
                     grads = self._grads(state, seeds, batched, retain_graph)
-            except RuntimeError as error:
-                clear = changed_in_place_error(error) or checkpointing_error(error)
-                if clear is None:
-                    raise
-                raise clear from error
             finally:
                 self._live.assign(self.settings)
         if grads is None:

@@ -15,7 +15,7 @@ import operator
 import sys
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -205,18 +205,29 @@ def _input_mismatch(model: nn.Module, inputs: Tensor) -> PullbackWidgetsError | 
 
 
 @contextlib.contextmanager
-def explained_forward_errors(model: nn.Module, inputs: Tensor) -> Iterator[None]:
-    """Around a forward of ``model`` on ``inputs``: an error it raises where the inputs do not
-    suit the model (:func:`_input_mismatch`) becomes a clear one, with the model's own first
-    line; any other passes through as it is."""
+def explained_errors(*explain: Callable[[Exception], PullbackWidgetsError | None]
+                     ) -> Iterator[None]:
+    """Around torch code: a RuntimeError (or NotImplementedError) it raises that one of
+    ``explain`` knows becomes that clear error (chained to it); any other passes through."""
     try:
         yield
     except (RuntimeError, NotImplementedError) as error:
-        clear = _input_mismatch(model, inputs)
+        clear = next((c for c in (known(error) for known in explain) if c is not None), None)
         if clear is None:
             raise
-        raise type(clear)(f"{clear}; the model's forward failed: {first_line(error)}") \
-            from error
+        raise clear from error
+
+
+def explained_forward_errors(model: nn.Module, inputs: Tensor
+                             ) -> contextlib.AbstractContextManager[None]:
+    """Around a forward of ``model`` on ``inputs``: an error it raises where the inputs do not
+    suit the model (:func:`_input_mismatch`) becomes a clear one, with the model's own first
+    line; any other passes through as it is."""
+    def mismatch(error: Exception) -> PullbackWidgetsError | None:
+        clear = _input_mismatch(model, inputs)
+        return None if clear is None else type(clear)(
+            f"{clear}; the model's forward failed: {first_line(error)}")
+    return explained_errors(mismatch)
 
 
 def first_line(error: BaseException) -> str:

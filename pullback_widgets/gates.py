@@ -145,15 +145,17 @@ class GateSettings:
                 f"unknown setting {unknown[0]!r}{suggest(unknown[0], names)}; "
                 f"the settings are {tuple(names)}")
         checked = {name: _FIELD_CHECKS[name](value) for name, value in changes.items()}
-        temperature = checked.get("temperature", getattr(self, "temperature", None))
-        pool_temperature = checked.get("pool_temperature",
-                                       getattr(self, "pool_temperature", None))
-        if isinstance(temperature, dict) and "pool" in temperature \
-                and pool_temperature not in (None, temperature["pool"]):
-            raise PullbackWidgetsError(
-                f"pool_temperature={pool_temperature} and temperature['pool']="
-                f"{temperature['pool']} disagree; pool_temperature is an alias, give one")
-        with _SETTINGS_LOCK:  # another thread's assign() sees all of the update or none
+        # One step: the fields checked together are those written, whatever another thread
+        # updates meanwhile, and its assign() sees all of the update or none.
+        with _SETTINGS_LOCK:
+            temperature = checked.get("temperature", getattr(self, "temperature", None))
+            pool_temperature = checked.get("pool_temperature",
+                                           getattr(self, "pool_temperature", None))
+            if isinstance(temperature, dict) and "pool" in temperature \
+                    and pool_temperature not in (None, temperature["pool"]):
+                raise PullbackWidgetsError(
+                    f"pool_temperature={pool_temperature} and temperature['pool']="
+                    f"{temperature['pool']} disagree; pool_temperature is an alias, give one")
             for name, value in checked.items():
                 super().__setattr__(name, value)
 

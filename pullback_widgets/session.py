@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .gates import GateSettings
+from .graph_audit import plain_gates, plain_gates_notice
 from .interception import _gating, checkpointing_error
 from .model_helpers import LayerRecorder, default_temperatures, evaluation_mode, token_grid
 from .pre_activations import changed_in_place_error
@@ -41,9 +42,9 @@ _NO_PATH_THROUGH_DETACHED_ATTENTION = (
 
 
 NO_GATED_OP = (
-    "the model has no ReLU-family or max-pool op, nor any other gated op (SiLU, GELU, "
-    "Hardswish, leaky ReLU, LayerNorm, GroupNorm, attention) on the input's path: the "
-    "pullback equals the plain gradient")
+    "the engine gated no op on the input's path (it gates ReLU-family and max-pool ops, SiLU, "
+    "GELU, Hardswish, leaky ReLU, LayerNorm, GroupNorm and attention where the model calls "
+    "them from Python): the pullback equals the plain gradient")
 PLAIN_ATTENTION = (
     "the model computes {count} softmax(es) by hand on the input's path (attention written as "
     "matmul-softmax-matmul, e.g. timm with fused attention off, or nn.MultiheadAttention with "
@@ -51,14 +52,19 @@ PLAIN_ATTENTION = (
     "F.scaled_dot_product_attention is gated")
 
 
-def gating_notices(gated_calls: int, plain_attention: int) -> tuple[str, ...]:
+def gating_notices(gated_calls: int, plain_attention: int,
+                   plain_gate_ops: Mapping[str, int]) -> tuple[str, ...]:
     """The honest notices for a forward that gated ``gated_calls`` ops and left
-    ``plain_attention`` softmaxes plain: every place that shows a pullback shows them."""
+    ``plain_attention`` softmaxes and ``plain_gate_ops`` (op name -> count, see
+    :func:`.graph_audit.plain_gates`) plain: every place that shows a pullback shows them."""
     notices = []
     if gated_calls == 0:
         notices.append(NO_GATED_OP)
     if plain_attention:
         notices.append(PLAIN_ATTENTION.format(count=plain_attention))
+    plain_ops = plain_gates_notice(plain_gate_ops)
+    if plain_ops:
+        notices.append(plain_ops)
     return tuple(notices)
 
 
@@ -79,6 +85,7 @@ class _Forward:
     gated_calls: int
     gated_kinds: dict[str, int]
     plain_attention: int
+    plain_gate_ops: dict[str, int]
 
 
 class PullbackSession:
@@ -164,10 +171,16 @@ class PullbackSession:
         return self._state.plain_attention
 
     @property
+    def plain_gate_ops(self) -> dict[str, int]:
+        """Gate-like ops on the input's path that kept their plain backward, by name ("ELU",
+        "max-pool", ...): ops the engine does not gate, or gated ops it could not see."""
+        return self._state.plain_gate_ops
+
+    @property
     def notices(self) -> tuple[str, ...]:
         """What the forward's pullbacks are not (see :func:`gating_notices`); the session
         also warns them once. Empty when every op on the input's path is gated."""
-        return gating_notices(self.gated_calls, self.plain_attention)
+        return gating_notices(self.gated_calls, self.plain_attention, self.plain_gate_ops)
 
     @property
     def probabilities(self) -> Tensor:
@@ -205,10 +218,11 @@ class PullbackSession:
                     "its output is ambiguous; pick a layer that runs once")
             if not recorder.outputs[name].requires_grad:
                 raise PullbackWidgetsError(_NO_GRADIENT_PATH.format(what=f"layer {name!r}"))
-        for notice in gating_notices(mode.gated_calls, mode.plain_attention):
+        plain_gate_ops = dict(plain_gates([logits, *recorder.outputs.values()]))
+        for notice in gating_notices(mode.gated_calls, mode.plain_attention, plain_gate_ops):
             warnings.warn(notice, stacklevel=4)
         return _Forward(leaf, logits, recorder.outputs, layers, mode.gated_calls,
-                        dict(mode.gated_kinds), mode.plain_attention)
+                        dict(mode.gated_kinds), mode.plain_attention, plain_gate_ops)
 
     def _state_for(self, targets: Sequence[Target]) -> _Forward:
         """The recorded forward, or a new one that also records the Units' layers."""

@@ -1,0 +1,138 @@
+"""The graph audit: ops that kept their plain backward are named, compiled code is refused."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pullback_widgets as pw
+from pullback_widgets.graph_audit import plain_gates
+from pullback_widgets.session import NO_GATED_OP
+
+
+class EveryGate(nn.Module):
+    """One call of every op the engine gates, each counted once by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.prelu = nn.PReLU()
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv(x)), 2)  # (B, 4, 8, 8)
+        x = F.relu6(x) + F.silu(x) + F.gelu(x) + F.hardswish(x)
+        x = self.prelu(F.leaky_relu(x)) + F.group_norm(x, 2)
+        x = self.norm(x.flatten(2)[..., :8])  # (B, 4, 8)
+        x = F.scaled_dot_product_attention(x, x, x)
+        return self.head(x.mean(1))
+
+
+EVERY_GATE_PLAIN = {"ReLU": 1, "max-pool": 1, "ReLU6/hardtanh": 1, "SiLU": 1, "GELU": 1,
+                    "Hardswish": 1, "leaky ReLU": 1, "PReLU": 1, "GroupNorm": 1, "LayerNorm": 1,
+                    "attention": 1}
+
+
+def _session(model, inputs, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        session = pw.PullbackSession(model, inputs, **kwargs)
+    return session, [str(w.message) for w in caught]
+
+
+def test_audit_names_every_gated_op_in_a_plain_graph_and_none_in_a_gated_one():
+    # The reference: autograd's own graph of the plain forward holds each gated op once. A
+    # node name the audit did not know (another torch version) would be missing here.
+    model, inputs = EveryGate().eval(), torch.rand(2, 3, 16, 16)
+    plain = model(inputs.requires_grad_(True))
+    assert dict(plain_gates([plain])) == EVERY_GATE_PLAIN
+    session, caught = _session(model, inputs.detach())
+    assert session.plain_gate_ops == {} and session.notices == ()
+    assert sum(session.gated_kinds.values()) == sum(EVERY_GATE_PLAIN.values())
+    assert caught == []
+
+
+class UngatedOps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        z = F.relu(self.conv(x))  # gated
+        pooled, _ = F.max_pool2d(z, 2, return_indices=True)  # plain by design
+        y = F.max_pool1d(pooled.flatten(2), 2)  # a 2-D pool in C++: unseen
+        return F.elu(y).mean(2) + F.mish(y).mean(2) + F.softplus(y).mean(2)
+
+
+def test_ungated_ops_are_counted_and_named_in_the_notices_and_warnings():
+    session, caught = _session(UngatedOps().eval(), torch.rand(1, 3, 12, 12))
+    assert session.plain_gate_ops == {"max-pool": 2, "ELU/SELU": 1, "Mish": 1, "Softplus": 1}
+    assert session.gated_kinds == {"relu": 1}
+    (notice,) = session.notices
+    assert notice.startswith("5 op(s) on the input's path kept their plain backward")
+    assert "ELU/SELU ×1, Mish ×1, Softplus ×1, max-pool ×2" in notice
+    assert caught == [notice]
+
+
+def test_units_on_layers_off_the_logits_path_are_audited_too():
+    class AuxiliaryHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.aux = nn.Conv2d(3, 2, 3), nn.ELU()
+
+        def forward(self, x):
+            z = self.conv(x)
+            self.aux(z)  # recorded as a layer, but not on the logits' path
+            return F.relu(z).mean((2, 3))
+
+    model, inputs = AuxiliaryHead().eval(), torch.rand(1, 3, 8, 8)
+    assert _session(model, inputs)[0].plain_gate_ops == {}
+    assert _session(model, inputs, layers=["aux"])[0].plain_gate_ops == {"ELU/SELU": 1}
+
+
+def _conv_then(helper):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(helper(self.conv(x)).mean((2, 3)))
+    return Model().eval()
+
+
+def test_a_scripted_function_inside_forward_is_named_then_refused():
+    @torch.jit.script
+    def scripted(x):
+        return torch.relu(x) * 2.0
+
+    model, inputs = _conv_then(scripted), torch.rand(1, 3, 8, 8)
+    # TorchScript's profiling runs execute op by op: the ReLU's own node shows.
+    session, caught = _session(model, inputs)
+    assert session.plain_gate_ops == {"ReLU": 1} and session.gated_calls == 0
+    assert caught == list(session.notices) and NO_GATED_OP in caught
+    # Once optimised, the function is one opaque node: refused.
+    with pytest.raises(pw.PullbackWidgetsError, match=r"torch\.jit\.script"):
+        for _ in range(5):
+            _session(model, inputs)
+
+
+def test_a_compiled_function_inside_forward_is_refused_in_every_entry_point():
+    pytest.importorskip("torch._dynamo")
+
+    @torch.compile(backend="aot_eager")
+    def compiled(x):
+        return torch.relu(x) * 2.0
+
+    model, inputs = _conv_then(compiled), torch.rand(1, 3, 8, 8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (lambda: pw.excitation_pullback(model, inputs, 0),
+                 lambda: pw.PullbackSession(model, inputs),
+                 lambda: pw.ExcitationPullback(model).attribute(inputs, target=1)):
+        with pytest.raises(pw.PullbackWidgetsError, match=r"compiled with torch\.compile"):
+            call()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not model.training

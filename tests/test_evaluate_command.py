@@ -350,6 +350,32 @@ def test_rows_keep_an_image_name_that_is_not_utf8(tmp_path):
     assert runner.read_rows(tmp_path / "results.csv") == rows
 
 
+def test_names_a_spreadsheet_would_run_as_formulas_are_written_as_text(tmp_path):
+    names = ["=HYPERLINK(\"http://x\")", "+1", "-2", "@SUM(A1)", "\tx", "'quoted", "''=",
+             "plain", "a=b"]
+    rows = [(name, 0, "gradient", "deletion", 0.5) for name in names]
+    runner._write_csv(tmp_path / "results.csv", rows)
+    text = (tmp_path / "results.csv").read_text(encoding="utf-8")
+    cells = [line.split(",")[0] for line in text.splitlines()[1:]]
+    assert not any(cell.lstrip('"').startswith(("=", "+", "-", "@", "\t")) for cell in cells)
+    assert runner.read_rows(tmp_path / "results.csv") == rows
+
+
+def test_parquet_refuses_a_name_that_is_not_utf8_before_any_work(tmp_path):
+    pytest.importorskip("pyarrow")
+    image = torch.rand(3, 16, 16)
+    items = [("plain.png", image), (os.fsdecode(b"caf\xe9.png"), image)]
+    settings = ev.EvaluationSettings(methods=("gradient",), metrics=("deletion",),
+                                     image_size=16)
+    with pytest.raises(pw.PullbackWidgetsError, match=r"not valid UTF-8.*as \.csv"):
+        ev.evaluate(items, settings, tmp_path / "results.parquet", model=_relu6_net(),
+                    progress=False)
+    assert list(tmp_path.iterdir()) == []
+    report = ev.evaluate(items, settings, tmp_path / "results.csv", model=_relu6_net(),
+                         progress=False)
+    assert sorted(row[0] for row in report.rows) == sorted(name for name, _ in items)
+
+
 def test_the_model_is_probed_at_the_run_size_before_anything_is_written(tmp_path):
     # A model that cannot run at the size fails before the settings or parts are written; a
     # pullback-free run needs only a plain forward (a checkpointed model is refused only

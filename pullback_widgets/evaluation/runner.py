@@ -364,16 +364,43 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 Row = tuple[str, int, str, str, float]
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_text(name: str) -> str:
+    """An image name as the CSV holds it: one that a spreadsheet would run as a formula gets a
+    leading apostrophe, which spreadsheets read as "text"; so does one that starts with an
+    apostrophe, so that :func:`_name_from_csv` undoes it exactly."""
+    return "'" + name if name.startswith((*_FORMULA_STARTS, "'")) else name
+
+
+def _name_from_csv(text: str) -> str:
+    return text[1:] if text.startswith("'") else text
+
+
 def _write_csv(path: Path, rows: Iterable[Row]) -> None:
     # surrogateescape: a file name that is not valid UTF-8 keeps its bytes, and reads back
     with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         # repr: the shortest text that reads back as the same float
-        writer.writerows((image, target, method, metric, repr(float(value)))
+        writer.writerows((_csv_text(image), target, method, metric, repr(float(value)))
                          for image, target, method, metric, value in rows)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _check_parquet_names(names: Iterable[str]) -> None:
+    """Parquet's text is UTF-8 only: a file name that is not (kept as surrogate escapes) is a
+    clear error before any work, not one after it."""
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PullbackWidgetsError(
+                f"the image name {name!r} is not valid UTF-8, which Parquet cannot hold: write "
+                "the output as .csv (it keeps the name's bytes), or rename the file") from None
 
 
 def _write_rows(path: Path, rows: list[Row], parquet: bool) -> None:
@@ -408,7 +435,8 @@ def read_rows(path: str | os.PathLike) -> list[Row]:
         for row in reader:
             try:
                 image, target, method, metric, value = row
-                rows.append((image, int(target), method, metric, float(value)))
+                rows.append((_name_from_csv(image), int(target), method, metric,
+                             float(value)))
             except ValueError:
                 raise PullbackWidgetsError(
                     f"{str(path)!r} line {reader.line_num} is damaged ({row!r}); remove the "
@@ -701,6 +729,8 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
     names = [item.name for item in items]
     if len(set(names)) != len(names):
         raise PullbackWidgetsError("item names must be unique")
+    if out.suffix.lower() == ".parquet":
+        _check_parquet_names(names)
     if settings.top_k() is None and any(item.label is None for item in items):
         raise PullbackWidgetsError("targets='label' needs a label for every image "
                                    "(--labels-from-folders)")

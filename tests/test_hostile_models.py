@@ -324,3 +324,42 @@ def test_a_settings_update_is_one_step_for_a_thread_copying_them():
     copy = pw.GateSettings()
     copy.assign(settings)
     assert (copy.temperature, copy.gate) == (2.0, "hard")
+
+
+class _Encoder(nn.Module):
+    """Patches as tokens through one transformer encoder layer, either layout."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        if not self.batch_first:
+            tokens = tokens.transpose(0, 1)  # (N, B, C)
+        tokens = self.layer(tokens)
+        return self.head(tokens.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_relative_temperature_refuses_sequence_first_tensors_instead_of_mixing_examples(batch):
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, 16, 16)
+    seq_first = _Encoder(batch_first=False).eval()
+    session = pw.PullbackSession(seq_first, x)
+    session.pullback(0)  # absolute T has no per-example spread: fine
+    with pytest.raises(pw.PullbackWidgetsError, match=r"dim 0 is 16 for a batch of " + str(batch)):
+        session.pullback(0, temperature_mode="relative")
+    with pytest.raises(pw.PullbackWidgetsError, match="batch_first=False"):
+        pw.excitation_pullback(seq_first, x, 0, temperature_mode="relative")
+    # The same weights batch-first: each example's pullback is its own.
+    batch_first = _Encoder(batch_first=True).eval()
+    batch_first.load_state_dict(seq_first.state_dict())
+    together = pw.excitation_pullback(batch_first, x, 0, temperature_mode="relative")
+    alone = torch.cat([pw.excitation_pullback(batch_first, x[i:i + 1], 0,
+                                              temperature_mode="relative")
+                       for i in range(batch)])
+    torch.testing.assert_close(together, alone)

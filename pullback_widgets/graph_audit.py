@@ -51,9 +51,10 @@ PLAIN_GATE_NODES = {
     "ScaledDotProductCudnnAttentionBackward0": "attention",
 }
 
-# Nodes whose backward runs compiled code the audit cannot read.
+# Nodes whose backward runs compiled code the audit cannot read, and the node types they have.
 _COMPILED_NODES = {"CompiledFunctionBackward": "torch.compile",
                    "DifferentiableGraphBackward": "torch.jit.script"}
+_OPAQUE_TYPES = {"CompiledFunctionBackward", "CppFunction"}
 
 COMPILED_IN_FORWARD = (
     "the model's forward calls code compiled with {how}, whose ops the engine cannot see: its "
@@ -68,10 +69,13 @@ PLAIN_GATES = (
     "extension)")
 
 
-def _node_name(node) -> str:
+def _compiled_by(node) -> str | None:
+    """What compiled the code behind ``node`` (None: nothing). TorchScript's differentiable
+    graphs are a generic C++ node that only ``name()`` tells apart."""
     name = type(node).__name__
-    # TorchScript's differentiable graphs are a generic C++ node; only name() tells them.
-    return node.name().rsplit("::", 1)[-1] if name == "CppFunction" else name
+    if name == "CppFunction":
+        name = node.name().rsplit("::", 1)[-1]
+    return _COMPILED_NODES.get(name)
 
 
 def plain_gates(outputs: Iterable[Tensor]) -> collections.Counter[str]:
@@ -79,21 +83,21 @@ def plain_gates(outputs: Iterable[Tensor]) -> collections.Counter[str]:
     counted by the name people know them by. Raises PullbackWidgetsError where the graph runs
     compiled code (``torch.compile``, a scripted function's differentiable graph)."""
     found: collections.Counter[str] = collections.Counter()
-    seen: set[int] = set()
-    # The nodes are held by the graph while it lives, so their ids stay unique here.
-    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    stack = list({id(t.grad_fn): t.grad_fn for t in outputs if t.grad_fn is not None}.values())
+    # The graph holds its nodes while it lives, so their ids stay unique here. The loop is
+    # written for speed: one-shot pullbacks pay for it on every call.
+    seen = {id(node) for node in stack}
     while stack:
         node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        name = _node_name(node)
+        name = type(node).__name__
         if name in PLAIN_GATE_NODES:
             found[PLAIN_GATE_NODES[name]] += 1
-        elif name in _COMPILED_NODES:
-            raise PullbackWidgetsError(COMPILED_IN_FORWARD.format(how=_COMPILED_NODES[name]))
-        stack.extend(next_node for next_node, _ in node.next_functions
-                     if next_node is not None and id(next_node) not in seen)
+        elif name in _OPAQUE_TYPES and _compiled_by(node):
+            raise PullbackWidgetsError(COMPILED_IN_FORWARD.format(how=_compiled_by(node)))
+        for next_node, _ in node.next_functions:
+            if next_node is not None and id(next_node) not in seen:
+                seen.add(id(next_node))
+                stack.append(next_node)
     return found
 
 

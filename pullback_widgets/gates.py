@@ -94,6 +94,13 @@ _FIELD_CHECKS = {
 # lock, while ``session.settings.update(...)`` may run in another thread.
 _SETTINGS_LOCK = threading.RLock()
 
+RELATIVE_NEEDS_BATCH_FIRST = (
+    "temperature_mode='relative' takes each gated op's spread per example, over dim 0, but "
+    "a {kind} gate on the input's path sees a tensor of shape {shape} for a batch of {batch} "
+    "(a sequence-first layout, such as nn.TransformerEncoderLayer with batch_first=False, or "
+    "windows or tokens folded into dim 0): the spread would mix examples or split them. Use "
+    "temperature_mode='absolute', or a batch-first model")
+
 
 @dataclass
 class GateSettings:
@@ -119,6 +126,9 @@ class GateSettings:
     attention_weights: str = "detached"
     pool_weights: str = "differentiated"
     defaults: Mapping[str, float] = field(default_factory=lambda: dict(KIND_TEMPERATURES))
+    # Not a setting: the batch size of the forward whose gates read these settings, where it
+    # is known (a session's), so that relative T can refuse tensors whose dim 0 is not it.
+    batch_size: int | None = field(default=None, repr=False, compare=False)
 
     def __setattr__(self, name: str, value: object) -> None:
         if name in _FIELD_CHECKS:
@@ -190,11 +200,17 @@ class GateSettings:
         the ops cap 1/T (:func:`capped_reciprocal`).
 
         In relative mode an example's spread is the standard deviation over dims 1 and on (so
-        dim 0 must be the batch); one value has none (0, as have values that are not all
-        finite): T ~ 0 there, the step gate."""
+        dim 0 must be the batch: where ``batch_size`` is known, another dim 0 is an error); one
+        value has none (0, as have values that are not all finite): T ~ 0 there, the step
+        gate."""
         base = self.temperature_of(kind or ("pool" if pool else "relu"))
         if self.temperature_mode == "absolute":
             return base
+        leading = x.shape[0] if x.dim() >= 2 else 1
+        if self.batch_size is not None and leading != self.batch_size:
+            raise PullbackWidgetsError(RELATIVE_NEEDS_BATCH_FIRST.format(
+                kind=kind or ("pool" if pool else "relu"), shape=tuple(x.shape),
+                batch=self.batch_size))
         values = x.detach().flatten(1) if x.dim() >= 2 else x.detach().flatten()[None]
         correction = 1 if values.shape[1] > 1 else 0
         spread = values.std(dim=1, correction=correction).nan_to_num(0.0).clamp_min(1e-12)

@@ -101,7 +101,7 @@ def _pool_geometry(args, kwargs) -> PoolGeometry | None:
 def _clamp_route(parse: Callable):
     def route(mode, func, args, kwargs):
         z, inplace, low, high = parse(args, kwargs)
-        mode.count("relu", z)
+        mode.count("relu")
         return SoftClamp.apply(z, lambda t: func(t, *args[1:], **kwargs), low, high,
                                bool(inplace), mode.settings, mode.remake_for(z))
     return route
@@ -111,7 +111,7 @@ def _pool_route(mode, func, args, kwargs):
     geometry = _pool_geometry(args, kwargs)
     if geometry is None:
         return func(*args, **kwargs)
-    mode.count("pool", args[0])
+    mode.count("pool")
     return SoftMaxPool2d.apply(args[0], lambda t: func(t, *args[1:], **kwargs), geometry,
                                mode.settings)
 
@@ -120,7 +120,7 @@ def _activation_route(rule_of: Callable[[tuple, dict], ActivationRule],
                       inplace_of: Callable[[tuple, dict], bool]):
     def route(mode, func, args, kwargs):
         rule = rule_of(args, kwargs)
-        mode.count(rule.kind, args[0])
+        mode.count(rule.kind)
         return SoftActivation.apply(args[0], lambda t: func(t, *args[1:], **kwargs), rule,
                                     bool(inplace_of(args, kwargs)), mode.settings,
                                     mode.remake_for(args[0]))
@@ -136,7 +136,7 @@ def _leaky_rule(args, kwargs) -> ActivationRule:
 
 
 def _prelu_route(mode, func, args, kwargs):
-    mode.count("relu", args[0])
+    mode.count("relu")
     weight = _arg(args, kwargs, 1, "weight", None)
     return SoftPReLU.apply(args[0], weight, func, mode.settings)
 
@@ -215,7 +215,7 @@ def _attention_route(mode, func, args, kwargs):
                          _arg(args, kwargs, 6, "scale", None),
                          bool(_arg(args, kwargs, 7, "enable_gqa", False)))
     call.check(args[0])
-    mode.count("attention", args[0])
+    mode.count("attention")
 
     def hard_op(query, key, value, mask):
         return func(query, key, value, attn_mask=mask, dropout_p=call.dropout_p,
@@ -322,9 +322,6 @@ class _SoftGatingMode(TorchFunctionMode):
         self.remake = remake
         self.gated_calls = 0
         self.gated_kinds: collections.Counter[str] = collections.Counter()
-        # The first-dim sizes of the tensors whose gates take a temperature: relative T takes
-        # its spread per index of that dim, so it must be the batch.
-        self.leading_sizes: set[int] = set()
         # Softmax calls and need_weights=True attention on the input's path: left plain.
         self.plain_attention = 0
         # The last few remakable outputs, by id: (weak reference, its version then, how to
@@ -332,13 +329,9 @@ class _SoftGatingMode(TorchFunctionMode):
         self._remakable: dict[int, tuple[weakref.ref, int, Remake]] = {}
         self._handed_out: list[Remake] = []
 
-    def count(self, kind: str, tempered: Tensor | None = None) -> None:
-        """One more gated call of ``kind``; ``tempered``: its input, where its gate takes a
-        temperature (as :meth:`GateSettings.temperature_for` sees it: 1-D is one example)."""
+    def count(self, kind: str) -> None:
         self.gated_calls += 1
         self.gated_kinds[kind] += 1
-        if tempered is not None:
-            self.leading_sizes.add(tempered.shape[0] if tempered.dim() >= 2 else 1)
 
     def remember(self, out: Tensor, remake: Remake) -> None:
         self._remakable.pop(id(out), None)  # an in-place sum: its entry moves to the end

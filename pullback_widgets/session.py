@@ -35,13 +35,6 @@ _NO_GRADIENT_PATH = (
     "(at least in part) under torch.no_grad() or torch.inference_mode(), or detaches the "
     "input. A pullback needs the whole gradient path; remove that from forward().")
 
-_RELATIVE_NEEDS_BATCH_FIRST = (
-    "temperature_mode='relative' takes each gated op's spread per example, over dim 0, but "
-    "this model gates tensors whose dim 0 is {sizes} for a batch of {batch} (a sequence-first "
-    "layout, such as nn.TransformerEncoderLayer with batch_first=False, or windows or tokens "
-    "folded into dim 0): the spread would mix examples or split them. Use "
-    "temperature_mode='absolute', or a batch-first model")
-
 _NO_PATH_THROUGH_DETACHED_ATTENTION = (
     "no gradient reaches the input: with attention_weights='detached' the attention weights "
     "are constants and only the values carry a gradient, so an input that reaches the output "
@@ -93,7 +86,6 @@ class _Forward:
     gated_kinds: dict[str, int]
     plain_attention: int
     plain_gate_ops: dict[str, int]
-    leading_sizes: frozenset[int]
 
 
 class PullbackSession:
@@ -141,6 +133,7 @@ class PullbackSession:
         # What the graph's gated ops read when a backward runs: each call sets it, under the
         # lock, to that call's settings.
         self._live = self.settings.replaced()
+        self._live.batch_size = len(inputs)
         self._lock = threading.RLock()
         # A ViT's token layout: Units on its (B, N, C) token maps address patches.
         self.token_grid = token_grid(model, inputs)
@@ -230,8 +223,7 @@ class PullbackSession:
         for notice in gating_notices(mode.gated_calls, mode.plain_attention, plain_gate_ops):
             warnings.warn(notice, stacklevel=4)
         return _Forward(leaf, logits, recorder.outputs, layers, mode.gated_calls,
-                        dict(mode.gated_kinds), mode.plain_attention, plain_gate_ops,
-                        frozenset(mode.leading_sizes))
+                        dict(mode.gated_kinds), mode.plain_attention, plain_gate_ops)
 
     def _state_for(self, targets: Sequence[Target]) -> _Forward:
         """The recorded forward, or a new one that also records the Units' layers."""
@@ -289,11 +281,6 @@ class PullbackSession:
         with self._lock:
             state = self._state_for(targets)
             seeds = [self._seed(state, t) for t in targets]
-            batch = len(state.input)
-            if call.temperature_mode == "relative" and state.leading_sizes - {batch}:
-                raise PullbackWidgetsError(_RELATIVE_NEEDS_BATCH_FIRST.format(
-                    sizes=", ".join(map(str, sorted(state.leading_sizes - {batch}))),
-                    batch=batch))
             self._state = state
             self._live.assign(call)
             try:

@@ -351,10 +351,14 @@ def test_relative_temperature_refuses_sequence_first_tensors_instead_of_mixing_e
     seq_first = _Encoder(batch_first=False).eval()
     session = pw.PullbackSession(seq_first, x)
     session.pullback(0)  # absolute T has no per-example spread: fine
-    with pytest.raises(pw.PullbackWidgetsError, match=r"dim 0 is 16 for a batch of " + str(batch)):
+    (vmapped,) = session.pullbacks([0], batched=True)
+    torch.testing.assert_close(vmapped, session.pullback(0))
+    with pytest.raises(pw.PullbackWidgetsError, match=rf"shape \(16, {batch}, .*batch of {batch} "):
         session.pullback(0, temperature_mode="relative")
     with pytest.raises(pw.PullbackWidgetsError, match="batch_first=False"):
         pw.excitation_pullback(seq_first, x, 0, temperature_mode="relative")
+    with pytest.raises(pw.PullbackWidgetsError, match="batch_first=False"):
+        session.pullbacks([0, 1], temperature_mode="relative", batched=True)
     # The same weights batch-first: each example's pullback is its own.
     batch_first = _Encoder(batch_first=True).eval()
     batch_first.load_state_dict(seq_first.state_dict())
@@ -362,4 +366,24 @@ def test_relative_temperature_refuses_sequence_first_tensors_instead_of_mixing_e
     alone = torch.cat([pw.excitation_pullback(batch_first, x[i:i + 1], 0,
                                               temperature_mode="relative")
                        for i in range(batch)])
+    torch.testing.assert_close(together, alone)
+
+
+def test_relative_temperature_ignores_gates_off_the_input_path():
+    # A gate on parameters alone (a position-bias MLP, as in SwinV2) has no batch dim, and its
+    # backward never runs for the input's gradient: not a reason to refuse.
+    class ParameterGate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.table = nn.Conv2d(3, 4, 3), nn.Parameter(torch.randn(5, 4))
+
+        def forward(self, x):
+            bias = F.relu(self.table).sum(0)  # (4,), from parameters only
+            return F.relu(self.conv(x)).mean((2, 3)) + bias
+
+    torch.manual_seed(0)
+    model, x = ParameterGate().double().eval(), torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    together = pw.excitation_pullback(model, x, 1, temperature_mode="relative")
+    alone = torch.cat([pw.excitation_pullback(model, x[i:i + 1], 1, temperature_mode="relative")
+                       for i in range(3)])
     torch.testing.assert_close(together, alone)

@@ -4,7 +4,10 @@ The interception sees only the calls Python makes under its mode. Ops that run w
 see (inside a ``torch.jit.script`` function or a C++ extension, or ``F.max_pool1d``, which torch
 runs as a 2-D pool in C++) leave autograd's own backward node in the graph, as do the ops the
 engine does not gate (ELU, Mish, Softplus, ...). Reading the graph after the forward finds them
-all, whatever made them, so every pullback can say what it is not.
+all, whatever made them, so every pullback can say what it is not. Only the nodes the input's
+gradient passes count: a gate on parameters alone, or on an extra argument, is no part of it.
+A few plain ops that torch decomposes into several nodes (RMSNorm, InstanceNorm) are marked by
+the interception instead, as are the soft ops (for their kinds).
 
 Code compiled with ``torch.compile`` is different: its backward is one opaque node, and a
 compiled function traced under the mode keeps the gates of the call it was traced in, so a
@@ -14,14 +17,17 @@ pullback through it cannot be trusted either way. That is an error.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
+import torch
 from torch import Tensor
+from torch.autograd.graph import get_gradient_edge
 
 from .validation import PullbackWidgetsError
 
 # autograd's backward node -> the op people know it by: ops with a gate (the engine gates
-# them where it sees the call) or a gate-like nonlinearity it leaves plain.
+# them where it sees the call) or a gate-like op it leaves plain (a hard choice per element).
 PLAIN_GATE_NODES = {
     "ReluBackward0": "ReLU",
     "ReluBackward1": "ReLU",
@@ -45,6 +51,24 @@ PLAIN_GATE_NODES = {
     "CeluBackward0": "CELU",
     "MishBackward0": "Mish",
     "SoftplusBackward0": "Softplus",
+    "ClampBackward0": "clamp",
+    "ClampBackward1": "clamp",
+    "ClampMinBackward0": "clamp",
+    "ClampMaxBackward0": "clamp",
+    "MaximumBackward0": "maximum/minimum",
+    "MinimumBackward0": "maximum/minimum",
+    "AmaxBackward0": "max/min over dims",
+    "AminBackward0": "max/min over dims",
+    "MaxBackward0": "max/min over dims",
+    "MaxBackward1": "max/min over dims",
+    "MinBackward0": "max/min over dims",
+    "MinBackward1": "max/min over dims",
+    "FractionalMaxPool2DBackward0": "max-pool",
+    "FractionalMaxPool3DBackward0": "max-pool",
+    "RreluWithNoiseBackward0": "RReLU",
+    "RreluWithNoiseBackward1": "RReLU",
+    "HardshrinkBackward0": "shrink",
+    "SoftshrinkBackward0": "shrink",
     "ScaledDotProductFlashAttentionForCpuBackward0": "attention",
     "ScaledDotProductFlashAttentionBackward0": "attention",
     "ScaledDotProductEfficientAttentionBackward0": "attention",
@@ -63,10 +87,11 @@ COMPILED_IN_FORWARD = (
     "eager (compile or script nothing inside the model to explain it)")
 
 PLAIN_GATES = (
-    "{count} op(s) on the input's path kept their plain backward, not gated: {ops}. Either the "
-    "engine does not gate them (ELU, Mish, Softplus, 1-D/3-D/adaptive max-pools, max-pools "
-    "returning indices), or they ran where it cannot see (a TorchScript function, a C++ "
-    "extension)")
+    "{count} op(s) on the input's path kept a backward the engine did not soften: {ops}. "
+    "Either the engine does not gate them (ELU, Mish, Softplus, clamps, max/min, "
+    "1-D/3-D/adaptive max-pools, max-pools returning indices, RMSNorm, InstanceNorm, custom "
+    "autograd Functions, which keep their own backward), or they ran where it cannot see (a "
+    "TorchScript function, a C++ extension)")
 
 
 def _compiled_by(node) -> str | None:
@@ -78,27 +103,91 @@ def _compiled_by(node) -> str | None:
     return _COMPILED_NODES.get(name)
 
 
-def plain_gates(outputs: Iterable[Tensor]) -> collections.Counter[str]:
-    """The gate-like ops on the graph behind ``outputs`` that kept autograd's own backward,
-    counted by the name people know them by. Raises PullbackWidgetsError where the graph runs
-    compiled code (``torch.compile``, a scripted function's differentiable graph)."""
-    found: collections.Counter[str] = collections.Counter()
-    stack = list({id(t.grad_fn): t.grad_fn for t in outputs if t.grad_fn is not None}.values())
-    # The graph holds its nodes while it lives, so their ids stay unique here. The loop is
-    # written for speed: one-shot pullbacks pay for it on every call.
-    seen = {id(node) for node in stack}
+def _custom_function(node) -> str | None:
+    """The name of the user's own ``autograd.Function`` behind ``node``; None for any other
+    node (torch's own Functions, such as backward hooks', and the package's)."""
+    function = getattr(node, "_forward_cls", None)
+    module = getattr(function, "__module__", "") or ""
+    if function is None or module.split(".")[0] in ("torch", "pullback_widgets"):
+        return None
+    return f"custom autograd.Function {function.__name__}"
+
+
+@dataclass(frozen=True)
+class GraphAudit:
+    """What the graph holds on the input's path: the nodes the input's gradient passes.
+
+    ``gated_kinds``: the package's soft ops by kind ("relu", "pool", "norm", ...).
+    ``plain_gate_ops``: gate-like ops that kept their plain backward, by name ("ELU", ...).
+    ``softmaxes``: softmaxes with their plain backward (attention written by hand).
+    """
+
+    gated_kinds: dict[str, int]
+    plain_gate_ops: dict[str, int]
+    softmaxes: int
+    # Per output, whether its gradient reaches the input at all.
+    reach_input: tuple[bool, ...]
+
+
+def _reaching(outputs: Sequence[Tensor], leaf: Tensor) -> tuple[list, tuple[bool, ...]]:
+    """The nodes of the graph behind ``outputs`` from which ``leaf``'s gradient is reached,
+    and per output whether it is."""
+    with torch.inference_mode(False), torch.enable_grad():  # it reads the edge through a view
+        target = get_gradient_edge(leaf).node
+    reaches: dict[int, bool] = {}
+    nodes = []
+    # Depth first, each node settled after its inputs (a DAG, so they are settled by then).
+    # The graph holds its nodes while it lives, so their ids stay unique here. Written for
+    # speed: one-shot pullbacks pay for it on every call.
+    stack = [(t.grad_fn, False) for t in outputs if t.grad_fn is not None]
     while stack:
-        node = stack.pop()
+        node, inputs_done = stack.pop()
+        key = id(node)
+        if inputs_done:
+            reached = node is target
+            for child, _ in node.next_functions:
+                if child is not None and reaches[id(child)]:
+                    reached = True
+                    break
+            reaches[key] = reached
+        elif key not in reaches:
+            reaches[key] = False  # a placeholder until its inputs are settled
+            nodes.append(node)
+            stack.append((node, True))
+            for child, _ in node.next_functions:
+                if child is not None and id(child) not in reaches:
+                    stack.append((child, False))
+    return ([node for node in nodes if reaches[id(node)]],
+            tuple(t.grad_fn is not None and reaches[id(t.grad_fn)] for t in outputs))
+
+
+def audit_graph(outputs: Sequence[Tensor], leaf: Tensor,
+                gated: Mapping[int, tuple[object, str]] = {},
+                plain: Mapping[int, tuple[object, str]] = {}) -> GraphAudit:
+    """Audit the graph behind ``outputs`` on the path to ``leaf`` (the input, a leaf that
+    requires grad). ``gated``: id of a soft op's node -> (the node, its kind); ``plain``: id of
+    a node the interception saw and left plain -> (the node, the op's name); both as the
+    interception marks them. Raises PullbackWidgetsError where the path runs compiled code
+    (``torch.compile``, a scripted function's differentiable graph)."""
+    gated_kinds: collections.Counter[str] = collections.Counter()
+    plain_ops: collections.Counter[str] = collections.Counter()
+    softmaxes = 0
+    nodes, reach_input = _reaching(outputs, leaf)
+    for node in nodes:
         name = type(node).__name__
-        if name in PLAIN_GATE_NODES:
-            found[PLAIN_GATE_NODES[name]] += 1
+        if id(node) in gated:
+            gated_kinds[gated[id(node)][1]] += 1
+        elif id(node) in plain:
+            plain_ops[plain[id(node)][1]] += 1
+        elif name in PLAIN_GATE_NODES:
+            plain_ops[PLAIN_GATE_NODES[name]] += 1
+        elif name == "SoftmaxBackward0":
+            softmaxes += 1
         elif name in _OPAQUE_TYPES and _compiled_by(node):
             raise PullbackWidgetsError(COMPILED_IN_FORWARD.format(how=_compiled_by(node)))
-        for next_node, _ in node.next_functions:
-            if next_node is not None and id(next_node) not in seen:
-                seen.add(id(next_node))
-                stack.append(next_node)
-    return found
+        elif _custom_function(node):
+            plain_ops[_custom_function(node)] += 1
+    return GraphAudit(dict(gated_kinds), dict(plain_ops), softmaxes, reach_input)
 
 
 def plain_gates_notice(found: Mapping[str, int]) -> str | None:

@@ -101,9 +101,9 @@ def _pool_geometry(args, kwargs) -> PoolGeometry | None:
 def _clamp_route(parse: Callable):
     def route(mode, func, args, kwargs):
         z, inplace, low, high = parse(args, kwargs)
-        mode.count("relu")
-        return SoftClamp.apply(z, lambda t: func(t, *args[1:], **kwargs), low, high,
-                               bool(inplace), mode.settings, mode.remake_for(z))
+        return mode.gated("relu", SoftClamp.apply(
+            z, lambda t: func(t, *args[1:], **kwargs), low, high, bool(inplace), mode.settings,
+            mode.remake_for(z)))
     return route
 
 
@@ -111,19 +111,17 @@ def _pool_route(mode, func, args, kwargs):
     geometry = _pool_geometry(args, kwargs)
     if geometry is None:
         return func(*args, **kwargs)
-    mode.count("pool")
-    return SoftMaxPool2d.apply(args[0], lambda t: func(t, *args[1:], **kwargs), geometry,
-                               mode.settings)
+    return mode.gated("pool", SoftMaxPool2d.apply(
+        args[0], lambda t: func(t, *args[1:], **kwargs), geometry, mode.settings))
 
 
 def _activation_route(rule_of: Callable[[tuple, dict], ActivationRule],
                       inplace_of: Callable[[tuple, dict], bool]):
     def route(mode, func, args, kwargs):
         rule = rule_of(args, kwargs)
-        mode.count(rule.kind)
-        return SoftActivation.apply(args[0], lambda t: func(t, *args[1:], **kwargs), rule,
-                                    bool(inplace_of(args, kwargs)), mode.settings,
-                                    mode.remake_for(args[0]))
+        return mode.gated(rule.kind, SoftActivation.apply(
+            args[0], lambda t: func(t, *args[1:], **kwargs), rule, bool(inplace_of(args, kwargs)),
+            mode.settings, mode.remake_for(args[0])))
     return route
 
 
@@ -136,9 +134,8 @@ def _leaky_rule(args, kwargs) -> ActivationRule:
 
 
 def _prelu_route(mode, func, args, kwargs):
-    mode.count("relu")
     weight = _arg(args, kwargs, 1, "weight", None)
-    return SoftPReLU.apply(args[0], weight, func, mode.settings)
+    return mode.gated("relu", SoftPReLU.apply(args[0], weight, func, mode.settings))
 
 
 def _layer_norm_route(mode, func, args, kwargs):
@@ -146,10 +143,9 @@ def _layer_norm_route(mode, func, args, kwargs):
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     weight, bias = _arg(args, kwargs, 2, "weight", None), _arg(args, kwargs, 3, "bias", None)
     eps = float(_arg(args, kwargs, 4, "eps", 1e-5))
-    mode.count("norm")
-    return ConstantStatisticsNorm.apply(
+    return mode.gated("norm", ConstantStatisticsNorm.apply(
         args[0], weight, bias, lambda x, w, b: func(x, shape, w, b, eps),
-        lambda x: layer_norm_statistics(x, shape, eps), shape, mode.settings)
+        lambda x: layer_norm_statistics(x, shape, eps), shape, mode.settings))
 
 
 def _group_norm_route(mode, func, args, kwargs):
@@ -157,11 +153,10 @@ def _group_norm_route(mode, func, args, kwargs):
     groups = int(_arg(args, kwargs, 1, "num_groups", None))
     weight, bias = _arg(args, kwargs, 2, "weight", None), _arg(args, kwargs, 3, "bias", None)
     eps = float(_arg(args, kwargs, 4, "eps", 1e-5))
-    mode.count("norm")
-    return ConstantStatisticsNorm.apply(
+    return mode.gated("norm", ConstantStatisticsNorm.apply(
         x, weight, bias, lambda x, w, b: func(x, groups, w, b, eps),
         lambda x: group_norm_statistics(x, groups, eps), (x.shape[1],) + (1,) * (x.dim() - 2),
-        mode.settings)
+        mode.settings))
 
 
 def _batch_norm_arguments(input, running_mean, running_var, weight=None, bias=None,
@@ -215,14 +210,14 @@ def _attention_route(mode, func, args, kwargs):
                          _arg(args, kwargs, 6, "scale", None),
                          bool(_arg(args, kwargs, 7, "enable_gqa", False)))
     call.check(args[0])
-    mode.count("attention")
 
     def hard_op(query, key, value, mask):
         return func(query, key, value, attn_mask=mask, dropout_p=call.dropout_p,
                     is_causal=call.is_causal, scale=call.scale, enable_gqa=call.enable_gqa)
 
-    return SoftAttention.apply(args[0], args[1], args[2], _arg(args, kwargs, 3, "attn_mask", None),
-                               hard_op, call, mode.settings)
+    return mode.gated("attention", SoftAttention.apply(
+        args[0], args[1], args[2], _arg(args, kwargs, 3, "attn_mask", None), hard_op, call,
+        mode.settings))
 
 
 def _without_dispatch(function: Callable) -> Callable | None:
@@ -246,27 +241,26 @@ def _multi_head_attention_route(mode, func, args, kwargs):
     it calls scaled_dot_product_attention inside, which a mode handling the outer call cannot
     see: its body runs once more under this mode, its dispatch check off, and the mode gates
     that inner call. With ``need_weights=True`` it computes the weights by hand: left plain,
-    and the session says so."""
+    and the session says so (its softmax is in the graph)."""
     if _arg(args, kwargs, 15, "need_weights", True) or _MULTI_HEAD_ATTENTION_BODY is None:
-        mode.plain_attention += 1
         return func(*args, **kwargs)
     with mode:
         return _MULTI_HEAD_ATTENTION_BODY(*args, **kwargs)
 
 
-def _softmax_route(mode, func, args, kwargs):
-    """A softmax on the input's path: attention computed by hand, if it is attention at all.
-    It stays plain; the session says so."""
-    mode.plain_attention += 1
-    return func(*args, **kwargs)
+def _plain_route(name: str):
+    """An op the engine leaves plain whose backward is no one node the graph audit could name
+    (torch decomposes it): its output's node is marked for the audit."""
+    def route(mode, func, args, kwargs):
+        return mode.plain(name, func(*args, **kwargs))
+    return route
 
 
 _ROUTES: dict[Callable, Callable] = {
     F.scaled_dot_product_attention: _attention_route,
     F.multi_head_attention_forward: _multi_head_attention_route,
-    F.softmax: _softmax_route,
-    torch.softmax: _softmax_route,
-    torch.Tensor.softmax: _softmax_route,
+    F.rms_norm: _plain_route("RMSNorm"),
+    F.instance_norm: _plain_route("InstanceNorm"),
     F.silu: _activation_route(lambda a, k: SILU, _inplace_argument(1)),
     F.hardswish: _activation_route(lambda a, k: HARDSWISH, _inplace_argument(1)),
     F.gelu: _activation_route(lambda a, k: gelu_rule(_arg(a, k, 1, "approximate", "none")),
@@ -320,18 +314,31 @@ class _SoftGatingMode(TorchFunctionMode):
         super().__init__()
         self.settings = settings
         self.remake = remake
-        self.gated_calls = 0
-        self.gated_kinds: collections.Counter[str] = collections.Counter()
-        # Softmax calls and need_weights=True attention on the input's path: left plain.
-        self.plain_attention = 0
+        # The nodes of the soft ops, and of the plain ops the graph audit could not name
+        # itself: id -> (the node, kept alive so that its id stays its own; kind or name).
+        self.gated_nodes: dict[int, tuple[object, str]] = {}
+        self.plain_nodes: dict[int, tuple[object, str]] = {}
         # The last few remakable outputs, by id: (weak reference, its version then, how to
         # remake it); and the remakes handed out.
         self._remakable: dict[int, tuple[weakref.ref, int, Remake]] = {}
         self._handed_out: list[Remake] = []
 
-    def count(self, kind: str) -> None:
-        self.gated_calls += 1
-        self.gated_kinds[kind] += 1
+    def gated(self, kind: str, out: Tensor) -> Tensor:
+        """``out``, a soft op's output, its node marked as a gate of ``kind``."""
+        self.gated_nodes[id(out.grad_fn)] = (out.grad_fn, kind)
+        return out
+
+    def plain(self, name: str, out: object) -> object:
+        """``out``, a plain op's output, its node (if any) marked with the op's ``name``."""
+        node = getattr(out, "grad_fn", None)
+        if node is not None:
+            self.plain_nodes[id(node)] = (node, name)
+        return out
+
+    @property
+    def gated_kinds(self) -> collections.Counter[str]:
+        """The calls gated so far, by kind (on the input's path or not)."""
+        return collections.Counter(kind for _, kind in self.gated_nodes.values())
 
     def remember(self, out: Tensor, remake: Remake) -> None:
         self._remakable.pop(id(out), None)  # an in-place sum: its entry moves to the end

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .gates import GateSettings
-from .graph_audit import plain_gates, plain_gates_notice
+from .graph_audit import audit_graph, plain_gates_notice
 from .interception import _gating, checkpointing_error
 from .model_helpers import LayerRecorder, default_temperatures, evaluation_mode, token_grid
 from .pre_activations import changed_in_place_error
@@ -158,17 +158,19 @@ class PullbackSession:
 
     @property
     def gated_calls(self) -> int:
-        """How many ReLU-family and max-pool calls the forward routed to the soft ops."""
+        """How many soft ops the input's gradient passes (gated calls off its path, on
+        parameters alone, do not count)."""
         return self._state.gated_calls
 
     @property
     def gated_kinds(self) -> dict[str, int]:
-        """Gated calls per kind of op ("relu", "pool", "silu", ..., "norm", "attention")."""
+        """:attr:`gated_calls` per kind of op ("relu", "pool", "silu", ..., "norm",
+        "attention")."""
         return self._state.gated_kinds
 
     @property
     def plain_attention(self) -> int:
-        """Softmax calls (attention computed by hand) the forward left plain."""
+        """Softmaxes on the input's path, left plain (attention computed by hand)."""
         return self._state.plain_attention
 
     @property
@@ -207,8 +209,11 @@ class PullbackSession:
             raise PullbackWidgetsError(
                 "the model must return logits of shape (B, num_classes), got "
                 f"{getattr(logits, 'shape', type(logits).__name__)}")
-        if not logits.requires_grad:
+        audit = audit_graph([logits, *recorder.outputs.values()], leaf, mode.gated_nodes,
+                            mode.plain_nodes)
+        if not audit.reach_input[0]:
             raise PullbackWidgetsError(_NO_GRADIENT_PATH.format(what="output"))
+        reach_input = dict(zip(recorder.outputs, audit.reach_input[1:]))
         for name in layers:
             if recorder.calls.get(name, 0) == 0 or name not in recorder.outputs:
                 raise PullbackWidgetsError(
@@ -217,13 +222,13 @@ class PullbackSession:
                 raise PullbackWidgetsError(
                     f"layer {name!r} ran {recorder.calls[name]} times in one forward pass, so "
                     "its output is ambiguous; pick a layer that runs once")
-            if not recorder.outputs[name].requires_grad:
+            if not reach_input[name]:
                 raise PullbackWidgetsError(_NO_GRADIENT_PATH.format(what=f"layer {name!r}"))
-        plain_gate_ops = dict(plain_gates([logits, *recorder.outputs.values()]))
-        for notice in gating_notices(mode.gated_calls, mode.plain_attention, plain_gate_ops):
+        gated_calls = sum(audit.gated_kinds.values())
+        for notice in gating_notices(gated_calls, audit.softmaxes, audit.plain_gate_ops):
             warnings.warn(notice, stacklevel=4)
-        return _Forward(leaf, logits, recorder.outputs, layers, mode.gated_calls,
-                        dict(mode.gated_kinds), mode.plain_attention, plain_gate_ops)
+        return _Forward(leaf, logits, recorder.outputs, layers, gated_calls, audit.gated_kinds,
+                        audit.softmaxes, audit.plain_gate_ops)
 
     def _state_for(self, targets: Sequence[Target]) -> _Forward:
         """The recorded forward, or a new one that also records the Units' layers."""

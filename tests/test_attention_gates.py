@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pullback_widgets as pw
+from pullback_widgets.graph_audit import audit_graph
 from pullback_widgets.targets import TokenGrid
 from tests import reference_modern as ref
 
@@ -195,9 +196,10 @@ def test_multihead_attention_with_weights_is_said_to_stay_plain():
     tokens = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
     with pw.soft_gating(model) as settings:
         from pullback_widgets.interception import _active_gating_mode
-        model(tokens)
+        out = model(tokens)
         mode = _active_gating_mode()
-        assert mode.plain_attention == 1 and mode.gated_calls == 0
+        audit = audit_graph([out], tokens, mode.gated_nodes)
+        assert audit.softmaxes == 1 and audit.gated_kinds == {} and not mode.gated_kinds
     assert settings.attention_weights == "detached"
 
 

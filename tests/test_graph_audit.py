@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pullback_widgets as pw
-from pullback_widgets.graph_audit import plain_gates
+from pullback_widgets.graph_audit import audit_graph
 from pullback_widgets.session import NO_GATED_OP
 
 
@@ -47,8 +47,8 @@ def test_audit_names_every_gated_op_in_a_plain_graph_and_none_in_a_gated_one():
     # The reference: autograd's own graph of the plain forward holds each gated op once. A
     # node name the audit did not know (another torch version) would be missing here.
     model, inputs = EveryGate().eval(), torch.rand(2, 3, 16, 16)
-    plain = model(inputs.requires_grad_(True))
-    assert dict(plain_gates([plain])) == EVERY_GATE_PLAIN
+    leaf = inputs.clone().requires_grad_(True)
+    assert audit_graph([model(leaf)], leaf).plain_gate_ops == EVERY_GATE_PLAIN
     session, caught = _session(model, inputs.detach())
     assert session.plain_gate_ops == {} and session.notices == ()
     assert sum(session.gated_kinds.values()) == sum(EVERY_GATE_PLAIN.values())
@@ -72,7 +72,7 @@ def test_ungated_ops_are_counted_and_named_in_the_notices_and_warnings():
     assert session.plain_gate_ops == {"max-pool": 2, "ELU/SELU": 1, "Mish": 1, "Softplus": 1}
     assert session.gated_kinds == {"relu": 1}
     (notice,) = session.notices
-    assert notice.startswith("5 op(s) on the input's path kept their plain backward")
+    assert notice.startswith("5 op(s) on the input's path kept a backward the engine did not")
     assert "ELU/SELU ×1, Mish ×1, Softplus ×1, max-pool ×2" in notice
     assert caught == [notice]
 
@@ -136,3 +136,73 @@ def test_a_compiled_function_inside_forward_is_refused_in_every_entry_point():
             call()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert not model.training
+
+
+class _OffPath(nn.Module):
+    """Gate-like ops, a gate and compiled code that the input's gradient never passes: on
+    parameters alone, and on an extra argument made outside the model."""
+
+    def __init__(self, gated_table: bool = False):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+        self.table = nn.Parameter(torch.randn(5, 4))
+        self.gated_table = gated_table
+
+    def forward(self, x, condition):
+        scale = F.elu(self.table).sum(0)  # (4,): parameters alone
+        if self.gated_table:
+            scale = scale + F.relu(self.table).sum(0)
+        return self.head(self.conv(x).mean((2, 3)) * scale) + condition
+
+
+def test_only_ops_on_the_input_path_count():
+    torch.manual_seed(0)
+    condition_input = torch.randn(1, 8, requires_grad=True)
+    condition = nn.Sequential(nn.Linear(8, 3), nn.ELU())(condition_input)  # history outside
+    model, inputs = _OffPath(gated_table=True).eval(), torch.rand(2, 3, 8, 8)
+    session, caught = _session(model, inputs, forward_args=(condition,))
+    # The one ReLU is on parameters alone: nothing on the input's path is gated or plain.
+    assert session.plain_gate_ops == {} and session.gated_calls == 0
+    assert session.notices == (NO_GATED_OP,) and caught == [NO_GATED_OP]
+
+
+def test_compiled_code_off_the_input_path_is_not_refused():
+    pytest.importorskip("torch._dynamo")
+    compiled = torch.compile(lambda t: F.elu(t) * 2.0, backend="aot_eager")
+    condition = compiled(torch.randn(1, 3, requires_grad=True))
+    model, inputs = _OffPath().eval(), torch.rand(1, 3, 8, 8)
+    pullback = _session(model, inputs, forward_args=(condition,))[0].pullback(0)
+    assert torch.isfinite(pullback).all()
+
+
+class _DecomposedAndCustom(nn.Module):
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return 2 * x * grad
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.rms, self.instance = nn.RMSNorm([6, 6]), nn.InstanceNorm2d(4, affine=True)
+
+    def forward(self, x):
+        z = F.relu(self.conv(x))
+        z = self.rms(z) + self.instance(z) + self.Square.apply(z) + z.clamp(max=1.0)
+        return z.amax((2, 3))
+
+
+def test_decomposed_norms_custom_functions_clamps_and_max_are_named_hooks_are_not():
+    model = _DecomposedAndCustom().eval()
+    model.conv.register_full_backward_hook(lambda *args: None)  # torch's own Function
+    session, _ = _session(model, torch.rand(2, 3, 8, 8))
+    assert session.gated_kinds == {"relu": 1}
+    assert session.plain_gate_ops == {
+        "RMSNorm": 1, "InstanceNorm": 1, "custom autograd.Function Square": 1, "clamp": 1,
+        "max/min over dims": 1}

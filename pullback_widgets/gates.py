@@ -96,10 +96,10 @@ _SETTINGS_LOCK = threading.RLock()
 
 RELATIVE_NEEDS_BATCH_FIRST = (
     "temperature_mode='relative' takes each gated op's spread per example, over dim 0, but "
-    "a {kind} gate on the input's path sees a tensor of shape {shape} for a batch of {batch} "
-    "(a sequence-first layout, such as nn.TransformerEncoderLayer with batch_first=False, or "
-    "windows or tokens folded into dim 0): the spread would mix examples or split them. Use "
-    "temperature_mode='absolute', or a batch-first model")
+    "a gate of kind {kind!r} on the input's path sees a tensor of shape {shape} for a batch of "
+    "{batch} (a sequence-first layout, such as nn.TransformerEncoderLayer with "
+    "batch_first=False, or windows or tokens folded into dim 0): the spread would mix examples "
+    "or split them. Use temperature_mode='absolute', or a batch-first model")
 
 
 @dataclass

@@ -67,6 +67,7 @@ PLAIN_GATE_NODES = {
     "FractionalMaxPool3DBackward0": "max-pool",
     "RreluWithNoiseBackward0": "RReLU",
     "RreluWithNoiseBackward1": "RReLU",
+    "HardsigmoidBackward0": "Hardsigmoid",
     "HardshrinkBackward0": "shrink",
     "SoftshrinkBackward0": "shrink",
     "ScaledDotProductFlashAttentionForCpuBackward0": "attention",
@@ -88,7 +89,7 @@ COMPILED_IN_FORWARD = (
 
 PLAIN_GATES = (
     "{count} op(s) on the input's path kept a backward the engine did not soften: {ops}. "
-    "Either the engine does not gate them (ELU, Mish, Softplus, clamps, max/min, "
+    "Either the engine does not gate them (ELU, Mish, Softplus, Hardsigmoid, clamps, max/min, "
     "1-D/3-D/adaptive max-pools, max-pools returning indices, RMSNorm, InstanceNorm, custom "
     "autograd Functions, which keep their own backward), or they ran where it cannot see (a "
     "TorchScript function, a C++ extension)")

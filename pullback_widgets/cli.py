@@ -24,7 +24,7 @@ from tqdm import tqdm
 from . import __name__ as package_name
 from .ascent import ascent_grid
 from .evaluation.methods import METHODS
-from .evaluation.runner import METRICS, atomic_write, run_command
+from .evaluation.runner import METRICS, atomic_write, refuse_special_file, run_command
 from .gates import POOL_WEIGHTS
 from .images import SAMPLE_IMAGES, load_image, sample_image
 from .labels import find_class
@@ -169,6 +169,7 @@ def _check_out(out: Path, inputs: Sequence[str], force: bool) -> None:
     if out.is_dir():
         raise PullbackWidgetsError(f"--out {str(out)!r} is a directory; give a file name, e.g. "
                                    f"{str(out / 'report.html')!r}")
+    refuse_special_file(out)
     if out.exists() and not os.access(out, os.W_OK):  # the report is renamed over it
         raise PullbackWidgetsError(f"--out {str(out)!r} exists and is read-only; write the "
                                    "report elsewhere, or make the file writable")

@@ -4,6 +4,7 @@ import base64
 import gzip
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -189,6 +190,16 @@ def test_a_read_only_report_is_refused_before_any_work(tmp_path, monkeypatch, ca
     monkeypatch.setattr(cli, "load_model", lambda *_: pytest.fail("work started"))
     assert cli.main(["explain", "--sample", "coffee", "--out", str(out)]) == 2
     assert "read-only" in capsys.readouterr().err and out.read_text() == "keep me"
+
+
+def test_a_pipe_or_device_as_the_report_is_refused_even_with_force(tmp_path, monkeypatch,
+                                                                    capsys):
+    out = tmp_path / "r.html"
+    os.mkfifo(out)  # like /dev/null: renaming the report over it would replace it
+    monkeypatch.setattr(cli, "load_model", lambda *_: pytest.fail("work started"))
+    assert cli.main(["explain", "--sample", "coffee", "--out", str(out), "--force"]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    assert stat.S_ISFIFO(out.stat().st_mode)
 
 
 def test_a_direction_control_in_a_file_name_stays_inside_that_name():

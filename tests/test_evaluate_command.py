@@ -204,11 +204,17 @@ def test_a_killed_run_resumes_to_the_same_rows(single_run, photos, tmp_path):
     (["{photos}", "--batch-size", "0"], "batch_size"),
     (["{photos}", "--image-size", "4"], "image_size must be in [16, 4096] px"),
     (["{photos}", "--image-size", "1000000"], "image_size must be in [16, 4096] px"),
+    (["{photos}", "--out", "{tmp}/pipe.csv"], "not a regular file"),
+    (["{photos}", "--out", "{tmp}/stem.parquet"], "stem.settings.json' exists"),
+    (["{photos}", "--seed", str(2 ** 64)], "seed must be an integer in [-2**62, 2**62)"),
+    (["--synthetic", "2", "--limit", "0"], "--limit"),
 ])
 def test_refusals_are_one_line_before_any_work(photos, tmp_path, capsys, monkeypatch, args,
                                                message):
     (tmp_path / "file.csv").write_text("a file, not a folder")
     (tmp_path / "exists.csv").write_text("image,target,method,metric,value\n")
+    os.mkfifo(tmp_path / "pipe.csv")  # opening it would block: it must not be opened
+    (tmp_path / "stem.settings.json").write_text("{}")  # stem.csv's, say
 
     def no_model(*_, **__):
         raise AssertionError("a model was loaded: work started before the checks")
@@ -414,3 +420,71 @@ def test_a_skipped_file_name_cannot_add_rows_to_the_summary():
                         skipped=[(forged, "could not read\nthe file")])
     assert not any("FORGED" in line and line.startswith("|") for line in text.splitlines())
     assert repr(forged) in text and "could not read the file" in text
+
+
+def _synthetic_run(out: Path, *extra: str) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        status = _main("--synthetic", "2", "--methods", "random", "--metrics", "mass",
+                       "--out", str(out), *extra)
+    return status, err.getvalue()
+
+
+def test_outputs_sharing_a_stem_do_not_share_settings(tmp_path):
+    assert _synthetic_run(tmp_path / "r.csv")[0] == 0
+    status, err = _synthetic_run(tmp_path / "r.parquet", "--resume")
+    assert status == 2 and "records the run that wrote 'r.csv'" in err
+    assert _synthetic_run(tmp_path / "r.csv", "--resume")[0] == 0
+
+
+@pytest.mark.parametrize("text", ["{bad", "[1, 2]", '{"values": 5}', b"\xff\xfe"])
+def test_a_damaged_settings_file_on_resume_is_a_one_line_error(tmp_path, text):
+    assert _synthetic_run(tmp_path / "r.csv")[0] == 0
+    settings = tmp_path / "r.settings.json"
+    settings.write_bytes(text if isinstance(text, bytes) else text.encode())
+    status, err = _synthetic_run(tmp_path / "r.csv", "--resume")
+    assert status == 2 and "is damaged" in err and "Traceback" not in err
+
+
+def test_a_damaged_parquet_output_on_resume_is_a_one_line_error(tmp_path):
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "r.parquet"
+    assert _synthetic_run(out)[0] == 0
+    out.write_bytes(out.read_bytes()[:-40])
+    status, err = _synthetic_run(out, "--resume")
+    assert status == 2 and "not a readable evaluation output" in err
+
+
+def test_resuming_with_the_folder_spelled_another_way_is_refused(photos, tmp_path, monkeypatch):
+    out = tmp_path / "r.csv"
+    args = ("--model", "shapes", "--image-size", "32", "--methods", "random",
+            "--metrics", "deletion", "--out", str(out))
+    monkeypatch.chdir(photos.parent)
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        assert _main(photos.name, *args) == 0
+    rows = _rows(out)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert _main(str(photos), *args, "--resume") == 2
+    assert "image(s) this run does not list" in err.getvalue()
+    assert _rows(out) == rows
+
+
+def test_a_symlink_loop_is_skipped_and_an_unreadable_folder_refused(tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(pw.images.sample_image_array("coffee")).resize((40, 30)).save(
+        folder / "a.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    assert [f.name for f in runner.find_images([folder])] == ["a.png", "loop.png"]
+    (folder / "locked").mkdir()
+    listing = os.scandir
+
+    def scandir(path="."):  # root reads any folder: make this one unreadable
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(pw.PullbackWidgetsError, match=r"cannot read the folder .*locked"):
+        runner.find_images([folder])

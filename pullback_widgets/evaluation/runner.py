@@ -38,6 +38,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -63,6 +64,7 @@ from ..validation import (
     check_choice,
     check_index,
     first_line,
+    is_integer,
 )
 from .ground_truth import MASK_METRICS
 from .methods import Explainer, build_method, check_methods
@@ -151,6 +153,12 @@ def as_item(value: object) -> Item:
     return Item(name, image, label=None if third is None else check_index(third, "label"))
 
 
+def _unreadable(error: OSError) -> None:
+    # Not skipped like an unreadable file: the images in it would go missing without a name.
+    raise PullbackWidgetsError(f"cannot read the folder {error.filename!r}: "
+                               f"{error.strerror or error}") from None
+
+
 def find_images(paths: Sequence[str | os.PathLike],
                 exclude: Sequence[Path] = ()) -> list[Path]:
     """Every file named or under a named folder (recursively; hidden files and folders
@@ -169,7 +177,7 @@ def find_images(paths: Sequence[str | os.PathLike],
         if path.is_file():
             found.add(path)
             continue
-        for root, folders, files in os.walk(path, followlinks=True):
+        for root, folders, files in os.walk(path, followlinks=True, onerror=_unreadable):
             walked.add(os.path.realpath(root))
             folders[:] = [f for f in folders if not f.startswith(".")
                           and os.path.realpath(os.path.join(root, f)) not in walked]
@@ -177,8 +185,17 @@ def find_images(paths: Sequence[str | os.PathLike],
     excluded = {path.resolve() for path in exclude}
     by_file: dict[Path, Path] = {}
     for file in sorted(found, key=str):
-        by_file.setdefault(file.resolve(), file)
+        by_file.setdefault(_resolved(file), file)
     return [file for real, file in by_file.items() if not excluded & {real, *real.parents}]
+
+
+def _resolved(file: Path) -> Path:
+    """The file a path names, links followed; a link loop stays itself (it is skipped, with
+    its reason, when it is read)."""
+    try:
+        return file.resolve()
+    except (RuntimeError, OSError):
+        return file.absolute()
 
 
 def folder_items(paths: Sequence[str | os.PathLike], *, labels_from_folders: bool = False,
@@ -216,6 +233,9 @@ def synthetic_items(n: int, *, seed: int = 0, size: int = synthetic.INPUT_SIZE) 
 
 
 # --------------------------------------------------------------------------- settings
+
+_SEED_LIMIT = 2 ** 62
+
 
 @dataclass(frozen=True)
 class EvaluationSettings:
@@ -259,6 +279,10 @@ class EvaluationSettings:
         for name in ("image_size", "batch_size", "forward_batch", "steps", "perturbations",
                      "ascent_steps"):
             check_index(getattr(self, name), name, 1)
+        # torch seeds are 64-bit, and the runs add an image's index to this one.
+        if not is_integer(self.seed) or not -_SEED_LIMIT <= self.seed < _SEED_LIMIT:
+            raise PullbackWidgetsError(f"seed must be an integer in [-2**62, 2**62), got "
+                                       f"{self.seed!r}")
         blurred = self.baseline == "blur" and {"deletion", "insertion"} & set(self.metrics)
         smallest = BLUR_KERNEL // 2 + 1 if blurred else 1
         if not smallest <= self.image_size <= MAX_IMAGE_SIZE:
@@ -333,8 +357,10 @@ def check_output(out: str | os.PathLike, resume: bool) -> Path:
                 "parquet extra), or write .csv") from None
     if out.is_dir():
         raise PullbackWidgetsError(f"--out {str(out)!r} is a folder; give a file name")
+    refuse_special_file(out)
     if not resume:
-        for existing in (out, _parts_dir(out)):
+        # The settings and summary are named by the stem: r.csv and r.parquet share them.
+        for existing in (out, _parts_dir(out), _settings_path(out), summary_path(out)):
             if existing.exists():
                 raise PullbackWidgetsError(
                     f"{str(existing)!r} exists; pass --resume to continue that run, or remove "
@@ -347,6 +373,14 @@ def check_output(out: str | os.PathLike, resume: bool) -> Path:
         raise PullbackWidgetsError(f"cannot write to {str(out.parent)!r}: "
                                    f"{error.strerror or error}") from None
     return out
+
+
+def refuse_special_file(out: Path) -> None:
+    """Refuse an ``out`` that exists and is no regular file (a device, a pipe, a socket): a
+    write would replace it with one."""
+    if out.exists() and not out.is_dir() and not stat.S_ISREG(out.stat().st_mode):
+        raise PullbackWidgetsError(f"--out {str(out)!r} is not a regular file (a device, pipe "
+                                   "or socket); write to a file")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -420,11 +454,18 @@ def read_rows(path: str | os.PathLike) -> list[Row]:
     """The rows of an output (CSV or Parquet) or part file, as written."""
     path = Path(path)
     if path.suffix.lower() == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path).to_pydict()
-        return list(zip(table["image"], table["target"], table["method"], table["metric"],
-                        table["value"]))
+        try:
+            table = pq.read_table(path).to_pydict()
+            rows = list(zip(table["image"], table["target"], table["method"], table["metric"],
+                            table["value"]))
+            return [(str(image), int(target), str(method), str(metric), float(value))
+                    for image, target, method, metric, value in rows]
+        except (pa.ArrowException, KeyError, TypeError, ValueError) as error:
+            raise PullbackWidgetsError(f"{str(path)!r} is not a readable evaluation output "
+                                       f"({first_line(error)})") from None
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.reader(f)
         header = next(reader, None)
@@ -453,10 +494,19 @@ def _finished_parts(out: Path) -> list[Path]:
                   if p.suffix == _PART_SUFFIX and not p.name.startswith("."))
 
 
-def _existing_rows(out: Path) -> list[Row]:
+def _existing_rows(out: Path, names: Sequence[str] | None = None) -> list[Row]:
+    """The rows of the output and its finished parts. ``names``: the images this run lists; a
+    row for another (the same folder spelled another way, another working directory) would
+    be counted as one more image, so it is refused."""
     rows = read_rows(out) if out.exists() else []
     for part in _finished_parts(out):
         rows += read_rows(part)
+    unlisted = sorted({row[0] for row in rows} - set(names)) if names is not None else []
+    if unlisted:
+        raise PullbackWidgetsError(
+            f"{str(out)!r} holds rows for {len(unlisted)} image(s) this run does not list, e.g. "
+            f"{unlisted[0]!r}; resume with the same paths, spelled the same way, from the same "
+            "folder")
     return rows
 
 
@@ -680,7 +730,19 @@ def _check_resume_settings(out: Path, settings: EvaluationSettings, resume: bool
     path = _settings_path(out)
     if not (resume and path.exists()):
         return
-    recorded = json.loads(path.read_text(encoding="utf-8")).get("values", {})
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        recorded = record.get("values", {})
+        recorded = {str(k): v for k, v in recorded.items()}
+        output = record.get("output", out.name)
+    except (ValueError, AttributeError, TypeError) as error:  # JSON and UTF-8 errors included
+        raise PullbackWidgetsError(
+            f"{str(path)!r} is damaged ({type(error).__name__}); remove it and {str(out)!r} to "
+            "start again") from None
+    if output != out.name:
+        raise PullbackWidgetsError(
+            f"{str(path)!r} records the run that wrote {output!r}, not {str(out.name)!r} (they "
+            "share a name stem); resume that output, or write this one under another name")
     current = json.loads(json.dumps(settings.values_key()))
     differ = sorted(k for k in set(recorded) | set(current)
                     if recorded.get(k) != current.get(k))
@@ -697,7 +759,8 @@ def _write_settings(out: Path, settings: EvaluationSettings, extra: Mapping[str,
         package = version("pullback-widgets")
     except PackageNotFoundError:
         package = None
-    record = {"settings": dataclasses.asdict(settings), "values": settings.values_key(),
+    record = {"output": out.name, "settings": dataclasses.asdict(settings),
+              "values": settings.values_key(),
               "torch": torch.__version__, "pullback-widgets": package, **extra}
     text = json.dumps(record, indent=1, ensure_ascii=False)
     path = _settings_path(out)
@@ -753,7 +816,7 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
         # Also: does the model run at that size, before anything is written.
         notices = gating_probe(model, settings.image_size,
                                pullbacks=any(name.startswith("pullback") for name in explainers))
-        done = {row[:4] for row in _existing_rows(out)} if resume else set()
+        done = {row[:4] for row in _existing_rows(out, names)} if resume else set()
         if world.rank == 0:
             _write_settings(out, settings, {"world_size": world.size, "status": "running"})
         world.barrier()  # every rank has read what is done before anyone writes a part
@@ -929,6 +992,8 @@ def run_command(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike,
     run_settings = EvaluationSettings(targets=targets, image_size=image_size, **settings)
     check_methods(list(run_settings.methods))
     checked = check_output(out, resume)
+    if limit is not None:
+        limit = check_index(limit, "--limit", 1)
     if synthetic_images is not None:
         count = check_index(synthetic_images, "--synthetic", 1)
         items = synthetic_items(count if limit is None else min(count, limit),

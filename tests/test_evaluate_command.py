@@ -488,3 +488,25 @@ def test_a_symlink_loop_is_skipped_and_an_unreadable_folder_refused(tmp_path, mo
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(pw.PullbackWidgetsError, match=r"cannot read the folder .*locked"):
         runner.find_images([folder])
+
+
+def test_damaged_parts_and_conflicting_rows_on_resume_are_one_line_errors(tmp_path):
+    out = tmp_path / "r.csv"
+    assert _synthetic_run(out)[0] == 0
+    rows = _rows(out)
+    parts = runner._parts_dir(out)
+    parts.write_text("a file where the parts folder goes")
+    status, err = _synthetic_run(out, "--resume")
+    assert status == 2 and "parts folder of" in err
+    parts.unlink()
+    parts.mkdir()
+    os.mkfifo(parts / "0.csv")  # reading it would block
+    status, err = _synthetic_run(out, "--resume")
+    assert status == 2 and "is not a regular file" in err
+    (parts / "0.csv").unlink()
+    image, target, method, metric, value = rows[0]
+    runner._write_csv(parts / "0.csv", [(image, target, method, metric, value + 1.0)])
+    status, err = _synthetic_run(out, "--resume")
+    assert status == 2 and "holds two values" in err
+    runner._write_csv(parts / "0.csv", [rows[0]])  # the same row twice is no conflict
+    assert _synthetic_run(out, "--resume")[0] == 0 and _rows(out) == rows

@@ -487,11 +487,17 @@ def read_rows(path: str | os.PathLike) -> list[Row]:
 
 def _finished_parts(out: Path) -> list[Path]:
     parts = _parts_dir(out)
-    if not parts.is_dir():
+    if not parts.exists():
         return []
     # Temporary files (a leading dot) are batches that were in flight: never merged.
-    return sorted(p for p in parts.iterdir()
-                  if p.suffix == _PART_SUFFIX and not p.name.startswith("."))
+    found = sorted(p for p in parts.iterdir() if p.suffix == _PART_SUFFIX
+                   and not p.name.startswith(".")) if parts.is_dir() else []
+    damaged = [p for p in [*found, parts] if not (p.is_dir() if p == parts
+                                                  else stat.S_ISREG(p.stat().st_mode))]
+    if damaged:  # reading a pipe would block for ever
+        raise PullbackWidgetsError(f"{str(damaged[0])!r} is not a regular file: the parts "
+                                   f"folder of {str(out)!r} is damaged; remove it to start again")
+    return found
 
 
 def _existing_rows(out: Path, names: Sequence[str] | None = None) -> list[Row]:
@@ -501,6 +507,12 @@ def _existing_rows(out: Path, names: Sequence[str] | None = None) -> list[Row]:
     rows = read_rows(out) if out.exists() else []
     for part in _finished_parts(out):
         rows += read_rows(part)
+    values: dict[tuple, float] = {}
+    for row in rows:
+        first = values.setdefault(row[:4], row[4])
+        if first != row[4] and not (math.isnan(first) and math.isnan(row[4])):
+            raise PullbackWidgetsError(f"{str(out)!r} holds two values for {row[:4]!r}; remove "
+                                       "the wrong one, or start again")
     unlisted = sorted({row[0] for row in rows} - set(names)) if names is not None else []
     if unlisted:
         raise PullbackWidgetsError(

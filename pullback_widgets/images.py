@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 import struct
 import warnings
 import zlib
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 from torch import Tensor
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -164,13 +165,55 @@ def _unreadable(what: str, err: Exception) -> PullbackWidgetsError:
     return PullbackWidgetsError(f"could not read {what} as an image: {detail}")
 
 
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"))
+
+
 def _load_path(src: str | os.PathLike, max_pixels: int) -> Tensor:
     path = Path(os.fspath(src))
-    if not path.exists():
-        raise PullbackWidgetsError(f"image file not found: {str(path)!r}")
-    if path.is_dir():
-        raise PullbackWidgetsError(f"image path is a directory, not a file: {str(path)!r}")
-    return _open_pil(path, f"file {str(path)!r}", max_pixels)
+    name = repr(str(path))
+    try:
+        kind = path.stat().st_mode  # follows symlinks: a link to a regular file is fine
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in the name
+        raise PullbackWidgetsError(f"image file not found: {name}") from None
+    except OSError as err:
+        raise _unreadable(f"file {name}", err) from None
+    if not stat.S_ISREG(kind):
+        # Opening a FIFO blocks until a writer comes and a device never ends, so refuse first.
+        label = next((label for test, label in _FILE_KINDS if test(kind)), "a special file")
+        raise PullbackWidgetsError(f"image path is {label}, not a regular file: {name}")
+    try:
+        stream = open(path, "rb")  # noqa: SIM115 (closed by the with below)
+    except OSError as err:
+        raise _unreadable(f"file {name}", err) from None
+    # Not Image.open(path): Pillow memory-maps an uncompressed one-strip file it opens by name,
+    # and Pillow 13 maps a TIFF with orientation 5-8 at its rotated size, scrambling the pixels
+    # (modes L, P, I;16, I;16B, RGBA, CMYK). From an open file object it decodes them right.
+    with stream:
+        return _open_pil(stream, f"file {name}", max_pixels)
+
+
+def _load_pil(img: Image.Image, max_pixels: int) -> Tensor:
+    # Check the size first: an image from Image.open() decodes lazily, on load().
+    _check_pixel_count(img.width, img.height, max_pixels)
+    if img.format == "PNG" and getattr(img, "fp", None) is not None:  # not decoded yet
+        _check_png_data(img.fp, "the PIL image", img.width, img.height)
+    # Pillow memory-maps only a file it opened by name, which scrambles some rotated TIFFs (see
+    # _load_path); without the name, load() reads them from the open file, correctly.
+    name = img.filename if isinstance(img, TiffImagePlugin.TiffImageFile) else ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            if name:
+                img.filename = ""
+            img.load()
+        except Exception as err:
+            raise _unreadable("the PIL image", err) from None
+        finally:
+            if name:
+                img.filename = name
+    return _pil_to_tensor(img, max_pixels)
 
 
 def _pil_to_tensor(img: Image.Image, max_pixels: int) -> Tensor:
@@ -353,7 +396,8 @@ def load_image(
         tensor, else on the CPU.
 
     Raises:
-        PullbackWidgetsError (a ValueError): missing or unreadable file, corrupt or truncated
+        PullbackWidgetsError (a ValueError): missing or unreadable file, a path that is not a
+            regular file (a directory, FIFO or device, refused before opening), corrupt or truncated
             data (also a PNG whose pixel data is shorter than its header declares, refused
             before decoding), too many pixels, NaN/inf or out-of-range values, bad shape.
         PullbackWidgetsTypeError (a TypeError): unsupported ``src`` type or dtype, non-int
@@ -368,17 +412,7 @@ def load_image(
             raise PullbackWidgetsError("src is empty bytes, not an encoded image")
         chw = _open_pil(io.BytesIO(bytes(src)), "bytes", max_pixels)
     elif isinstance(src, Image.Image):
-        # Check the size first: an image from Image.open() decodes lazily, on load().
-        _check_pixel_count(src.width, src.height, max_pixels)
-        if src.format == "PNG" and getattr(src, "fp", None) is not None:  # not decoded yet
-            _check_png_data(src.fp, "the PIL image", src.width, src.height)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            try:
-                src.load()
-            except Exception as err:
-                raise _unreadable("the PIL image", err) from None
-        chw = _pil_to_tensor(src, max_pixels)
+        chw = _load_pil(src, max_pixels)
     elif isinstance(src, np.ndarray):
         chw = _array_to_tensor(src, max_pixels)
     elif isinstance(src, Tensor):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import threading
 import warnings
 import zlib
 from pathlib import Path
@@ -486,3 +488,93 @@ def test_a_32_bit_image_holding_8_bit_data_is_read_as_16_bit_with_a_warning():
     with pytest.warns(UserWarning, match="only up to 255 is read as 16-bit data"):
         image = load_image(Image.fromarray(values), size=16)
     assert float(image.max()) <= 255 / 65535 + 1e-6
+
+
+# --------------------------------------------------------------------------- special files
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+def test_a_named_pipe_is_refused_before_it_is_opened(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_image(fifo)
+        except BaseException as err:
+            errors.append(err)
+
+    # In a thread, so that a loader which opens the pipe fails this test instead of hanging it.
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    if thread.is_alive():
+        # A writer that comes and goes unblocks the reader's open(), so the thread ends.
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("load_image blocked opening a named pipe")
+    assert len(errors) == 1 and isinstance(errors[0], PullbackWidgetsError), errors
+    assert str(errors[0]) == f"image path is a named pipe (FIFO), not a regular file: {str(fifo)!r}"
+
+
+def test_a_device_is_refused_and_a_link_to_a_file_is_followed(tmp_path: Path) -> None:
+    if Path("/dev/zero").exists():
+        with pytest.raises(PullbackWidgetsError, match="is a character device, not a regular"):
+            load_image("/dev/zero")
+    link = tmp_path / "link.png"
+    link.symlink_to(saved(Image.new("L", (20, 10), 64), tmp_path / "gray.png"))
+    assert colour_of(load_image(link)) == (64 / 255,) * 3
+
+
+# --------------------------------------------------------------------------- TIFF orientation
+
+# What a viewer shows for each orientation tag, as numpy operations on the stored rows.
+DISPLAYED = {
+    2: lambda s: s[:, ::-1],
+    3: lambda s: s[::-1, ::-1],
+    4: lambda s: s[::-1],
+    5: lambda s: s.swapaxes(0, 1),
+    6: lambda s: np.rot90(s, -1),
+    7: lambda s: s.swapaxes(0, 1)[::-1, ::-1],
+    8: lambda s: np.rot90(s, 1),
+}
+# Pillow 13 scrambled L, P, I;16, I;16B, RGBA and CMYK (the modes it memory-maps); RGB did not.
+TIFF_BYTES_PER_PIXEL = {"L": 1, "P": 1, "I;16": 2, "I;16B": 2, "RGB": 3, "RGBA": 4, "CMYK": 4}
+
+
+def tiff(mode: str, pixels: np.ndarray, path: Path, orientation: int = 1, **kwargs) -> Path:
+    """``pixels`` (H, W, bytes per pixel) as an uncompressed one-strip TIFF of ``mode``: each
+    pixel's bytes stay together, so numpy can rotate the picture whatever the mode."""
+    img = Image.frombytes(mode, (pixels.shape[1], pixels.shape[0]), pixels.tobytes())
+    if mode == "P":
+        img.putpalette([level for level in range(256) for _ in "RGB"])  # index i: grey i
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    return saved(img, path, exif=exif, **kwargs)
+
+
+@pytest.mark.parametrize("orientation", sorted(DISPLAYED))
+@pytest.mark.parametrize("mode", TIFF_BYTES_PER_PIXEL)
+def test_a_tiff_with_an_orientation_tag_loads_as_rotated_by_hand(
+    tmp_path: Path, mode: str, orientation: int
+) -> None:
+    rng = np.random.default_rng(orientation)
+    stored = rng.integers(0, 256, (9, 14, TIFF_BYTES_PER_PIXEL[mode]), dtype=np.uint8)
+    tagged = tiff(mode, stored, tmp_path / "tagged.tif", orientation)
+    by_hand = tiff(mode, DISPLAYED[orientation](stored).copy(), tmp_path / "by_hand.tif")
+    want = load_image(by_hand, size=8)  # 9 pixels to 9: a crop, no resampling
+    assert torch.equal(load_image(tagged, size=8), want)
+    assert torch.equal(load_image(tagged.read_bytes(), size=8), want)
+    with Image.open(tagged) as lazy:
+        assert torch.equal(load_image(lazy, size=8), want)
+
+
+def test_a_rotated_compressed_tiff_and_a_pil_tiff_left_as_it_was(tmp_path: Path) -> None:
+    stored = np.random.default_rng(0).integers(0, 256, (9, 14, 1), dtype=np.uint8)
+    want = load_image(tiff("L", DISPLAYED[6](stored).copy(), tmp_path / "by_hand.tif"))
+    packed = tiff("L", stored, tmp_path / "packed.tif", 6, compression="tiff_lzw")
+    assert torch.equal(load_image(packed), want)
+    with Image.open(tiff("L", stored, tmp_path / "tagged.tif", 6)) as lazy:
+        assert torch.equal(load_image(lazy), want)
+        assert lazy.filename == str(tmp_path / "tagged.tif")  # hidden only while it loads

@@ -192,7 +192,7 @@ def audit_graph(outputs: Sequence[Tensor], leaf: Tensor,
 
 
 def plain_gates_notice(found: Mapping[str, int]) -> str | None:
-    """The notice for :func:`plain_gates`' findings; None when there are none."""
+    """The notice for :attr:`GraphAudit.plain_gate_ops`; None when there are none."""
     if not found:
         return None
     ops = ", ".join(f"{name} ×{count}" for name, count in sorted(found.items()))

@@ -206,11 +206,12 @@ class GateSettings:
         base = self.temperature_of(kind or ("pool" if pool else "relu"))
         if self.temperature_mode == "absolute":
             return base
-        leading = x.shape[0] if x.dim() >= 2 else 1
+        leading = x.shape[0] if x.dim() >= 2 else 1  # below 2-D: one spread over all values
         if self.batch_size is not None and leading != self.batch_size:
             raise PullbackWidgetsError(RELATIVE_NEEDS_BATCH_FIRST.format(
-                kind=kind or ("pool" if pool else "relu"), shape=tuple(x.shape),
-                batch=self.batch_size))
+                kind=kind or ("pool" if pool else "relu"), batch=self.batch_size,
+                shape=tuple(x.shape) if x.dim() >= 2
+                else f"{tuple(x.shape)}, whose one spread is over all its values,"))
         values = x.detach().flatten(1) if x.dim() >= 2 else x.detach().flatten()[None]
         correction = 1 if values.shape[1] > 1 else 0
         spread = values.std(dim=1, correction=correction).nan_to_num(0.0).clamp_min(1e-12)

@@ -51,10 +51,6 @@ PLAIN_GATE_NODES = {
     "CeluBackward0": "CELU",
     "MishBackward0": "Mish",
     "SoftplusBackward0": "Softplus",
-    "ClampBackward0": "clamp",
-    "ClampBackward1": "clamp",
-    "ClampMinBackward0": "clamp",
-    "ClampMaxBackward0": "clamp",
     "MaximumBackward0": "maximum/minimum",
     "MinimumBackward0": "maximum/minimum",
     "AmaxBackward0": "max/min over dims",
@@ -76,10 +72,16 @@ PLAIN_GATE_NODES = {
     "ScaledDotProductCudnnAttentionBackward0": "attention",
 }
 
-# Nodes whose backward runs compiled code the audit cannot read, and the node types they have.
+# Clamps: named only where they cut a value on this input (a bound that binds nowhere, such
+# as F.normalize's epsilon guard, has the plain gradient's every slope 1 anyway).
+_CLAMP_NODES = {"ClampBackward0", "ClampBackward1", "ClampMinBackward0", "ClampMaxBackward0"}
+
+# Nodes whose backward runs compiled code the audit cannot read, and the node types they have
+# (ApplyTemplateBackward: a torch.compile'd function, eager backend, calling a soft op).
 _COMPILED_NODES = {"CompiledFunctionBackward": "torch.compile",
+                   "ApplyTemplateBackward": "torch.compile",
                    "DifferentiableGraphBackward": "torch.jit.script"}
-_OPAQUE_TYPES = {"CompiledFunctionBackward", "CppFunction"}
+_OPAQUE_TYPES = {"CompiledFunctionBackward", "ApplyTemplateBackward", "CppFunction"}
 
 COMPILED_IN_FORWARD = (
     "the model's forward calls code compiled with {how}, whose ops the engine cannot see: its "
@@ -102,6 +104,19 @@ def _compiled_by(node) -> str | None:
     if name == "CppFunction":
         name = node.name().rsplit("::", 1)[-1]
     return _COMPILED_NODES.get(name)
+
+
+def _clamp_binds(node) -> bool:
+    """Whether a clamp's bound cut any value of its input (True where torch no longer has
+    what it saved: an unknown clamp is named)."""
+    try:
+        values = node._saved_self
+        low = getattr(node, "_saved_min", None)
+        high = getattr(node, "_saved_max", None)
+        return bool((low is not None and (values < low).any())
+                    or (high is not None and (values > high).any()))
+    except RuntimeError:
+        return True
 
 
 def _custom_function(node) -> str | None:
@@ -176,16 +191,19 @@ def audit_graph(outputs: Sequence[Tensor], leaf: Tensor,
     nodes, reach_input = _reaching(outputs, leaf)
     for node in nodes:
         name = type(node).__name__
+        if name in _OPAQUE_TYPES and _compiled_by(node):  # first: compiled code may mark it
+            raise PullbackWidgetsError(COMPILED_IN_FORWARD.format(how=_compiled_by(node)))
         if id(node) in gated:
             gated_kinds[gated[id(node)][1]] += 1
         elif id(node) in plain:
             plain_ops[plain[id(node)][1]] += 1
         elif name in PLAIN_GATE_NODES:
             plain_ops[PLAIN_GATE_NODES[name]] += 1
+        elif name in _CLAMP_NODES:
+            if _clamp_binds(node):
+                plain_ops["clamp"] += 1
         elif name == "SoftmaxBackward0":
             softmaxes += 1
-        elif name in _OPAQUE_TYPES and _compiled_by(node):
-            raise PullbackWidgetsError(COMPILED_IN_FORWARD.format(how=_compiled_by(node)))
         elif _custom_function(node):
             plain_ops[_custom_function(node)] += 1
     return GraphAudit(dict(gated_kinds), dict(plain_ops), softmaxes, reach_input)

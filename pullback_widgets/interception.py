@@ -260,7 +260,9 @@ _ROUTES: dict[Callable, Callable] = {
     F.scaled_dot_product_attention: _attention_route,
     F.multi_head_attention_forward: _multi_head_attention_route,
     F.rms_norm: _plain_route("RMSNorm"),
+    torch.rms_norm: _plain_route("RMSNorm"),
     F.instance_norm: _plain_route("InstanceNorm"),
+    torch.instance_norm: _plain_route("InstanceNorm"),
     F.silu: _activation_route(lambda a, k: SILU, _inplace_argument(1)),
     F.hardswish: _activation_route(lambda a, k: HARDSWISH, _inplace_argument(1)),
     F.gelu: _activation_route(lambda a, k: gelu_rule(_arg(a, k, 1, "approximate", "none")),
@@ -325,7 +327,12 @@ class _SoftGatingMode(TorchFunctionMode):
 
     def gated(self, kind: str, out: Tensor) -> Tensor:
         """``out``, a soft op's output, its node marked as a gate of ``kind``."""
-        self.gated_nodes[id(out.grad_fn)] = (out.grad_fn, kind)
+        node = out.grad_fn
+        if getattr(node, "_forward_cls", None) is None and out._base is not None:
+            # In place on a view (y[:, :2].relu_()): autograd wraps the soft op in the base's
+            # CopySlices node, the one the graph passes through.
+            node = out._base.grad_fn
+        self.gated_nodes[id(node)] = (node, kind)
         return out
 
     def plain(self, name: str, out: object) -> object:

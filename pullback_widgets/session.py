@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import threading
 import types
 import warnings
@@ -66,6 +68,16 @@ def gating_notices(gated_calls: int, plain_attention: int,
     if plain_ops:
         notices.append(plain_ops)
     return tuple(notices)
+
+
+def _stacklevel_outside_package() -> int:
+    """``warnings.warn``'s stacklevel, from the function that calls this, that names the first
+    frame outside the package: the user's line, however deep the package called in."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @contextlib.contextmanager
@@ -226,7 +238,7 @@ class PullbackSession:
                 raise PullbackWidgetsError(_NO_GRADIENT_PATH.format(what=f"layer {name!r}"))
         gated_calls = sum(audit.gated_kinds.values())
         for notice in gating_notices(gated_calls, audit.softmaxes, audit.plain_gate_ops):
-            warnings.warn(notice, stacklevel=4)
+            warnings.warn(notice, stacklevel=_stacklevel_outside_package())
         return _Forward(leaf, logits, recorder.outputs, layers, gated_calls, audit.gated_kinds,
                         audit.softmaxes, audit.plain_gate_ops)
 

@@ -206,3 +206,53 @@ def test_decomposed_norms_custom_functions_clamps_and_max_are_named_hooks_are_no
     assert session.plain_gate_ops == {
         "RMSNorm": 1, "InstanceNorm": 1, "custom autograd.Function Square": 1, "clamp": 1,
         "max/min over dims": 1}
+
+
+def test_an_in_place_gate_on_a_slice_is_counted():
+    class HalfReLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 5)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y[:, :2].relu_()  # autograd wraps it in y's CopySlices node
+            F.hardtanh(y[:, 2:], 0.0, 6.0, True)
+            return self.head(y.mean((2, 3)))
+
+    session, caught = _session(HalfReLU().eval(), torch.rand(2, 3, 8, 8))
+    assert session.gated_kinds == {"relu": 2} and session.notices == () and caught == []
+
+
+def test_a_function_compiled_with_the_eager_backend_is_refused():
+    pytest.importorskip("torch._dynamo")
+    compiled = torch.compile(lambda t: torch.relu(t) * 2.0, backend="eager")
+    with pytest.raises(pw.PullbackWidgetsError, match=r"compiled with torch\.compile"):
+        _session(_conv_then(compiled), torch.rand(1, 3, 8, 8))
+
+
+def test_a_clamp_is_named_only_where_its_bound_cuts_a_value():
+    class Clamps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            z = F.relu(self.conv(x)).mean((2, 3))
+            guarded = F.normalize(z, dim=1)  # its epsilon clamp binds nowhere
+            return guarded + (z - 0.05).clamp(min=0.0) + torch.rms_norm(z, (4,))
+
+    torch.manual_seed(0)
+    session, _ = _session(Clamps().eval(), torch.rand(2, 3, 8, 8))
+    assert session.plain_gate_ops == {"clamp": 1, "RMSNorm": 1}
+
+
+def test_the_notices_warning_points_at_the_callers_line():
+    def make_session():
+        return pw.PullbackSession(UngatedOps().eval(), torch.rand(1, 3, 12, 12))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_session()
+        pw.excitation_pullback(UngatedOps().eval(), torch.rand(1, 3, 12, 12), 0)
+    assert [w.filename for w in caught] == [__file__, __file__]

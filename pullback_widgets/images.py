@@ -18,6 +18,7 @@ import math
 import os
 import stat
 import struct
+import threading
 import warnings
 import zlib
 from pathlib import Path
@@ -194,16 +195,20 @@ def _load_path(src: str | os.PathLike, max_pixels: int) -> Tensor:
         return _open_pil(stream, f"file {name}", max_pixels)
 
 
+_PIL_LOAD_LOCK = threading.Lock()
+
+
 def _load_pil(img: Image.Image, max_pixels: int) -> Tensor:
     # Check the size first: an image from Image.open() decodes lazily, on load().
     _check_pixel_count(img.width, img.height, max_pixels)
     if img.format == "PNG" and getattr(img, "fp", None) is not None:  # not decoded yet
         _check_png_data(img.fp, "the PIL image", img.width, img.height)
     # Pillow memory-maps only a file it opened by name, which scrambles some rotated TIFFs (see
-    # _load_path); without the name, load() reads them from the open file, correctly.
-    name = img.filename if isinstance(img, TiffImagePlugin.TiffImageFile) else ""
-    with warnings.catch_warnings():
+    # _load_path); without the name, load() reads them from the open file, correctly. One
+    # thread at a time: another's load() of the same image must not see the name hidden.
+    with _PIL_LOAD_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        name = img.filename if isinstance(img, TiffImagePlugin.TiffImageFile) else ""
         try:
             if name:
                 img.filename = ""
@@ -213,7 +218,7 @@ def _load_pil(img: Image.Image, max_pixels: int) -> Tensor:
         finally:
             if name:
                 img.filename = name
-    return _pil_to_tensor(img, max_pixels)
+        return _pil_to_tensor(img, max_pixels)
 
 
 def _pil_to_tensor(img: Image.Image, max_pixels: int) -> Tensor:

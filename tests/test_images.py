@@ -578,3 +578,28 @@ def test_a_rotated_compressed_tiff_and_a_pil_tiff_left_as_it_was(tmp_path: Path)
     with Image.open(tiff("L", stored, tmp_path / "tagged.tif", 6)) as lazy:
         assert torch.equal(load_image(lazy), want)
         assert lazy.filename == str(tmp_path / "tagged.tif")  # hidden only while it loads
+
+
+def test_one_pil_tiff_loaded_from_two_threads_at_once_gives_its_pixels_twice(tmp_path):
+    pixels = np.random.default_rng(2).integers(0, 256, (120, 180), dtype=np.uint8)
+    path = tmp_path / "big.tif"
+    Image.fromarray(pixels).save(path)
+    expected = load_image(Image.fromarray(pixels))
+    for _ in range(10):
+        image, results = Image.open(path), [None, None]
+        start = threading.Barrier(2)
+
+        def load(i, image=image, results=results, start=start):
+            start.wait()
+            try:
+                results[i] = load_image(image)
+            except Exception as error:  # reported below
+                results[i] = error
+        threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for result in results:
+            assert isinstance(result, torch.Tensor), result
+            assert torch.equal(result, expected)

@@ -497,7 +497,7 @@ def test_damaged_parts_and_conflicting_rows_on_resume_are_one_line_errors(tmp_pa
     parts = runner._parts_dir(out)
     parts.write_text("a file where the parts folder goes")
     status, err = _synthetic_run(out, "--resume")
-    assert status == 2 and "parts folder of" in err
+    assert status == 2 and "is not the run's own folder" in err
     parts.unlink()
     parts.mkdir()
     os.mkfifo(parts / "0.csv")  # reading it would block
@@ -510,3 +510,58 @@ def test_damaged_parts_and_conflicting_rows_on_resume_are_one_line_errors(tmp_pa
     assert status == 2 and "holds two values" in err
     runner._write_csv(parts / "0.csv", [rows[0]])  # the same row twice is no conflict
     assert _synthetic_run(out, "--resume")[0] == 0 and _rows(out) == rows
+
+
+
+def test_resume_state_that_cannot_be_trusted_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "r.csv"
+    assert _synthetic_run(out)[0] == 0
+    settings = runner._settings_path(out)
+    record = settings.read_bytes()
+    settings.unlink()
+    os.mkfifo(settings)  # reading it would block
+    status, err = _synthetic_run(out, "--resume")
+    assert status == 2 and "is not a regular file" in err
+    settings.unlink()  # rows without the settings they were made with
+    status, err = _synthetic_run(out, "--resume", "--image-size", "40")
+    assert status == 2 and "nothing says what it was made with" in err
+    settings.write_bytes(record)
+    with out.open("a") as f:
+        f.write('"' + "x" * 200_000 + '",0,random,mass,0.5\n')
+    status, err = _synthetic_run(out, "--resume")
+    assert status == 2 and "is damaged" in err and "Traceback" not in err
+    parts = runner._parts_dir(out)
+    (tmp_path / "mine").mkdir()
+    parts.symlink_to(tmp_path / "mine")
+    status, err = _synthetic_run(out, "--resume")
+    assert status == 2 and "not the run's own folder" in err
+    assert list((tmp_path / "mine").iterdir()) == []
+
+
+def test_hard_links_count_once_and_a_pipe_named_directly_is_skipped_with_its_reason(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(pw.images.sample_image_array("coffee")).resize((40, 30)).save(
+        folder / "a.png")
+    os.link(folder / "a.png", folder / "b.png")
+    assert [f.name for f in runner.find_images([folder])] == ["a.png"]
+    os.mkfifo(tmp_path / "pipe.png")
+    assert runner.find_images([tmp_path / "pipe.png"]) == [tmp_path / "pipe.png"]
+    with pytest.raises(pw.PullbackWidgetsError, match=r"named pipe \(FIFO\)"):
+        pw.load_image(tmp_path / "pipe.png")
+
+
+def test_names_written_before_escaping_read_back_as_they_were(tmp_path):
+    legacy = tmp_path / "old.csv"  # written before names were escaped: "'a.png" as it is
+    legacy.write_text("image,target,method,metric,value\n'a.png,2,gradient,deletion,0.5\n")
+    assert runner.read_rows(legacy)[0][0] == "'a.png"
+
+
+def test_a_refused_run_leaves_no_folder_behind(tmp_path):
+    out = tmp_path / "new" / "deeper" / "r.csv"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert _main("--synthetic", "2", "--limit", "0", "--out", str(out)) == 2
+        assert _main(str(tmp_path / "missing"), "--out", str(out)) == 2
+    assert list(tmp_path.iterdir()) == []
+    assert _synthetic_run(out)[0] == 0 and out.exists()

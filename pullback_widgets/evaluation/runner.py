@@ -166,15 +166,15 @@ def find_images(paths: Sequence[str | os.PathLike],
     own output inside the folder it reads). A missing path is refused.
 
     Once means one file, however many paths reach it (a folder named twice, relatively and
-    absolutely; symbolic links): the first path in sorted order stands for it. A linked folder
-    already walked is not walked again, so a link to a parent ends there."""
+    absolutely; symbolic and hard links): the first path in sorted order stands for it. A
+    linked folder already walked is not walked again, so a link to a parent ends there."""
     found: set[Path] = set()
     walked: set[str] = set()
     for raw in paths:
         path = Path(raw)
         if not path.exists():
             raise PullbackWidgetsError(f"no such file or folder: {str(path)!r}")
-        if path.is_file():
+        if not path.is_dir():  # a file, or something the loader refuses with its reason
             found.add(path)
             continue
         for root, folders, files in os.walk(path, followlinks=True, onerror=_unreadable):
@@ -183,10 +183,12 @@ def find_images(paths: Sequence[str | os.PathLike],
                           and os.path.realpath(os.path.join(root, f)) not in walked]
             found.update(Path(root) / f for f in files if not f.startswith("."))
     excluded = {path.resolve() for path in exclude}
-    by_file: dict[Path, Path] = {}
+    by_file: dict[object, Path] = {}
     for file in sorted(found, key=str):
-        by_file.setdefault(_resolved(file), file)
-    return [file for real, file in by_file.items() if not excluded & {real, *real.parents}]
+        real = _resolved(file)
+        if not excluded & {real, *real.parents}:
+            by_file.setdefault(_identity(file, real), file)
+    return list(by_file.values())
 
 
 def _resolved(file: Path) -> Path:
@@ -196,6 +198,15 @@ def _resolved(file: Path) -> Path:
         return file.resolve()
     except (RuntimeError, OSError):
         return file.absolute()
+
+
+def _identity(file: Path, real: Path) -> object:
+    """What makes two paths one file: its device and inode (hard links too), else its path."""
+    try:
+        status = file.stat()
+    except OSError:  # a dangling link, a link loop: skipped with its reason when read
+        return real
+    return status.st_dev, status.st_ino
 
 
 def folder_items(paths: Sequence[str | os.PathLike], *, labels_from_folders: bool = False,
@@ -357,17 +368,25 @@ def check_output(out: str | os.PathLike, resume: bool) -> Path:
                 "parquet extra), or write .csv") from None
     if out.is_dir():
         raise PullbackWidgetsError(f"--out {str(out)!r} is a folder; give a file name")
-    refuse_special_file(out)
+    for own in (out, _settings_path(out), summary_path(out)):
+        refuse_special_file(own)
+    parts = _parts_dir(out)
+    if parts.is_symlink() or (parts.exists() and not parts.is_dir()):
+        raise PullbackWidgetsError(f"{str(parts)!r} is not the run's own folder (a link or a "
+                                   "file); remove it")
     if not resume:
         # The settings and summary are named by the stem: r.csv and r.parquet share them.
-        for existing in (out, _parts_dir(out), _settings_path(out), summary_path(out)):
+        for existing in (out, parts, _settings_path(out), summary_path(out)):
             if existing.exists():
                 raise PullbackWidgetsError(
-                    f"{str(existing)!r} exists; pass --resume to continue that run, or remove "
-                    "it")
+                    f"{str(existing)!r} exists (a run's, or a file of yours); pass --resume "
+                    "to continue that run, or remove it, or write elsewhere")
+    # The folders are made once every check has passed (evaluate): probe the nearest that is.
+    folder = next(parent for parent in out.absolute().parents if parent.exists())
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".pullback-widgets-probe-"):
+        if not folder.is_dir():
+            raise NotADirectoryError(20, f"{str(folder)!r} is a file")
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".pullback-widgets-probe-"):
             pass
     except OSError as error:
         raise PullbackWidgetsError(f"cannot write to {str(out.parent)!r}: "
@@ -376,11 +395,11 @@ def check_output(out: str | os.PathLike, resume: bool) -> Path:
 
 
 def refuse_special_file(out: Path) -> None:
-    """Refuse an ``out`` that exists and is no regular file (a device, a pipe, a socket): a
-    write would replace it with one."""
-    if out.exists() and not out.is_dir() and not stat.S_ISREG(out.stat().st_mode):
-        raise PullbackWidgetsError(f"--out {str(out)!r} is not a regular file (a device, pipe "
-                                   "or socket); write to a file")
+    """Refuse an ``out`` that exists and is no regular file (a device, a pipe, a socket, a
+    folder beside the output): a write would replace it, and a read of a pipe blocks."""
+    if out.exists() and not stat.S_ISREG(out.stat().st_mode):
+        raise PullbackWidgetsError(f"{str(out)!r} is not a regular file (a folder, device, pipe "
+                                   "or socket); remove it or write elsewhere")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -404,13 +423,15 @@ _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 def _csv_text(name: str) -> str:
     """An image name as the CSV holds it: one that a spreadsheet would run as a formula gets a
-    leading apostrophe, which spreadsheets read as "text"; so does one that starts with an
-    apostrophe, so that :func:`_name_from_csv` undoes it exactly."""
-    return "'" + name if name.startswith((*_FORMULA_STARTS, "'")) else name
+    leading apostrophe, which spreadsheets read as "text"; so does one that is apostrophes
+    before such a start, so that :func:`_name_from_csv` undoes it exactly. Other names,
+    apostrophes included, are as they are (as older outputs wrote every name)."""
+    return "'" + name if name.lstrip("'").startswith(_FORMULA_STARTS) else name
 
 
 def _name_from_csv(text: str) -> str:
-    return text[1:] if text.startswith("'") else text
+    escaped = text.startswith("'") and text.lstrip("'").startswith(_FORMULA_STARTS)
+    return text[1:] if escaped else text
 
 
 def _write_csv(path: Path, rows: Iterable[Row]) -> None:
@@ -468,21 +489,31 @@ def read_rows(path: str | os.PathLike) -> list[Row]:
                                        f"({first_line(error)})") from None
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
-        if tuple(header or ()) != COLUMNS:
-            raise PullbackWidgetsError(f"{str(path)!r} is not an evaluation output (columns "
-                                       f"{header})")
-        rows = []
-        for row in reader:
-            try:
+        row: object = "a field too large to read"  # what csv.Error means when parsing fails
+        try:
+            header = next(reader, None)
+            if tuple(header or ()) != COLUMNS:
+                raise PullbackWidgetsError(f"{str(path)!r} is not an evaluation output "
+                                           f"(columns {header})")
+            rows = []
+            for row in reader:
                 image, target, method, metric, value = row
                 rows.append((_name_from_csv(image), int(target), method, metric,
                              float(value)))
-            except ValueError:
-                raise PullbackWidgetsError(
-                    f"{str(path)!r} line {reader.line_num} is damaged ({row!r}); remove the "
-                    "line, or the file, and run again") from None
+        except (ValueError, csv.Error) as error:
+            if isinstance(error, PullbackWidgetsError):
+                raise
+            raise PullbackWidgetsError(
+                f"{str(path)!r} line {reader.line_num} is damaged ({row!r}); remove the "
+                "line, or the file, and run again") from None
         return rows
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:  # a dangling link, a link loop
+        return False
 
 
 def _finished_parts(out: Path) -> list[Path]:
@@ -492,8 +523,7 @@ def _finished_parts(out: Path) -> list[Path]:
     # Temporary files (a leading dot) are batches that were in flight: never merged.
     found = sorted(p for p in parts.iterdir() if p.suffix == _PART_SUFFIX
                    and not p.name.startswith(".")) if parts.is_dir() else []
-    damaged = [p for p in [*found, parts] if not (p.is_dir() if p == parts
-                                                  else stat.S_ISREG(p.stat().st_mode))]
+    damaged = [p for p in [*found, parts] if not (p.is_dir() if p == parts else _regular(p))]
     if damaged:  # reading a pipe would block for ever
         raise PullbackWidgetsError(f"{str(damaged[0])!r} is not a regular file: the parts "
                                    f"folder of {str(out)!r} is damaged; remove it to start again")
@@ -740,14 +770,21 @@ def _merge(rows: list[Row], items: Sequence[Item],
 
 def _check_resume_settings(out: Path, settings: EvaluationSettings, resume: bool) -> None:
     path = _settings_path(out)
-    if not (resume and path.exists()):
+    if not resume:
+        return
+    if not path.exists():
+        made = [p for p in (out, _parts_dir(out), summary_path(out)) if os.path.lexists(p)]
+        if made:  # rows (or a summary) without the settings they were made with
+            raise PullbackWidgetsError(
+                f"{str(made[0])!r} exists but {str(path)!r} does not, so nothing says what it "
+                "was made with; remove it to start again, or restore the settings file")
         return
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         recorded = record.get("values", {})
         recorded = {str(k): v for k, v in recorded.items()}
         output = record.get("output", out.name)
-    except (ValueError, AttributeError, TypeError) as error:  # JSON and UTF-8 errors included
+    except (ValueError, AttributeError, TypeError, RecursionError) as error:  # JSON, UTF-8
         raise PullbackWidgetsError(
             f"{str(path)!r} is damaged ({type(error).__name__}); remove it and {str(out)!r} to "
             "start again") from None
@@ -829,6 +866,7 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
         notices = gating_probe(model, settings.image_size,
                                pullbacks=any(name.startswith("pullback") for name in explainers))
         done = {row[:4] for row in _existing_rows(out, names)} if resume else set()
+        out.parent.mkdir(parents=True, exist_ok=True)
         if world.rank == 0:
             _write_settings(out, settings, {"world_size": world.size, "status": "running"})
         world.barrier()  # every rank has read what is done before anyone writes a part

@@ -489,23 +489,20 @@ def read_rows(path: str | os.PathLike) -> list[Row]:
                                        f"({first_line(error)})") from None
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.reader(f)
-        row: object = "a field too large to read"  # what csv.Error means when parsing fails
+        header, rows = None, []
         try:
             header = next(reader, None)
-            if tuple(header or ()) != COLUMNS:
-                raise PullbackWidgetsError(f"{str(path)!r} is not an evaluation output "
-                                           f"(columns {header})")
-            rows = []
-            for row in reader:
-                image, target, method, metric, value = row
-                rows.append((_name_from_csv(image), int(target), method, metric,
-                             float(value)))
-        except (ValueError, csv.Error) as error:
-            if isinstance(error, PullbackWidgetsError):
-                raise
+            if tuple(header or ()) == COLUMNS:
+                for image, target, method, metric, value in reader:
+                    rows.append((_name_from_csv(image), int(target), method, metric,
+                                 float(value)))
+        except (ValueError, csv.Error) as error:  # a short row, a bad number, a huge field
             raise PullbackWidgetsError(
-                f"{str(path)!r} line {reader.line_num} is damaged ({row!r}); remove the "
-                "line, or the file, and run again") from None
+                f"{str(path)!r} line {reader.line_num} is damaged ({first_line(error)}); "
+                "remove the line, or the file, and run again") from None
+        if tuple(header or ()) != COLUMNS:
+            raise PullbackWidgetsError(f"{str(path)!r} is not an evaluation output (columns "
+                                       f"{header})")
         return rows
 
 

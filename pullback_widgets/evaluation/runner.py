@@ -515,12 +515,12 @@ def _regular(path: Path) -> bool:
 
 def _finished_parts(out: Path) -> list[Path]:
     parts = _parts_dir(out)
-    if not parts.exists():
+    if not parts.is_dir():  # (check_output refuses a parts path that is no folder)
         return []
     # Temporary files (a leading dot) are batches that were in flight: never merged.
-    found = sorted(p for p in parts.iterdir() if p.suffix == _PART_SUFFIX
-                   and not p.name.startswith(".")) if parts.is_dir() else []
-    damaged = [p for p in [*found, parts] if not (p.is_dir() if p == parts else _regular(p))]
+    found = sorted(p for p in parts.iterdir()
+                   if p.suffix == _PART_SUFFIX and not p.name.startswith("."))
+    damaged = [p for p in found if not _regular(p)]
     if damaged:  # reading a pipe would block for ever
         raise PullbackWidgetsError(f"{str(damaged[0])!r} is not a regular file: the parts "
                                    f"folder of {str(out)!r} is damaged; remove it to start again")

@@ -466,8 +466,28 @@ def test_resuming_with_the_folder_spelled_another_way_is_refused(photos, tmp_pat
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert _main(str(photos), *args, "--resume") == 2
-    assert "image(s) this run does not list" in err.getvalue()
+    assert "it would count twice" in err.getvalue()
     assert _rows(out) == rows
+    # From another folder, the rows' relative names are read from the folder the run began in.
+    monkeypatch.chdir(tmp_path)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert _main(str(photos), *args, "--resume") == 2
+    assert "it would count twice" in err.getvalue()
+
+
+def test_resuming_a_subset_keeps_the_rows_of_the_images_left_out(tmp_path):
+    out = tmp_path / "r.csv"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert _main("--synthetic", "4", "--methods", "gradient", "--metrics", "mass",
+                     "--out", str(out)) == 0
+        assert _main("--synthetic", "4", "--limit", "2", "--methods", "gradient", "random",
+                     "--metrics", "mass", "--out", str(out), "--resume") == 0, err.getvalue()
+    rows = _rows(out)
+    assert sorted((r[0], r[2]) for r in rows) == sorted(
+        [(f"shapes-s0-{i:06d}", "gradient") for i in range(4)]
+        + [(f"shapes-s0-{i:06d}", "random") for i in range(2)])
 
 
 def test_a_symlink_loop_is_skipped_and_an_unreadable_folder_refused(tmp_path, monkeypatch):

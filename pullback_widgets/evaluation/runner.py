@@ -201,12 +201,9 @@ def _resolved(file: Path) -> Path:
 
 
 def _identity(file: Path, real: Path) -> object:
-    """What makes two paths one file: its device and inode (hard links too), else its path."""
-    try:
-        status = file.stat()
-    except OSError:  # a dangling link, a link loop: skipped with its reason when read
-        return real
-    return status.st_dev, status.st_ino
+    """What makes two paths one file: its device and inode (hard links too), else its path (a
+    dangling link, a link loop: skipped with their reason when read)."""
+    return _file_identity(file) or real
 
 
 def folder_items(paths: Sequence[str | os.PathLike], *, labels_from_folders: bool = False,
@@ -527,10 +524,13 @@ def _finished_parts(out: Path) -> list[Path]:
     return found
 
 
-def _existing_rows(out: Path, names: Sequence[str] | None = None) -> list[Row]:
-    """The rows of the output and its finished parts. ``names``: the images this run lists; a
-    row for another (the same folder spelled another way, another working directory) would
-    be counted as one more image, so it is refused."""
+def _existing_rows(out: Path, names: Sequence[str] | None = None,
+                   started_in: str | None = None) -> list[Row]:
+    """The rows of the output and its finished parts. ``names``: the images this run lists;
+    a row for another name that is one of those files (the same folder spelled another way,
+    here or from ``started_in``, the folder the run started in) would count that image twice,
+    so it is refused. Rows of images no longer listed (a smaller --limit, a removed file)
+    stay."""
     rows = read_rows(out) if out.exists() else []
     for part in _finished_parts(out):
         rows += read_rows(part)
@@ -541,12 +541,33 @@ def _existing_rows(out: Path, names: Sequence[str] | None = None) -> list[Row]:
             raise PullbackWidgetsError(f"{str(out)!r} holds two values for {row[:4]!r}; remove "
                                        "the wrong one, or start again")
     unlisted = sorted({row[0] for row in rows} - set(names)) if names is not None else []
-    if unlisted:
+    twice = _same_files(unlisted, names or (), {os.getcwd(), started_in or os.getcwd()})
+    if twice is not None:
         raise PullbackWidgetsError(
-            f"{str(out)!r} holds rows for {len(unlisted)} image(s) this run does not list, e.g. "
-            f"{unlisted[0]!r}; resume with the same paths, spelled the same way, from the same "
-            "folder")
+            f"{str(out)!r} holds rows for {twice!r}, a file this run lists under another name: "
+            "it would count twice; resume with the same paths, spelled the same way, from the "
+            "folder the run started in")
     return rows
+
+
+def _same_files(unlisted: Sequence[str], names: Sequence[str], folders: set[str]) -> str | None:
+    """The first of ``unlisted`` that names, from one of ``folders``, a file that one of
+    ``names`` names too; None if there is none."""
+    if not unlisted:
+        return None
+    listed = {_file_identity(Path(name)) for name in names} - {None}
+    for name in unlisted:
+        if any(_file_identity(Path(folder, name)) in listed for folder in folders):
+            return name
+    return None
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        status = path.stat()
+    except (OSError, ValueError):  # no such file (a synthetic image's name), a NUL
+        return None
+    return (status.st_dev, status.st_ino) if stat.S_ISREG(status.st_mode) else None
 
 
 # --------------------------------------------------------------------------- metrics
@@ -765,22 +786,25 @@ def _merge(rows: list[Row], items: Sequence[Item],
     return sorted(unique.values(), key=order)
 
 
-def _check_resume_settings(out: Path, settings: EvaluationSettings, resume: bool) -> None:
+def _check_resume_settings(out: Path, settings: EvaluationSettings, resume: bool) -> str:
+    """Refuse a resume whose settings differ from the recorded ones (or are not recorded);
+    returns the folder the run started in (its item names are relative to it)."""
     path = _settings_path(out)
     if not resume:
-        return
+        return os.getcwd()
     if not path.exists():
         made = [p for p in (out, _parts_dir(out), summary_path(out)) if os.path.lexists(p)]
         if made:  # rows (or a summary) without the settings they were made with
             raise PullbackWidgetsError(
                 f"{str(made[0])!r} exists but {str(path)!r} does not, so nothing says what it "
                 "was made with; remove it to start again, or restore the settings file")
-        return
+        return os.getcwd()
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         recorded = record.get("values", {})
         recorded = {str(k): v for k, v in recorded.items()}
         output = record.get("output", out.name)
+        started_in = str(record.get("cwd", os.getcwd()))
     except (ValueError, AttributeError, TypeError, RecursionError) as error:  # JSON, UTF-8
         raise PullbackWidgetsError(
             f"{str(path)!r} is damaged ({type(error).__name__}); remove it and {str(out)!r} to "
@@ -796,6 +820,7 @@ def _check_resume_settings(out: Path, settings: EvaluationSettings, resume: bool
         listed = ", ".join(f"{k}: {recorded.get(k)!r} then, {current.get(k)!r} now"
                            for k in differ)
         raise PullbackWidgetsError(f"cannot resume {str(out)!r} with other settings ({listed})")
+    return started_in
 
 
 def _write_settings(out: Path, settings: EvaluationSettings, extra: Mapping[str, object]):
@@ -833,7 +858,7 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
     else:
         settings = dataclasses.replace(settings, methods=tuple(methods))
     out = check_output(out, resume)
-    _check_resume_settings(out, settings, resume)
+    started_in = _check_resume_settings(out, settings, resume)
     items = [as_item(item) for item in items]
     names = [item.name for item in items]
     if len(set(names)) != len(names):
@@ -862,10 +887,11 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
         # Also: does the model run at that size, before anything is written.
         notices = gating_probe(model, settings.image_size,
                                pullbacks=any(name.startswith("pullback") for name in explainers))
-        done = {row[:4] for row in _existing_rows(out, names)} if resume else set()
+        done = {row[:4] for row in _existing_rows(out, names, started_in)} if resume else set()
         out.parent.mkdir(parents=True, exist_ok=True)
         if world.rank == 0:
-            _write_settings(out, settings, {"world_size": world.size, "status": "running"})
+            _write_settings(out, settings, {"world_size": world.size, "status": "running",
+                                            "cwd": started_in})
         world.barrier()  # every rank has read what is done before anyone writes a part
         evaluated, skipped = _evaluate_shard(items[world.rank::world.size], model, settings,
                                              explainers, world, out, done, progress)
@@ -884,6 +910,7 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
         atomic_write(summary_path(out), lambda tmp: tmp.write_text(summary, encoding="utf-8",
                                                                      errors="replace"))
         _write_settings(out, settings, {"world_size": world.size, "status": "complete",
+                                        "cwd": started_in,
                                         "images": evaluated, "skipped": skipped,
                                         "rows": len(rows), "seconds": round(seconds, 3),
                                         "notices": list(notices)})

@@ -17,7 +17,6 @@ model's and any other.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import types
 import weakref
@@ -341,11 +340,6 @@ class _SoftGatingMode(TorchFunctionMode):
         if node is not None:
             self.plain_nodes[id(node)] = (node, name)
         return out
-
-    @property
-    def gated_kinds(self) -> collections.Counter[str]:
-        """The calls gated so far, by kind (on the input's path or not)."""
-        return collections.Counter(kind for _, kind in self.gated_nodes.values())
 
     def remember(self, out: Tensor, remake: Remake) -> None:
         self._remakable.pop(id(out), None)  # an in-place sum: its entry moves to the end

@@ -199,7 +199,7 @@ def test_multihead_attention_with_weights_is_said_to_stay_plain():
         out = model(tokens)
         mode = _active_gating_mode()
         audit = audit_graph([out], tokens, mode.gated_nodes)
-        assert audit.softmaxes == 1 and audit.gated_kinds == {} and not mode.gated_kinds
+        assert audit.softmaxes == 1 and audit.gated_kinds == {} and not mode.gated_nodes
     assert settings.attention_weights == "detached"
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 import pullback_widgets as pw
 from pullback_widgets import interception
+from pullback_widgets.graph_audit import audit_graph
 from tests.conftest import random_image
 from tests.reference import FrozenGateReLU
 
@@ -221,7 +222,8 @@ def test_a_residual_remake_frees_what_it_was_made_from_as_the_backward_passes():
     alive_at_the_end = []
     with interception._gating(pw.GateSettings(0.3)) as mode:
         logits = model(leaf * 1.0 + x)
-    assert mode.gated_kinds["relu"] == 1 and mode._handed_out  # the gate took a remake
+    assert audit_graph([logits], leaf, mode.gated_nodes).gated_kinds == {"relu": 1}
+    assert mode._handed_out  # the gate took a remake
     del mode  # (it remembers the remakes it handed out)
     leaf.register_hook(lambda grad: alive_at_the_end.append(normalised[0]() is not None))
     torch.autograd.grad(logits[:, 1].sum(), leaf)

@@ -191,8 +191,9 @@ def audit_graph(outputs: Sequence[Tensor], leaf: Tensor,
     nodes, reach_input = _reaching(outputs, leaf)
     for node in nodes:
         name = type(node).__name__
-        if name in _OPAQUE_TYPES and _compiled_by(node):  # first: compiled code may mark it
-            raise PullbackWidgetsError(COMPILED_IN_FORWARD.format(how=_compiled_by(node)))
+        compiled = _compiled_by(node) if name in _OPAQUE_TYPES else None
+        if compiled:  # first: compiled code may carry a mark
+            raise PullbackWidgetsError(COMPILED_IN_FORWARD.format(how=compiled))
         if id(node) in gated:
             gated_kinds[gated[id(node)][1]] += 1
         elif id(node) in plain:
@@ -204,8 +205,8 @@ def audit_graph(outputs: Sequence[Tensor], leaf: Tensor,
                 plain_ops["clamp"] += 1
         elif name == "SoftmaxBackward0":
             softmaxes += 1
-        elif _custom_function(node):
-            plain_ops[_custom_function(node)] += 1
+        elif custom := _custom_function(node):
+            plain_ops[custom] += 1
     return GraphAudit(dict(gated_kinds), dict(plain_ops), softmaxes, reach_input)
 
 

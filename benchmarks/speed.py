@@ -2,7 +2,7 @@
 
     python benchmarks/speed.py [--device cpu|cuda] [--models resnet50 efficientnet_lite0]
                                [--batches 1 8] [--repeats 7] [--session] [--profile]
-                               [--no-memory] [--keep-heap] [--out FILE]
+                               [--decompose] [--no-memory] [--keep-heap] [--out FILE]
 
 r1 = excitation_pullback ÷ plain input gradient (goal ≤ 1.10), on (batch, 3, 224, 224) inputs,
 ResNet-50 with random weights and EfficientNet-Lite0 with its packaged ImageNet weights (random
@@ -10,12 +10,16 @@ weights, with a note, where that package is missing): nothing is downloaded. The
 interleaved, alternating which goes first, so machine noise hits them alike; r1 is the median of
 the per-repeat ratios, with their range, in wall-clock time and in the process's CPU time (all
 threads; less sensitive to waiting for a core on a shared machine, though not to cache
-contention). ``--session`` adds the session columns (an update at a
-new temperature, 5 targets batched and looped). Memory: the peak of one pullback against one
-gradient, each in a fresh process on CPU (peak RSS, whole process and above the loaded model),
-``torch.cuda.max_memory_allocated`` on CUDA. Minor page faults per call are counted for both
-methods; ``--keep-heap`` times with glibc keeping freed memory (a diagnostic: batch-8 pullbacks
-make glibc trim and regrow its heap). Ratios, not seconds, are what to compare across machines.
+contention). ``--session`` adds the session columns (an update at a new temperature, 5
+targets batched and looped). ``--decompose`` adds two floors, interleaved with the rest: a plain
+gradient under a function mode that only passes each call on (what any interception of the
+forward costs), and the pullback with ``gate="hard"`` (the whole engine without its soft
+arithmetic: the gap from there to r1 is that arithmetic). Memory: the peak of one pullback
+against one gradient, each in a fresh process on CPU (peak RSS, whole process and above the
+loaded model), ``torch.cuda.max_memory_allocated`` on CUDA. Minor page faults per call are
+counted for both methods; ``--keep-heap`` times with glibc keeping freed memory (a diagnostic:
+batch-8 pullbacks make glibc trim and regrow its heap). Ratios, not seconds, are what to compare
+across machines.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 try:
     import resource
@@ -61,12 +66,30 @@ def plain_gradient(model, x: torch.Tensor, target: int) -> torch.Tensor:
     return grad
 
 
-def _operations(model, x: torch.Tensor, session_columns: bool) -> dict[str, Callable]:
+class _PassThrough(TorchFunctionMode):
+    """A function mode that only calls each function: what any interception costs."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _gradient_under_a_mode(model, x: torch.Tensor, target: int) -> torch.Tensor:
+    with _PassThrough():
+        return plain_gradient(model, x, target)
+
+
+def _operations(model, x: torch.Tensor, session_columns: bool,
+                decompose: bool = False) -> dict[str, Callable]:
     temperature = pw.model_helpers.default_temperature(model)
     operations = {
         "gradient": lambda: plain_gradient(model, x, 1),
         "pullback": lambda: pw.excitation_pullback(model, x, 1, temperature=temperature),
     }
+    if decompose:
+        operations.update({
+            "gradient under a mode": lambda: _gradient_under_a_mode(model, x, 1),
+            "hard pullback": lambda: pw.excitation_pullback(model, x, 1, gate="hard"),
+        })
     if session_columns:
         session = pw.PullbackSession(model, x, temperature=temperature)
         operations.update({
@@ -106,13 +129,13 @@ def keep_heap() -> None:
         raise SystemExit("--keep-heap needs glibc's mallopt")
 
 
-def measure(model, batch: int, repeats: int, device: str,
-            session_columns: bool = False) -> dict[str, list[tuple[float, float, int]]]:
+def measure(model, batch: int, repeats: int, device: str, session_columns: bool = False,
+            decompose: bool = False) -> dict[str, list[tuple[float, float, int]]]:
     """(wall, CPU seconds, minor page faults) of each operation per repeat, the operations
     interleaved, their order alternating from one repeat to the next."""
     torch.manual_seed(0)
     x = torch.rand(batch, 3, 224, 224, device=device)
-    operations = _operations(model, x, session_columns)
+    operations = _operations(model, x, session_columns, decompose)
     for fn in operations.values():  # warm-up
         fn()
     times: dict[str, list[tuple[float, float, int]]] = {name: [] for name in operations}
@@ -216,6 +239,7 @@ def _median_ms(times: list[tuple]) -> str:
 
 def table(rows: list[dict]) -> str:
     session = any("session update" in row["times"] for row in rows)
+    decomposed = any("hard pullback" in row["times"] for row in rows)
     header = ("| device | model | batch | gradient ms | pullback ms | "
               "r1 = pullback ÷ gradient, wall, median (range) | r1, CPU time | "
               "peak memory ÷ gradient's (whole / above model) | "
@@ -223,6 +247,9 @@ def table(rows: list[dict]) -> str:
     if session:
         header += (" session update ÷ fresh pullback | 5 targets batched ÷ update | "
                    "5 targets loop ÷ update |")
+    if decomposed:
+        header += (" gradient under a pass-through mode ÷ gradient | "
+                   "gate='hard' pullback ÷ gradient |")
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for row in rows:
         t, memory = row["times"], row.get("memory")
@@ -239,6 +266,9 @@ def table(rows: list[dict]) -> str:
             line += (f" {_ratio_cell(t['session update'], t['pullback'])} | "
                      f"{_ratio_cell(t['5 targets batched'], t['session update'])} | "
                      f"{_ratio_cell(t['5 targets loop'], t['session update'])} |")
+        if decomposed:
+            line += (f" {_ratio_cell(t['gradient under a mode'], t['gradient'])} | "
+                     f"{_ratio_cell(t['hard pullback'], t['gradient'])} |")
         lines.append(line)
     return "\n".join(lines)
 
@@ -250,6 +280,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--session", action="store_true", help="add the session columns")
+    parser.add_argument("--decompose", action="store_true",
+                        help="add the floors: a gradient under a pass-through function mode, "
+                             "and the pullback with gate='hard' (the engine without soft math)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     parser.add_argument("--profile", action="store_true",
                         help="add, per model and batch, the ops that differ most in time")
@@ -271,7 +304,8 @@ def main(argv: list[str] | None = None) -> str:
         notes.append(f"{name}: {weights} weights")
         for batch in args.batches:
             row = {"device": args.device, "model": name, "batch": batch,
-                   "times": measure(model, batch, args.repeats, args.device, args.session)}
+                   "times": measure(model, batch, args.repeats, args.device, args.session,
+                                    args.decompose)}
             if not args.no_memory:
                 row["memory"] = {method: peak_memory(name, batch, method, args.device)
                                  for method in ("gradient", "pullback")}

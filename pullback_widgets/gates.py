@@ -290,9 +290,10 @@ class SoftClamp(torch.autograd.Function):
         z = kept_pre_activation(ctx)
         low, high, settings = ctx.low, ctx.high, ctx.settings
         if settings.gate == "hard":
-            # torch.where, not a product, so that the result equals autograd's bit for bit.
-            inside = z > low if high is None else (z > low) & (z < high)
-            grad_in = torch.where(inside, grad_out, torch.zeros((), dtype=grad_out.dtype))
+            # Autograd's own kernels for ReLU and hardtanh, so the result is theirs bit for bit
+            # (a NaN pre-activation passes the gradient, as there).
+            grad_in = torch.ops.aten.threshold_backward(grad_out, z, low) if high is None \
+                else torch.ops.aten.hardtanh_backward(grad_out, z, low, high)
         else:
             dtype = compute_dtype(z.dtype)
             # A remade or promoted z is this call's own, and its buffer can take the results

@@ -182,6 +182,26 @@ def test_hard_gate_equals_autograd_bit_for_bit():
     assert torch.equal(grad, plain)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("low, high, plain_op", [
+    (0.0, None, torch.relu), (0.0, 6.0, F.relu6), (-1.0, 1.0, F.hardtanh)])
+def test_hard_clamp_gate_is_autograd_at_kinks_and_nan(inplace, low, high, plain_op):
+    values = [float("nan"), -0.0, 0.0, low, high or 3.0, -2.0, 0.5, 7.0, float("inf"),
+              -float("inf")]
+    base = torch.tensor(values, requires_grad=True)
+    settings = GateSettings(0.3, "hard")
+    if inplace:
+        def hard_op(t):
+            return F.hardtanh_(t, low, high) if high is not None else torch.relu_(t)
+    else:
+        hard_op = plain_op
+    out = SoftClamp.apply(base * 1.0, hard_op, low, high, inplace, settings)
+    grad_out = torch.arange(1.0, len(values) + 1)
+    (grad,) = torch.autograd.grad(out, base, grad_out)
+    (plain,) = torch.autograd.grad(plain_op(base * 1.0), base, grad_out)
+    assert torch.equal(grad, plain)
+
+
 def test_inplace_clamp_keeps_the_pre_activation_for_the_gate():
     base = torch.randn(30, dtype=torch.float64, requires_grad=True)
     z = base * 1.0

@@ -90,7 +90,7 @@ def test_speed_benchmark_prints_r1_and_the_memory_ratio(tmp_path, monkeypatch):
     spec.loader.exec_module(speed)
     out = tmp_path / "speed.md"
     text = speed.main(["--models", "resnet50", "--batches", "1", "--repeats", "1",
-                       "--profile", "--out", str(out)])
+                       "--profile", "--decompose", "--out", str(out)])
     assert out.read_text(encoding="utf-8") == text
     header, rows = _table_rows(text, "| device |")
     assert header[5].startswith("r1 = pullback ÷ gradient")
@@ -99,6 +99,9 @@ def test_speed_benchmark_prints_r1_and_the_memory_ratio(tmp_path, monkeypatch):
     assert re.fullmatch(ratio, rows[0][5]) and re.fullmatch(ratio, rows[0][6])
     assert re.fullmatch(r"\d+\.\d\d / \d+\.\d\d", rows[0][7])
     assert header[8].startswith("minor page faults") and re.fullmatch(r"\d+ / \d+", rows[0][8])
+    assert header[9:] == ["gradient under a pass-through mode ÷ gradient",
+                          "gate='hard' pullback ÷ gradient"]
+    assert re.fullmatch(ratio, rows[0][9]) and re.fullmatch(ratio, rows[0][10])
     assert "resnet50: random weights" in text
     profile = text.split("Profile, resnet50, batch 1:", 1)[1]
     assert re.search(r"\| all ops \| \d+\.\d\d \| \d+\.\d\d \| [+-]\d+\.\d\d \|", profile)

@@ -58,7 +58,7 @@ def gating_notices(gated_calls: int, plain_attention: int,
                    plain_gate_ops: Mapping[str, int]) -> tuple[str, ...]:
     """The honest notices for a forward that gated ``gated_calls`` ops and left
     ``plain_attention`` softmaxes and ``plain_gate_ops`` (op name -> count, see
-    :func:`.graph_audit.plain_gates`) plain: every place that shows a pullback shows them."""
+    :func:`.graph_audit.plain_gates_notice`) plain: every place that shows a pullback shows them."""
     notices = []
     if gated_calls == 0:
         notices.append(NO_GATED_OP)

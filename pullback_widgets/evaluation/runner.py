@@ -503,13 +503,6 @@ def read_rows(path: str | os.PathLike) -> list[Row]:
         return rows
 
 
-def _regular(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(path.stat().st_mode)
-    except OSError:  # a dangling link, a link loop
-        return False
-
-
 def _finished_parts(out: Path) -> list[Path]:
     parts = _parts_dir(out)
     if not parts.is_dir():  # (check_output refuses a parts path that is no folder)
@@ -517,7 +510,7 @@ def _finished_parts(out: Path) -> list[Path]:
     # Temporary files (a leading dot) are batches that were in flight: never merged.
     found = sorted(p for p in parts.iterdir()
                    if p.suffix == _PART_SUFFIX and not p.name.startswith("."))
-    damaged = [p for p in found if not _regular(p)]
+    damaged = [p for p in found if _file_identity(p) is None]  # not a regular file
     if damaged:  # reading a pipe would block for ever
         raise PullbackWidgetsError(f"{str(damaged[0])!r} is not a regular file: the parts "
                                    f"folder of {str(out)!r} is damaged; remove it to start again")
@@ -563,6 +556,8 @@ def _same_files(unlisted: Sequence[str], names: Sequence[str], folders: set[str]
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:
+    """A regular file's (device, inode), links followed; None for anything else (no such file,
+    a dangling link or a link loop, a pipe, a folder)."""
     try:
         status = path.stat()
     except (OSError, ValueError):  # no such file (a synthetic image's name), a NUL

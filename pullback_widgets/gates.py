@@ -37,7 +37,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -356,44 +355,52 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
     p_j (1 + s_j - sum_i p_i s_i) (differentiated). s is floored at -1000, where exp(s) is 0 in
     every dtype, so that a weight that underflows to 0 gives 0, never 0 * inf. Values beyond a
     quarter of the compute dtype's range (8.5e37 in float32) are clipped to it, so differences
-    cannot overflow. The windows are k*k strided views of the padded input, one per kernel
-    offset; their scatter back is k*k strided additions.
+    cannot overflow.
+
+    Layout: the padded input is split into stride-phase planes (row mod stride, column mod
+    stride), where one kernel offset's entries of every window are a plain slice, rows and
+    columns contiguous; strided views of the input itself make every op several times slower.
+    The gradient is gathered in the same planes and put back in place once.
     """
     n, c, h, w = x.shape
     out_h, out_w = grad_out.shape[-2:]
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry.as_args()[:4]
     dtype = compute_dtype(x.dtype)
     bound = torch.finfo(dtype).max / 4
-    # ceil_mode adds a last window that hangs over the right/bottom edge: pad for it too.
-    extra_h = max(0, (out_h - 1) * sh + dh * (kh - 1) + 1 - (h + 2 * ph))
-    extra_w = max(0, (out_w - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw))
-    padded = ph or pw or extra_h or extra_w
-    if padded:  # -bound: below every window's maximum by far more than 100 T, and finite
-        x = F.pad(x.to(dtype), (pw, pw + extra_w, ph, ph + extra_h), value=-bound)
-        x = x.clamp_(-bound, bound)
-    else:
-        x = x.to(dtype).clamp(-bound, bound)
+    # The planes cover the padded input and every window (ceil_mode's last one may hang over
+    # the edge), (sh, sw, N, C, plane_h, plane_w): plane (a, b) holds padded rows a::sh and
+    # columns b::sw. -bound pads: below every window's maximum by far more than 100 T, finite.
+    plane_h = -(-max(h + 2 * ph, (out_h - 1) * sh + dh * (kh - 1) + 1) // sh)
+    plane_w = -(-max(w + 2 * pw, (out_w - 1) * sw + dw * (kw - 1) + 1) // sw)
+    planes = torch.full((sh, sw, n, c, plane_h, plane_w), -bound, dtype=dtype, device=x.device)
+    phases = [(a, b, *_phase_slices(h, ph, sh, a), *_phase_slices(w, pw, sw, b))
+              for a in range(sh) for b in range(sw)]
+    x = x.to(dtype)
+    for a, b, rows, x_rows, cols, x_cols in phases:
+        torch.clamp(x[:, :, x_rows, x_cols], -bound, bound, out=planes[a, b, :, :, rows, cols])
     inverse_t = capped_reciprocal(temperature, dtype)
     offsets = [(i * dh, j * dw) for i in range(kh) for j in range(kw)]
 
     def windows_at(t: Tensor, top: int, left: int) -> Tensor:
-        """Entry (top, left) of every window: (N, c, Ho, Wo), a strided view of ``t``."""
-        return t[:, :, top:top + (out_h - 1) * sh + 1:sh, left:left + (out_w - 1) * sw + 1:sw]
+        """Entry (top, left) of every window of planes ``t``: (N, c, Ho, Wo), a slice."""
+        return t[top % sh, left % sw, :, :, top // sh:top // sh + out_h,
+                 left // sw:left // sw + out_w]
 
     result_dtype, grad_out = grad_out.dtype, grad_out.to(dtype)
-    # Under batched targets grad_out is vmapped: the result is made from it, so the scatter
-    # below adds into a tensor of its kind, and only out-of-place products enter it.
-    grad = grad_out.new_empty(x.shape)
+    # The gradient gathers in planes too: in ``planes`` itself, each chunk's once its windows
+    # are read. Under batched targets grad_out is vmapped: the gradient is made from it, so the
+    # scatter adds into a tensor of its kind, and only out-of-place products enter it.
     plain = _is_plain(grad_out)
-    step = max(1, _POOL_CHUNK_BYTES // (len(offsets) * n * out_h * out_w * x.element_size())) \
+    grad_planes = planes if plain else grad_out.new_zeros(planes.shape)
+    step = max(1, _POOL_CHUNK_BYTES // (len(offsets) * n * out_h * out_w * planes.element_size())) \
         if x.device.type == "cpu" else c
     for first in range(0, c, step):
-        def channels(t: Tensor, first: int = first) -> Tensor:
+        def channels(t: Tensor, dim: int, first: int = first) -> Tensor:
             # Whole tensors when one chunk covers them (vmap cannot slice a batched grad_out
             # whole: that is an alias).
-            return t if step >= c else t.narrow(1, first, min(step, c - first))
+            return t if step >= c else t.narrow(dim, first, min(step, c - first))
 
-        entries = [windows_at(channels(x), top, left) for top, left in offsets]
+        entries = [windows_at(channels(planes, 3), top, left) for top, left in offsets]
         maximum = torch.maximum(entries[0], entries[1]) if len(entries) > 1 \
             else entries[0].clone()
         for entry in entries[2:]:
@@ -409,19 +416,32 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
             scaled.clamp_min_(-1000.0)
             weights = scaled.exp()
             total = weights.sum(dim=0)
-            mean = torch.linalg.vecdot(weights, scaled, dim=0).div_(total)
-            weights = scaled.sub_(mean.sub_(1.0)).mul_(weights)  # (1 + s - mean) e^s
-        share = channels(grad_out) / total
-        grad_chunk = channels(grad).zero_()  # zeroed here, while it is in cache
+            mean = torch.mul(weights[0], scaled[0], out=maximum)  # maximum is spent
+            for k in range(1, len(entries)):
+                mean.addcmul_(weights[k], scaled[k])
+            weights = scaled.sub_(mean.div_(total).sub_(1.0)).mul_(weights)  # (1 + s - mean) e^s
+        share = channels(grad_out, 1) / total
+        grad_chunk = channels(grad_planes, 3)
+        if plain:
+            grad_chunk.zero_()  # its windows are read: it takes the gradient, while in cache
         for k, (top, left) in enumerate(offsets):
             target = windows_at(grad_chunk, top, left)
             if plain:
                 target.addcmul_(weights[k], share)
             else:
                 target.add_(weights[k] * share)
-    if padded:
-        grad = grad.narrow(-2, ph, h).narrow(-1, pw, w)
-    return grad.to(result_dtype)
+    grad = grad_out.new_empty((n, c, h, w), dtype=result_dtype)
+    for a, b, rows, x_rows, cols, x_cols in phases:
+        grad[:, :, x_rows, x_cols] = grad_planes[a, b, :, :, rows, cols]
+    return grad
+
+
+def _phase_slices(size: int, pad: int, stride: int, phase: int) -> tuple[slice, slice]:
+    """The rows (or columns) of an input of ``size``, padded by ``pad``, that fall in stride
+    phase ``phase``: (their slice in the phase's plane, their slice in the input)."""
+    first = max(0, -(-(pad - phase) // stride))
+    last = -(-(size + pad - phase) // stride)
+    return slice(first, last), slice(first * stride + phase - pad, size, stride)
 
 
 def hard_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry) -> Tensor:

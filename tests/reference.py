@@ -99,20 +99,26 @@ def frozen_gate_pool(x: Tensor, kernel: int, stride: int, padding: int, temperat
     return hard.detach() + soft - soft.detach()
 
 
-def window_loop_pool_grad(x: Tensor, grad_out: Tensor, kernel: int, stride: int, padding: int,
-                          temperature: float, dilation: int = 1,
+def window_loop_pool_grad(x: Tensor, grad_out: Tensor, kernel: int | tuple[int, int],
+                          stride: int | tuple[int, int], padding: int | tuple[int, int],
+                          temperature: float, dilation: int | tuple[int, int] = 1,
                           ceil_mode: bool = False, detached: bool = False) -> Tensor:
     """The soft-pool gradient one window position at a time (all examples and channels at
     once), each by autograd through an explicit softmax, exp / sum, detached when ``detached``.
+    Each geometry argument is one int or an (h, w) pair.
     """
+    def pair(v):
+        return (v, v) if isinstance(v, int) else tuple(v)
+
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(pair, (kernel, stride, padding, dilation))
     h, w = x.shape[-2:]
     out_h, out_w = grad_out.shape[-2:]
     grad = torch.zeros_like(x)
     for oy, ox in itertools.product(range(out_h), range(out_w)):
         coords = []
-        for ky, kx in itertools.product(range(kernel), range(kernel)):
-            yy = oy * stride - padding + ky * dilation
-            xx = ox * stride - padding + kx * dilation
+        for ky, kx in itertools.product(range(kh), range(kw)):
+            yy = oy * sh - ph + ky * dh
+            xx = ox * sw - pw + kx * dw
             if 0 <= yy < h and 0 <= xx < w:  # padded positions take no part
                 coords.append((yy, xx))
         values = torch.stack([x[:, :, yy, xx] for yy, xx in coords], dim=-1)

@@ -23,6 +23,10 @@ POOL_CASES = [
     (3, 1, 1, 2, False, (6, 5)),
     (2, 2, 0, 1, True, (5, 7)),
     (3, 3, 0, 1, True, (7, 8)),
+    (3, 3, 0, 1, False, (8, 7)),  # the last rows and columns in no window
+    (2, 3, 1, 2, False, (9, 10)),
+    ((3, 2), (2, 1), (1, 0), (1, 2), False, (7, 9)),  # every argument an (h, w) pair
+    ((1, 3), (3, 2), 0, 1, True, (8, 6)),
 ]
 
 

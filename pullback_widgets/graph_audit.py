@@ -59,6 +59,18 @@ PLAIN_GATE_NODES = {
     "MaxBackward1": "max/min over dims",
     "MinBackward0": "max/min over dims",
     "MinBackward1": "max/min over dims",
+    "FmaxBackward0": "maximum/minimum",
+    "FminBackward0": "maximum/minimum",
+    "CummaxBackward0": "cumulative max/min",
+    "CumminBackward0": "cumulative max/min",
+    "TopkBackward0": "top-k/sort",
+    "SortBackward0": "top-k/sort",
+    "MedianBackward0": "median/k-th value/mode",
+    "MedianBackward1": "median/k-th value/mode",
+    "NanmedianBackward0": "median/k-th value/mode",
+    "NanmedianBackward1": "median/k-th value/mode",
+    "KthvalueBackward0": "median/k-th value/mode",
+    "ModeBackward0": "median/k-th value/mode",
     "FractionalMaxPool2DBackward0": "max-pool",
     "FractionalMaxPool3DBackward0": "max-pool",
     "RreluWithNoiseBackward0": "RReLU",
@@ -92,9 +104,10 @@ COMPILED_IN_FORWARD = (
 PLAIN_GATES = (
     "{count} op(s) on the input's path kept a backward the engine did not soften: {ops}. "
     "Either the engine does not gate them (ELU, Mish, Softplus, Hardsigmoid, clamps, max/min, "
-    "1-D/3-D/adaptive max-pools, max-pools returning indices, RMSNorm, InstanceNorm, custom "
-    "autograd Functions, which keep their own backward), or they ran where it cannot see (a "
-    "TorchScript function, a C++ extension)")
+    "top-k, sort, median, 1-D/3-D/adaptive max-pools, max-pools returning indices, RMSNorm, "
+    "InstanceNorm, batch norms using batch statistics, custom autograd Functions, which keep "
+    "their own backward), or they ran where it cannot see (a TorchScript function, a C++ "
+    "extension)")
 
 
 def _compiled_by(node) -> str | None:

@@ -18,12 +18,14 @@ model's and any other.
 from __future__ import annotations
 
 import contextlib
+import sys
 import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
@@ -166,15 +168,16 @@ def _batch_norm_arguments(input, running_mean, running_var, weight=None, bias=No
 
 def _batch_norm_route(mode, func, args, kwargs):
     """``F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-    eps)`` runs as it is. In eval mode its output is remembered as remakable, so that a gate
-    taking it next need not keep a copy (see :class:`.pre_activations.Remake`)."""
+    eps)`` runs as it is. With batch statistics (``training=True``, as eval-mode batch norms
+    without running statistics call it) its statistics are differentiated, plainly: the node
+    is named for the notices. In eval mode its output is remembered as remakable, so that a
+    gate taking it next need not keep a copy (see :class:`.pre_activations.Remake`)."""
     out = func(*args, **kwargs)
-    if not mode.remake:
-        return out
     *tensors, training, momentum, eps = _batch_norm_arguments(*args, **kwargs)
-    # Training mode updates the running statistics, which a remake would do again; under
-    # autocast the backward's remake would not run in the forward's dtype.
-    if not training and isinstance(out, Tensor) \
+    if training:
+        return mode.plain("BatchNorm with batch statistics", out)
+    # Under autocast the backward's remake would not run in the forward's dtype.
+    if mode.remake and isinstance(out, Tensor) \
             and not torch.is_autocast_enabled(out.device.type):
         mode.remember(out, Remake.of(tuple(tensors), lambda x, mean, var, weight, bias: func(
             x, mean, var, weight, bias, False, momentum, eps)))
@@ -370,10 +373,33 @@ class _SoftGatingMode(TorchFunctionMode):
         if route is not None:
             if kwargs:
                 args, kwargs = _leading_by_position(func, args, kwargs)
-            if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
-                                               for t in args[:len(_PATH_ARGUMENTS[func])]):
+            if not torch.is_grad_enabled():
+                if _inside_reentrant_checkpoint():
+                    raise PullbackWidgetsError(CHECKPOINTING)
+            elif any(isinstance(t, Tensor) and t.requires_grad
+                     for t in args[:len(_PATH_ARGUMENTS[func])]):
                 return route(self, func, args, kwargs)
         return func(*args, **kwargs)
+
+
+# A reentrant activation checkpoint (torch.utils.checkpoint, use_reentrant=True) runs its
+# function under no_grad in this forward, and again in the backward, where no mode sees it.
+_REENTRANT_CHECKPOINT_FORWARD = getattr(
+    getattr(torch.utils.checkpoint, "CheckpointFunction", None), "forward", None)
+
+
+def _inside_reentrant_checkpoint() -> bool:
+    """Whether the calling code runs inside the forward of a reentrant activation checkpoint
+    that a backward will run again: one whose inputs require grad (not known: assumed)."""
+    code = getattr(_REENTRANT_CHECKPOINT_FORWARD, "__code__", None)
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            inputs = frame.f_locals.get("args")
+            return inputs is None or any(isinstance(t, Tensor) and t.requires_grad
+                                         for t in inputs)
+        frame = frame.f_back
+    return False
 
 
 def _active_gating_mode() -> _SoftGatingMode | None:

@@ -256,3 +256,45 @@ def test_the_notices_warning_points_at_the_callers_line():
         make_session()
         pw.excitation_pullback(UngatedOps().eval(), torch.rand(1, 3, 12, 12), 0)
     assert [w.filename for w in caught] == [__file__, __file__]
+
+
+@pytest.mark.parametrize(("selection", "name"), [
+    (lambda z: z.topk(2, dim=-1).values, "top-k/sort"),
+    (lambda z: z.sort(dim=-1).values, "top-k/sort"),
+    (lambda z: z.median(dim=-1, keepdim=True).values, "median/k-th value/mode"),
+    (lambda z: z.kthvalue(2, dim=-1, keepdim=True).values, "median/k-th value/mode"),
+    (lambda z: torch.fmax(z, 1.0 - z), "maximum/minimum"),
+    (lambda z: z.cummax(dim=-1).values, "cumulative max/min"),
+])
+def test_hard_selections_are_named(selection, name):
+    session, caught = _session(_conv_then(lambda z: selection(F.relu(z))), torch.rand(2, 3, 8, 8))
+    assert session.gated_kinds == {"relu": 1}
+    assert session.plain_gate_ops == {name: 1}
+    assert any(name in message for message in caught)
+
+
+class _BatchStatistics(nn.Module):
+    """A batch norm that uses batch statistics in eval mode, as a module or a call."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+        self.norm = nn.BatchNorm2d(4, track_running_stats=False)
+        self.functional = functional
+
+    def forward(self, x):
+        z = self.conv(x)
+        z = F.batch_norm(z, None, None, training=True) if self.functional else self.norm(z)
+        return self.head(F.relu(z).mean((2, 3)))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_a_batch_norm_on_batch_statistics_is_named(functional):
+    # Its statistics stay differentiated (each example's pullback depends on the others'), so
+    # the pullback says so; eval-mode batch norms with running statistics are not named.
+    session, caught = _session(_BatchStatistics(functional).eval(), torch.rand(3, 3, 8, 8))
+    assert session.plain_gate_ops == {"BatchNorm with batch statistics": 1}
+    assert any("BatchNorm with batch statistics" in message for message in caught)
+    running = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(4 * 6 * 6, 3)).eval()
+    assert _session(running, torch.rand(3, 3, 8, 8))[0].notices == ()

@@ -92,7 +92,7 @@ def _target_score(session: PullbackSession, target: Target) -> tuple[Tensor, Ten
     """(target logit or unit activation (B,), target probability (B,) or None)."""
     if isinstance(target, Unit):  # the unit's value: its seed's weighted sum
         activation = session.activations[target.layer].detach()
-        seed = unit_seed(target, activation, session.token_grid)
+        seed = unit_seed(target, activation, len(session.inputs), session.token_grid)
         return (activation * seed).flatten(1).sum(1), None
     batch, num_classes = session.logits.shape
     classes = class_indices(target, batch, num_classes, session.logits.device)
@@ -121,10 +121,14 @@ def _step(current: Tensor, start: Tensor, direction: Tensor, step_size: float,
     Computed in units of max(step_size, eps), where every quantity is at most 2, so that a
     step of 1e30 neither overflows nor vanishes: it lands on the ball's surface. Both are
     capped at a quarter of the dtype's largest number (8.5e37 in float32), far beyond any
-    distance inside [0, 1]^n, so that the unit itself is finite in the tensors' dtype.
+    distance inside [0, 1]^n, and raised to its smallest normal number (1.2e-38), so that the
+    unit itself is finite and not 0 in the tensors' dtype.
     """
-    largest = torch.finfo(current.dtype).max / 4
-    step_size, eps = min(step_size, largest), min(eps, largest)
+    finfo = torch.finfo(current.dtype)
+    largest = finfo.max / 4
+    # Below the dtype's smallest normal number a unit would be 0 there; nothing can move by
+    # less in [0, 1] anyway.
+    step_size, eps = (min(max(value, finfo.tiny), largest) for value in (step_size, eps))
     unit = max(step_size, eps)
     delta = (current - start) / unit + direction * (step_size / unit)
     radius = eps / unit

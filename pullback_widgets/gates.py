@@ -32,6 +32,7 @@ remakes it bit for bit where the interception knows how it was made.
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -326,12 +327,23 @@ class PoolGeometry:
 
     @staticmethod
     def of(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False) -> PoolGeometry:
-        def pair(v):
-            return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[-1]))
+        """From ``F.max_pool2d``'s arguments: each an int (numpy's too) or a sequence of one or
+        two; ``stride`` None or empty means the kernel size."""
+        def pair(value) -> tuple[int, int]:
+            try:
+                return (operator.index(value),) * 2
+            except TypeError:
+                values = [operator.index(v) for v in value]
+                return values[0], values[-1]
+
+        def empty(value) -> bool:
+            try:
+                return len(value) == 0
+            except TypeError:
+                return False
 
         kernel = pair(kernel_size)
-        stride = kernel if stride is None or (not isinstance(stride, int) and len(stride) == 0) \
-            else pair(stride)
+        stride = kernel if stride is None or empty(stride) else pair(stride)
         return PoolGeometry(kernel, stride, pair(padding), pair(dilation), bool(ceil_mode))
 
     def as_args(self) -> tuple:

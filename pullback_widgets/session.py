@@ -285,7 +285,7 @@ class PullbackSession:
             seed[torch.arange(batch, device=seed.device), classes] = 1.0
             return state.logits, seed
         activation = state.activations[target.layer]
-        return activation, unit_seed(target, activation, self.token_grid)
+        return activation, unit_seed(target, activation, len(self.inputs), self.token_grid)
 
     def _backward(self, targets: Sequence[Target], call: GateSettings, batched: bool,
                   retain_graph: bool = True) -> Tensor:

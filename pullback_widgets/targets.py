@@ -123,19 +123,27 @@ def _token_seed(unit: Unit, activation: Tensor, grid: TokenGrid, where: str) -> 
     return seed
 
 
-def unit_seed(unit: Unit, activation: Tensor, grid: TokenGrid | None = None) -> Tensor:
-    """The gradient seed on ``activation`` (B, C[, H, W]) that selects ``unit``.
+def unit_seed(unit: Unit, activation: Tensor, batch: int,
+              grid: TokenGrid | None = None) -> Tensor:
+    """The gradient seed on ``activation`` (B, C[, H, W]) that selects ``unit``, for a forward
+    of ``batch`` examples.
 
     For a vision transformer (``grid`` given), a 3-D output is a token map (B, N, C): the
     Unit's channel is the last dim and (y, x) a place on the patch grid (see
-    :class:`TokenGrid`); its spatial mean is the mean over the patch tokens.
+    :class:`TokenGrid`); its spatial mean is the mean over the patch tokens. An output whose
+    dim 0 is not the batch (a sequence-first layer) is an error: dim 1 is no channel there.
     """
     where = f"layer {unit.layer!r}"
-    if grid is not None and activation.dim() == 3:
-        return _token_seed(unit, activation, grid, where)
     if activation.dim() < 2:
         raise PullbackWidgetsError(f"{where} output has shape {tuple(activation.shape)}; "
                                    "a Unit needs (B, C) or (B, C, H, W)")
+    if activation.shape[0] != batch:
+        raise PullbackWidgetsError(
+            f"{where} output has shape {tuple(activation.shape)}, whose dim 0 is not the batch "
+            f"of {batch} (a sequence-first layer, such as nn.TransformerEncoder with "
+            "batch_first=False?); a Unit needs (B, C), (B, C, H, W) or a ViT's (B, N, C)")
+    if grid is not None and activation.dim() == 3:
+        return _token_seed(unit, activation, grid, where)
     channels = activation.shape[1]
     if unit.channel >= channels:
         raise PullbackWidgetsError(f"channel {unit.channel} is out of range for {where} "

@@ -33,7 +33,11 @@ def check_positive(value: object, name: str) -> float:
     """``value`` as a float if it is a finite real number > 0 (numpy scalars included)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise PullbackWidgetsTypeError(f"{name} must be a number, got {type(value).__name__}")
-    as_float = float(value)
+    try:
+        as_float = float(value)
+    except OverflowError:  # an int or fraction beyond float's range
+        raise PullbackWidgetsError(
+            f"{name} must be a finite number > 0, got one beyond float's range") from None
     if not math.isfinite(as_float) or as_float <= 0:
         raise PullbackWidgetsError(f"{name} must be a finite number > 0, got {value!r}")
     return as_float

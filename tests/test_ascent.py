@@ -146,6 +146,18 @@ def test_bad_arguments(kwargs, error, match):
         pw.pullback_ascent(_net(), _image(1), 0, progress=False, **kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_steps_too_small_for_the_dtype_leave_the_image_where_it_is(dtype):
+    # 1e-300 is 0 in float32: the step's unit is kept at the dtype's smallest normal number,
+    # so nothing divides by 0 (that gave a NaN image, then an error blaming the input).
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 10 * 10, 3)).to(dtype).eval()
+    x = _image(1).to(dtype)
+    result = pw.pullback_ascent(net, x, 1, steps=2, step_size=1e-300, eps=1e-300,
+                                progress=False)
+    assert all(torch.equal(image, x) for image in result.images)
+
+
 def test_image_outside_pixel_range_is_rejected():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         pw.pullback_ascent(_net(), _image(1) * 3, 0, progress=False)

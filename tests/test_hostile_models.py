@@ -387,3 +387,44 @@ def test_relative_temperature_ignores_gates_off_the_input_path():
     alone = torch.cat([pw.excitation_pullback(model, x[i:i + 1], 1, temperature_mode="relative")
                        for i in range(3)])
     torch.testing.assert_close(together, alone)
+
+
+def test_reentrant_checkpointing_under_soft_gating_is_refused_in_the_forward():
+    # A reentrant checkpoint runs its block again in the backward, where no mode sees it:
+    # backward() (which torch does not refuse, unlike autograd.grad) would give the plain
+    # gradient through the block without a word. Its forward runs the block under no_grad.
+    torch.manual_seed(0)
+    model = _Checkpointed(True).eval()
+    x = torch.rand(1, 3, 12, 12, requires_grad=True)
+    with pytest.raises(pw.PullbackWidgetsError, match="activation checkpointing"):
+        with pw.soft_gating(model):
+            model(x)[:, 0].sum().backward()
+    with pw.soft_gating(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's: no input requires grad
+        model(x)  # no gradient wanted: nothing to refuse
+
+
+def test_a_unit_on_a_sequence_first_layer_is_refused():
+    # Dim 1 of (N, B, C) is the batch, not a channel: the seed would pick an example.
+    torch.manual_seed(0)
+    session = pw.PullbackSession(_Encoder(batch_first=False).eval(), torch.rand(2, 3, 16, 16),
+                                 layers=["layer"])
+    with pytest.raises(pw.PullbackWidgetsError, match=r"\(16, 2, 8\), whose dim 0 is not the "
+                                                      "batch of 2"):
+        session.pullback(pw.Unit("layer", 1))
+    with pytest.raises(pw.PullbackWidgetsError, match="dim 0 is not the batch"):
+        pw.pullback_ascent(session.model, torch.rand(2, 3, 16, 16), pw.Unit("layer", 1),
+                           steps=1, progress=False)
+
+
+def test_a_max_pool_built_from_numpy_integers_is_gated():
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    as_ints = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2, 2, 1),
+                            nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).eval()
+    x = torch.rand(2, 3, 11, 11)
+    as_numpy = nn.Sequential(*as_ints[:2], nn.MaxPool2d(np.int64(2), np.int64(2), np.int32(1)),
+                             *as_ints[3:]).eval()
+    for gate in ("sigmoid", "hard"):
+        assert torch.equal(pw.excitation_pullback(as_numpy, x, 1, gate=gate),
+                           pw.excitation_pullback(as_ints, x, 1, gate=gate))

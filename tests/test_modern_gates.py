@@ -182,6 +182,8 @@ def test_temperature_none_gives_each_kind_its_default():
     ({"gelu": 0.0}, None, "temperature\\['gelu'\\] must be a finite number > 0"),
     ({"pool": 0.3}, 0.5, "pool_temperature is an alias"),
     ("1.0", None, "temperature must be a number"),
+    (10 ** 400, None, "temperature must be a finite number > 0, got one beyond float's range"),
+    ({"relu": 0.3}, -(10 ** 400), "pool_temperature must be a finite number > 0"),
 ])
 def test_bad_temperatures_are_refused_and_change_nothing(temperature, pool_temperature,
                                                         message):

@@ -202,6 +202,20 @@ def test_a_pipe_or_device_as_the_report_is_refused_even_with_force(tmp_path, mon
     assert stat.S_ISFIFO(out.stat().st_mode)
 
 
+@pytest.mark.parametrize("dangling", [False, True])
+def test_a_link_as_the_report_is_refused_and_kept(tmp_path, monkeypatch, capsys, dangling):
+    # The atomic rename would replace the link itself and leave what it points to stale.
+    target = tmp_path / "mine.html"
+    if not dangling:
+        target.write_text("my report")
+    out = tmp_path / "r.html"
+    out.symlink_to(target)
+    monkeypatch.setattr(cli, "load_model", lambda *_: pytest.fail("work started"))
+    assert cli.main(["explain", "--sample", "coffee", "--out", str(out), "--force"]) == 2
+    assert "not a regular file (a link" in capsys.readouterr().err
+    assert out.is_symlink() and (dangling or target.read_text() == "my report")
+
+
 def test_a_direction_control_in_a_file_name_stays_inside_that_name():
     # 'a\u202e.png' reversed every name and number after it in the grid's gains sentence.
     import torch

@@ -349,6 +349,22 @@ def test_a_damaged_output_on_resume_is_a_one_line_error(tmp_path, capsys):
         runner.read_rows(out)
 
 
+def test_an_output_whose_last_line_was_cut_short_is_refused(tmp_path):
+    # A cut inside the last value still parses as a number (0.3 for 0.3265...): only the
+    # missing line end tells it, and a resume must not take it for a finished row.
+    out = tmp_path / "results.csv"
+    runner._write_csv(out, [("a.png", 0, "gradient", "deletion", 0.3265),
+                            ("b.png", 1, "gradient", "deletion", 0.3265)])
+    whole = out.read_bytes()
+    assert runner.read_rows(out)[1][-1] == 0.3265
+    out.write_bytes(whole[:-4])
+    with pytest.raises(pw.PullbackWidgetsError, match="cut short"):
+        runner.read_rows(out)
+    out.write_bytes(whole[:-2] + b"\r")  # half the line end
+    with pytest.raises(pw.PullbackWidgetsError, match="cut short"):
+        runner.read_rows(out)
+
+
 def test_rows_keep_an_image_name_that_is_not_utf8(tmp_path):
     name = os.fsdecode(b"caf\xe9.png")
     rows = [(name, 3, "gradient", "deletion", 0.25)]
@@ -531,6 +547,25 @@ def test_damaged_parts_and_conflicting_rows_on_resume_are_one_line_errors(tmp_pa
     runner._write_csv(parts / "0.csv", [rows[0]])  # the same row twice is no conflict
     assert _synthetic_run(out, "--resume")[0] == 0 and _rows(out) == rows
 
+
+
+def test_links_where_the_outputs_go_are_refused_and_kept(tmp_path):
+    # A link (dangling or not) at the output, its settings or its summary: the atomic renames
+    # would replace the links themselves.
+    elsewhere = tmp_path / "elsewhere.csv"
+    for own in (tmp_path / "r.csv", tmp_path / "r.settings.json", tmp_path / "r.summary.md"):
+        own.symlink_to(elsewhere)
+        status, err = _synthetic_run(tmp_path / "r.csv")
+        assert status == 2 and "not a regular file (a link" in err
+        assert own.is_symlink() and not elsewhere.exists()
+        own.unlink()
+    assert _synthetic_run(tmp_path / "r.csv")[0] == 0  # the control
+    finished = tmp_path / "finished.csv"
+    (tmp_path / "r.csv").rename(finished)
+    (tmp_path / "r.csv").symlink_to(finished)
+    status, err = _synthetic_run(tmp_path / "r.csv", "--resume")
+    assert status == 2 and "not a regular file (a link" in err
+    assert (tmp_path / "r.csv").is_symlink()
 
 
 def test_resume_state_that_cannot_be_trusted_is_refused_in_one_line(tmp_path):

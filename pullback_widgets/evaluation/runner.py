@@ -392,11 +392,12 @@ def check_output(out: str | os.PathLike, resume: bool) -> Path:
 
 
 def refuse_special_file(out: Path) -> None:
-    """Refuse an ``out`` that exists and is no regular file (a device, a pipe, a socket, a
-    folder beside the output): a write would replace it, and a read of a pipe blocks."""
-    if out.exists() and not stat.S_ISREG(out.stat().st_mode):
-        raise PullbackWidgetsError(f"{str(out)!r} is not a regular file (a folder, device, pipe "
-                                   "or socket); remove it or write elsewhere")
+    """Refuse an ``out`` that exists and is no regular file (a link, dangling or not, a device,
+    a pipe, a socket, a folder beside the output): the atomic rename would replace it (a link
+    itself, not what it points to), and a read of a pipe blocks."""
+    if out.is_symlink() or (out.exists() and not stat.S_ISREG(out.stat().st_mode)):
+        raise PullbackWidgetsError(f"{str(out)!r} is not a regular file (a link, folder, device, "
+                                   "pipe or socket); remove it or write elsewhere")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -484,6 +485,13 @@ def read_rows(path: str | os.PathLike) -> list[Row]:
         except (pa.ArrowException, KeyError, TypeError, ValueError) as error:
             raise PullbackWidgetsError(f"{str(path)!r} is not a readable evaluation output "
                                        f"({first_line(error)})") from None
+    with open(path, "rb") as f:
+        # Every row is written with its line end: a last line without one was cut short, and
+        # its value may read as a number all the same (0.3 for 0.3265...).
+        if f.seek(0, os.SEEK_END) > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n":
+            raise PullbackWidgetsError(
+                f"{str(path)!r} ends in a line cut short (no line end); remove that line, or "
+                "the file, and run again")
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.reader(f)
         header, rows = None, []

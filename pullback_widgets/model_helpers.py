@@ -14,6 +14,7 @@ from .targets import TokenGrid
 from .validation import (
     PullbackWidgetsError,
     check_inputs,
+    check_logits,
     check_model,
     explained_forward_errors,
     submodules,
@@ -135,7 +136,7 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
 def predict(model: nn.Module, inputs: Tensor) -> Tensor:
     """Plain logits (B, num_classes) for ``inputs``, in eval mode, without gradients."""
     with evaluation_mode(model), torch.no_grad(), explained_forward_errors(model, inputs):
-        return model(inputs)
+        return check_logits(model(inputs))
 
 
 class LayerRecorder:

@@ -24,6 +24,7 @@ from .validation import (
     PullbackWidgetsError,
     PullbackWidgetsTypeError,
     check_inputs,
+    check_logits,
     check_model,
     explained_errors,
     explained_forward_errors,
@@ -217,10 +218,7 @@ class PullbackSession:
                 logits = self.model(leaf.clone(), *self._forward_args)
             if mode.remakes_intact():
                 break
-        if not isinstance(logits, Tensor) or logits.dim() != 2:
-            raise PullbackWidgetsError(
-                "the model must return logits of shape (B, num_classes), got "
-                f"{getattr(logits, 'shape', type(logits).__name__)}")
+        check_logits(logits)
         audit = audit_graph([logits, *recorder.outputs.values()], leaf, mode.gated_nodes,
                             mode.plain_nodes)
         if not audit.reach_input[0]:

@@ -43,6 +43,15 @@ def check_positive(value: object, name: str) -> float:
     return as_float
 
 
+def check_logits(output: object) -> Tensor:
+    """A model's output as logits (B, num_classes), else a clear error naming what it is."""
+    if not isinstance(output, Tensor) or output.dim() != 2:
+        raise PullbackWidgetsError(
+            "the model must return logits of shape (B, num_classes), got "
+            f"{tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__}")
+    return output
+
+
 def is_integer(value: object) -> bool:
     """True for any integer type (numpy's too) except bools."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

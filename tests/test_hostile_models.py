@@ -428,3 +428,24 @@ def test_a_max_pool_built_from_numpy_integers_is_gated():
     for gate in ("sigmoid", "hard"):
         assert torch.equal(pw.excitation_pullback(as_numpy, x, 1, gate=gate),
                            pw.excitation_pullback(as_ints, x, 1, gate=gate))
+
+
+class _TupleOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.input_size = nn.Conv2d(3, 4, 3), nn.Linear(4, 3), 16
+
+    def forward(self, x):
+        return (self.fc(F.relu(self.conv(x)).mean((2, 3))),)
+
+
+def test_a_model_that_returns_no_logits_is_a_clear_error_everywhere():
+    model, x = _TupleOutput().eval(), torch.rand(1, 3, 16, 16)
+    message = r"must return logits of shape \(B, num_classes\), got tuple"
+    with pytest.raises(pw.PullbackWidgetsError, match=message):
+        pw.PullbackSession(model, x)
+    with pytest.raises(pw.PullbackWidgetsError, match=message):
+        pw.model_helpers.predict(model, x)
+    for explorer in (pw.PullbackExplorer, pw.AscentExplorer):  # AttributeError before
+        with pytest.raises(pw.PullbackWidgetsError, match=message):
+            explorer(model=model, image=torch.rand(3, 16, 16))

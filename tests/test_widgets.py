@@ -423,6 +423,11 @@ def test_step_buttons_move_the_temperature_one_grid_step(net):
     for _ in range(200):
         explorer.temperature_control.down.click()
     assert explorer.temperature.value == pytest.approx(10 ** explorer.temperature.min)
+    explorer.temperature.value = float("nan")  # from Python: a status line, and then
+    explorer.wait()
+    assert "must be a finite number" in explorer.status.value
+    explorer.temperature_control.up.click()  # the buttons still work (a ValueError before)
+    assert explorer.temperature.value == pytest.approx(10 ** (explorer.temperature.min + 0.05))
     explorer.wait()
     explorer.close()
 

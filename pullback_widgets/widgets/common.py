@@ -227,10 +227,14 @@ class TemperatureControl:
         self.box = w.HBox([self.slider, self.down, self.up])
 
     def nudge(self, steps: int) -> None:
-        """Move the slider ``steps`` grid steps (negative: colder), within its range."""
+        """Move the slider ``steps`` grid steps (negative: colder), within its range. A value
+        that is no finite number > 0 (set from Python: the status line says so) counts as
+        the range's low end."""
         slider = self.slider
         last = round((slider.max - slider.min) / slider.step)
-        index = round((math.log10(slider.value) - slider.min) / slider.step) + steps
+        value = slider.value
+        exponent = math.log10(value) if math.isfinite(value) and value > 0 else slider.min
+        index = round((exponent - slider.min) / slider.step) + steps
         exponent = slider.min + min(max(index, 0), last) * slider.step
         slider.value = float(f"{slider.base ** exponent:.12g}")
 

@@ -22,6 +22,7 @@ from .validation import (
     PullbackWidgetsError,
     PullbackWidgetsTypeError,
     check_choice,
+    check_finite,
     check_index,
     check_inputs,
     check_model,
@@ -184,7 +185,8 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
                 break
             if step == steps:
                 break
-            direction = _unit_l2(session.pullback(target))
+            direction = _unit_l2(check_finite(session.pullback(target),
+                                              f"the {method} at step {step + 1}"))
             current = _step(current, start, direction, step_size, eps)
             result.images.append(current)
             bar.update(1)

@@ -52,6 +52,15 @@ def check_logits(output: object) -> Tensor:
     return output
 
 
+def check_finite(tensor: Tensor, what: str) -> Tensor:
+    """``tensor`` if every value is finite, else a clear error: a map or a step made of NaN
+    would be drawn, or taken, as if it meant something."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise PullbackWidgetsError(f"{what} holds NaN or infinite values: the model's output or "
+                                   "its gradient is not finite for this input")
+    return tensor
+
+
 def is_integer(value: object) -> bool:
     """True for any integer type (numpy's too) except bools."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

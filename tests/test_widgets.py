@@ -504,3 +504,25 @@ def test_gate_control_offers_the_paper_versions(net, preset):
         assert f"T = {settings.temperature['relu']:.3g}" in explorer.status.value
     finally:
         explorer.close()
+
+
+class _NaNOutput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.input_size = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 3), 16
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3))) * float("nan")
+
+
+def test_a_model_whose_output_is_nan_gets_a_status_line_not_nan_maps():
+    explorer = pw.PullbackExplorer(_NaNOutput().eval(), "coffee", labels=["a", "b", "c"])
+    explorer.wait()
+    assert "holds NaN" in explorer.status.value
+    assert explorer.pullback_figure.data == ()  # nothing drawn as if it meant something
+    explorer.close()
+    ascent = pw.AscentExplorer(_NaNOutput().eval(), "coffee", labels=["a", "b", "c"])
+    ascent.run()
+    ascent.wait()
+    assert "holds NaN or infinite values" in ascent.status.value
+    ascent.close()

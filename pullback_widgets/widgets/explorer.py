@@ -34,7 +34,12 @@ from ..model_helpers import STRIP_TEMPERATURES, describe_temperatures, scaled_te
 from ..paper import PAPER_PRESETS
 from ..session import PullbackSession
 from ..targets import Target, Unit
-from ..validation import PullbackWidgetsError, PullbackWidgetsTypeError, check_choice
+from ..validation import (
+    PullbackWidgetsError,
+    PullbackWidgetsTypeError,
+    check_choice,
+    check_finite,
+)
 from .common import (
     LOGITS,
     STYLE,
@@ -304,9 +309,12 @@ class PullbackExplorer(w.VBox):
     def _ensure_session(self, image_key: str) -> PullbackSession:
         if self._session_key != image_key:
             image = self._image(image_key)
-            self._session = PullbackSession(self.model, image,
-                                            layers=list(self.layer_control.short_list))
-            self._session_key = image_key
+            session = PullbackSession(self.model, image,
+                                      layers=list(self.layer_control.short_list))
+            if bool(session.logits.isnan().any()):  # -inf logits (masked classes) are fine
+                raise PullbackWidgetsError("the model's output for this image holds NaN: "
+                                           "there is nothing to explain")
+            self._session, self._session_key = session, image_key
             self._show_notices(self._session.notices, self._session.gated_calls == 0)
             self._show_photo(image[0])
             self._show_top_classes(self._session.probabilities[0])
@@ -377,8 +385,9 @@ class PullbackExplorer(w.VBox):
         described = describe_temperatures(temperatures, session.gated_kinds)
         if shown != self._pullback_shown:
             began = time.perf_counter()
-            pullback = session.pullback(target, temperature=temperatures, gate=gate,
-                                        pool_weights=pool_weights)[0]
+            pullback = check_finite(session.pullback(target, temperature=temperatures,
+                                                     gate=gate, pool_weights=pool_weights)[0],
+                                    "the pullback")
             title = f"Plain gradient of {what} (nothing to gate)" if plain else \
                 f"Pullback of {what} ({described}, {request.gate})"
             sync_figure(self.pullback_figure,
@@ -387,6 +396,7 @@ class PullbackExplorer(w.VBox):
             self._pullback_time = f"pullback {_ms(began)}"
         compared = self._comparison(request, session, target, target_class)
         label, attribution, seconds, cached, note = compared
+        check_finite(attribution, f"the {label}")
         shown = (request.image_key, target, request.view, label, mask is not None)
         if shown != self._gradient_shown:
             title = f"{label} of {what}"
@@ -402,8 +412,9 @@ class PullbackExplorer(w.VBox):
                  + (" (cached)" if cached else "")]
         if request.strip_token != self._strip_done:
             strip_gate = "sigmoid" if gate == "hard" else gate
-            strip = [session.pullback(target, temperature=t, gate=strip_gate,
-                                      pool_weights=pool_weights)[0]
+            strip = [check_finite(session.pullback(target, temperature=t, gate=strip_gate,
+                                                   pool_weights=pool_weights)[0],
+                                  f"the pullback at T = {t}")
                      for t in STRIP_TEMPERATURES]
             extra = (label, attribution) if request.strip_compare else None
             sync_figure(self.strip_figure, figures.temperature_strip(

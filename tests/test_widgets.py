@@ -526,3 +526,31 @@ def test_a_model_whose_output_is_nan_gets_a_status_line_not_nan_maps():
     ascent.wait()
     assert "holds NaN or infinite values" in ascent.status.value
     ascent.close()
+
+
+def test_a_change_made_while_the_worker_names_the_target_is_not_lost(net, monkeypatch):
+    # The worker fills in the Target box after its first forward, which takes a snapshot of
+    # the controls on its thread. A change the user makes between that snapshot and its
+    # submission must win: before, the older snapshot replaced it and the explorer stayed on
+    # the old temperature, its status at "computing …" for ever.
+    from pullback_widgets.widgets import explorer as explorer_module
+
+    entered = threading.Event()
+    request = explorer_module.PullbackExplorer._request
+
+    def slow_on_the_worker(self):
+        snapshot = request(self)
+        if threading.current_thread().name == "pullback-widgets-worker":
+            entered.set()
+            time.sleep(0.3)  # a thread switch at the worst moment
+        return snapshot
+
+    monkeypatch.setattr(explorer_module.PullbackExplorer, "_request", slow_on_the_worker)
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS, temperature=0.5)
+    assert entered.wait(60)
+    explorer.temperature_control.up.click()  # the user's last action
+    explorer.wait()
+    shown = f"T = {explorer.temperature.value:.3g}"
+    assert shown in explorer.pullback_figure.layout.title.text
+    assert "computing" not in explorer.status.value and shown in explorer.status.value
+    explorer.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -143,6 +144,7 @@ class PullbackExplorer(w.VBox):
         self._gradient_shown: tuple | None = None  # (image, target, view) drawn on the right
         self._strip_token = self._strip_done = 0
         self._submitted: _Request | None = None
+        self._submit_lock = threading.Lock()
         self._auto_target = ""  # the Target box's value when the explorer filled it in
         self._notes: list[str] = []  # said once, with the first picture
         self._notices: tuple[str, ...] = ()  # the engine's, for the image shown
@@ -248,8 +250,12 @@ class PullbackExplorer(w.VBox):
         return f"{what} · T = {request.temperature:.3g} · {request.gate}"
 
     def _on_change(self, change=None) -> None:
-        if not self._closed:
-            self._submit(self._request())
+        # The worker changes the Target box too (to name the class it drew), which calls this
+        # on its thread: the snapshot and its submission are one step, or an older snapshot
+        # could replace a newer one in the worker's slot, and its status event with it.
+        with self._submit_lock:
+            if not self._closed:
+                self._submit(self._request())
 
     def _choose_top_class(self, button: w.Button) -> None:
         if button.class_index is None:  # the first forward has not finished yet

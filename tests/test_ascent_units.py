@@ -75,6 +75,10 @@ def test_hidden_unit_from_grey_matches_the_engine_and_is_labelled_as_an_activati
     assert "conv4 channel 5" in explorer.frames_figure.layout.annotations[0].text
     assert "activation" in explorer.frames_figure.layout.annotations[0].text
     assert "activation gain" in explorer.status.value and "from grey" in explorer.status.value
+    # The finished run names its own settings, whatever the controls say since.
+    explorer.step_size.value = 5.0
+    assert "step size 2, eps 8" in explorer.status.value
+    assert f"T = {explorer.temperature.value:.3g}" in explorer.status.value
 
 
 def test_noise_start_reproduces_with_its_seed_and_both_methods_run_side_by_side(

@@ -350,8 +350,13 @@ class AscentExplorer(w.VBox):
                           in zip(self._names, result.gain.tolist()))
         state = f"stopped after step {last}" if result.stopped else f"{last} steps"
         value = "activation gain" if self._unit else "target-logit gain"
-        self._status.show(" · ".join([f"{state} from {self._start_name(run)} · {value}: "
-                                      f"{gains}", *self._notices]), run.event)
+        # The run's own settings: the controls may have moved since Run was pressed.
+        gate = "plain gradient" if run.method == "gradient" else \
+            f"T = {run.temperature:.3g} · {run.gate}"
+        self._status.show(" · ".join([
+            f"{state} from {self._start_name(run)}", gate,
+            f"step size {run.step_size:g}, eps {run.eps:g}", f"{value}: {gains}",
+            *self._notices]), run.event)
 
     def _draw_frame(self, index: int) -> None:
         """The one writer of the frame view, called by the worker and the Frame slider."""

@@ -71,6 +71,24 @@ def gating_notices(gated_calls: int, plain_attention: int,
     return tuple(notices)
 
 
+# Where a widget's status line shows the notices, its thread does not warn them too (a warning
+# from a worker thread lands under whichever notebook cell ran last). Per thread: the user's
+# own calls elsewhere still warn.
+_QUIET = threading.local()
+
+
+@contextlib.contextmanager
+def notices_unwarned() -> Iterator[None]:
+    """Inside this context, sessions made in this thread keep their notices
+    (:attr:`PullbackSession.notices`) without warning them."""
+    before = getattr(_QUIET, "on", False)
+    _QUIET.on = True
+    try:
+        yield
+    finally:
+        _QUIET.on = before
+
+
 def _stacklevel_outside_package() -> int:
     """``warnings.warn``'s stacklevel, from the function that calls this, that names the first
     frame outside the package: the user's line, however deep the package called in."""
@@ -235,8 +253,9 @@ class PullbackSession:
             if not reach_input[name]:
                 raise PullbackWidgetsError(_NO_GRADIENT_PATH.format(what=f"layer {name!r}"))
         gated_calls = sum(audit.gated_kinds.values())
-        for notice in gating_notices(gated_calls, audit.softmaxes, audit.plain_gate_ops):
-            warnings.warn(notice, stacklevel=_stacklevel_outside_package())
+        if not getattr(_QUIET, "on", False):
+            for notice in gating_notices(gated_calls, audit.softmaxes, audit.plain_gate_ops):
+                warnings.warn(notice, stacklevel=_stacklevel_outside_package())
         return _Forward(leaf, logits, recorder.outputs, layers, gated_calls, audit.gated_kinds,
                         audit.softmaxes, audit.plain_gate_ops)
 

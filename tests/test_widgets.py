@@ -5,6 +5,7 @@ import io
 import re
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -554,3 +555,23 @@ def test_a_change_made_while_the_worker_names_the_target_is_not_lost(net, monkey
     assert shown in explorer.pullback_figure.layout.title.text
     assert "computing" not in explorer.status.value and shown in explorer.status.value
     explorer.close()
+
+
+def test_explorers_show_notices_on_their_status_line_without_warning_them():
+    # A warning from a worker thread lands under whichever notebook cell ran last.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 30 * 30, 3)).eval()
+    model.input_size = 32
+    with pytest.warns(UserWarning, match="gated no op"):  # the user's own session still warns
+        pw.PullbackSession(model, torch.rand(1, 3, 32, 32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explorer = pw.PullbackExplorer(model, "coffee", labels=["a", "b", "c"])
+        explorer.wait()
+        ascent = pw.AscentExplorer(model, "coffee", labels=["a", "b", "c"])
+        ascent.steps.value = 1
+        assert ascent.run() and ascent.wait()
+    assert "gated no op" in explorer.status.value and "gated no op" in ascent.status.value
+    assert not [w for w in caught if "gated no op" in str(w.message)]
+    explorer.close()
+    ascent.close()

@@ -9,7 +9,6 @@ lock; the status line has one writer, :class:`~pullback_widgets.widgets.common.S
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,7 +27,7 @@ from ..ascent import (
 )
 from ..gates import GATES
 from ..model_helpers import predict, scaled_temperatures
-from ..session import PullbackSession
+from ..session import PullbackSession, notices_unwarned
 from ..targets import Unit
 from ..validation import PullbackWidgetsError, check_choice
 from .common import (
@@ -182,8 +181,7 @@ class AscentExplorer(w.VBox):
         """One forward on the start image: where nothing is gated, pullback ascent is
         gradient ascent, so the status line says so and the controls that change nothing
         (temperature, gate, method) are disabled."""
-        with warnings.catch_warnings():  # the status line says it instead
-            warnings.simplefilter("ignore")
+        with notices_unwarned():  # the status line says them instead
             session = PullbackSession(self.model, image)
         self._notices, plain = session.notices, session.gated_calls == 0
         for control in (self.temperature, self.gate, self.method,
@@ -292,6 +290,10 @@ class AscentExplorer(w.VBox):
     # ------------------------------------------------------------------ worker side
 
     def _run_job(self, run: _Run) -> None:
+        with notices_unwarned():  # the status line says them
+            self._ascend(run)
+
+    def _ascend(self, run: _Run) -> None:
         with self._draw_lock:  # the run's names and frames replace the last run's together:
             self.result = None  # one that fails before its first step leaves no frames
         try:

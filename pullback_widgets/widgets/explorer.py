@@ -33,7 +33,7 @@ from ..gates import GATES
 from ..images import SAMPLE_IMAGES
 from ..model_helpers import STRIP_TEMPERATURES, describe_temperatures, scaled_temperatures
 from ..paper import PAPER_PRESETS
-from ..session import PullbackSession
+from ..session import PullbackSession, notices_unwarned
 from ..targets import Target, Unit
 from ..validation import (
     PullbackWidgetsError,
@@ -364,6 +364,10 @@ class PullbackExplorer(w.VBox):
             self.target.value = option  # its request equals this one: nothing is recomputed
 
     def _compute(self, request: _Request) -> None:
+        with notices_unwarned():  # the status line says them
+            self._draw(request)
+
+    def _draw(self, request: _Request) -> None:
         started = time.perf_counter()
         self._load()
         session = self._ensure_session(request.image_key)

@@ -37,14 +37,20 @@ def class_names(num_classes: int, labels: Sequence[str] | None = None,
 
 
 def find_class(query: int | str, labels: Sequence[str]) -> int:
-    """The class index that ``query`` names: an index, a digit string or a class name.
+    """The class index that ``query`` names: an index, a digit string, a class name, or
+    "name (index)" as the explorers list them.
 
     Names match case-insensitively; any integer type is an index (numpy's too). A name that
     matches no class, or several (ImageNet has two "crane"s), raises a PullbackWidgetsError (a
     ValueError) that lists close matches with their indices.
     """
-    if isinstance(query, str) and re.fullmatch(r"-?[0-9]+", query.strip()):
-        query = int(query)
+    if isinstance(query, str):
+        option = re.fullmatch(r"(.*\S)\s*\(([0-9]+)\)", query.strip())
+        if option and int(option[2]) < len(labels) and \
+                labels[int(option[2])].strip().lower() == option[1].lower():
+            return int(option[2])  # "name (index)", as the explorers list the classes
+        if re.fullmatch(r"-?[0-9]+", query.strip()):
+            query = _index_or_digit_name(query.strip(), labels)
     if not isinstance(query, str):
         if not is_integer(query):
             raise PullbackWidgetsTypeError(
@@ -60,13 +66,33 @@ def find_class(query: int | str, labels: Sequence[str]) -> int:
     if matches:
         listed = ", ".join(f"{i}" for i in matches)
         raise PullbackWidgetsError(
-            f"class {query!r} is ambiguous: indices {listed}; give the index")
+            f"class {query!r} is ambiguous: indices {listed}; give the index, or write "
+            + " or ".join(repr(f"{labels[i]} ({i})") for i in matches))
     lowered = [label.lower() for label in labels]
     close = close_matches(wanted, lowered, n=4, cutoff=0.6)
     close += [name for name in lowered if wanted in name and name not in close][:4 - len(close)]
-    hint = ", ".join(f"{labels[lowered.index(c)]!r} ({lowered.index(c)})" for c in close)
+    hint = ", ".join(f"{labels[i]!r} ({i})" for c in close
+                     for i, name in enumerate(lowered) if name == c)
     raise PullbackWidgetsError(
         f"unknown class {query!r}" + (f"; did you mean {hint}?" if hint else ""))
+
+
+def _index_or_digit_name(text: str, labels: Sequence[str]) -> int:
+    """A digit string as a class index, or as the name of the one class it names where the
+    index is out of range (labels such as "7", "3"); both, naming different classes, is
+    ambiguous: an error that says how to write either."""
+    index = int(text)
+    named = [i for i, label in enumerate(labels) if label.strip().lower() == text]
+    if not named or named == [index]:
+        return index
+    if 0 <= index < len(labels) or len(named) > 1:
+        readings = [f"{labels[i]} ({i})" for i in named]
+        if 0 <= index < len(labels):
+            readings.append(f"{labels[index]} ({index})")
+        raise PullbackWidgetsError(
+            f"class {text!r} is ambiguous: it is a class index and a class name; write "
+            + " or ".join(repr(reading) for reading in readings))
+    return named[0]
 
 
 def search_classes(query: str, labels: Sequence[str], limit: int = 20) -> list[int]:

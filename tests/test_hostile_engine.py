@@ -333,6 +333,22 @@ def numpy_integer_targets_everywhere():
 
 
 @case
+def digit_class_names_are_names_where_no_index_is_meant():
+    # A digit string names a class by index or, for labels such as "7", by name: where both
+    # readings are classes and differ, guessing one would explain the wrong class.
+    labels = ["7", "3", "crane", "crane"]
+    assert find_class("7", labels) == 0 and find_class("1", labels) == 1
+    assert find_class("3 (1)", labels) == 1 and find_class("crane (3)", labels) == 3
+    assert find_class("3", [str(i) for i in range(10)]) == 3  # both readings agree
+    with pytest.raises(pw.PullbackWidgetsError, match=r"'1 \(0\)' or '0 \(1\)'"):
+        find_class("1", ["1", "0"])
+    with pytest.raises(pw.PullbackWidgetsError, match=r"'crane \(2\)' or 'crane \(3\)'"):
+        find_class("crane", labels)
+    with pytest.raises(pw.PullbackWidgetsError, match="unknown class"):
+        find_class("crane (1)", labels)  # not the name of class 1
+
+
+@case
 def numpy_scalars_for_steps_temperatures_and_grid_targets():
     net, x = every_op_net(), random_image(1) * 0.8 + 0.1
     result = pw.pullback_ascent(net, x, np.int64(2), steps=np.int64(2),

@@ -153,17 +153,12 @@ class StatusLine:
 
 
 def parse_target(text: str, labels: Sequence[str]) -> int | None:
-    """The class a Target box names: "" is the predicted class (None); "name (index)" as the
-    box offers it, a bare index or a class name go through :func:`find_class`, which refuses
-    unknown names with suggestions rather than silently explaining another class."""
+    """The class a Target box names: "" is the predicted class (None); anything else goes
+    through :func:`find_class` ("name (index)" as the box offers it, a bare index or a class
+    name), which refuses unknown names with suggestions rather than silently explaining
+    another class."""
     text = text.strip()
-    if not text:
-        return None
-    option = option_index(text)
-    if option is not None and 0 <= option < len(labels) and \
-            text == f"{labels[option]} ({option})":
-        return option
-    return find_class(text, labels)
+    return find_class(text, labels) if text else None
 
 
 def widget_tree(root: w.Widget) -> Iterator[w.Widget]:
@@ -387,13 +382,6 @@ class LayerControl:
 def class_options(labels: Sequence[str]) -> list[str]:
     """Unique, searchable option strings "name (index)": ImageNet has two "crane"s."""
     return [f"{name} ({index})" for index, name in enumerate(labels)]
-
-
-def option_index(option: str) -> int | None:
-    """The class index in a :func:`class_options` string; None when none is chosen yet."""
-    if not option.endswith(")") or "(" not in option:
-        return None
-    return int(option.rsplit("(", 1)[1][:-1])
 
 
 def load_choice(source: object, size: int, name: str | None = None,

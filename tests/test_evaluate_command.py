@@ -279,6 +279,18 @@ def test_items_from_any_source_and_randomisation_equals_the_cascade(tmp_path):
     assert [r[:4] for r in report.rows] == [(f"synthetic-{i}", i, "gradient", "randomisation")
                                             for i in range(3)]
     np.testing.assert_allclose([r[4] for r in report.rows], expected.numpy(), rtol=1e-12)
+    # The model that ran is recorded, not the settings' default name; a resume with another
+    # model is refused.
+    assert f"model='{type(model).__name__} (passed in)'" in report.summary
+    recorded = json.loads((tmp_path / "r.settings.json").read_text())["settings"]["model"]
+    assert recorded == f"{type(model).__name__} (passed in)"
+    with pytest.raises(pw.PullbackWidgetsError, match="model"):
+        ev.evaluate(items, settings, tmp_path / "r.csv", model=pw.load_model("shapes"),
+                    resume=True, progress=False)
+    # Methods passed in as functions: the summary says the pullback settings are not theirs.
+    passed = ev.evaluate(items, settings, tmp_path / "p.csv", model=model, progress=False,
+                         methods={"mine": ev.gradient})
+    assert "passed in as functions" in passed.summary
     with pytest.raises(pw.PullbackWidgetsError, match="label"):
         ev.evaluate([("unlabelled", images[0])], settings, tmp_path / "s.csv", model=model)
     # A tensor of the run's size is used as it is; another size is resized like a file.

@@ -860,6 +860,9 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
         check_methods(list(settings.methods))
     else:
         settings = dataclasses.replace(settings, methods=tuple(methods))
+    if model is not None:  # recorded (and checked on resume) as the model that ran
+        settings = dataclasses.replace(settings, model=str(
+            getattr(model, "model_name", None) or f"{type(model).__name__} (passed in)"))
     out = check_output(out, resume)
     started_in = _check_resume_settings(out, settings, resume)
     items = [as_item(item) for item in items]
@@ -890,6 +893,9 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
         # Also: does the model run at that size, before anything is written.
         notices = gating_probe(model, settings.image_size,
                                pullbacks=any(name.startswith("pullback") for name in explainers))
+        if methods is not None:
+            notices = (*notices, "the methods were passed in as functions: the temperature, gate "
+                       "and pool_weights above are those of the built-in pullback, not theirs")
         done = {row[:4] for row in _existing_rows(out, names, started_in)} if resume else set()
         out.parent.mkdir(parents=True, exist_ok=True)
         if world.rank == 0:

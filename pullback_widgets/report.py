@@ -40,6 +40,7 @@ class Explanation:
     pullback: Tensor  # (3, H, W)
     gradient: Tensor  # (3, H, W)
     strip: list[Tensor]  # one (3, H, W) pullback per STRIP_TEMPERATURES entry
+    strip_gate: str
     ascent: AscentResult
     gradient_ascent: AscentResult
     parameters: dict[str, object] = field(default_factory=dict)
@@ -71,7 +72,7 @@ def explain(model: nn.Module, image: Tensor, target: int | None = None, *,
     pullback = session.pullback(target)[0]
     gradient = session.pullback(target, gate="hard")[0]
     on_progress("pullback and gradient")
-    strip_gate = "sigmoid" if gate == "hard" else gate
+    strip_gate = "sigmoid" if gate == "hard" else gate  # the hard gate has no temperature
     strip = [session.pullback(target, temperature=t, gate=strip_gate)[0]
              for t in STRIP_TEMPERATURES]
     on_progress("temperature strip")
@@ -82,8 +83,8 @@ def explain(model: nn.Module, image: Tensor, target: int | None = None, *,
     gradient_ascent = pullback_ascent(model, image, target, method="gradient", **ascent_args,
                                       callback=lambda step, _: on_progress(
                                           f"gradient ascent step {step}/{steps}"))
-    return Explanation(image[0], probabilities, target, pullback, gradient, strip, ascent,
-                       gradient_ascent, notices=session.notices)
+    return Explanation(image[0], probabilities, target, pullback, gradient, strip, strip_gate,
+                       ascent, gradient_ascent, notices=session.notices)
 
 
 def _frame_labels(result: AscentResult) -> list[str]:
@@ -235,8 +236,11 @@ def explain_html(explanation: Explanation, labels: Sequence[str] | None = None) 
          _frames(e.gradient_ascent), ""),
         ("Temperature strip",
          figures.temperature_strip(e.strip, STRIP_TEMPERATURES),
-         "The same target from T = 0.01 (close to the plain gradient) to T = 10 (close to a "
-         "model that is linear in path space); each panel on its own colour scale."),
+         f"The same target from T = 0.01 (close to the plain gradient) to T = 10 (close to a "
+         f"model that is linear in path space), gate {e.strip_gate}"
+         + (" (the hard gate has no temperature)" if e.strip_gate != e.parameters.get("gate",
+                                                                                  e.strip_gate)
+            else "") + "; each panel on its own colour scale."),
     ]
     return render_html(f"Excitation pullback: {name}", sections, e.parameters)
 

@@ -112,6 +112,22 @@ def test_pool_weights_flag_reaches_the_report(tmp_path, monkeypatch):
                      "--out", str(out)]) == 2
 
 
+def test_a_hard_gate_report_says_which_gate_its_temperature_strip_uses(tmp_path, monkeypatch):
+    import torch
+
+    from tests.conftest import every_op_net
+
+    net = every_op_net(dtype=torch.float32)
+    net.labels = [f"class {i}" for i in range(5)]
+    monkeypatch.setattr(cli, "load_model", lambda name: net)
+    out = tmp_path / "report.html"
+    for gate, note in (("hard", "gate sigmoid (the hard gate has no temperature)"),
+                       ("normal_cdf", "gate normal_cdf;")):
+        assert cli.main(["explain", "--sample", "coffee", "--steps", "1", "--gate", gate,
+                         "--out", str(out), "--force"]) == 0
+        assert note in out.read_text()
+
+
 def test_explain_without_temperature_uses_the_models_per_kind_defaults(tmp_path, monkeypatch):
     """A SiLU model's default T is 1.6 for its SiLUs: the CLI must not flatten it to one float."""
     import torch

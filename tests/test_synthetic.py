@@ -206,6 +206,18 @@ def test_mask_mass_against_a_loop() -> None:
     assert float(gt.mask_mass(torch.zeros_like(attribution), masks).abs().max()) == 0
 
 
+@pytest.mark.parametrize(("dtype", "scale"), [(torch.float32, 1e37), (torch.float64, 1e306)])
+def test_mask_mass_of_maps_near_the_dtypes_largest_is_that_of_the_map_scaled_down(dtype, scale):
+    # Channel sums near the largest number overflowed to inf (a float32 sum), and inf / inf
+    # made the mass NaN; the mass is scale-free.
+    attribution, masks = _random_case()
+    attribution = attribution.abs().to(dtype)
+    big = attribution / attribution.abs().max() * (scale * 30)  # finite in dtype
+    assert torch.isfinite(big).all()
+    torch.testing.assert_close(gt.mask_mass(big, masks), gt.mask_mass(attribution, masks),
+                               rtol=1e-6, atol=0)
+
+
 def test_mask_auc_against_pairwise_counts_and_sklearn() -> None:
     attribution, masks = _random_case(seed=1)
     attribution[1] = attribution[1].round(decimals=1)  # many ties

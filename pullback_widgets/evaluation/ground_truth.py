@@ -88,7 +88,15 @@ def _check_pair(attribution: object, masks: object) -> tuple[Tensor, Tensor]:
 
 
 def _saliency(attribution: Tensor) -> Tensor:
-    return attribution.sum(1).abs().double()
+    """|attribution summed over channels|, (B, H, W), summed in float64 (a float32 sum of
+    values near its largest overflows). An example whose sums (over channels, then pixels)
+    could overflow even so is divided by its largest |value| first: the metrics reading this
+    are scale-free."""
+    values = attribution.double()
+    largest = values.abs().flatten(1).amax(1)
+    limit = torch.finfo(torch.float64).max / (2 * values[0].numel())
+    scale = torch.where(largest > limit, largest, 1.0)
+    return (values / scale.view(-1, *([1] * (values.dim() - 1)))).sum(1).abs()
 
 
 def mask_mass(attribution: Tensor, masks: Tensor) -> Tensor:

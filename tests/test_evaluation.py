@@ -398,6 +398,13 @@ def test_quantus_explain_func_takes_and_returns_numpy():
                                                  torch.from_numpy(targets)).numpy(), rtol=1e-5)
     with pytest.raises(TypeError, match="temprature"):
         ev.quantus_explain_func(model, inputs, targets, temprature=0.5)
+    # Labels as whole floats are classes; 0.9 is no class (a cast made it class 0).
+    np.testing.assert_array_equal(
+        ev.quantus_explain_func(model, inputs, targets.astype(np.float64), gate="hard"), hard)
+    for bad in (np.array([0.9, 1.9, 2.9]), np.array([0.0, np.nan, 1.0]),
+                np.array([True, False, True])):
+        with pytest.raises(pw.PullbackWidgetsTypeError, match="integer class indices"):
+            ev.quantus_explain_func(model, inputs, bad)
 
 
 def _quantus_batch():

@@ -391,6 +391,16 @@ def quantus_explain_func(model: nn.Module, inputs: np.ndarray | Tensor,
     if parameter is not None:
         inputs = inputs.to(parameter.device, parameter.dtype)
     if isinstance(targets, np.ndarray):
+        # Quantus may hand over labels as floats; only whole numbers name a class (a cast
+        # would make 0.9 class 0 without a word).
+        if targets.dtype.kind == "f" and not np.all(np.isfinite(targets)
+                                                    & (targets == np.round(targets))):
+            raise PullbackWidgetsTypeError(
+                f"targets must be integer class indices, got {targets.dtype} values that are "
+                "not whole numbers")
+        if targets.dtype.kind not in "iuf":
+            raise PullbackWidgetsTypeError(
+                f"targets must be integer class indices, got an array of {targets.dtype}")
         targets = torch.from_numpy(targets.astype(np.int64)).reshape(-1)
     elif isinstance(targets, (int, np.integer)) and not isinstance(targets, bool):
         targets = int(targets)

@@ -51,6 +51,28 @@ def _relu6_net(seed: int = 0) -> nn.Module:
 
 # ---------------------------------------------------------------- deletion / insertion
 
+@pytest.mark.parametrize("scale", [1e-60, 1e60])
+def test_float64_maps_far_outside_float32_score_as_the_same_map_on_float32_images(scale):
+    # The metrics are scale-free; the map was cast to the images' float32 after its finite
+    # check, which made 1e-60 a map of zeros and 1e60 one of infinities.
+    model = _relu6_net().float()
+    x = _images(batch=2, size=16).float()
+    attribution = ev.gradient(model, x, torch.tensor([1, 1])).double()
+    for metric in (ev.deletion_auc, ev.insertion_auc, ev.infidelity):
+        torch.testing.assert_close(metric(model, x, 1, attribution * scale),
+                                   metric(model, x, 1, attribution), rtol=1e-5, atol=0)
+
+
+def test_deletion_of_float16_images_on_a_model_that_takes_them_runs():
+    # The packaged model takes any float images (its first op converts them); the curve's
+    # float16 slots took its float32 probabilities with a raw dtype error.
+    model = pw.load_model("shapes")
+    x, y, _ = pw.synthetic.make_dataset(2, seed=0)
+    attribution = ev.gradient(model, x, y)
+    half = ev.deletion_auc(model, x.half(), y, attribution.half())
+    torch.testing.assert_close(half.float(), ev.deletion_auc(model, x, y, attribution),
+                               atol=2e-2, rtol=0)
+
 def _reference_curve(model, x, target, attribution, baseline, steps, mode):
     """One image and one step at a time, pixels copied one by one."""
     batch, _, height, width = x.shape

@@ -82,7 +82,9 @@ def _check_attribution(attribution: object, x: Tensor) -> Tensor:
                          f"got {tuple(attribution.shape)}")
     if not torch.isfinite(attribution).all():
         raise ValueError("attribution contains NaN or infinite values")
-    return attribution.detach().to(x.device, x.dtype)
+    # Never narrower than it came: a float64 map cast to float32 images' dtype lost its tiny
+    # values to 0 and its huge ones to inf after this check.
+    return attribution.detach().to(x.device, torch.promote_types(attribution.dtype, x.dtype))
 
 
 def _check_images(x: object) -> Tensor:
@@ -191,7 +193,8 @@ def perturbation_curve(model: nn.Module, x: Tensor, target: Target, attribution:
         image, step = index // columns, index % columns
         switched = (rank[image] < counts[step, None]).view(-1, 1, height, width)
         images = torch.where(switched, second[image], first[image])
-        curve[index] = _target_outputs(model, images, classes[image], probability=True)
+        curve[index] = _target_outputs(model, images, classes[image],
+                                       probability=True).to(curve.dtype)
     return curve.view(batch, columns)
 
 

@@ -243,7 +243,8 @@ def rgb_difference_image(
         lo, hi = float(d.min()), float(d.max())
         if hi <= lo:
             return np.full(d.shape, 128, dtype=np.uint8)
-        scaled = (d - lo) / (hi - lo) * 255.0
+        # Halves first: hi - lo overflows for differences near float64's largest number.
+        scaled = (d / 2 - lo / 2) / (hi / 2 - lo / 2) * 255.0
     elif mode == "percentile":
         limit = _abs_percentile(d, percentile)
         scaled = 127.5 + 127.5 * np.clip(d / limit, -1.0, 1.0)
@@ -314,12 +315,19 @@ def _single_size(shape: tuple[int, ...], extra_width: int) -> tuple[int, int]:
     return int(w * scale) + extra_width, int(h * scale) + 60
 
 
+# Colour limits inside which float32 keeps 8-bit colour steps of a map: normal numbers a few
+# hundred times below the limit, and no overflow up to a few hundred times above it.
+_FLOAT32_SAFE = (1e-30, 1e30)
+
+
 def _signed_trace(
     z: np.ndarray, zmax: float, colorscale: str, *, showscale: bool, colorbar_title: str = ""
 ) -> go.Heatmap:
     return go.Heatmap(
-        # float32 halves the figure's size; the colour mapping needs no more precision.
-        z=z.astype(np.float32),
+        # float32 halves the figure's size; the colour mapping needs no more precision, where
+        # the range is well inside float32's (a float64 map of 1e-50 would be all 0 there).
+        z=z.astype(np.float32) if _FLOAT32_SAFE[0] < zmax < _FLOAT32_SAFE[1]
+        and np.max(np.abs(z), where=np.isfinite(z), initial=0.0) < _FLOAT32_SAFE[1] else z,
         colorscale=colorscale,
         zmid=0.0,
         zmin=-zmax,
@@ -754,8 +762,9 @@ def _compact_heatmap(trace: go.Heatmap) -> None:
     zmin, zmax = trace.zmin, trace.zmax
     if zmin is None or zmax is None or not zmax > zmin or not np.all(np.isfinite(z)):
         return  # no fixed scale to code against, or gaps that codes cannot hold: left as is
-    step = (zmax - zmin) / _TOP_CODE
-    codes = np.rint((np.clip(z, zmin, zmax) - zmin) / step).astype(np.uint8)
+    # Halves first: zmax - zmin overflows for a range near float64's largest number.
+    half_step = (zmax / 2 - zmin / 2) / _TOP_CODE
+    codes = np.rint((np.clip(z, zmin, zmax) / 2 - zmin / 2) / half_step).astype(np.uint8)
     values = np.linspace(zmin, zmax, _COLORBAR_TICKS)
     trace.update(
         z=codes,
@@ -764,7 +773,7 @@ def _compact_heatmap(trace: go.Heatmap) -> None:
         zmid=None,
         # Hover would show codes, not values; the colour bar carries the scale instead.
         hovertemplate="x=%{x}, y=%{y}<extra></extra>",
-        colorbar=dict(tickmode="array", tickvals=(values - zmin) / step,
+        colorbar=dict(tickmode="array", tickvals=(values / 2 - zmin / 2) / half_step,
                       ticktext=[f"{v:.3g}" for v in values]),
     )
 

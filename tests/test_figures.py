@@ -463,6 +463,20 @@ def test_compact_heatmaps_are_one_byte_codes_of_the_fixed_range():
     assert "%{z" not in trace.hovertemplate
 
 
+@pytest.mark.parametrize("scale", [1e-50, 1e100, 1e306])
+def test_float64_maps_far_outside_float32_keep_their_colours(scale):
+    # A float64 map of 1e-50 was drawn as float32 zeros (all white) and one of 1e100 as
+    # infinities; a range near float64's largest number made every compact code 0.
+    a = _attr(81, scale=3.0)
+    expected = fg.compact(fg.signed_heatmap(a, percentile=90)).data[0].z
+    for figure in (fg.signed_heatmap(a * scale, percentile=90),):
+        assert np.all(np.isfinite(np.asarray(figure.data[0].z, dtype=np.float64)))
+        np.testing.assert_array_equal(fg.compact(figure).data[0].z, expected)
+    d = _attr(6, scale=0.1)
+    np.testing.assert_array_equal(fg.rgb_difference_image(d * scale * 100, "minmax"),
+                                  fg.rgb_difference_image(d, "minmax"))
+
+
 def test_compact_overlay_and_what_it_leaves_alone():
     img, a = _image(82), _attr(83)
     overlay = fg.compact(fg.magnitude_overlay(img, a))

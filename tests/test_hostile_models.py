@@ -396,9 +396,9 @@ def test_reentrant_checkpointing_under_soft_gating_is_refused_in_the_forward():
     torch.manual_seed(0)
     model = _Checkpointed(True).eval()
     x = torch.rand(1, 3, 12, 12, requires_grad=True)
-    with pytest.raises(pw.PullbackWidgetsError, match="activation checkpointing"):
-        with pw.soft_gating(model):
-            model(x)[:, 0].sum().backward()
+    with pytest.raises(pw.PullbackWidgetsError, match="activation checkpointing"), \
+            pw.soft_gating(model):
+        model(x)[:, 0].sum().backward()
     with pw.soft_gating(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's: no input requires grad
         model(x)  # no gradient wanted: nothing to refuse

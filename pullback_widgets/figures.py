@@ -18,6 +18,8 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -213,7 +215,17 @@ def to_uint8_image(image: Any) -> np.ndarray:
     return _to_uint8(image, "image")
 
 
+def _whole(value: object) -> bool:
+    """A whole real number (5 or 5.0, numpy's too), not a bool, NaN or infinity."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) \
+        and math.isfinite(value) and int(value) == value
+
+
 def _to_uint8(image: Any, name: str) -> np.ndarray:
+    dtype = _raw_array(image, name).dtype
+    if np.issubdtype(dtype, np.integer) and dtype != np.uint8:
+        raise ValueError(f"{name} must be floats in [0, 1] or uint8 0..255, got {dtype} (for "
+                         "values 0..255 convert it to uint8, or divide by 255)")
     hwc, is_uint8 = _to_hwc(image, name)
     if is_uint8:
         return hwc.astype(np.uint8)
@@ -606,9 +618,9 @@ def topk_bar(
         raise ValueError(f"probabilities must be 1-D (one per class), got shape {p.shape}")
     if isinstance(labels, str) or len(labels) != p.size:
         raise ValueError(f"labels must have one name per class ({p.size}), got {len(labels)}")
-    if isinstance(k, bool) or int(k) != k or k < 1:
+    if not _whole(k) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if highlight is not None and not 0 <= int(highlight) < p.size:
+    if highlight is not None and not (_whole(highlight) and 0 <= highlight < p.size):
         raise ValueError(f"highlight must be a class index in [0, {p.size}), got {highlight!r}")
     k = min(int(k), p.size)
     # NaN sorts last, and a stable sort keeps ties in class order.

@@ -356,6 +356,18 @@ def test_topk_bar_validation():
         fg.topk_bar(p, ["a"] * 4, highlight=4)
     with pytest.raises(ValueError, match="empty"):
         fg.topk_bar(np.array([]), [])
+    for bad in ({"k": np.inf}, {"k": float("nan")}, {"highlight": 1.5}, {"highlight": True}):
+        with pytest.raises(ValueError, match="k must|highlight"):  # OverflowError, or nothing
+            fg.topk_bar(p, ["a"] * 4, **bad)
+    assert fg.topk_bar(p, ["a"] * 4, k=np.int64(2), highlight=np.float64(1.0)).data
+
+
+def test_integer_images_other_than_uint8_are_refused_not_clipped_white():
+    image = np.full((3, 4, 4), 200, dtype=np.int64)
+    with pytest.raises(ValueError, match="uint8"):
+        fg.to_uint8_image(image)
+    np.testing.assert_array_equal(fg.to_uint8_image(image.astype(np.uint8)),
+                                  np.full((4, 4, 3), 200, dtype=np.uint8))
 
 
 def test_ascent_frames():

@@ -178,7 +178,8 @@ def test_batch_statistics_and_autocast_are_not_remade(monkeypatch):
     model.bn = nn.BatchNorm2d(4, track_running_stats=False)
     x = random_image(2, 8, dtype=torch.float32)
     seen = _remakes(monkeypatch)
-    pw.excitation_pullback(model, x, 1)
+    with pytest.warns(UserWarning, match="BatchNorm with batch statistics"):  # and named
+        pw.excitation_pullback(model, x, 1)
     model = _BatchNormThenGate(nn.Identity()).eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pw.excitation_pullback(model, x, 1)

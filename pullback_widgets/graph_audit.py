@@ -216,7 +216,7 @@ def audit_graph(outputs: Sequence[Tensor], leaf: Tensor,
         elif name in _CLAMP_NODES:
             if _clamp_binds(node):
                 plain_ops["clamp"] += 1
-        elif name == "SoftmaxBackward0":
+        elif name in ("SoftmaxBackward0", "SafeSoftmaxBackward0"):  # Safe: SDPA's math kernel
             softmaxes += 1
         elif custom := _custom_function(node):
             plain_ops[custom] += 1

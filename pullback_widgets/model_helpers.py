@@ -74,6 +74,13 @@ def describe_temperatures(temperatures: dict[str, float], gated_kinds: Iterable[
 _FORWARD_LOCK = threading.RLock()
 
 
+def outputs_channels_last(model: nn.Module) -> bool:
+    """Whether the model's layers output (B, H, W, C): timm's Swin-style models say so
+    (``output_fmt``), torchvision's Swin Transformer is one."""
+    return getattr(model, "output_fmt", None) == "NHWC" or \
+        type(model).__name__ == "SwinTransformer"
+
+
 def token_grid(model: nn.Module, inputs: Tensor) -> TokenGrid | None:
     """The token layout of a vision transformer at ``inputs`` (B, C, H, W), or None.
 
@@ -81,6 +88,12 @@ def token_grid(model: nn.Module, inputs: Tensor) -> TokenGrid | None:
     ``VisionTransformer`` (one class token, ``patch_size``).
     """
     patch_embed = getattr(model, "patch_embed", None)
+    size = (inputs.shape[-2], inputs.shape[-1])
+    if hasattr(model, "num_prefix_tokens") and callable(
+            getattr(patch_embed, "dynamic_feat_size", None)):
+        # timm's own count: it knows padding to whole patches and a hybrid's backbone stride.
+        height, width = patch_embed.dynamic_feat_size(size)
+        return TokenGrid(int(model.num_prefix_tokens), int(height), int(width))
     if hasattr(model, "num_prefix_tokens") and hasattr(patch_embed, "patch_size"):
         prefix, patch = int(model.num_prefix_tokens), patch_embed.patch_size
     elif hasattr(model, "class_token") and isinstance(getattr(model, "patch_size", None), int):
@@ -88,7 +101,7 @@ def token_grid(model: nn.Module, inputs: Tensor) -> TokenGrid | None:
     else:
         return None
     patch_h, patch_w = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    return TokenGrid(prefix, inputs.shape[-2] // patch_h, inputs.shape[-1] // patch_w)
+    return TokenGrid(prefix, size[0] // patch_h, size[1] // patch_w)
 
 
 _TRAINED_DURING_THE_FORWARD = (

@@ -27,7 +27,7 @@ import torch
 import torchvision.models as tvm
 from torch import Tensor, nn
 
-from .validation import PullbackWidgetsError, PullbackWidgetsTypeError, check_choice
+from .validation import PullbackWidgetsError, PullbackWidgetsTypeError, check_choice, first_line
 
 __all__ = [
     "MODELS",
@@ -368,10 +368,18 @@ def _check_device(device: object) -> torch.device:
         raise PullbackWidgetsTypeError(
             f"device must be a str or torch.device, got {type(device).__name__}")
     try:
-        return torch.device(device)
+        target = torch.device(device)
     except RuntimeError as err:
         raise PullbackWidgetsError(
             f"device {device!r} is not a valid torch device: {err}") from None
+    if target.type == "meta":
+        raise PullbackWidgetsError("device 'meta' holds no values: a model there cannot run")
+    try:  # before any work: a valid name need not be a device this machine has
+        torch.empty(0, device=target)
+    except (RuntimeError, AssertionError) as err:  # AssertionError: a torch without CUDA
+        raise PullbackWidgetsError(
+            f"device {device!r} is not available here: {first_line(err)}") from None
+    return target
 
 
 def load_model(

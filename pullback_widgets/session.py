@@ -17,7 +17,13 @@ from torch import Tensor, nn
 from .gates import GateSettings
 from .graph_audit import audit_graph, plain_gates_notice
 from .interception import _gating, checkpointing_error
-from .model_helpers import LayerRecorder, default_temperatures, evaluation_mode, token_grid
+from .model_helpers import (
+    LayerRecorder,
+    default_temperatures,
+    evaluation_mode,
+    outputs_channels_last,
+    token_grid,
+)
 from .pre_activations import changed_in_place_error
 from .targets import Target, Unit, class_indices, is_class_target, unit_seed
 from .validation import (
@@ -168,6 +174,7 @@ class PullbackSession:
         self._lock = threading.RLock()
         # A ViT's token layout: Units on its (B, N, C) token maps address patches.
         self.token_grid = token_grid(model, inputs)
+        self.channels_last = outputs_channels_last(model)
         self._state = self._run_forward(layers)
 
     # ------------------------------------------------------------ the recorded forward
@@ -302,7 +309,8 @@ class PullbackSession:
             seed[torch.arange(batch, device=seed.device), classes] = 1.0
             return state.logits, seed
         activation = state.activations[target.layer]
-        return activation, unit_seed(target, activation, len(self.inputs), self.token_grid)
+        return activation, unit_seed(target, activation, len(self.inputs), self.token_grid,
+                                     self.channels_last)
 
     def _backward(self, targets: Sequence[Target], call: GateSettings, batched: bool,
                   retain_graph: bool = True) -> Tensor:

@@ -124,14 +124,15 @@ def _token_seed(unit: Unit, activation: Tensor, grid: TokenGrid, where: str) -> 
 
 
 def unit_seed(unit: Unit, activation: Tensor, batch: int,
-              grid: TokenGrid | None = None) -> Tensor:
+              grid: TokenGrid | None = None, channels_last: bool = False) -> Tensor:
     """The gradient seed on ``activation`` (B, C[, H, W]) that selects ``unit``, for a forward
     of ``batch`` examples.
 
     For a vision transformer (``grid`` given), a 3-D output is a token map (B, N, C): the
     Unit's channel is the last dim and (y, x) a place on the patch grid (see
     :class:`TokenGrid`); its spatial mean is the mean over the patch tokens. An output whose
-    dim 0 is not the batch (a sequence-first layer) is an error: dim 1 is no channel there.
+    dim 0 is not the batch (a sequence-first layer) is an error: dim 1 is no channel there;
+    so is a 4-D output of a model whose layers output channels last (``channels_last``).
     """
     where = f"layer {unit.layer!r}"
     if activation.dim() < 2:
@@ -144,6 +145,11 @@ def unit_seed(unit: Unit, activation: Tensor, batch: int,
             "batch_first=False?); a Unit needs (B, C), (B, C, H, W) or a ViT's (B, N, C)")
     if grid is not None and activation.dim() == 3:
         return _token_seed(unit, activation, grid, where)
+    if channels_last and activation.dim() == 4:
+        raise PullbackWidgetsError(
+            f"{where} output has shape {tuple(activation.shape)} in a model whose layers output "
+            "channels last (B, H, W, C), as Swin's do, where dim 1 is rows, not channels: a "
+            "Unit cannot tell them apart on this model's 4-D layers; target a class instead")
     channels = activation.shape[1]
     if unit.channel >= channels:
         raise PullbackWidgetsError(f"channel {unit.channel} is out of range for {where} "

@@ -202,6 +202,8 @@ def check_inputs(inputs: object) -> Tensor:
     if inputs.numel() == 0:
         raise PullbackWidgetsError(
             f"inputs must hold at least one image with pixels, got shape {tuple(inputs.shape)}")
+    if inputs.is_meta:
+        raise PullbackWidgetsError("inputs are on the meta device, which holds no values")
     # The extremes are NaN where any value is (10x faster than isfinite(inputs).all()).
     if not torch.isfinite(torch.stack(torch.aminmax(inputs))).all():
         raise PullbackWidgetsError("inputs contain NaN or infinite values")

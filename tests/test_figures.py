@@ -357,7 +357,7 @@ def test_topk_bar_validation():
     with pytest.raises(ValueError, match="empty"):
         fg.topk_bar(np.array([]), [])
     for bad in ({"k": np.inf}, {"k": float("nan")}, {"highlight": 1.5}, {"highlight": True}):
-        with pytest.raises(ValueError, match="k must|highlight"):  # OverflowError, or nothing
+        with pytest.raises(ValueError, match=r"k must|highlight"):  # OverflowError, or nothing
             fg.topk_bar(p, ["a"] * 4, **bad)
     assert fg.topk_bar(p, ["a"] * 4, k=np.int64(2), highlight=np.float64(1.0)).data
 

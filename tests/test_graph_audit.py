@@ -298,3 +298,10 @@ def test_a_batch_norm_on_batch_statistics_is_named(functional):
     running = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
                             nn.Linear(4 * 6 * 6, 3)).eval()
     assert _session(running, torch.rand(3, 3, 8, 8))[0].notices == ()
+
+
+def test_a_safe_softmax_counts_as_attention_left_plain():
+    # What SDPA's math kernel leaves where it runs unseen (called through torch.ops.aten).
+    model = _conv_then(lambda z: torch.ops.aten._safe_softmax(F.relu(z), -1))
+    session, caught = _session(model, torch.rand(2, 3, 8, 8))
+    assert session.plain_attention == 1 and any("softmax" in message for message in caught)

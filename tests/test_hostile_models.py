@@ -449,3 +449,47 @@ def test_a_model_that_returns_no_logits_is_a_clear_error_everywhere():
     for explorer in (pw.PullbackExplorer, pw.AscentExplorer):  # AttributeError before
         with pytest.raises(pw.PullbackWidgetsError, match=message):
             explorer(model=model, image=torch.rand(3, 16, 16))
+
+
+def test_a_unit_on_a_channels_last_swin_layer_is_refused():
+    # Swin's stages output (B, H, W, C): dim 1 is rows, and a Unit read row 5 as "channel 5".
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=24, depths=[2], num_heads=[2],
+                            window_size=[4, 4], num_classes=3).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its attention is written by hand: a notice
+        session = pw.PullbackSession(model, torch.rand(1, 3, 32, 32), layers=["features.1"])
+    with pytest.raises(pw.PullbackWidgetsError, match=r"channels last \(B, H, W, C\)"):
+        session.pullback(pw.Unit("features.1", 5))
+    session.pullback(1)  # classes are fine
+
+
+def test_timm_vit_token_grids_follow_timm_padding_and_hybrid_strides():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    for model, x, grid in (
+            (timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                               patch_size=8, num_classes=3, depth=1, dynamic_img_size=True,
+                               dynamic_img_pad=True), torch.rand(1, 3, 30, 30), (4, 4)),
+            (timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, img_size=64,
+                               num_classes=3, depth=1), torch.rand(1, 3, 64, 64), (2, 2))):
+        session = pw.PullbackSession(model.eval(), x, layers=["blocks.0"])
+        assert (session.token_grid.height, session.token_grid.width) == grid
+        x_leaf = x.clone().requires_grad_()
+        tokens = model.blocks[0](model._pos_embed(model.patch_embed(x_leaf)))
+        (expected,) = torch.autograd.grad(tokens[0, 1 + grid[1] + 1, 3], x_leaf)
+        torch.testing.assert_close(session.pullback(pw.Unit("blocks.0", 3, 1, 1), gate="hard"),
+                                   expected)
+
+
+def test_devices_this_machine_lacks_and_meta_tensors_are_clear_errors():
+    if not torch.cuda.is_available():
+        with pytest.raises(pw.PullbackWidgetsError, match="'cuda' is not available here"):
+            pw.load_model("shapes", weights=None, device="cuda")
+    with pytest.raises(pw.PullbackWidgetsError, match="meta"):
+        pw.load_model("shapes", weights=None, device="meta")
+    with pytest.raises(pw.PullbackWidgetsError, match="meta device"):
+        pw.excitation_pullback(pw.load_model("shapes", weights=None),
+                               torch.rand(1, 3, 32, 32, device="meta"), 0)

@@ -187,11 +187,12 @@ class GateSettings:
         """The base temperature of one kind of op (before ``temperature_mode``)."""
         if kind == "pool" and self.pool_temperature is not None:
             return self.pool_temperature
-        if self.temperature is None:
-            return self.defaults[kind]
-        if isinstance(self.temperature, Mapping):
-            return self.temperature.get(kind, self.defaults[kind])
-        return self.temperature
+        if self.temperature is not None and not isinstance(self.temperature, Mapping):
+            return self.temperature
+        # Checked again where read: a mapping can be changed in place after it was set.
+        given = self.temperature is not None and kind in self.temperature
+        return check_positive(self.temperature[kind] if given else self.defaults[kind],
+                              f"{'temperature' if given else 'defaults'}[{kind!r}]")
 
     def temperature_for(self, x: Tensor, pool: bool = False,
                         kind: str | None = None) -> float | Tensor:

@@ -105,6 +105,23 @@ def _stacklevel_outside_package() -> int:
     return level
 
 
+_CHANGED_SINCE_THE_FORWARD = (
+    "the model's parameters or buffers changed since this session's forward (in place, or "
+    "replaced); a Unit on a new layer needs one more forward, which would explain another "
+    "model: make a new PullbackSession")
+
+
+def _model_state(model: nn.Module) -> tuple[tuple[Tensor, int], ...]:
+    """Each parameter and buffer with its version: what a later forward must find unchanged."""
+    return tuple((t, t._version) for t in (*model.parameters(), *model.buffers()))
+
+
+def _same_model_state(state: tuple[tuple[Tensor, int], ...], model: nn.Module) -> bool:
+    now = _model_state(model)
+    return len(now) == len(state) and all(
+        a is b and va == vb for (a, va), (b, vb) in zip(state, now))
+
+
 @contextlib.contextmanager
 def _autograd_on() -> Iterator[None]:
     with torch.inference_mode(False), torch.enable_grad():
@@ -157,7 +174,9 @@ class PullbackSession:
                  pool_weights: str = "differentiated", layers: Iterable[str] = (),
                  forward_args: Sequence[object] = ()) -> None:
         model = check_model(model)
-        inputs = check_inputs(inputs).detach()
+        # A copy: a forward for new layers runs later, on these inputs, not on what the
+        # caller's tensor holds by then.
+        inputs = check_inputs(inputs).detach().clone()
         if isinstance(layers, str):
             raise PullbackWidgetsTypeError("layers must be a list of layer names, not a str")
         layers = tuple(dict.fromkeys(layers))
@@ -176,6 +195,7 @@ class PullbackSession:
         self.token_grid = token_grid(model, inputs)
         self.channels_last = outputs_channels_last(model)
         self._state = self._run_forward(layers)
+        self._model_state = _model_state(model)  # as the forward left it
 
     # ------------------------------------------------------------ the recorded forward
 
@@ -271,7 +291,12 @@ class PullbackSession:
         state = self._state
         missing = tuple(dict.fromkeys(t.layer for t in targets if isinstance(t, Unit)
                                       and t.layer not in state.activations))
-        return self._run_forward(state.layers + missing) if missing else state
+        if not missing:
+            return state
+        if not _same_model_state(self._model_state, self.model):
+            # A forward now would explain another model than the session's logits came from.
+            raise PullbackWidgetsError(_CHANGED_SINCE_THE_FORWARD)
+        return self._run_forward(state.layers + missing)
 
     # ------------------------------------------------------------ settings
 
@@ -323,7 +348,8 @@ class PullbackSession:
         with self._lock:
             state = self._state_for(targets)
             seeds = [self._seed(state, t) for t in targets]
-            self._state = state
+            if state is not self._state:
+                self._state, self._model_state = state, _model_state(self.model)
             self._live.assign(call)
             try:
                 with _autograd_on(), explained_errors(changed_in_place_error,

@@ -46,6 +46,12 @@ def is_class_target(target: object) -> bool:
     return not isinstance(target, Unit)
 
 
+def _check_class_range(classes: Sequence[int], num_classes: int) -> None:
+    bad = next((c for c in classes if not 0 <= c < num_classes), None)
+    if bad is not None:
+        raise PullbackWidgetsError(f"target class {bad} is out of range [0, {num_classes})")
+
+
 def class_indices(target: object, batch: int, num_classes: int, device) -> Tensor:
     """One class index per example, as a LongTensor (B,).
 
@@ -59,8 +65,10 @@ def class_indices(target: object, batch: int, num_classes: int, device) -> Tenso
         if target.dtype == np.bool_ or not np.issubdtype(target.dtype, np.integer):
             raise PullbackWidgetsTypeError(
                 f"target array must hold integer class indices, got {target.dtype}")
+        _check_class_range(target.reshape(-1).tolist(), num_classes)  # before a wrapping cast
         target = torch.from_numpy(target.astype(np.int64))
     if is_integer(target):
+        _check_class_range([int(target)], num_classes)
         indices = torch.full((batch,), int(target), dtype=torch.long)
     elif isinstance(target, Tensor):
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -72,6 +80,7 @@ def class_indices(target: object, batch: int, num_classes: int, device) -> Tenso
     elif isinstance(target, Sequence) and not isinstance(target, str):
         if not all(is_integer(t) for t in target):
             raise PullbackWidgetsTypeError("target sequence must hold int class indices")
+        _check_class_range([int(t) for t in target], num_classes)  # beyond int64 too
         indices = torch.tensor([int(t) for t in target], dtype=torch.long)
     else:
         raise PullbackWidgetsTypeError(

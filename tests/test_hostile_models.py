@@ -493,3 +493,38 @@ def test_devices_this_machine_lacks_and_meta_tensors_are_clear_errors():
     with pytest.raises(pw.PullbackWidgetsError, match="meta device"):
         pw.excitation_pullback(pw.load_model("shapes", weights=None),
                                torch.rand(1, 3, 32, 32, device="meta"), 0)
+
+
+def test_a_session_keeps_its_own_inputs_and_refuses_a_forward_on_a_changed_model():
+    # A Unit on a layer not recorded yet needs one more forward: it must be of the session's
+    # inputs (not of what the caller's tensor holds by then) and of the same model.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
+    x = torch.rand(2, 3, 8, 8)
+    session = pw.PullbackSession(model, x)
+    logits = session.logits.detach().clone()
+    x.mul_(0.5)  # the caller reuses its buffer
+    unit = session.pullback(pw.Unit("1", 2))
+    assert torch.equal(session.logits, logits)
+    torch.testing.assert_close(
+        unit, pw.excitation_pullback(model, x / 0.5, pw.Unit("1", 2)), rtol=0, atol=0)
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)
+    with pytest.raises(pw.PullbackWidgetsError, match="changed since this session's forward"):
+        session.pullback(pw.Unit("3", 0))
+    assert torch.equal(session.logits, logits)
+
+
+def test_class_indices_beyond_int64_and_temperatures_changed_in_place_are_clear_errors():
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
+    session = pw.PullbackSession(model, torch.rand(2, 3, 8, 8), temperature={"relu": 0.5})
+    for target in (2 ** 70, np.uint64(2 ** 63), [2 ** 70, 1],
+                   np.array([2 ** 63, 1], dtype=np.uint64)):
+        with pytest.raises(pw.PullbackWidgetsError, match="out of range"):
+            session.pullback(target)
+    session.settings.temperature["relu"] = -0.5  # around update()'s checks
+    with pytest.raises(pw.PullbackWidgetsError, match=r"temperature\['relu'\] must be"):
+        session.pullback(1)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .gates import GateSettings
+from .gates import GATES, GateSettings
 from .model_helpers import default_temperatures, predict
 from .session import PullbackSession, Temperature
 from .targets import Target, Unit, class_indices, unit_seed
@@ -163,6 +163,7 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
     start = check_inputs(image).detach()
     if start.min() < 0 or start.max() > 1:
         raise PullbackWidgetsError("image must be in pixel space [0, 1] (see pw.load_image)")
+    check_choice(gate, GATES, "gate")  # also where method="gradient" overrides it
     settings = dict(temperature=temperature, gate="hard" if method == "gradient" else gate,
                     pool_temperature=pool_temperature, temperature_mode=temperature_mode,
                     attention_weights=attention_weights, pool_weights=pool_weights)
@@ -199,8 +200,12 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
 def stack_results(results: Sequence[AscentResult]) -> AscentResult:
     """Several trajectories side by side: their batches concatenated, every one cut to the
     shortest (one stopped early). ``probs`` only where all have them."""
+    results = list(results)
     if not results:
         raise PullbackWidgetsError("stack_results needs at least one result")
+    sizes = {tuple(result.images[0].shape[1:]) for result in results}
+    if len(sizes) > 1:
+        raise PullbackWidgetsError(f"stack_results needs images of one size, got {sorted(sizes)}")
     length = min(len(result.images) for result in results)
     probs = None if any(r.probs is None for r in results) else \
         torch.cat([r.probs[:length] for r in results], dim=1)

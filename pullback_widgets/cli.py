@@ -238,16 +238,19 @@ def _advance(bar: tqdm) -> Callable[[str], None]:
 
 
 def _run_explain(args: argparse.Namespace) -> None:
+    # What the user gave is checked before the progress bar starts, so that an error in it is
+    # the one line on stderr (the registry knows a model's classes without loading it).
+    image, names = _load_rows([args.image] if args.image else [],
+                              [args.sample] if args.sample else None,
+                              MODELS[args.model].input_size)
+    target = None if args.target is None else find_class(args.target,
+                                                         MODELS[args.model].labels())
     # Loading the model and writing the page are a unit each, around explain()'s own.
     with tqdm(total=2 + explain_work(args.steps), desc="explain", unit="step",
               mininterval=0, miniters=1) as bar:  # every step shows
         done = _advance(bar)
-        image, names = _load_rows([args.image] if args.image else [],
-                                  [args.sample] if args.sample else None,
-                                  MODELS[args.model].input_size)
         model = load_model(args.model)
         done("model loaded")
-        target = None if args.target is None else find_class(args.target, model.labels)
         explanation = explain(model, image, target, temperature=args.temperature, gate=args.gate,
                               pool_weights=args.pool_weights, steps=args.steps,
                               step_size=args.step_size, eps=args.eps,

@@ -133,8 +133,13 @@ class GateSettings:
     def __setattr__(self, name: str, value: object) -> None:
         if name in _FIELD_CHECKS:
             self.update(**{name: value})
-        else:
+        elif name == "batch_size":
             super().__setattr__(name, value)
+        else:  # a typo would otherwise be a new attribute that nothing reads
+            names = list(_FIELD_CHECKS)
+            raise PullbackWidgetsTypeError(
+                f"unknown setting {name!r}{suggest(name, names)}; the settings are "
+                f"{tuple(names)}")
 
     def update(self, *args: object, **changes: object) -> None:
         """Change some fields; all are checked first, so a bad value changes none of them.

@@ -177,9 +177,14 @@ class PullbackSession:
         # A copy: a forward for new layers runs later, on these inputs, not on what the
         # caller's tensor holds by then.
         inputs = check_inputs(inputs).detach().clone()
-        if isinstance(layers, str):
-            raise PullbackWidgetsTypeError("layers must be a list of layer names, not a str")
-        layers = tuple(dict.fromkeys(layers))
+        names = None if isinstance(layers, str) or not isinstance(layers, Iterable) \
+            else tuple(layers)
+        if names is None or not all(isinstance(name, str) for name in names):
+            raise PullbackWidgetsTypeError("layers must be a list of layer names (str)")
+        if isinstance(forward_args, str) or not isinstance(forward_args, Sequence):
+            raise PullbackWidgetsTypeError(
+                "forward_args must be a list or tuple of the model's further arguments")
+        layers = tuple(dict.fromkeys(names))
         self.settings = GateSettings(temperature, gate, pool_temperature, temperature_mode,
                                      attention_weights, pool_weights,
                                      defaults=default_temperatures(model))

@@ -112,6 +112,17 @@ def test_pool_weights_flag_reaches_the_report(tmp_path, monkeypatch):
                      "--out", str(out)]) == 2
 
 
+def test_a_class_typo_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    # Checked against the registry's classes before the progress bar starts: stderr holds
+    # the error alone (the bar's line came first before), and no model is loaded.
+    monkeypatch.setattr(cli, "load_model", lambda *_: pytest.fail("work started"))
+    assert cli.main(["explain", "--sample", "coffee", "--model", "shapes", "--target", "squar",
+                     "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["pullback-widgets: error: unknown class 'squar'; did you mean "
+                                "'square' (1)?"]
+
+
 def test_a_hard_gate_report_says_which_gate_its_temperature_strip_uses(tmp_path, monkeypatch):
     import torch
 

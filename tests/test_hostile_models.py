@@ -528,3 +528,23 @@ def test_class_indices_beyond_int64_and_temperatures_changed_in_place_are_clear_
     session.settings.temperature["relu"] = -0.5  # around update()'s checks
     with pytest.raises(pw.PullbackWidgetsError, match=r"temperature\['relu'\] must be"):
         session.pullback(1)
+
+
+def test_bad_session_arguments_typos_in_settings_and_mixed_sizes_are_clear_errors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3)).eval()
+    x = torch.rand(1, 3, 8, 8)
+    for kwargs in ({"layers": None}, {"layers": [1]}, {"layers": "0"}, {"forward_args": 5}):
+        with pytest.raises(pw.PullbackWidgetsTypeError, match=r"layers|forward_args"):
+            pw.PullbackSession(model, x, **kwargs)
+    session = pw.PullbackSession(model, x, layers=(name for name in ["1"]))
+    with pytest.raises(pw.PullbackWidgetsTypeError, match="did you mean 'temperature'"):
+        session.settings.temprature = 0.05  # a new attribute that nothing read, before
+    with pytest.raises(pw.PullbackWidgetsError, match="gate must be one of"):
+        pw.pullback_ascent(model, x, 0, method="gradient", gate="bogus", progress=False)
+    small = pw.pullback_ascent(model, x, 0, steps=1, progress=False)
+    large = pw.pullback_ascent(model, torch.rand(1, 3, 10, 10), 0, steps=1, progress=False)
+    with pytest.raises(pw.PullbackWidgetsError, match="one size"):
+        pw.ascent.stack_results(iter([small, large]))
+    assert pw.ascent.stack_results(iter([small, small])).images[0].shape[0] == 2

@@ -131,15 +131,10 @@ class GateSettings:
     batch_size: int | None = field(default=None, repr=False, compare=False)
 
     def __setattr__(self, name: str, value: object) -> None:
-        if name in _FIELD_CHECKS:
-            self.update(**{name: value})
-        elif name == "batch_size":
+        if name == "batch_size":
             super().__setattr__(name, value)
-        else:  # a typo would otherwise be a new attribute that nothing reads
-            names = list(_FIELD_CHECKS)
-            raise PullbackWidgetsTypeError(
-                f"unknown setting {name!r}{suggest(name, names)}; the settings are "
-                f"{tuple(names)}")
+        else:  # checked; a typo is refused (it would be a new attribute that nothing reads)
+            self.update(**{name: value})
 
     def update(self, *args: object, **changes: object) -> None:
         """Change some fields; all are checked first, so a bad value changes none of them.

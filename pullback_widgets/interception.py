@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
@@ -382,16 +381,15 @@ class _SoftGatingMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-# A reentrant activation checkpoint (torch.utils.checkpoint, use_reentrant=True) runs its
-# function under no_grad in this forward, and again in the backward, where no mode sees it.
-_REENTRANT_CHECKPOINT_FORWARD = getattr(
-    getattr(torch.utils.checkpoint, "CheckpointFunction", None), "forward", None)
-
-
 def _inside_reentrant_checkpoint() -> bool:
     """Whether the calling code runs inside the forward of a reentrant activation checkpoint
-    that a backward will run again: one whose inputs require grad (not known: assumed)."""
-    code = getattr(_REENTRANT_CHECKPOINT_FORWARD, "__code__", None)
+    (torch.utils.checkpoint, use_reentrant=True), which runs its function under no_grad and
+    again in the backward, where no mode sees it: one whose inputs require grad (not known:
+    assumed). Nothing is, where nobody imported torch.utils.checkpoint."""
+    function = getattr(sys.modules.get("torch.utils.checkpoint"), "CheckpointFunction", None)
+    code = getattr(getattr(function, "forward", None), "__code__", None)
+    if code is None:
+        return False
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code is code:

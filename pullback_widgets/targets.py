@@ -46,12 +46,6 @@ def is_class_target(target: object) -> bool:
     return not isinstance(target, Unit)
 
 
-def _check_class_range(classes: Sequence[int], num_classes: int) -> None:
-    bad = next((c for c in classes if not 0 <= c < num_classes), None)
-    if bad is not None:
-        raise PullbackWidgetsError(f"target class {bad} is out of range [0, {num_classes})")
-
-
 def class_indices(target: object, batch: int, num_classes: int, device) -> Tensor:
     """One class index per example, as a LongTensor (B,).
 
@@ -61,39 +55,34 @@ def class_indices(target: object, batch: int, num_classes: int, device) -> Tenso
     if isinstance(target, (bool, np.bool_)):
         raise PullbackWidgetsTypeError(
             "target must be a class index, a sequence of them, or a pw.Unit; got a bool")
+    # Python ints first: checked before any cast to int64 (which would overflow, or wrap a
+    # uint64 to a negative index).
     if isinstance(target, np.ndarray):
         if target.dtype == np.bool_ or not np.issubdtype(target.dtype, np.integer):
             raise PullbackWidgetsTypeError(
                 f"target array must hold integer class indices, got {target.dtype}")
-        _check_class_range(target.reshape(-1).tolist(), num_classes)  # before a wrapping cast
-        target = torch.from_numpy(target.astype(np.int64))
-    if is_integer(target):
-        _check_class_range([int(target)], num_classes)
-        indices = torch.full((batch,), int(target), dtype=torch.long)
+        classes = [int(target)] * batch if target.ndim == 0 else target.reshape(-1).tolist()
+    elif is_integer(target):
+        classes = [int(target)] * batch
     elif isinstance(target, Tensor):
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise PullbackWidgetsTypeError(
                 f"target tensor must hold integer class indices, got {target.dtype}")
-        indices = target.reshape(-1).to(torch.long).cpu()
-        if target.dim() == 0:
-            indices = indices.expand(batch)
+        classes = [int(target)] * batch if target.dim() == 0 else target.reshape(-1).tolist()
     elif isinstance(target, Sequence) and not isinstance(target, str):
         if not all(is_integer(t) for t in target):
             raise PullbackWidgetsTypeError("target sequence must hold int class indices")
-        _check_class_range([int(t) for t in target], num_classes)  # beyond int64 too
-        indices = torch.tensor([int(t) for t in target], dtype=torch.long)
+        classes = [int(t) for t in target]
     else:
         raise PullbackWidgetsTypeError(
             "target must be an int class index, a sequence / LongTensor with one class per "
             f"example, or a pw.Unit; got {type(target).__name__}")
-    if indices.numel() != batch:
-        raise PullbackWidgetsError(
-            f"target has {indices.numel()} classes for a batch of {batch}")
-    bad = (indices < 0) | (indices >= num_classes)
-    if bad.any():
-        raise PullbackWidgetsError(f"target class {int(indices[bad][0])} is out of range "
-                                   f"[0, {num_classes})")
-    return indices.to(device)
+    if len(classes) != batch:
+        raise PullbackWidgetsError(f"target has {len(classes)} classes for a batch of {batch}")
+    bad = next((c for c in classes if not 0 <= c < num_classes), None)
+    if bad is not None:
+        raise PullbackWidgetsError(f"target class {bad} is out of range [0, {num_classes})")
+    return torch.tensor(classes, dtype=torch.long, device=device)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from .validation import (
     check_model,
     explained_errors,
     explained_forward_errors,
+    submodules,
 )
 
 # One number for every kind of gated op, a mapping kind -> T, or None: the model's defaults.
@@ -112,8 +113,12 @@ _CHANGED_SINCE_THE_FORWARD = (
 
 
 def _model_state(model: nn.Module) -> tuple[tuple[Tensor, int], ...]:
-    """Each parameter and buffer with its version: what a later forward must find unchanged."""
-    return tuple((t, t._version) for t in (*model.parameters(), *model.buffers()))
+    """Each parameter and buffer with its version: what a later forward must find unchanged.
+    Read from each module's own dicts: ``model.parameters()`` builds every name (0.5 against
+    0.15 ms on Lite0, paid by every one-shot pullback)."""
+    return tuple((t, t._version) for module in submodules(model)
+                 for tensors in (module._parameters, module._buffers)
+                 for t in tensors.values() if t is not None)
 
 
 def _same_model_state(state: tuple[tuple[Tensor, int], ...], model: nn.Module) -> bool:

@@ -516,6 +516,26 @@ def test_a_session_keeps_its_own_inputs_and_refuses_a_forward_on_a_changed_model
     assert torch.equal(session.logits, logits)
 
 
+@pytest.mark.parametrize("change", ["parameter replaced", "bias added", "buffer changed",
+                                    "buffer replaced"])
+def test_a_forward_for_new_layers_is_refused_after_any_parameter_or_buffer_change(change):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3)).eval()
+    session = pw.PullbackSession(model, torch.rand(2, 3, 8, 8))
+    if change == "parameter replaced":
+        model[3].weight = nn.Parameter(model[3].weight.detach().clone())
+    elif change == "bias added":
+        model[0].bias = nn.Parameter(torch.zeros(4))
+    elif change == "buffer changed":
+        model[1].running_mean.add_(1.0)
+    else:
+        model[1].running_var = model[1].running_var.clone()
+    with pytest.raises(pw.PullbackWidgetsError, match="changed since this session's forward"):
+        session.pullback(pw.Unit("4", 0))
+
+
 def test_class_indices_beyond_int64_and_temperatures_changed_in_place_are_clear_errors():
     np = pytest.importorskip("numpy")
     torch.manual_seed(0)

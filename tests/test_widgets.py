@@ -248,6 +248,33 @@ def test_worker_survives_a_failing_job():
     assert [str(e) for e in errors] == ["nope"] and worker.completed == 1
 
 
+
+@pytest.mark.parametrize("views", ["none", "appears during the update", "already there"])
+def test_a_figure_update_reaches_a_page_that_starts_showing_it_meanwhile(views):
+    # plotly's incremental messages are lost where no page shows the figure yet; the state a
+    # page draws from must then hold the update, also where the page appears mid-update.
+    import contextlib
+
+    import plotly.graph_objects as go
+
+    from pullback_widgets.widgets.common import sync_figure
+
+    class Widget(go.FigureWidget):
+        @contextlib.contextmanager
+        def batch_update(self):
+            with super().batch_update():
+                yield
+            if views == "appears during the update":
+                self._view_count = 1
+
+    widget = Widget(go.Figure(go.Heatmap(z=[[0.0, 0.0]])))
+    widget._view_count = 1 if views == "already there" else 0
+    sync_figure(widget, go.Figure(go.Heatmap(z=[[1.0, 2.0]])))
+    assert list(widget.data[0].z[0]) == [1.0, 2.0]
+    drawn = list(widget._widget_data[0]["z"][0])
+    assert drawn == ([0.0, 0.0] if views == "already there" else [1.0, 2.0])
+
+
 # ---------------------------------------------------------------- AscentExplorer
 
 def test_ascent_explorer_streams_frames_and_matches_the_engine(net):

@@ -264,6 +264,9 @@ def sync_figure(widget: go.FigureWidget, figure: go.Figure) -> None:
     re-created, unless the trace types differ (e.g. a change of view)."""
     new_types = [trace.type for trace in figure.data]
     layout = figure.layout.to_plotly_json()
+    # Read before the update: a page that starts showing the figure while (or just after)
+    # plotly's incremental messages go out may have missed them, and it then draws the state.
+    shown = bool(widget._view_count)
     with widget.batch_update():
         if [trace.type for trace in widget.data] == new_types:
             for old, new in zip(widget.data, figure.data):
@@ -273,10 +276,11 @@ def sync_figure(widget: go.FigureWidget, figure: go.Figure) -> None:
             widget.data = ()
             widget.add_traces(list(figure.data))
         widget.layout.update(layout, overwrite=True)
-    if not widget._view_count:
-        # No page shows this figure yet (Voilà draws widgets after the kernel has run), and
-        # plotly's incremental messages sent before that are lost: put the figure into the
-        # widget state the page will read, as plotly itself does when a figure is displayed.
+    if not shown:
+        # No page showed this figure when the update went out (Voilà draws widgets after the
+        # kernel has run), and plotly's incremental messages sent before that are lost: put the
+        # figure into the widget state the page will read, as plotly itself does when a figure
+        # is displayed.
         widget._widget_layout = deepcopy(widget._layout_obj._props)
         widget._widget_data = deepcopy(widget._data)
 

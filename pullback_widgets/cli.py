@@ -293,7 +293,7 @@ def _run(args: argparse.Namespace) -> int:
             raise PullbackWidgetsError("give image files or folders, or --synthetic N")
         metrics = args.metrics or (["mass", "pointing", "mask_auc"] if synthetic
                                    else ["deletion", "insertion", "infidelity"])
-        run_command(args.paths, out=args.out, resume=args.resume,
+        report = run_command(args.paths, out=args.out, resume=args.resume,
                     labels_from_folders=args.labels_from_folders, limit=args.limit,
                     targets=args.targets, synthetic_images=args.synthetic, seed=args.seed,
                     model=args.model or ("shapes" if synthetic else "efficientnet_lite0"),
@@ -301,6 +301,10 @@ def _run(args: argparse.Namespace) -> int:
                     temperature=args.temperature,
                     gate=args.gate, pool_weights=args.pool_weights,
                     batch_size=args.batch_size, image_size=args.image_size)
+        if report is not None and report.skipped and not report.rows:
+            why = " ".join(report.skipped[0][1].split())  # it names the file
+            raise PullbackWidgetsError(f"no image could be read: {len(report.skipped)} file(s) "
+                                       f"skipped, the first: {why}; the results hold no rows")
         return 0
     if args.command == "explain" and (args.image is None) == (args.sample is None):
         raise PullbackWidgetsError("give exactly one of IMAGE or --sample NAME")

@@ -618,6 +618,21 @@ def test_hard_links_count_once_and_a_pipe_named_directly_is_skipped_with_its_rea
         pw.load_image(tmp_path / "pipe.png")
 
 
+def test_a_run_where_no_image_could_be_read_exits_with_an_error(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"not a png")
+    (folder / "b.jpg").write_bytes(b"")
+    out = tmp_path / "r.csv"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert _main(str(folder), *COMMON, "--out", str(out)) == 2
+    last = err.getvalue().strip().splitlines()[-1]
+    assert last.startswith("pullback-widgets: error: no image could be read: 2 file(s) "
+                           "skipped, the first: could not read file") and "a.png" in last
+    assert _rows(out) == [] and "2 file(s) skipped" in runner.summary_path(out).read_text()
+
+
 def test_names_written_before_escaping_read_back_as_they_were(tmp_path):
     legacy = tmp_path / "old.csv"  # written before names were escaped: "'a.png" as it is
     legacy.write_text("image,target,method,metric,value\n'a.png,2,gradient,deletion,0.5\n")

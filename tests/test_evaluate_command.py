@@ -458,6 +458,31 @@ def _synthetic_run(out: Path, *extra: str) -> tuple[int, str]:
     return status, err.getvalue()
 
 
+def test_a_second_run_into_the_same_output_at_once_is_refused(tmp_path):
+    out, fresh = tmp_path / "r.csv", tmp_path / "fresh.csv"
+    assert _synthetic_run(out)[0] == 0
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    # Other runs hold them: a resume of r.csv (through its twin, which shares the lock) and a
+    # new run into fresh.csv that has not written anything yet.
+    running = [runner.OutputLock(tmp_path / "r.parquet"), runner.OutputLock(fresh)]
+    try:
+        for status, err in (_synthetic_run(out, "--resume"), _synthetic_run(fresh)):
+            assert status == 2 and "another run is writing" in err.strip().splitlines()[-1]
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()
+                if not p.name.endswith(".lock")} == before
+        assert _synthetic_run(tmp_path / "other.csv")[0] == 0  # another stem, its own lock
+    finally:
+        for lock in running:
+            lock.release()
+    assert not list(tmp_path.glob(".*.lock"))
+    (tmp_path / ".r.lock").write_text("")  # left by a killed run: the OS holds no lock
+    assert _synthetic_run(out, "--resume")[0] == 0 and not (tmp_path / ".r.lock").exists()
+    (tmp_path / ".r.lock").symlink_to(tmp_path / "elsewhere")
+    status, err = _synthetic_run(out, "--resume")
+    assert status == 2 and "cannot make the run's lock" in err
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_outputs_sharing_a_stem_do_not_share_settings(tmp_path):
     assert _synthetic_run(tmp_path / "r.csv")[0] == 0
     status, err = _synthetic_run(tmp_path / "r.parquet", "--resume")

@@ -400,6 +400,51 @@ def refuse_special_file(out: Path) -> None:
                                    "pipe or socket); remove it or write elsewhere")
 
 
+class OutputLock:
+    """An exclusive lock on one output, held by the process that writes it (rank 0) while the
+    run lasts: a second run into it at the same time (another terminal, a re-run cell) is
+    refused instead of interleaving its writes. The lock covers the name stem, as the settings
+    and summary do (r.csv and r.parquet share them). It is the OS's (``flock``): a killed run
+    holds nothing, and the empty file it leaves does not block. No lock where the OS has no
+    ``flock`` (Windows)."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out.with_name(f".{out.stem}.lock")
+        self._fd: int | None = None
+        try:
+            import fcntl
+        except ImportError:
+            return
+        while self._fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
+                             0o644)
+            except OSError as error:
+                raise PullbackWidgetsError(f"cannot make the run's lock {str(self.path)!r}: "
+                                           f"{error.strerror or error}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise PullbackWidgetsError(
+                    f"another run is writing {str(out)!r} (or its .csv/.parquet twin) right now; "
+                    "wait for it to end, or write elsewhere") from None
+            try:  # the run before may have removed the file between our open and our lock
+                current = os.stat(self.path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                self._fd = fd
+            else:
+                os.close(fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held: no run locks a removed file
+            os.close(self._fd)
+            self._fd = None
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """``write(temporary)`` then rename onto ``path``: readers see all of it or nothing.
     ``write`` creates the file, so it gets the usual permissions (the umask's)."""
@@ -879,6 +924,7 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
         raise PullbackWidgetsError(f"metric(s) {', '.join(needs_mask)} need an evidence mask "
                                    "for every image (--synthetic N)")
     world = _join_world()
+    lock = None
     try:
         if model is None:
             from ..models import load_model
@@ -896,11 +942,22 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
         if methods is not None:
             notices = (*notices, "the methods were passed in as functions: the temperature, gate "
                        "and pool_weights above are those of the built-in pullback, not theirs")
-        done = {row[:4] for row in _existing_rows(out, names, started_in)} if resume else set()
         out.parent.mkdir(parents=True, exist_ok=True)
+        def rows_done() -> set[tuple]:
+            return {row[:4] for row in _existing_rows(out, names, started_in)} if resume \
+                else set()
+
         if world.rank == 0:
+            lock = OutputLock(out)
+            # Again, now that no other run writes here: one may have, since the first checks.
+            check_output(out, resume)
+            _check_resume_settings(out, settings, resume)
+            done = rows_done()  # before anything is written: a damaged output changes nothing
             _write_settings(out, settings, {"world_size": world.size, "status": "running",
                                             "cwd": started_in})
+        world.barrier()  # rank 0 holds the lock: what is done no longer changes
+        if world.rank != 0:
+            done = rows_done()
         world.barrier()  # every rank has read what is done before anyone writes a part
         evaluated, skipped = _evaluate_shard(items[world.rank::world.size], model, settings,
                                              explainers, world, out, done, progress)
@@ -925,6 +982,8 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
                                         "notices": list(notices)})
         return RunReport(rows, summary, evaluated, skipped, seconds)
     finally:
+        if lock is not None:
+            lock.release()
         if world.owned:
             torch.distributed.destroy_process_group()
 

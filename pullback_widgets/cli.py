@@ -294,13 +294,13 @@ def _run(args: argparse.Namespace) -> int:
         metrics = args.metrics or (["mass", "pointing", "mask_auc"] if synthetic
                                    else ["deletion", "insertion", "infidelity"])
         report = run_command(args.paths, out=args.out, resume=args.resume,
-                    labels_from_folders=args.labels_from_folders, limit=args.limit,
-                    targets=args.targets, synthetic_images=args.synthetic, seed=args.seed,
-                    model=args.model or ("shapes" if synthetic else "efficientnet_lite0"),
-                    methods=tuple(args.methods), metrics=tuple(metrics),
-                    temperature=args.temperature,
-                    gate=args.gate, pool_weights=args.pool_weights,
-                    batch_size=args.batch_size, image_size=args.image_size)
+                             labels_from_folders=args.labels_from_folders, limit=args.limit,
+                             targets=args.targets, synthetic_images=args.synthetic, seed=args.seed,
+                             model=args.model or ("shapes" if synthetic else "efficientnet_lite0"),
+                             methods=tuple(args.methods), metrics=tuple(metrics),
+                             temperature=args.temperature,
+                             gate=args.gate, pool_weights=args.pool_weights,
+                             batch_size=args.batch_size, image_size=args.image_size)
         if report is not None and report.skipped and not report.rows:
             why = " ".join(report.skipped[0][1].split())  # it names the file
             raise PullbackWidgetsError(f"no image could be read: {len(report.skipped)} file(s) "

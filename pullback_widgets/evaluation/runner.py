@@ -942,11 +942,11 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
         if methods is not None:
             notices = (*notices, "the methods were passed in as functions: the temperature, gate "
                        "and pool_weights above are those of the built-in pullback, not theirs")
-        out.parent.mkdir(parents=True, exist_ok=True)
         def rows_done() -> set[tuple]:
             return {row[:4] for row in _existing_rows(out, names, started_in)} if resume \
                 else set()
 
+        out.parent.mkdir(parents=True, exist_ok=True)
         if world.rank == 0:
             lock = OutputLock(out)
             # Again, now that no other run writes here: one may have, since the first checks.

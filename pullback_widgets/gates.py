@@ -213,9 +213,19 @@ class GateSettings:
                 kind=kind or ("pool" if pool else "relu"), batch=self.batch_size,
                 shape=tuple(x.shape) if x.dim() >= 2
                 else f"{tuple(x.shape)}, whose one spread is over all its values,"))
-        values = x.detach().flatten(1) if x.dim() >= 2 else x.detach().flatten()[None]
+        values = x.detach().to(compute_dtype(x.dtype))
+        values = values.flatten(1) if x.dim() >= 2 else values.flatten()[None]
         correction = 1 if values.shape[1] > 1 else 0
-        spread = values.std(dim=1, correction=correction).nan_to_num(0.0).clamp_min(1e-12)
+        # No floor: T is relative at any scale (1/T is capped where it is 0).
+        spread = values.std(dim=1, correction=correction)
+        numbers = torch.finfo(values.dtype)
+        if not bool((spread.isfinite() & (spread > numbers.tiny ** 0.5 / numbers.eps)).all()):
+            # Squares of values near the dtype's largest overflow, and of tiny ones lose their
+            # digits: measured on the values divided by their largest size. Values that are
+            # not all finite have a spread of 0.
+            size = values.abs().amax(dim=1, keepdim=True)
+            spread = ((values / size).std(dim=1, correction=correction) * size[:, 0]) \
+                .nan_to_num(0.0, posinf=numbers.max)
         if x.dim() < 2:
             return base * float(spread)
         return base * spread.view(-1, *([1] * (x.dim() - 1)))

@@ -143,6 +143,40 @@ def test_relative_mode_at_tiny_temperature_is_the_plain_gradient(dtype):
     assert _relative_error(pullback, plain) < (1e-6 if dtype == torch.float32 else 2e-3)
 
 
+@pytest.mark.parametrize("scale", [1e-6, 1e-13, 1e-20, 1e-200, 1e100])
+def test_relative_mode_does_not_depend_on_the_input_scale(scale):
+    # A bias-free ReLU net is positively homogeneous: each gate sees z / (T std z), whatever
+    # the input's scale. The old code floored the spread at 1e-12, so tiny activations got
+    # gates near 1/2 (cosine 0.71 with the unscaled pullback at 1e-20).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(4, 4, 3, padding=1, bias=False), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(4 * 4 * 4, 5, bias=False)).eval().double()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    settings = dict(temperature=0.3, temperature_mode="relative")
+    base = pw.excitation_pullback(model, x, 1, **settings)
+    scaled = pw.excitation_pullback(model, x * scale, 1, **settings)
+    # The pool's T is relative too, so the map only scales (by the product of the layers'
+    # homogeneity: here 1, a linear map of the input).
+    torch.testing.assert_close(scaled, base, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relative_spread_of_values_near_the_largest_float_is_measured_not_capped(dtype):
+    # Squares of values near 1e37 (float32) overflow in std: the spread was inf, turned into
+    # the largest float, T ~ 1e38 and gates near 1/2 (off by 0.46).
+    top = torch.finfo(dtype).max
+    z = (torch.randn(2, 1000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+         * (top / 20)).to(dtype).requires_grad_()
+    with pw.soft_gating(torch.nn.Identity(), temperature=0.3, temperature_mode="relative"):
+        out = torch.relu(z)
+    (gates,) = torch.autograd.grad(out, z, torch.ones_like(z))
+    spread = (z.detach().double() / top).std(dim=1, keepdim=True) * top
+    expected = torch.sigmoid(z.detach().double() / (0.3 * spread))
+    torch.testing.assert_close(gates.double(), expected, rtol=0, atol=1e-6)
+
+
 def test_huge_pool_activations_with_small_differences_match_the_centred_reference():
     # Values near 1e6 in float32, differences comparable to T = 1: the soft pool is invariant to
     # a common shift, so the reference works on x - 1e6, exact in float64. The old code lost

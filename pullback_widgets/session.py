@@ -340,8 +340,15 @@ class PullbackSession:
         if is_class_target(target):
             batch, num_classes = state.logits.shape
             classes = class_indices(target, batch, num_classes, state.logits.device)
+            rows = torch.arange(batch, device=state.logits.device)
+            picked = state.logits.detach()[rows, classes]
+            if bool(picked.isnan().any()):  # its gradient would still come out finite
+                example = int(picked.isnan().nonzero()[0, 0])
+                raise PullbackWidgetsError(
+                    f"the model's output for example {example}, class {int(classes[example])}, "
+                    "holds NaN (an overflow inside the model?): there is nothing to explain")
             seed = torch.zeros_like(state.logits)
-            seed[torch.arange(batch, device=seed.device), classes] = 1.0
+            seed[rows, classes] = 1.0
             return state.logits, seed
         activation = state.activations[target.layer]
         return activation, unit_seed(target, activation, len(self.inputs), self.token_grid,

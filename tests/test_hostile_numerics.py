@@ -244,3 +244,24 @@ def test_minus_inf_entries_at_tiny_temperature_are_the_plain_gradient_through_th
     (soft,) = torch.autograd.grad(out, x, grad_out)
     (plain,) = torch.autograd.grad(F.max_pool2d(x, 3, 2, ceil_mode=True), x, grad_out)
     torch.testing.assert_close(soft, plain)
+
+
+def test_a_class_whose_logit_is_nan_is_a_clear_error_and_units_before_it_still_work():
+    # A finite input whose activations overflow: every logit NaN, yet the pullback came out
+    # finite, with no notice (found by a hostile review).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(4 * 2 * 2, 5)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(100)
+    x = torch.rand(2, 3, 4, 4) * 1e37
+    x[0] = torch.rand(3, 4, 4)  # example 0 is fine
+    with pytest.raises(pw.PullbackWidgetsError, match=r"example 1, class 3, holds NaN"):
+        pw.excitation_pullback(model, x, 3)
+    with pytest.raises(pw.PullbackWidgetsError, match="holds NaN"):
+        pw.ExcitationPullback(model).attribute(x)
+    fine = pw.excitation_pullback(model, x[:1], 3)
+    assert torch.isfinite(fine).all()
+    unit = pw.excitation_pullback(model, x, pw.Unit("0", 1, 2, 2))  # before the overflow
+    assert torch.isfinite(unit).all()

@@ -127,6 +127,24 @@ def _same_model_state(state: tuple[tuple[Tensor, int], ...], model: nn.Module) -
         a is b and va == vb for (a, va), (b, vb) in zip(state, now))
 
 
+def _copy_as_laid_out(tensor: Tensor) -> Tensor:
+    """A copy with ``tensor``'s own strides (``clone()`` makes a crop or a strided slice
+    contiguous): a model's reductions add in memory order, and the forward must be the model's
+    own on these inputs, bit for bit. Differentiable. An expanded dim (stride 0) gets a stride
+    past all the others; other overlapping strides cannot be written: a plain clone then."""
+    strides = list(tensor.stride())
+    span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, strides))
+    for dim, size in enumerate(tensor.shape):
+        if strides[dim] == 0 and size > 1:
+            strides[dim], span = span, span * size
+    try:
+        copy = torch.empty_strided(tensor.shape, strides, dtype=tensor.dtype,
+                                   device=tensor.device)
+        return copy.copy_(tensor)
+    except RuntimeError:
+        return tensor.clone()
+
+
 @contextlib.contextmanager
 def _autograd_on() -> Iterator[None]:
     with torch.inference_mode(False), torch.enable_grad():
@@ -181,7 +199,7 @@ class PullbackSession:
         model = check_model(model)
         # A copy: a forward for new layers runs later, on these inputs, not on what the
         # caller's tensor holds by then.
-        inputs = check_inputs(inputs).detach().clone()
+        inputs = _copy_as_laid_out(check_inputs(inputs).detach())
         names = None if isinstance(layers, str) or not isinstance(layers, Iterable) \
             else tuple(layers)
         if names is None or not all(isinstance(name, str) for name in names):
@@ -268,9 +286,9 @@ class PullbackSession:
                     LayerRecorder(self.model, layers) as recorder, \
                     _gating(self._live, remake) as mode, \
                     explained_forward_errors(self.model, self.inputs):
-                leaf = self.inputs.clone().requires_grad_(True)
+                leaf = _copy_as_laid_out(self.inputs).requires_grad_(True)
                 # Not the leaf itself: a model may change its input in place.
-                logits = self.model(leaf.clone(), *self._forward_args)
+                logits = self.model(_copy_as_laid_out(leaf), *self._forward_args)
             if mode.remakes_intact():
                 break
         check_logits(logits)

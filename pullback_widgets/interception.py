@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack, _pop_mode
 
 from .activation_gates import (
     HARDSWISH,
@@ -443,8 +443,15 @@ def _gating(settings: GateSettings, remake: bool = True) -> Iterator[_SoftGating
             "twice. Leave the outer context first (excitation_pullback and PullbackSession "
             "open their own).")
     mode = _SoftGatingMode(settings, remake)
-    with explained_errors(checkpointing_error), mode, _refusing_checkpoints():
-        yield mode
+    try:
+        with explained_errors(checkpointing_error), mode, _refusing_checkpoints():
+            yield mode
+    finally:
+        # A Ctrl-C between the mode's push and the with statement holding it (or in its exit,
+        # before its pop) would leave it on this thread's stack, gating every later call here.
+        stack = _get_current_function_mode_stack()
+        if stack and stack[-1] is mode:
+            _pop_mode()
 
 
 @contextlib.contextmanager

@@ -131,9 +131,9 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     """
     with _FORWARD_LOCK:
         flags = [(module, module.training) for module in submodules(model)]
-        if any(training for _, training in flags):  # already in eval mode: nothing to set
-            model.eval()
-        try:
+        try:  # eval() too: a module's own train() may raise (or Ctrl-C come) half-way
+            if any(training for _, training in flags):  # already in eval mode: nothing to set
+                model.eval()
             yield
             if any(module.training for module, _ in flags):
                 raise PullbackWidgetsError(_TRAINED_DURING_THE_FORWARD)

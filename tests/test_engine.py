@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.overrides import _get_current_function_mode_stack
 
 import pullback_widgets as pw
 from pullback_widgets.interception import _active_gating_mode
@@ -304,6 +305,57 @@ def test_train_mode_model_is_run_in_eval_and_restored():
     torch.testing.assert_close(actual, expected)
     assert net.training and net.bn1.training
     assert torch.equal(net.bn1.running_mean, running_mean)
+
+
+class _StubbornOnce(nn.Module):
+    """Its train(False) raises once (a LoRA-style train() that fails, or a Ctrl-C)."""
+
+    def __init__(self, error: type[BaseException]):
+        super().__init__()
+        self.error = error
+
+    def train(self, mode: bool = True):
+        if not mode and self.error is not None:
+            error, self.error = self.error, None
+            raise error("stubborn")
+        return super().train(mode)
+
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_training_flags_come_back_when_switching_to_eval_mode_fails_half_way(error):
+    # model.eval() ran before the try whose finally restores the flags: the modules it had
+    # switched before the failure stayed in eval mode (found by a hostile review).
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(), _StubbornOnce(error),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).train()
+    net[2].eval()  # mixed flags
+    before = [m.training for m in net.modules()]
+    with pytest.raises(error, match="stubborn"):
+        pw.excitation_pullback(net, random_image(1, 6), 0)
+    assert [m.training for m in net.modules()] == before
+
+
+def test_a_ctrl_c_right_after_the_mode_is_pushed_leaves_no_mode_behind(monkeypatch):
+    # TorchFunctionMode.__enter__ pushes the mode, then returns: an interrupt in between left
+    # it on the stack for good, gating every later call in the thread (a hostile review).
+    import torch.overrides
+
+    push = torch.overrides._push_mode
+
+    def push_then_interrupt(mode):
+        push(mode)
+        raise KeyboardInterrupt
+
+    net, x = every_op_net(), random_image()
+    monkeypatch.setattr(torch.overrides, "_push_mode", push_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        pw.excitation_pullback(net, x, 0)
+    monkeypatch.undo()
+    assert _get_current_function_mode_stack() == []
+    torch.testing.assert_close(pw.excitation_pullback(net, x, 0),
+                               pw.excitation_pullback(net, x, 0))
 
 
 def test_nested_soft_gating_is_a_clear_error():

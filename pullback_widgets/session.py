@@ -107,24 +107,32 @@ def _stacklevel_outside_package() -> int:
 
 
 _CHANGED_SINCE_THE_FORWARD = (
-    "the model's parameters or buffers changed since this session's forward (in place, or "
-    "replaced); a Unit on a new layer needs one more forward, which would explain another "
-    "model: make a new PullbackSession")
+    "the model's parameters or buffers changed since this session's forward (in place, "
+    "replaced, or converted or moved with .to(), .double(), .cuda()): the session's logits and "
+    "graph are of the model as it was; make a new PullbackSession")
 
 
-def _model_state(model: nn.Module) -> tuple[tuple[Tensor, int], ...]:
-    """Each parameter and buffer with its version: what a later forward must find unchanged.
-    Read from each module's own dicts: ``model.parameters()`` builds every name (0.5 against
-    0.15 ms on Lite0, paid by every one-shot pullback)."""
-    return tuple((t, t._version) for module in submodules(model)
+def _model_state(model: nn.Module) -> tuple[tuple[Tensor, int, int], ...]:
+    """Each parameter and buffer with its version and its memory's address: what a backward
+    or a later forward must find unchanged (``.to()`` and ``.data =`` swap a parameter's
+    memory, not the parameter, nor its version). Read from each module's own dicts:
+    ``model.parameters()`` builds every name (0.5 against 0.15 ms on Lite0)."""
+    return tuple((t, t._version, _address(t)) for module in submodules(model)
                  for tensors in (module._parameters, module._buffers)
                  for t in tensors.values() if t is not None)
 
 
-def _same_model_state(state: tuple[tuple[Tensor, int], ...], model: nn.Module) -> bool:
+def _address(tensor: Tensor) -> int | None:
+    try:
+        return tensor.data_ptr()
+    except RuntimeError:  # no storage of its own (a tensor subclass)
+        return None
+
+
+def _same_model_state(state: tuple[tuple[Tensor, int, int], ...], model: nn.Module) -> bool:
     now = _model_state(model)
     return len(now) == len(state) and all(
-        a is b and va == vb for (a, va), (b, vb) in zip(state, now))
+        a is b and va == vb and pa == pb for (a, va, pa), (b, vb, pb) in zip(state, now))
 
 
 def _copy_as_laid_out(tensor: Tensor) -> Tensor:
@@ -321,9 +329,6 @@ class PullbackSession:
                                       and t.layer not in state.activations))
         if not missing:
             return state
-        if not _same_model_state(self._model_state, self.model):
-            # A forward now would explain another model than the session's logits came from.
-            raise PullbackWidgetsError(_CHANGED_SINCE_THE_FORWARD)
         return self._run_forward(state.layers + missing)
 
     # ------------------------------------------------------------ settings
@@ -372,6 +377,12 @@ class PullbackSession:
         return activation, unit_seed(target, activation, len(self.inputs), self.token_grid,
                                      self.channels_last)
 
+    def model_unchanged(self) -> bool:
+        """Whether the model's parameters and buffers are still those of this session's
+        forward: not changed in place, replaced, converted or moved. Pullbacks are refused
+        once they are not."""
+        return _same_model_state(self._model_state, self.model)
+
     def _backward(self, targets: Sequence[Target], call: GateSettings, batched: bool,
                   retain_graph: bool = True) -> Tensor:
         """Pullbacks (k, B, C, H, W) of ``targets`` under ``call``'s settings.
@@ -381,6 +392,10 @@ class PullbackSession:
         backward goes (less peak memory); the session is then spent.
         """
         with self._lock:
+            if not self.model_unchanged():
+                # Its graph would pull back through the new weights, or fail on their dtype,
+                # and a forward for new layers would explain another model than the logits'.
+                raise PullbackWidgetsError(_CHANGED_SINCE_THE_FORWARD)
             state = self._state_for(targets)
             seeds = [self._seed(state, t) for t in targets]
             if state is not self._state:

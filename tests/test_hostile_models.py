@@ -157,7 +157,7 @@ def test_empty_batch_and_model_changed_after_the_forward_are_clear_errors():
     session = pw.PullbackSession(model, torch.rand(1, 3, 8, 8))
     with torch.no_grad():
         model[6].weight.mul_(0.5)  # a plain layer after the forward, like an optimiser step
-    with pytest.raises(pw.PullbackWidgetsError, match="changed in place after the forward"):
+    with pytest.raises(pw.PullbackWidgetsError, match="changed since this session's forward"):
         session.pullback(0)
 
 
@@ -562,6 +562,38 @@ def test_a_forward_for_new_layers_is_refused_after_any_parameter_or_buffer_chang
         model[1].running_var = model[1].running_var.clone()
     with pytest.raises(pw.PullbackWidgetsError, match="changed since this session's forward"):
         session.pullback(pw.Unit("4", 0))
+    assert not session.model_unchanged()
+
+
+@pytest.mark.parametrize("change", [".double()", ".to(float16)", ".data = a copy",
+                                    "in place", "load_state_dict"])
+def test_a_session_refuses_pullbacks_once_its_model_is_converted_or_changed(change):
+    # .to() and .data = swap a parameter's memory, not the parameter nor its version: the
+    # retained graph then failed on the dtype with a raw RuntimeError, or (same dtype) pulled
+    # back silently through the new weights while the logits came from the old (a hostile
+    # review).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3)).eval()
+    session = pw.PullbackSession(model, torch.rand(2, 3, 8, 8))
+    session.pullback(1)
+    assert session.model_unchanged()
+    if change == ".double()":
+        model.double()
+    elif change == ".to(float16)":
+        model.to(torch.float16)
+    elif change == ".data = a copy":
+        model[3].weight.data = model[3].weight.data * 2
+    elif change == "in place":
+        with torch.no_grad():
+            model[0].bias.add_(1.0)
+    else:
+        model.load_state_dict({k: v + 1 for k, v in model.state_dict().items()})
+    assert not session.model_unchanged()
+    for call in (lambda: session.pullback(1), lambda: session.pullbacks([0, 1]),
+                 lambda: session.pullback(pw.Unit("0", 1))):
+        with pytest.raises(pw.PullbackWidgetsError, match="changed since this session's forward"):
+            call()
 
 
 def test_class_indices_beyond_int64_and_temperatures_changed_in_place_are_clear_errors():

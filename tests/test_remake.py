@@ -167,7 +167,7 @@ def test_a_model_changed_after_the_forward_is_a_clear_error():
     session = pw.PullbackSession(model, random_image(1, 8))
     with torch.no_grad():
         model.bn.bias.add_(1.0)
-    with pytest.raises(pw.PullbackWidgetsError, match="changed in place after the forward"):
+    with pytest.raises(pw.PullbackWidgetsError, match="changed since this session's forward"):
         session.pullback(0)
 
 

@@ -199,6 +199,31 @@ def test_bad_constructor_arguments_raise_clear_errors(net):
         pw.PullbackExplorer(net, "no-such-photo.png", labels=LABELS)
 
 
+def test_the_explorer_follows_a_model_changed_while_it_is_open(net):
+    # A user trains the model in another cell, then moves a slider: the explorer makes a new
+    # forward, and neither panel shows a map of the model as it was (the gradient panel's
+    # cache held one).
+    explorer = pw.PullbackExplorer(net, "chelsea", labels=LABELS, temperature=0.5)
+    explorer.target.value = "eel (4)"
+    assert explorer.wait()
+    image = explorer._images["chelsea"]
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.mul_(1.5).add_(0.01)
+    explorer.temperature.value = 0.7
+    assert explorer.wait()
+    assert explorer.target.value == "eel (4)"  # the same class: its gradient was cached
+    shown = 4
+    assert "⚠" not in explorer.status.value, explorer.status.value
+    np.testing.assert_allclose(_heatmap_z(explorer.pullback_figure),
+                               _expected_relative(net, image, shown, temperature=0.7),
+                               rtol=1e-5, atol=1e-6)
+    gradient = pw.excitation_pullback(net, image, shown, gate="hard")[0]
+    np.testing.assert_allclose(_heatmap_z(explorer.gradient_figure),
+                               figures.relative_map(gradient).astype(np.float32), rtol=1e-5)
+    explorer.close()
+
+
 def test_two_explorers_on_one_model_do_not_interfere(net):
     before = _model_snapshot(net)
     a = pw.PullbackExplorer(net, "coffee", labels=LABELS, temperature=0.1)

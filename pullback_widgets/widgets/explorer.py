@@ -313,7 +313,13 @@ class PullbackExplorer(w.VBox):
         return self._images[key]
 
     def _ensure_session(self, image_key: str) -> PullbackSession:
-        if self._session_key != image_key:
+        # A new forward also where the user changed the model since (trained it, loaded
+        # weights, converted it): the explorer follows the model.
+        changed = self._session is not None and not self._session.model_unchanged()
+        if self._session_key != image_key or changed:
+            if changed:  # what is drawn, and every cached map, is of the model as it was
+                self._pullback_shown = self._gradient_shown = None
+                self._compare_cache.clear()
             image = self._image(image_key)
             session = PullbackSession(self.model, image,
                                       layers=list(self.layer_control.short_list))

@@ -160,7 +160,7 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
     steps, step_size, eps = check_index(steps, "steps"), \
         check_positive(step_size, "step_size"), check_positive(eps, "eps")
     model = check_model(model)
-    start = check_inputs(image).detach()
+    start = check_inputs(image).detach().clone()  # the result's own: the caller may reuse theirs
     if start.min() < 0 or start.max() > 1:
         raise PullbackWidgetsError("image must be in pixel space [0, 1] (see pw.load_image)")
     check_choice(gate, GATES, "gate")  # also where method="gradient" overrides it

@@ -206,7 +206,7 @@ def _load_rows(files: list[str], samples: list[str] | None,
     rows = [(Path(f).name, load_image(f, size=size)) for f in files]
     rows += [(name, sample_image(name, size=size)) for name in samples or []]
     if not rows:
-        raise PullbackWidgetsError("give an image file or --sample NAME")
+        raise PullbackWidgetsError("give image files or --samples NAME [NAME ...]")
     return torch.cat([image for _, image in rows]), [name for name, _ in rows]
 
 

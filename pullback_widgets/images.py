@@ -58,8 +58,8 @@ def _check_pixel_count(width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise PullbackWidgetsError(
             f"image is {width} x {height} = {width * height} pixels, more than "
-            f"max_pixels={max_pixels} (a guard against decompression bombs; raise max_pixels "
-            "to load it)"
+            f"max_pixels={max_pixels} (a guard against decompression bombs; in Python, pass a "
+            "larger max_pixels to load it)"
         )
 
 

@@ -243,7 +243,7 @@ def _download_weights(url: str) -> dict[str, Tensor]:
         raise WeightsUnavailableError(
             f"could not download pretrained weights from {url} ({type(err).__name__}: {err}). "
             f"Download the file by hand and put it at {path}, "
-            "or pass weights=None for random weights"
+            "or, in Python, pass weights=None for random weights"
         ) from err
 
 

@@ -109,6 +109,14 @@ def test_callback_sees_every_step_and_can_stop():
     assert result.stopped and len(result.images) == 3
 
 
+def test_the_result_keeps_its_own_start_when_the_caller_reuses_the_input():
+    net, x = _net(), _image(1)
+    result = pw.pullback_ascent(net, x, 0, steps=2, progress=False)
+    start, diff = result.images[0].clone(), result.diff.clone()
+    x.fill_(0.5)  # the caller's buffer, reused
+    assert torch.equal(result.images[0], start) and torch.equal(result.diff, diff)
+
+
 def test_zero_steps_returns_the_start():
     net, x = _net(), _image(1)
     result = pw.pullback_ascent(net, x, 0, steps=0, progress=False)

@@ -61,6 +61,7 @@ def test_grid_report(tmp_path):
     (["explain", "--sample", "coffee", "--target", "²"], "unknown class '²'"),
     (["explain", "--sample", "coffee", "--steps", "-1"], "steps"),
     (["explain"], "IMAGE or --sample"),
+    (["grid"], "image files or --samples NAME"),
     (["explain", "--sample", "coffee"], "--out"),
     (["frobnicate"], "invalid choice"),
 ])

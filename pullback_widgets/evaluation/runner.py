@@ -1124,8 +1124,11 @@ def run_command(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike,
     fields of :class:`EvaluationSettings`."""
     from ..models import MODELS
 
-    if synthetic_images is not None and (paths or labels_from_folders):
+    if synthetic_images is not None and paths:
         raise PullbackWidgetsError("give image paths or --synthetic N, not both")
+    if synthetic_images is not None and labels_from_folders:
+        raise PullbackWidgetsError("--labels-from-folders reads labels from the folders of "
+                                   "image paths; --synthetic images carry their own")
     if targets is None:
         targets = "label" if labels_from_folders or synthetic_images else "predicted"
     model = settings.get("model", EvaluationSettings.model)

@@ -143,7 +143,8 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--batch-size", type=int, default=8,
                                  help="images evaluated together (default 8)")
     evaluate_parser.add_argument("--limit", type=int, default=None,
-                                 help="only the first N images (sorted by path)")
+                                 help="only the first N files found (sorted by path; a "
+                                 "file that turns out not to be an image counts too)")
     evaluate_parser.add_argument("--out", type=Path, required=True,
                                  help="results.csv or results.parquet")
     evaluate_parser.add_argument("--resume", action="store_true",

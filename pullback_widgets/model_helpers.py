@@ -131,7 +131,7 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     """
     with _FORWARD_LOCK:
         flags = [(module, module.training) for module in submodules(model)]
-        try:  # eval() too: a module's own train() may raise (or Ctrl-C come) half-way
+        try:  # model.eval() too: a module's own train() may raise (or Ctrl-C come) half-way
             if any(training for _, training in flags):  # already in eval mode: nothing to set
                 model.eval()
             yield

@@ -112,7 +112,7 @@ _CHANGED_SINCE_THE_FORWARD = (
     "graph are of the model as it was; make a new PullbackSession")
 
 
-def _model_state(model: nn.Module) -> tuple[tuple[Tensor, int, int], ...]:
+def _model_state(model: nn.Module) -> tuple[tuple[Tensor, int, int | None], ...]:
     """Each parameter and buffer with its version and its memory's address: what a backward
     or a later forward must find unchanged (``.to()`` and ``.data =`` swap a parameter's
     memory, not the parameter, nor its version). Read from each module's own dicts:
@@ -129,7 +129,7 @@ def _address(tensor: Tensor) -> int | None:
         return None
 
 
-def _same_model_state(state: tuple[tuple[Tensor, int, int], ...], model: nn.Module) -> bool:
+def _same_model_state(state: tuple[tuple[Tensor, int, int | None], ...], model: nn.Module) -> bool:
     now = _model_state(model)
     return len(now) == len(state) and all(
         a is b and va == vb and pa == pb for (a, va, pa), (b, vb, pb) in zip(state, now))

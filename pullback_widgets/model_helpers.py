@@ -238,9 +238,13 @@ def feature_layers(model: nn.Module, inputs: Tensor, *,
         model(inputs)
     outputs = recorder.outputs
     grid = token_grid(model, inputs)
+    channels_last = outputs_channels_last(model)
 
     def shape(output: Tensor) -> tuple[int, ...] | None:
-        if output.dim() == 4:
+        # Only what a Unit can address: no channels-last maps (rows would pass for channels),
+        # and in a ViT no 4-D tensor off the patch grid (per-head queries and keys).
+        if output.dim() == 4 and not channels_last and (
+                grid is None or tuple(output.shape[2:]) == (grid.height, grid.width)):
             return tuple(output.shape[1:])
         if grid is not None and output.dim() == 3 and output.shape[1] == grid.tokens:
             return output.shape[2], grid.height, grid.width

@@ -58,8 +58,8 @@ NO_GATED_OP = (
 PLAIN_ATTENTION = (
     "the model computes {count} softmax(es) by hand on the input's path (attention written as "
     "matmul-softmax-matmul, e.g. timm with fused attention off, or nn.MultiheadAttention with "
-    "need_weights=True): attention there stays plain, not gated; only "
-    "F.scaled_dot_product_attention is gated")
+    "need_weights=True): attention there stays plain, not gated; F.scaled_dot_product_attention "
+    "is gated (and nn.MultiheadAttention with need_weights=False, which calls it)")
 
 
 def gating_notices(gated_calls: int, plain_attention: int,

@@ -128,9 +128,10 @@ def unit_seed(unit: Unit, activation: Tensor, batch: int,
 
     For a vision transformer (``grid`` given), a 3-D output is a token map (B, N, C): the
     Unit's channel is the last dim and (y, x) a place on the patch grid (see
-    :class:`TokenGrid`); its spatial mean is the mean over the patch tokens. An output whose
-    dim 0 is not the batch (a sequence-first layer) is an error: dim 1 is no channel there;
-    so is a 4-D output of a model whose layers output channels last (``channels_last``).
+    :class:`TokenGrid`); its spatial mean is the mean over the patch tokens. Other 3-D outputs
+    are an error (tokens or a 1-D map cannot be told apart), as is an output whose dim 0 is not
+    the batch (a sequence-first layer: dim 1 is no channel there), and a 4-D output of a model
+    whose layers output channels last (``channels_last``).
     """
     where = f"layer {unit.layer!r}"
     if activation.dim() < 2:
@@ -141,8 +142,15 @@ def unit_seed(unit: Unit, activation: Tensor, batch: int,
             f"{where} output has shape {tuple(activation.shape)}, whose dim 0 is not the batch "
             f"of {batch} (a sequence-first layer, such as nn.TransformerEncoder with "
             "batch_first=False?); a Unit needs (B, C), (B, C, H, W) or a ViT's (B, N, C)")
-    if grid is not None and activation.dim() == 3:
-        return _token_seed(unit, activation, grid, where)
+    if activation.dim() == 3:
+        if grid is not None:
+            return _token_seed(unit, activation, grid, where)
+        # (B, N tokens, C) of a patch model the package does not know (MLP-Mixer, LeViT) or
+        # (B, C, L): the channel's dim cannot be told, and the wrong one is a silent wrong unit.
+        raise PullbackWidgetsError(
+            f"{where} output has shape {tuple(activation.shape)}: tokens (B, N, C) or a 1-D map "
+            "(B, C, L)? A Unit cannot tell which dim holds channels on this model (it knows "
+            "the token maps of timm's and torchvision's ViTs); target a class, or a 4-D layer")
     if channels_last and activation.dim() == 4:
         raise PullbackWidgetsError(
             f"{where} output has shape {tuple(activation.shape)} in a model whose layers output "

@@ -276,6 +276,13 @@ def test_feature_layers_offer_the_blocks_token_maps(inputs, make, block, channel
     assert layers[block] == (channels, 4, 4)  # (C, patch rows, patch columns)
 
 
+def test_every_layer_of_a_vit_leaves_out_per_head_tensors(inputs):
+    # q_norm and k_norm output (B, heads, N, head dim): offered as maps, heads read as channels.
+    layers = pw.model_helpers.feature_layers(timm_vit(qk_norm=True), inputs[:1], every=True)
+    assert "blocks.0.attn.q_norm" not in layers and "blocks.0.attn.k_norm" not in layers
+    assert layers["patch_embed.proj"] == (192, 4, 4) and layers["blocks.0"] == (192, 4, 4)
+
+
 @pytest.mark.parametrize(("make", "block", "channels"), [
     (timm_vit, "blocks.1", 192), (torchvision_vit, "encoder.layers.encoder_layer_1", 32)])
 def test_the_explorer_pulls_back_a_vit_block_channel(make, block, channels):

@@ -464,6 +464,37 @@ def test_a_unit_on_a_channels_last_swin_layer_is_refused():
     with pytest.raises(pw.PullbackWidgetsError, match=r"channels last \(B, H, W, C\)"):
         session.pullback(pw.Unit("features.1", 5))
     session.pullback(1)  # classes are fine
+    # Nor do the explorers offer its 4-D layers (they were listed as rows x columns x
+    # channels, the Channel box bounded by the rows, and then refused).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        offered = pw.model_helpers.feature_layers(model, torch.rand(1, 3, 32, 32), every=True)
+    assert offered == {}
+
+
+class _UnknownTokens(nn.Module):
+    """Patch tokens (B, N, C) of a model the package does not know as a ViT (Mixer-like)."""
+
+    def __init__(self):
+        super().__init__()
+        self.patches = nn.Conv2d(3, 32, 4, stride=4)
+        self.mix = nn.Sequential(nn.Linear(32, 32), nn.GELU())
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        tokens = self.patches(x).flatten(2).transpose(1, 2)  # (B, 16 tokens, 32 channels)
+        return self.head(self.mix(tokens).mean(1))
+
+
+def test_a_unit_on_tokens_of_a_model_not_known_as_a_vit_is_refused():
+    # (B, N, C) was read as (B, C, L): "channel 5" was token 5 averaged over every channel,
+    # silently (timm's Mixer, LeViT; found by a hostile review).
+    torch.manual_seed(0)
+    model, x = _UnknownTokens().eval(), torch.rand(1, 3, 16, 16)
+    with pytest.raises(pw.PullbackWidgetsError, match=r"tokens \(B, N, C\) or a 1-D map"):
+        pw.excitation_pullback(model, x, pw.Unit("mix", 5))
+    assert "mix" not in pw.model_helpers.feature_layers(model, x, every=True)
+    assert "patches" in pw.model_helpers.feature_layers(model, x, every=True)
 
 
 def test_timm_vit_token_grids_follow_timm_padding_and_hybrid_strides():

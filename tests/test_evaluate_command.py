@@ -293,6 +293,13 @@ def test_items_from_any_source_and_randomisation_equals_the_cascade(tmp_path):
     assert "passed in as functions" in passed.summary
     with pytest.raises(pw.PullbackWidgetsError, match="label"):
         ev.evaluate([("unlabelled", images[0])], settings, tmp_path / "s.csv", model=model)
+    # top-K beyond the logits of a model without class names: refused before anything is
+    # written (torch.topk's raw error came mid-run, after the settings and parts).
+    top5 = dataclasses.replace(settings, targets="top-5")
+    with pytest.raises(pw.PullbackWidgetsError, match="top-5 asks for more classes than the "
+                                                      "model's 3"):
+        ev.evaluate(items, top5, tmp_path / "k.csv", model=model, progress=False)
+    assert not list(tmp_path.glob("k.*"))
     # A tensor of the run's size is used as it is; another size is resized like a file.
     exact = images[0]
     assert ev.Item("exact", exact).load(8) is exact
@@ -656,6 +663,25 @@ def test_a_run_where_no_image_could_be_read_exits_with_an_error(tmp_path):
     assert last.startswith("pullback-widgets: error: no image could be read: 2 file(s) "
                            "skipped, the first: could not read file") and "a.png" in last
     assert _rows(out) == [] and "2 file(s) skipped" in runner.summary_path(out).read_text()
+
+
+def test_a_skipped_file_whose_name_is_not_utf8_is_recorded_and_the_run_completes(tmp_path):
+    # The settings record was written as UTF-8 with the name's surrogate-escaped byte in it:
+    # UnicodeEncodeError at the end of every run and resume (a hostile review).
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(pw.images.sample_image_array("coffee")).resize((40, 30)).save(
+        folder / "ok.png")
+    with open(os.path.join(os.fsencode(folder), b"bad\xff.txt"), "wb") as file:
+        file.write(b"not an image")
+    out = tmp_path / "r.csv"
+    for extra in ((), ("--resume",)):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            assert _main(str(folder), *COMMON, "--out", str(out), *extra) == 0, err.getvalue()
+        record = json.loads(runner._settings_path(out).read_text(encoding="utf-8"))
+        assert record["status"] == "complete"
+        assert [os.fsencode(name)[-8:] for name, _ in record["skipped"]] == [b"bad\xff.txt"]
 
 
 def test_names_written_before_escaping_read_back_as_they_were(tmp_path):

@@ -558,3 +558,21 @@ def test_parameters_the_model_holds_itself_are_randomised_last():
     result = ev.randomisation_check(vit, torch.rand(1, 3, 32, 32), 0, {"gradient": ev.gradient},
                                     stages=["head", OWN_PARAMETERS])
     assert result.stages == ["head", OWN_PARAMETERS] and result.absolute.shape == (2, 1, 1)
+
+
+def test_an_images_smoothgrad_map_does_not_depend_on_its_batch():
+    # The noise was drawn once for the whole batch: an image's map changed with its batch,
+    # the batch size and the torchrun shard (a hostile review: 12 of 16 rows differed).
+    pytest.importorskip("captum")
+    model = _relu6_net()
+    images = _images(batch=4, size=12, seed=3)
+    targets = torch.tensor([0, 1, 2, 0])
+    explain = ev.build_method("smoothgrad", model, smoothgrad_samples=3)
+    together = explain(model, images, targets)
+    for index in range(4):
+        alone = explain(model, images[index:index + 1], targets[index:index + 1])
+        torch.testing.assert_close(alone[0], together[index], rtol=1e-6, atol=1e-9)
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    explain(model, images, targets)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random state is untouched

@@ -175,10 +175,10 @@ def test_report_and_evaluation_carry_the_notice():
         assert explanation.notices == (NO_GATED_OP,)
         page = explain_html(explanation)
         assert "plain gradient" in page and "class 0" in page
-        assert gating_probe(net, 24) == (NO_GATED_OP,)
+        assert gating_probe(net, 24)[0] == (NO_GATED_OP,)
     relu_net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
     relu_net(torch.rand(1, 3, 8, 8))
-    assert gating_probe(relu_net.eval(), 8) == ()
+    assert gating_probe(relu_net.eval(), 8)[0] == ()
     settings = EvaluationSettings(methods=("gradient", "pullback"), metrics=("deletion",))
     text = summarise([("a", 0, "pullback", "deletion", 0.5)], settings, images=1,
                      notices=(NO_GATED_OP,))

@@ -232,13 +232,18 @@ def _captum_smoothgrad(model, x, target, *, samples, noise_std, seed):
     from captum.attr import NoiseTunnel, Saliency
 
     devices = [x.device] if x.device.type == "cuda" else []
+    smoothgrad = NoiseTunnel(Saliency(model))
+    maps = []
     # Captum draws the noise from the global RNG: fork it so the draw is fixed and the
-    # caller's random state is left alone.
+    # caller's random state is left alone. One image at a time, each seeded by the run's seed
+    # and its own pixels: its noise, hence its map, is the same in any batch, shard or process.
     with evaluation_mode(model), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        return NoiseTunnel(Saliency(model)).attribute(
-            x, nt_type="smoothgrad", nt_samples=samples, stdevs=noise_std, target=target,
-            abs=False).detach()
+        for index in range(len(x)):
+            torch.manual_seed((seed * 1_000_003 + _content_seed(x[index])) % 2 ** 63)
+            maps.append(smoothgrad.attribute(
+                x[index:index + 1], nt_type="smoothgrad", nt_samples=samples, stdevs=noise_std,
+                target=target[index:index + 1], abs=False).detach())
+    return torch.cat(maps)
 
 
 def _last_conv(model: nn.Module) -> str:

@@ -881,7 +881,8 @@ def _write_settings(out: Path, settings: EvaluationSettings, extra: Mapping[str,
     record = {"output": out.name, "settings": dataclasses.asdict(settings),
               "values": settings.values_key(),
               "torch": torch.__version__, "pullback-widgets": package, **extra}
-    text = json.dumps(record, indent=1, ensure_ascii=False)
+    # ASCII: a skipped file's name that is not UTF-8 (surrogate-escaped bytes) is escaped too.
+    text = json.dumps(record, indent=1, ensure_ascii=True)
     path = _settings_path(out)
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
@@ -930,15 +931,16 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
             from ..models import load_model
 
             model = load_model(settings.model, device=world.device)
+        explainers = settings.explainers(model) if methods is None else dict(methods)
+        # Also: does the model run at that size, and how many classes has it, before anything
+        # is written.
+        notices, classes = gating_probe(
+            model, settings.image_size,
+            pullbacks=any(name.startswith("pullback") for name in explainers))
         k = settings.top_k()
-        classes = len(getattr(model, "labels", ())) or None
-        if k is not None and classes is not None and k > classes:
+        if k is not None and k > classes:
             raise PullbackWidgetsError(f"top-{k} asks for more classes than the model's "
                                        f"{classes}")
-        explainers = settings.explainers(model) if methods is None else dict(methods)
-        # Also: does the model run at that size, before anything is written.
-        notices = gating_probe(model, settings.image_size,
-                               pullbacks=any(name.startswith("pullback") for name in explainers))
         if methods is not None:
             notices = (*notices, "the methods were passed in as functions: the temperature, gate "
                        "and pool_weights above are those of the built-in pullback, not theirs")
@@ -1017,21 +1019,21 @@ def _interval(values: Sequence[float], higher_is_better: bool) -> str:
 
 
 def gating_probe(model: nn.Module, image_size: int, pullbacks: bool = True
-                 ) -> tuple[str, ...]:
-    """The engine's notices (:attr:`PullbackSession.notices`) for ``model`` on a grey image
-    (1, 3, image_size, image_size): whether its pullbacks are anything but the gradient
-    (``pullbacks=False``: none, and only a plain forward runs). A model that cannot run at that
-    size is a clear error, before a run writes anything."""
+                 ) -> tuple[tuple[str, ...], int]:
+    """(the engine's notices (:attr:`PullbackSession.notices`), the number of classes) for
+    ``model`` on a grey image (1, 3, image_size, image_size): whether its pullbacks are
+    anything but the gradient (``pullbacks=False``: none, and only a plain forward runs). A
+    model that cannot run at that size is a clear error, before a run writes anything."""
     parameter = next(model.parameters(), torch.empty(0))
     try:
         grey = torch.full((1, 3, image_size, image_size), 0.5, device=parameter.device,
                           dtype=parameter.dtype if parameter.is_floating_point() else None)
         if not pullbacks:
-            predict(model, grey)
-            return ()
+            return (), predict(model, grey).shape[1]
         with warnings.catch_warnings():  # said in the summary instead
             warnings.simplefilter("ignore")
-            return PullbackSession(model, grey).notices
+            session = PullbackSession(model, grey)
+            return session.notices, session.logits.shape[1]
     except RuntimeError as error:
         raise PullbackWidgetsError(f"the model cannot run on {image_size} x {image_size} "
                                    f"images (image_size): {first_line(error)}") from error

@@ -61,7 +61,7 @@ PROVENANCE_PATH = DATA_DIR / "shapes_cnn.json"
 # make_dataset draws images in blocks, each from its own generator, so that image i depends on
 # (seed, i) only; a block is small so that asking for n images wastes at most 63.
 _BLOCK = 64
-_MIN_SIZE = 32
+MIN_SIZE = 32  # pixels: smaller images have no room for the shapes
 # Stream tags: the training batches come from keys that make_dataset never uses.
 _DATASET_STREAM, _TRAIN_STREAM = 0, 1
 # Accuracy of the shipped model is measured on these make_dataset seeds (fresh samples).
@@ -180,7 +180,7 @@ def make_dataset(n: int, *, size: int = INPUT_SIZE, seed: int = 0
     ``size``. ``size`` >= 32 pixels.
     """
     n = check_index(n, "n", minimum=1)
-    size = check_index(size, "size", minimum=_MIN_SIZE)
+    size = check_index(size, "size", minimum=MIN_SIZE)
     seed = check_index(seed, "seed")
     parts = [_generate(_BLOCK, size, _generator(_DATASET_STREAM, seed, block))
              for block in range(math.ceil(n / _BLOCK))]

@@ -381,6 +381,9 @@ def test_evaluate_synthetic_refuses_bad_combinations(tmp_path, capsys) -> None:
     assert cli.main(["evaluate", "--synthetic", "4", "--labels-from-folders", "--out",
                      str(tmp_path / "a.csv")]) == 2
     assert "--synthetic images carry their own" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--synthetic", "3", "--image-size", "16", "--out",
+                     str(tmp_path / "a.csv")]) == 2
+    assert "--image-size must be >= 32, got 16" in capsys.readouterr().err
     assert cli.main(["evaluate", "--out", str(tmp_path / "b.csv")]) == 2
     assert "--synthetic N" in capsys.readouterr().err
     assert cli.main(["evaluate", str(photo), "--metrics", "mass", "--out",

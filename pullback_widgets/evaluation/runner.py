@@ -1143,6 +1143,7 @@ def run_command(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike,
         limit = check_index(limit, "--limit", 1)
     if synthetic_images is not None:
         count = check_index(synthetic_images, "--synthetic", 1)
+        check_index(run_settings.image_size, "--image-size", synthetic.MIN_SIZE)
         items = synthetic_items(count if limit is None else min(count, limit),
                                 seed=run_settings.seed, size=run_settings.image_size)
     else:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,7 +23,13 @@ from tqdm import tqdm
 from . import __name__ as package_name
 from .ascent import ascent_grid
 from .evaluation.methods import METHODS
-from .evaluation.runner import METRICS, atomic_write, refuse_special_file, run_command
+from .evaluation.runner import (
+    METRICS,
+    atomic_write,
+    check_writable_folder,
+    refuse_special_file,
+    run_command,
+)
 from .gates import POOL_WEIGHTS
 from .images import SAMPLE_IMAGES, load_image, sample_image
 from .labels import find_class
@@ -163,6 +168,15 @@ def _build_parser() -> argparse.ArgumentParser:
 def _check_out(out: Path, inputs: Sequence[str], force: bool) -> None:
     """Refuse an ``--out`` that would destroy an input, a file the user did not mean, or that
     cannot be written; before any computing, so that a mistake costs nothing."""
+    try:
+        _refuse_out(out, inputs, force)
+    except OSError as error:  # a name too long, a loop of links on the way
+        raise PullbackWidgetsError(f"--out {str(out)!r} cannot be written: "
+                                   f"{error.strerror or error}") from None
+    check_writable_folder(out, "--out")
+
+
+def _refuse_out(out: Path, inputs: Sequence[str], force: bool) -> None:
     for source in inputs:
         if out.exists() and Path(source).exists() and os.path.samefile(out, source):
             raise PullbackWidgetsError(
@@ -177,16 +191,6 @@ def _check_out(out: Path, inputs: Sequence[str], force: bool) -> None:
     if out.exists() and out.suffix.lower() not in REPORT_SUFFIXES and not force:
         raise PullbackWidgetsError(
             f"--out {str(out)!r} exists and is not an .html file; pass --force to replace it")
-    folder = next(parent for parent in out.absolute().parents if parent.exists())
-    if not folder.is_dir():
-        raise PullbackWidgetsError(f"--out {str(out)!r} cannot be written: {str(folder)!r} is "
-                                   "a file, not a folder")
-    try:  # os.access says yes to root everywhere; only a real file tells
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise PullbackWidgetsError(f"--out {str(out)!r} cannot be written: "
-                                   f"{error.strerror or error}") from None
 
 
 def _write(out: Path, page: str) -> None:

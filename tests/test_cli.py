@@ -256,3 +256,24 @@ def test_a_direction_control_in_a_file_name_stays_inside_that_name():
     page = grid_html(grid, ["a\u202e.png", "b.png"], ["cat"], {"image": "a\u202e.png"})
     assert "\u2068a\u202e.png\u2069→\u2068cat\u2069: +1.00" in page
     assert "<td><bdi>a\u202e.png</bdi></td>" in page
+
+
+@pytest.mark.parametrize("where", ["a link that leads nowhere", "a loop of links",
+                                   "a name too long"])
+@pytest.mark.parametrize("command", ["explain", "evaluate"])
+def test_an_out_that_cannot_be_made_is_refused_before_any_work(tmp_path, capsys, where, command):
+    # A dangling link on --out's path passed the check (the folder above it was probed) and the
+    # run failed only when writing; a name over 255 bytes was a raw OSError.
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    suffix = ".html" if command == "explain" else ".csv"
+    out = {"a link that leads nowhere": tmp_path / "dangling" / f"x{suffix}",
+           "a loop of links": tmp_path / "loop" / f"x{suffix}",
+           "a name too long": tmp_path / ("a" * 300 + suffix)}[where]
+    args = ["explain", "--sample", "coffee"] if command == "explain" else \
+        ["evaluate", "--synthetic", "2", "--methods", "random", "--metrics", "mass"]
+    assert cli.main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pullback-widgets: error: --out ") and "cannot be written" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "nowhere").exists()

@@ -363,6 +363,17 @@ def check_output(out: str | os.PathLike, resume: bool) -> Path:
             raise PullbackWidgetsError(
                 "Parquet output needs pyarrow: pip install 'pullback-widgets[parquet]' (the "
                 "parquet extra), or write .csv") from None
+    try:
+        _refuse_output(out, resume)
+    except OSError as error:  # a name too long, a loop of links on the way
+        raise PullbackWidgetsError(f"--out {str(out)!r} cannot be written: "
+                                   f"{error.strerror or error}") from None
+    # The folders are made once every check has passed (evaluate): probe the nearest that is.
+    check_writable_folder(out, "--out")
+    return out
+
+
+def _refuse_output(out: Path, resume: bool) -> None:
     if out.is_dir():
         raise PullbackWidgetsError(f"--out {str(out)!r} is a folder; give a file name")
     for own in (out, _settings_path(out), summary_path(out)):
@@ -378,17 +389,22 @@ def check_output(out: str | os.PathLike, resume: bool) -> Path:
                 raise PullbackWidgetsError(
                     f"{str(existing)!r} exists (a run's, or a file of yours); pass --resume "
                     "to continue that run, or remove it, or write elsewhere")
-    # The folders are made once every check has passed (evaluate): probe the nearest that is.
-    folder = next(parent for parent in out.absolute().parents if parent.exists())
+
+
+def check_writable_folder(out: Path, label: str) -> None:
+    """Refuse an ``out`` whose folder cannot be made and written: the nearest folder on its
+    path that exists must be a folder we can write in (a link there that leads nowhere, or
+    loops, would only fail when the result is written, after the work)."""
     try:
-        if not folder.is_dir():
-            raise NotADirectoryError(20, f"{str(folder)!r} is a file")
+        folder = next(parent for parent in out.absolute().parents if os.path.lexists(parent))
+        if not folder.is_dir():  # follows links: a dangling one or a loop is no folder
+            raise NotADirectoryError(20, f"{str(folder)!r} is a file, or a link that leads "
+                                         "to no folder")
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".pullback-widgets-probe-"):
             pass
     except OSError as error:
-        raise PullbackWidgetsError(f"cannot write to {str(out.parent)!r}: "
+        raise PullbackWidgetsError(f"{label} {str(out)!r} cannot be written: "
                                    f"{error.strerror or error}") from None
-    return out
 
 
 def refuse_special_file(out: Path) -> None:

@@ -8,7 +8,9 @@ Conventions shared by every builder:
   0..255). Torch tensors are accepted anywhere an array is (duck-typed via ``.detach``).
 - Signed maps use a diverging colour scale centred on 0 with a symmetric range ``[-zmax, zmax]``,
   ``zmax`` being a high percentile of ``|a|`` (:func:`signed_range`) so a few extreme pixels do not
-  wash out the rest. Non-finite values count as 0 when computing ranges.
+  wash out the rest. A map to draw with a NaN or an infinity is an error (a gap or a saturated
+  pixel would be read as a value; an infinity in an overlay was drawn transparent);
+  :func:`signed_range` alone counts non-finite values as 0.
 - Images are drawn with row 0 at the top, square pixels and no ticks. No plotly.js is embedded;
   writing HTML is someone else's job.
 """
@@ -150,6 +152,9 @@ def _channel_sum(attribution: Any, name: str) -> np.ndarray:
         a = a.sum(axis=0)
     elif a.ndim != 2:
         raise ValueError(f"{name} must be (3, H, W), (1, 3, H, W) or (H, W), got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} holds NaN or infinite values: drawn, they would pass for a "
+                         "value (or for none)")
     return a
 
 
@@ -427,7 +432,7 @@ def magnitude_overlay(
     if not 0.0 <= float(opacity) <= 1.0:
         raise ValueError(f"opacity must be in [0, 1], got {opacity!r}")
     photo = _image_trace(image, "image")
-    mags = np.abs(_finite_or_zero(_channel_sum(attribution, "attribution")))
+    mags = np.abs(_channel_sum(attribution, "attribution"))
     h, w = photo.z.shape[:2]
     if mags.shape != (h, w):
         raise ValueError(
@@ -616,6 +621,9 @@ def topk_bar(
     p = _raw_array(probabilities, "probabilities").astype(np.float64, copy=False)
     if p.ndim != 1:
         raise ValueError(f"probabilities must be 1-D (one per class), got shape {p.shape}")
+    if not np.all((p >= 0) & (p <= 1 + 1e-6)):  # NaN fails too; a little over 1: rounding
+        raise ValueError("probabilities must lie in [0, 1] (a softmax of the logits, not the "
+                         "logits), got values outside it")
     if isinstance(labels, str) or len(labels) != p.size:
         raise ValueError(f"labels must have one name per class ({p.size}), got {len(labels)}")
     if not _whole(k) or k < 1:
@@ -623,8 +631,8 @@ def topk_bar(
     if highlight is not None and not (_whole(highlight) and 0 <= highlight < p.size):
         raise ValueError(f"highlight must be a class index in [0, {p.size}), got {highlight!r}")
     k = min(int(k), p.size)
-    # NaN sorts last, and a stable sort keeps ties in class order.
-    top = np.argsort(-_finite_or_zero(p), kind="stable")[:k]
+    # A stable sort keeps ties in class order.
+    top = np.argsort(-p, kind="stable")[:k]
     values = p[top]
     colors = ["#d62728" if highlight is not None and c == highlight else "#1f77b4" for c in top]
 
@@ -777,7 +785,7 @@ def _compact_heatmap(trace: go.Heatmap) -> None:
     # Halves first: zmax - zmin overflows for a range near float64's largest number.
     half_step = (zmax / 2 - zmin / 2) / _TOP_CODE
     codes = np.rint((np.clip(z, zmin, zmax) / 2 - zmin / 2) / half_step).astype(np.uint8)
-    values = np.linspace(zmin, zmax, _COLORBAR_TICKS)
+    values = np.linspace(zmin / 2, zmax / 2, _COLORBAR_TICKS) * 2  # halves too
     trace.update(
         z=codes,
         zmin=0,

@@ -291,8 +291,9 @@ def _array_to_tensor(array: np.ndarray, max_pixels: int) -> Tensor:
     elif kind == "b":
         values = torch.from_numpy(array.astype(np.float32))
     elif kind == "f":
+        # Checked before the cast: a float64 beyond float32's range would become infinity.
+        _check_float_range(array, "image array")
         values = torch.from_numpy(array.astype(np.float32))
-        _check_float_range(values, "image array")
     else:
         raise PullbackWidgetsTypeError(
             f"image array dtype must be uint8, uint16, bool or float in [0, 1]; got {array.dtype}"
@@ -303,10 +304,12 @@ def _array_to_tensor(array: np.ndarray, max_pixels: int) -> Tensor:
     return _to_rgb(values.permute(2, 0, 1))
 
 
-def _check_float_range(values: Tensor, what: str) -> None:
-    if not torch.isfinite(values).all():
+def _check_float_range(values: Tensor | np.ndarray, what: str) -> None:
+    finite = np.isfinite(values).all() if isinstance(values, np.ndarray) \
+        else torch.isfinite(values).all()
+    if not finite:
         raise PullbackWidgetsError(f"{what} contains NaN or infinite values")
-    low, high = values.min().item(), values.max().item()
+    low, high = float(values.min()), float(values.max())
     if low < 0 or high > 1:
         raise PullbackWidgetsError(
             f"float {what} values must lie in [0, 1]; got [{low:.4g}, {high:.4g}] "
@@ -345,8 +348,8 @@ def _tensor_to_chw(tensor: Tensor, max_pixels: int) -> Tensor:
     elif chw.dtype == torch.bool:
         chw = chw.float()
     elif chw.is_floating_point():
+        _check_float_range(chw, "image tensor")  # before the cast, as for arrays
         chw = chw.float()
-        _check_float_range(chw, "image tensor")
     else:
         raise PullbackWidgetsTypeError(
             f"image tensor dtype must be uint8, bool or float in [0, 1]; got {chw.dtype}"

@@ -497,11 +497,13 @@ def test_compact_overlay_and_what_it_leaves_alone():
     mags = np.abs(a.sum(0))
     expected = np.clip(mags / np.percentile(mags, 99.5), 0, 1)
     np.testing.assert_allclose(heat.z / 254, expected, atol=0.5 / 254 + 1e-9)
-    # A map with gaps keeps its floats (a code cannot say "no value"), a bar chart is not
-    # touched, and a heatmap without a fixed range keeps its values.
-    gappy = _attr(84)
-    gappy[:, 0, 0] = np.nan
-    kept = fg.compact(fg.signed_heatmap(gappy, zmax=1.0)).data[0]
+    # A heatmap with gaps (made elsewhere: the package's figures refuse them) keeps its
+    # floats (a code cannot say "no value"), a bar chart is not touched, and a heatmap without
+    # a fixed range keeps its values.
+    gappy = fg.signed_heatmap(_attr(84), zmax=1.0)
+    gappy.data[0].z = np.where(np.arange(gappy.data[0].z.size).reshape(gappy.data[0].z.shape)
+                               == 0, np.nan, gappy.data[0].z)
+    kept = fg.compact(gappy).data[0]
     assert kept.z.dtype == np.float32 and np.isnan(kept.z[0, 0])
     bar = fg.topk_bar(np.full(4, 0.25), list("abcd"))
     assert _written(fg.compact(bar))["data"] == _written(bar)["data"]
@@ -537,3 +539,25 @@ def test_users_labels_are_shown_as_written_never_as_markup():
                                  col_labels=["y&z"])
     assert _user("y&amp;z") in _annotation_texts(grid)
     assert grid.layout.yaxis.title.text == _user("&lt;b&gt;x&lt;/b&gt;")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_maps_with_nan_or_infinity_are_refused_not_drawn(bad):
+    # NaN was drawn as a gap and infinity as a saturated pixel, and the overlay drew an
+    # infinity (the most extreme value) fully transparent, as "nothing here" (a hostile review).
+    img, a = _image(90), _attr(91)
+    a[1, 2, 3] = bad
+    for draw in (lambda: fg.signed_heatmap(a), lambda: fg.magnitude_overlay(img, a),
+                 lambda: fg.side_by_side({"x": a}), lambda: fg.temperature_strip([a], [1.0]),
+                 lambda: fg.relative_map(a)):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            draw()
+    with pytest.raises(ValueError, match="probabilities"):
+        fg.topk_bar(np.array([0.5, bad, 0.1]), list("abc"))
+
+
+def test_compact_colour_bar_labels_near_float64s_largest_number():
+    # linspace(zmin, zmax) overflowed: the labels read nan, inf, inf, inf, 1.5e+308.
+    figure = fg.compact(fg.signed_heatmap(np.array([[-1.5e308, 1.5e308]]), zmax=1.5e308))
+    labels = figure.data[0].colorbar.ticktext
+    assert labels == ("-1.5e+308", "-7.5e+307", "0", "7.5e+307", "1.5e+308")

@@ -119,7 +119,7 @@ def test_out_below_a_file_is_refused_before_computing(tmp_path, capsys, no_compu
     notes = tmp_path / "notes.txt"
     notes.write_text("x")
     line = _cli_error(capsys, "explain", "--sample", "coffee", "--out", notes / "r.html")
-    assert "cannot be written" in line and "not a folder" in line
+    assert "cannot be written" in line and "is a file" in line
 
 
 def test_huge_steps_is_refused_before_computing(tmp_path, capsys, no_computing):

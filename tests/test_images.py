@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import pullback_widgets as pw
 from pullback_widgets import SAMPLE_IMAGES, load_image, sample_image
 from pullback_widgets.images import _png_raw_size, sample_image_array
 from pullback_widgets.validation import PullbackWidgetsError, PullbackWidgetsTypeError
@@ -603,3 +604,12 @@ def test_one_pil_tiff_loaded_from_two_threads_at_once_gives_its_pixels_twice(tmp
         for result in results:
             assert isinstance(result, torch.Tensor), result
             assert torch.equal(result, expected)
+
+
+@pytest.mark.parametrize("image", [np.full((5, 5, 3), 1e300), np.full((5, 5, 3), 2.0, dtype=">f8"),
+                                   torch.full((3, 5, 5), 1e39, dtype=torch.float64)])
+def test_floats_beyond_float32_are_out_of_range_not_infinite(image):
+    # The range was checked after the cast to float32, where 1e300 is infinity: the error
+    # said "NaN or infinite values", which the input has not (a hostile review).
+    with pytest.raises(pw.PullbackWidgetsError, match=r"must lie in \[0, 1\]"):
+        pw.load_image(image, size=4)

@@ -342,6 +342,8 @@ def _tensor_to_chw(tensor: Tensor, max_pixels: int) -> Tensor:
             f"(3, H, W) or (1, 3, H, W); got {shape} (for (H, W, 3) use .permute(2, 0, 1))"
         )
     _check_pixel_count(chw.shape[2], chw.shape[1], max_pixels)
+    if chw.is_meta:
+        raise PullbackWidgetsError("image tensor is on the meta device, which holds no values")
     chw = chw.detach()
     if chw.dtype == torch.uint8:
         chw = chw.float() / 255

@@ -613,3 +613,8 @@ def test_floats_beyond_float32_are_out_of_range_not_infinite(image):
     # said "NaN or infinite values", which the input has not (a hostile review).
     with pytest.raises(pw.PullbackWidgetsError, match=r"must lie in \[0, 1\]"):
         pw.load_image(image, size=4)
+
+
+def test_a_meta_tensor_image_is_a_clear_error():
+    with pytest.raises(pw.PullbackWidgetsError, match="meta device"):
+        pw.load_image(torch.empty(3, 5, 5, device="meta"), size=4)

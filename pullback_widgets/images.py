@@ -172,6 +172,8 @@ _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIF
 
 
 def _load_path(src: str | os.PathLike, max_pixels: int) -> Tensor:
+    if not os.fspath(src):  # Path("") is the working directory
+        raise PullbackWidgetsError("image path is empty")
     path = Path(os.fspath(src))
     name = repr(str(path))
     try:

@@ -60,6 +60,8 @@ def find_class(query: int | str, labels: Sequence[str]) -> int:
             raise PullbackWidgetsError(f"class index {query} is out of range [0, {len(labels)})")
         return query
     wanted = query.strip().lower()
+    if not wanted:  # every name would be a "close match" of nothing
+        raise PullbackWidgetsError("class is empty: give a class name or an index")
     matches = [i for i, label in enumerate(labels) if label.lower() == wanted]
     if len(matches) == 1:
         return matches[0]

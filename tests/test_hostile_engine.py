@@ -333,7 +333,7 @@ def numpy_integer_targets_everywhere():
 
 
 @case
-def digit_class_names_are_names_where_no_index_is_meant():
+def test_digit_class_names_are_names_where_no_index_is_meant():
     # A digit string names a class by index or, for labels such as "7", by name: where both
     # readings are classes and differ, guessing one would explain the wrong class.
     labels = ["7", "3", "crane", "crane"]
@@ -346,6 +346,9 @@ def digit_class_names_are_names_where_no_index_is_meant():
         find_class("crane", labels)
     with pytest.raises(pw.PullbackWidgetsError, match="unknown class"):
         find_class("crane (1)", labels)  # not the name of class 1
+    for empty in ("", "   "):  # every name "contains" it: it was offered the first few classes
+        with pytest.raises(pw.PullbackWidgetsError, match="class is empty"):
+            find_class(empty, labels)
 
 
 @case

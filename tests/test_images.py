@@ -618,3 +618,8 @@ def test_floats_beyond_float32_are_out_of_range_not_infinite(image):
 def test_a_meta_tensor_image_is_a_clear_error():
     with pytest.raises(pw.PullbackWidgetsError, match="meta device"):
         pw.load_image(torch.empty(3, 5, 5, device="meta"), size=4)
+
+
+def test_an_empty_path_is_a_clear_error():
+    with pytest.raises(pw.PullbackWidgetsError, match="image path is empty"):
+        pw.load_image("")

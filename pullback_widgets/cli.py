@@ -29,6 +29,7 @@ from .evaluation.runner import (
     check_writable_folder,
     refuse_special_file,
     run_command,
+    unwritable_out,
 )
 from .gates import POOL_WEIGHTS
 from .images import SAMPLE_IMAGES, load_image, sample_image
@@ -168,29 +169,22 @@ def _build_parser() -> argparse.ArgumentParser:
 def _check_out(out: Path, inputs: Sequence[str], force: bool) -> None:
     """Refuse an ``--out`` that would destroy an input, a file the user did not mean, or that
     cannot be written; before any computing, so that a mistake costs nothing."""
-    try:
-        _refuse_out(out, inputs, force)
-    except OSError as error:  # a name too long, a loop of links on the way
-        raise PullbackWidgetsError(f"--out {str(out)!r} cannot be written: "
-                                   f"{error.strerror or error}") from None
-    check_writable_folder(out, "--out")
-
-
-def _refuse_out(out: Path, inputs: Sequence[str], force: bool) -> None:
-    for source in inputs:
-        if out.exists() and Path(source).exists() and os.path.samefile(out, source):
+    with unwritable_out(out):
+        for source in inputs:
+            if out.exists() and Path(source).exists() and os.path.samefile(out, source):
+                raise PullbackWidgetsError(f"--out {str(out)!r} is the input image {source!r}; "
+                                           "write the report elsewhere")
+        if out.is_dir():
+            raise PullbackWidgetsError(f"--out {str(out)!r} is a directory; give a file name, "
+                                       f"e.g. {str(out / 'report.html')!r}")
+        refuse_special_file(out)
+        if out.exists() and not os.access(out, os.W_OK):  # the report is renamed over it
+            raise PullbackWidgetsError(f"--out {str(out)!r} exists and is read-only; write the "
+                                       "report elsewhere, or make the file writable")
+        if out.exists() and out.suffix.lower() not in REPORT_SUFFIXES and not force:
             raise PullbackWidgetsError(
-                f"--out {str(out)!r} is the input image {source!r}; write the report elsewhere")
-    if out.is_dir():
-        raise PullbackWidgetsError(f"--out {str(out)!r} is a directory; give a file name, e.g. "
-                                   f"{str(out / 'report.html')!r}")
-    refuse_special_file(out)
-    if out.exists() and not os.access(out, os.W_OK):  # the report is renamed over it
-        raise PullbackWidgetsError(f"--out {str(out)!r} exists and is read-only; write the "
-                                   "report elsewhere, or make the file writable")
-    if out.exists() and out.suffix.lower() not in REPORT_SUFFIXES and not force:
-        raise PullbackWidgetsError(
-            f"--out {str(out)!r} exists and is not an .html file; pass --force to replace it")
+                f"--out {str(out)!r} exists and is not an .html file; pass --force to replace it")
+    check_writable_folder(out)
 
 
 def _write(out: Path, page: str) -> None:

@@ -327,9 +327,7 @@ class PullbackSession:
         state = self._state
         missing = tuple(dict.fromkeys(t.layer for t in targets if isinstance(t, Unit)
                                       and t.layer not in state.activations))
-        if not missing:
-            return state
-        return self._run_forward(state.layers + missing)
+        return self._run_forward(state.layers + missing) if missing else state
 
     # ------------------------------------------------------------ settings
 

@@ -31,6 +31,7 @@ for items with an evidence mask (:func:`synthetic_items`), ``mass``, ``pointing`
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -363,48 +364,49 @@ def check_output(out: str | os.PathLike, resume: bool) -> Path:
             raise PullbackWidgetsError(
                 "Parquet output needs pyarrow: pip install 'pullback-widgets[parquet]' (the "
                 "parquet extra), or write .csv") from None
-    try:
-        _refuse_output(out, resume)
-    except OSError as error:  # a name too long, a loop of links on the way
-        raise PullbackWidgetsError(f"--out {str(out)!r} cannot be written: "
-                                   f"{error.strerror or error}") from None
+    with unwritable_out(out):
+        if out.is_dir():
+            raise PullbackWidgetsError(f"--out {str(out)!r} is a folder; give a file name")
+        for own in (out, _settings_path(out), summary_path(out)):
+            refuse_special_file(own)
+        parts = _parts_dir(out)
+        if parts.is_symlink() or (parts.exists() and not parts.is_dir()):
+            raise PullbackWidgetsError(f"{str(parts)!r} is not the run's own folder (a link or "
+                                       "a file); remove it")
+        if not resume:
+            # The settings and summary are named by the stem: r.csv and r.parquet share them.
+            for existing in (out, parts, _settings_path(out), summary_path(out)):
+                if existing.exists():
+                    raise PullbackWidgetsError(
+                        f"{str(existing)!r} exists (a run's, or a file of yours); pass "
+                        "--resume to continue that run, or remove it, or write elsewhere")
     # The folders are made once every check has passed (evaluate): probe the nearest that is.
-    check_writable_folder(out, "--out")
+    check_writable_folder(out)
     return out
 
 
-def _refuse_output(out: Path, resume: bool) -> None:
-    if out.is_dir():
-        raise PullbackWidgetsError(f"--out {str(out)!r} is a folder; give a file name")
-    for own in (out, _settings_path(out), summary_path(out)):
-        refuse_special_file(own)
-    parts = _parts_dir(out)
-    if parts.is_symlink() or (parts.exists() and not parts.is_dir()):
-        raise PullbackWidgetsError(f"{str(parts)!r} is not the run's own folder (a link or a "
-                                   "file); remove it")
-    if not resume:
-        # The settings and summary are named by the stem: r.csv and r.parquet share them.
-        for existing in (out, parts, _settings_path(out), summary_path(out)):
-            if existing.exists():
-                raise PullbackWidgetsError(
-                    f"{str(existing)!r} exists (a run's, or a file of yours); pass --resume "
-                    "to continue that run, or remove it, or write elsewhere")
+@contextlib.contextmanager
+def unwritable_out(out: Path) -> Iterator[None]:
+    """Around checks of ``--out``: an OSError (a name too long, a loop of links on its path)
+    is the one-line error that it cannot be written."""
+    try:
+        yield
+    except OSError as error:
+        raise PullbackWidgetsError(f"--out {str(out)!r} cannot be written: "
+                                   f"{error.strerror or error}") from None
 
 
-def check_writable_folder(out: Path, label: str) -> None:
+def check_writable_folder(out: Path) -> None:
     """Refuse an ``out`` whose folder cannot be made and written: the nearest folder on its
     path that exists must be a folder we can write in (a link there that leads nowhere, or
     loops, would only fail when the result is written, after the work)."""
-    try:
+    with unwritable_out(out):
         folder = next(parent for parent in out.absolute().parents if os.path.lexists(parent))
         if not folder.is_dir():  # follows links: a dangling one or a loop is no folder
             raise NotADirectoryError(20, f"{str(folder)!r} is a file, or a link that leads "
                                          "to no folder")
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".pullback-widgets-probe-"):
             pass
-    except OSError as error:
-        raise PullbackWidgetsError(f"{label} {str(out)!r} cannot be written: "
-                                   f"{error.strerror or error}") from None
 
 
 def refuse_special_file(out: Path) -> None:

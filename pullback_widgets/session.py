@@ -139,12 +139,16 @@ def _copy_as_laid_out(tensor: Tensor) -> Tensor:
     """A copy with ``tensor``'s own strides (``clone()`` makes a crop or a strided slice
     contiguous): a model's reductions add in memory order, and the forward must be the model's
     own on these inputs, bit for bit. Differentiable. An expanded dim (stride 0) gets a stride
-    past all the others; other overlapping strides cannot be written: a plain clone then."""
+    past all the others. A plain clone where no copy can have them (other overlapping strides)
+    or where their span would cost far more memory than the values (a sparse subsample of a
+    huge tensor): past 4 times the values and 2**26 elements."""
     strides = list(tensor.stride())
     span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, strides))
     for dim, size in enumerate(tensor.shape):
         if strides[dim] == 0 and size > 1:
             strides[dim], span = span, span * size
+    if span > max(4 * tensor.numel(), 1 << 26):
+        return tensor.clone()
     try:
         copy = torch.empty_strided(tensor.shape, strides, dtype=tensor.dtype,
                                    device=tensor.device)

@@ -554,6 +554,17 @@ def test_the_forward_on_a_view_is_the_models_own_bit_for_bit(view):
     assert torch.equal(session.pullback(1, gate="hard"), plain)
 
 
+def test_a_sparse_view_of_a_huge_tensor_is_not_copied_with_its_whole_span():
+    from pullback_widgets.session import _copy_as_laid_out
+
+    huge = torch.empty(1, 3, 6000, 6000)  # 432 MB, never touched
+    sparse = huge[:, :, ::300, ::300].fill_(0.5)
+    copy = _copy_as_laid_out(sparse)
+    assert torch.equal(copy, sparse) and copy.untyped_storage().nbytes() == sparse.numel() * 4
+    crop = torch.rand(1, 3, 60, 90)[:, :, 5:55, 10:80]
+    assert _copy_as_laid_out(crop).stride() == crop.stride()  # a crop keeps its layout
+
+
 def test_a_session_keeps_its_own_inputs_and_refuses_a_forward_on_a_changed_model():
     # A Unit on a layer not recorded yet needs one more forward: it must be of the session's
     # inputs (not of what the caller's tensor holds by then) and of the same model.

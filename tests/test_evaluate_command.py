@@ -349,6 +349,25 @@ def test_summary_statistics_by_hand():
     assert row.endswith("✓ |")
 
 
+def test_summary_intervals_stay_within_what_a_difference_can_be():
+    # Pointing hits on three images: pullback 1, 1, 0 against gradient 0, 0, 0. Student t
+    # on n = 3 reaches far past +1, which no difference of 0/1 values can.
+    rows = [(image, 0, method, metric, value)
+            for image, hit in (("a", 1.0), ("b", 1.0), ("c", 0.0))
+            for method, value in (("pullback", hit), ("gradient", 0.0))
+            for metric in ("pointing", "ascent_gain")]
+    settings = ev.EvaluationSettings(methods=("gradient", "pullback"),
+                                     metrics=("pointing", "ascent_gain"))
+    text = ev.summarise(rows, settings, images=3)
+    half = scipy.stats.t.ppf(0.975, 2) * np.std([1, 1, 0], ddof=1) / math.sqrt(3)
+    assert 2 / 3 + half > 1
+    row = next(line for line in text.splitlines() if line.startswith("| pointing ↑ | pullback"))
+    assert f"+0.667 [{2 / 3 - half:+.3g}, +1]" in row
+    # An unbounded metric keeps the whole interval.
+    row = next(line for line in text.splitlines() if line.startswith("| ascent_gain ↑ | pull"))
+    assert f"[{2 / 3 - half:+.3g}, {2 / 3 + half:+.3g}]" in row
+
+
 def test_each_file_counts_once_however_many_paths_reach_it(tmp_path):
     # A link to a parent folder, a linked file, and the folder named twice: two files, not 82.
     (tmp_path / "ds" / "sub").mkdir(parents=True)

@@ -280,6 +280,10 @@ def test_intervals_against_their_formulas() -> None:
     # Wilson (1927) for 18 / 20, z = 1.96: [0.6990, 0.9721].
     assert round(wilson.low, 4) == 0.6990 and round(wilson.high, 4) == 0.9721
     assert gt.Interval.proportion(torch.ones(10)).high <= 1.0
+    # On few values the normal approximation passes the range a mean can have: cut there.
+    assert gt.Interval.of(torch.tensor([1.0, 1.0, 0.0])).high > 1
+    assert gt.Interval.of(torch.tensor([1.0, 1.0, 0.0]), (0.0, 1.0)).high == 1.0
+    assert gt.Interval.of(torch.tensor([-1.0, -1.0, 0.0]), (-1.0, 1.0)).low == -1.0
 
 
 # --------------------------------------------------------------------------- the methods

@@ -198,13 +198,16 @@ class Interval:
     n: int
 
     @classmethod
-    def of(cls, values: Tensor) -> Interval:
-        """Normal approximation: mean ± 1.96 s.e., s.e. from the sample standard deviation."""
+    def of(cls, values: Tensor, bounds: tuple[float, float] = (-math.inf, math.inf)
+           ) -> Interval:
+        """Normal approximation: mean ± 1.96 s.e., s.e. from the sample standard deviation,
+        cut to ``bounds``, the range the mean cannot leave (on a few values the approximation
+        reaches past it)."""
         values = values.double()
         n = values.numel()
         half = Z95 * float(values.std()) / math.sqrt(n) if n > 1 else math.nan
         mean = float(values.mean())
-        return cls(mean, mean - half, mean + half, n)
+        return cls(mean, max(mean - half, bounds[0]), min(mean + half, bounds[1]), n)
 
     @classmethod
     def proportion(cls, hits: Tensor) -> Interval:
@@ -243,14 +246,17 @@ class GroundTruthResult:
     def interval(self, method: str, metric: str) -> Interval:
         """Mean and 95% interval of ``metric`` (Wilson's for the pointing game's hit rate)."""
         values = self.scores[method][metric]
-        return Interval.proportion(values) if metric == "pointing" else Interval.of(values)
+        return Interval.proportion(values) if metric == "pointing" \
+            else Interval.of(values, (0.0, 1.0))
 
     def difference(self, method: str, reference: str, metric: str) -> Interval:
         """The paired difference ``method - reference`` over the same images."""
         for name in (method, reference):
             if name not in self.scores:
                 raise PullbackWidgetsError(f"no method {name!r} in this result")
-        return Interval.of(self.scores[method][metric] - self.scores[reference][metric])
+        # Every metric here is in [0, 1].
+        return Interval.of(self.scores[method][metric] - self.scores[reference][metric],
+                           (-1.0, 1.0))
 
     def table(self, digits: int = 3) -> str:
         """Markdown: mean [95% interval] of each metric, a row per method."""

@@ -101,6 +101,10 @@ COLUMNS = ("image", "target", "method", "metric", "value")
 # metric -> True where higher is better
 METRICS = {"deletion": False, "insertion": True, "infidelity": False, "ascent_gain": True,
            "randomisation": False, "mass": True, "pointing": True, "mask_auc": True}
+# metric -> the width of its range, where it has one: a paired difference lies within ± it.
+# (Spearman's rho is in [-1, 1]; the others named here in [0, 1].)
+METRIC_WIDTHS = {"deletion": 1.0, "insertion": 1.0, "randomisation": 2.0, "mass": 1.0,
+                 "pointing": 1.0, "mask_auc": 1.0}
 OUTPUT_SUFFIXES = (".csv", ".parquet")
 _PART_SUFFIX = ".csv"
 
@@ -1022,8 +1026,11 @@ def _mean_se(values: Sequence[float]) -> tuple[float, float, int]:
     return mean, math.sqrt(variance / n), n
 
 
-def _interval(values: Sequence[float], higher_is_better: bool) -> str:
-    """Mean and 95% interval (Student t over images); ✓/✗ where it excludes 0."""
+def _interval(values: Sequence[float], higher_is_better: bool,
+              width: float = math.inf) -> str:
+    """Mean and 95% interval (Student t over images) of paired differences, cut to ± the
+    metric's ``width`` (on a few images of a 0/1 metric, t reaches past ± 1); ✓/✗ where it
+    excludes 0."""
     from scipy.stats import t as student  # scipy comes with scikit-image
 
     mean, se, n = _mean_se(values)
@@ -1033,7 +1040,7 @@ def _interval(values: Sequence[float], higher_is_better: bool) -> str:
     mark = ""
     if abs(mean) > half:
         mark = " ✓" if (mean > 0) == higher_is_better else " ✗"
-    return f"{mean:+.3g} [{mean - half:+.3g}, {mean + half:+.3g}]{mark}"
+    return f"{mean:+.3g} [{max(mean - half, -width):+.3g}, {min(mean + half, width):+.3g}]{mark}"
 
 
 def gating_probe(model: nn.Module, image_size: int, pullbacks: bool = True
@@ -1100,8 +1107,9 @@ def summarise(rows: Sequence[Row], settings: EvaluationSettings, *, images: int,
                 continue
             mean, se, n = _mean_se(image_means(metric, method))
             cell = f"{mean:.4g} ± {se:.2g}" if math.isfinite(se) else f"{mean:.4g}"
-            deltas = ["" if method == r else _interval(image_means(metric, method, r), better)
-                      for r in references]
+            deltas = ["" if method == r else _interval(
+                image_means(metric, method, r), better, METRIC_WIDTHS.get(metric, math.inf))
+                for r in references]
             lines.append(f"| {metric}{arrow} | {method} | {n} | {cell} | "
                          + " | ".join(deltas) + " |")
     skipped_text = f"{len(skipped)} file(s) skipped"

@@ -32,7 +32,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from .validation import PullbackWidgetsError, PullbackWidgetsTypeError, check_choice, check_index
 
-__all__ = ["CROP_FRACTION", "SAMPLE_IMAGES", "load_image", "sample_image", "sample_image_array"]
+__all__ = ["CROP_FRACTION", "MAX_SIZE", "SAMPLE_IMAGES", "load_image", "sample_image",
+           "sample_image_array"]
 
 # Fraction of the resized shorter side kept by the centre crop (timm's crop_pct for Lite0;
 # torchvision's 224/256 for the V1 weights).
@@ -41,6 +42,9 @@ DEFAULT_MAX_PIXELS = 50_000_000
 # Past this long/short side ratio the long side is trimmed before resizing, so that a
 # 1 x 10^7 strip does not become a multi-gigabyte tensor; the centre crop lies inside anyway.
 _MAX_ASPECT = 4.0
+# The largest output side: past it the resized image alone takes gigabytes (size=10**5 asks
+# for 157 GB), so torch fails deep inside, or the machine starts swapping.
+MAX_SIZE = 4096
 
 SAMPLE_IMAGES = ("chelsea", "coffee", "astronaut", "rocket", "motorcycle")
 
@@ -72,8 +76,10 @@ def _open_pil(opener: object, what: str, max_pixels: int) -> Tensor:
     The size is checked before any pixel is decoded (``Image.open`` only reads the header).
     """
     # Our max_pixels is the policy, so Pillow's own (global) warning is noise here; its hard
-    # error (over 2 * Image.MAX_IMAGE_PIXELS) still comes and is converted.
-    with warnings.catch_warnings():
+    # error (over 2 * Image.MAX_IMAGE_PIXELS) still comes and is converted. catch_warnings
+    # swaps the process-wide filters: two threads inside it at once can leave our "ignore"
+    # filter behind for good, so the package's blocks take turns.
+    with _PIL_LOAD_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(opener)
@@ -174,7 +180,7 @@ _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIF
 def _load_path(src: str | os.PathLike, max_pixels: int) -> Tensor:
     if not os.fspath(src):  # Path("") is the working directory
         raise PullbackWidgetsError("image path is empty")
-    path = Path(os.fspath(src))
+    path = Path(os.fsdecode(src))  # fsdecode: a PathLike may give bytes, which Path refuses
     name = repr(str(path))
     try:
         kind = path.stat().st_mode  # follows symlinks: a link to a regular file is fine
@@ -197,7 +203,8 @@ def _load_path(src: str | os.PathLike, max_pixels: int) -> Tensor:
         return _open_pil(stream, f"file {name}", max_pixels)
 
 
-_PIL_LOAD_LOCK = threading.Lock()
+# Held around load() of a PIL image (see _load_pil) and around every catch_warnings block.
+_PIL_LOAD_LOCK = threading.RLock()
 
 
 def _load_pil(img: Image.Image, max_pixels: int) -> Tensor:
@@ -279,6 +286,10 @@ def _apply_exif_orientation(img: Image.Image) -> Image.Image:
 
 def _array_to_tensor(array: np.ndarray, max_pixels: int) -> Tensor:
     """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array -> (3, H, W) float32 in [0, 1]."""
+    if isinstance(array, np.ma.MaskedArray):  # its masked pixels would be read as they are
+        raise PullbackWidgetsTypeError(
+            "image array is a masked array; fill the masked pixels first, e.g. "
+            "array.filled(1.0) for white")
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
         raise PullbackWidgetsError(
             "image array must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); "
@@ -331,6 +342,12 @@ def _to_rgb(chw: Tensor) -> Tensor:
 
 def _tensor_to_chw(tensor: Tensor, max_pixels: int) -> Tensor:
     """(H, W), (1, H, W), (3, H, W) or (1, 3, H, W) tensor -> (3, H, W) float32 in [0, 1]."""
+    if tensor.is_nested:
+        raise PullbackWidgetsTypeError("image tensor must be a dense tensor, got a nested one "
+                                       "(pass one of its images, from .unbind())")
+    if tensor.layout != torch.strided:
+        raise PullbackWidgetsTypeError(
+            f"image tensor must be a dense tensor, got layout {tensor.layout} (use .to_dense())")
     shape = tuple(tensor.shape)
     if tensor.ndim == 4 and shape[0] == 1 and shape[1] == 3:
         chw = tensor[0]
@@ -351,12 +368,14 @@ def _tensor_to_chw(tensor: Tensor, max_pixels: int) -> Tensor:
         chw = chw.float() / 255
     elif chw.dtype == torch.bool:
         chw = chw.float()
-    elif chw.is_floating_point():
+    elif chw.is_floating_point() and chw.itemsize >= 2:
         _check_float_range(chw, "image tensor")  # before the cast, as for arrays
         chw = chw.float()
     else:
+        # float8 and float4 too: torch has no isfinite() or min() for them, to check the values.
         raise PullbackWidgetsTypeError(
             f"image tensor dtype must be uint8, bool or float in [0, 1]; got {chw.dtype}"
+            + (" (convert it with .float())" if str(chw.dtype).startswith("torch.float8") else "")
         )
     return _to_rgb(chw)
 
@@ -378,8 +397,9 @@ def _resize_and_crop(chw: Tensor, size: int) -> Tensor:
         interpolation=InterpolationMode.BICUBIC,
         antialias=True,
     )
-    # Bicubic overshoots at sharp edges; the model expects pixel values in [0, 1].
-    cropped = TF.center_crop(resized, [size, size]).clamp_(0, 1)
+    # Bicubic overshoots at sharp edges; the model expects pixel values in [0, 1]. Not in
+    # place: where the resize and crop change nothing, this is the caller's own tensor.
+    cropped = TF.center_crop(resized, [size, size]).clamp(0, 1)
     return cropped.unsqueeze(0).contiguous()
 
 
@@ -397,9 +417,9 @@ def load_image(
             - a PIL image of any mode;
             - a numpy array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), dtype uint8, uint16,
               bool or float in [0, 1];
-            - a torch tensor (H, W), (1, H, W), (3, H, W) or (1, 3, H, W), dtype uint8, bool
-              or float in [0, 1] (channels first).
-        size: output side in pixels.
+            - a dense torch tensor (H, W), (1, H, W), (3, H, W) or (1, 3, H, W), dtype uint8,
+              bool or float in [0, 1] (channels first); it is never written to.
+        size: output side in pixels, at most :data:`MAX_SIZE`.
         max_pixels: refuse images with more than this many pixels (width * height), checked
             from the header before any pixel is decoded.
 
@@ -411,11 +431,15 @@ def load_image(
         PullbackWidgetsError (a ValueError): missing or unreadable file, a path that is not a
             regular file (a directory, FIFO or device, refused before opening), corrupt or truncated
             data (also a PNG whose pixel data is shorter than its header declares, refused
-            before decoding), too many pixels, NaN/inf or out-of-range values, bad shape.
-        PullbackWidgetsTypeError (a TypeError): unsupported ``src`` type or dtype, non-int
-            ``size``/``max_pixels``.
+            before decoding), too many pixels, NaN/inf or out-of-range values, bad shape,
+            ``size`` over :data:`MAX_SIZE`.
+        PullbackWidgetsTypeError (a TypeError): unsupported ``src`` type or dtype (a masked
+            array, a sparse or nested tensor), non-int ``size``/``max_pixels``.
     """
     size = check_index(size, "size", minimum=1)
+    if size > MAX_SIZE:
+        raise PullbackWidgetsError(
+            f"size must be <= {MAX_SIZE} pixels (the output is size x size), got {size}")
     max_pixels = check_index(max_pixels, "max_pixels", minimum=1)
     if isinstance(src, (str, os.PathLike)):
         chw = _load_path(src, max_pixels)

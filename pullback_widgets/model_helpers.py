@@ -9,13 +9,16 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from .gates import KIND_TEMPERATURES
+from .gates import KIND_TEMPERATURES, KINDS
 from .targets import TokenGrid
 from .validation import (
     PullbackWidgetsError,
+    PullbackWidgetsTypeError,
+    check_choice,
     check_inputs,
     check_logits,
     check_model,
+    check_positive,
     explained_forward_errors,
     submodules,
     suggest,
@@ -27,8 +30,12 @@ STRIP_TEMPERATURES = (0.01, 0.0316, 0.1, 0.316, 1.0, 3.16, 10.0)
 
 
 def default_temperature(model: nn.Module) -> float:
-    """The model's own default T (set by :func:`pullback_widgets.load_model`), else 0.3."""
-    return float(getattr(model, "default_temperature", DEFAULT_TEMPERATURE))
+    """The model's own default T (set by :func:`pullback_widgets.load_model`), else 0.3.
+
+    A user's model may carry any value there: it is checked like a temperature argument (a
+    0 would divide the temperature slider's scale by zero, a string pass as a number)."""
+    return check_positive(getattr(model, "default_temperature", DEFAULT_TEMPERATURE),
+                          "model.default_temperature")
 
 
 def default_temperatures(model: nn.Module) -> dict[str, float]:
@@ -41,7 +48,14 @@ def default_temperatures(model: nn.Module) -> dict[str, float]:
     temperatures = dict(KIND_TEMPERATURES)
     if hasattr(model, "default_temperature"):
         temperatures["relu"] = temperatures["pool"] = default_temperature(model)
-    temperatures.update(getattr(model, "default_temperatures", {}))
+    own = getattr(model, "default_temperatures", {})
+    what = "model.default_temperatures"
+    if not isinstance(own, Mapping):
+        raise PullbackWidgetsTypeError(
+            f"{what} must be a dict of temperatures by kind, got {type(own).__name__}")
+    for kind, value in own.items():
+        temperatures[check_choice(kind, KINDS, f"a key of {what}")] = check_positive(
+            value, f"{what}[{kind!r}]")
     return temperatures
 
 

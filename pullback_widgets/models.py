@@ -227,12 +227,30 @@ def _densenet_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return renamed
 
 
+def _bad_checkpoint(path: Path, problem: str) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"the cached weights file {path} is not the checkpoint it should be ({problem}); "
+        "delete it to download it again, or, in Python, pass weights=None for random weights")
+
+
+def _cache_path(url: str) -> Path:
+    """Where torch hub keeps the checkpoint at ``url``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
 def _download_weights(url: str) -> dict[str, Tensor]:
     """The state dict at ``url``: from torch hub's checkpoint cache, else downloaded into it."""
-    model_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    path = model_dir / os.path.basename(url)
+    path = _cache_path(url)
+    model_dir = path.parent
     if path.is_file():
-        return torch.load(path, weights_only=True, map_location="cpu")
+        # The error for a missing file asks users to put it there by hand: an HTML error page
+        # or a cut-off copy must not end in a pickle traceback. Its message is not quoted: for
+        # a file that is no checkpoint it advises weights_only=False, which runs its code.
+        try:
+            return torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as err:
+            raise _bad_checkpoint(path, f"torch.load cannot read it: {type(err).__name__}"
+                                  ) from err
     try:
         return torch.hub.load_state_dict_from_url(
             url, model_dir=str(model_dir), map_location="cpu", progress=True, weights_only=True
@@ -258,10 +276,29 @@ def _build_torchvision(
     if weights is None:
         return net
     state_dict = _download_weights(weights_enum.url)
+    path = _cache_path(weights_enum.url)
+    if not isinstance(state_dict, Mapping):
+        raise _bad_checkpoint(path, f"it holds a {type(state_dict).__name__}, not a state dict")
     if remap is not None:
         state_dict = remap(state_dict)
-    net.load_state_dict(state_dict, strict=True)
+    try:
+        net.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:  # missing or unexpected keys, or wrong shapes: many lines
+        raise _bad_checkpoint(path, first_line(err) + " " + _state_dict_mismatch(net, state_dict)
+                              ) from err
     return net
+
+
+def _state_dict_mismatch(net: nn.Module, state_dict: Mapping[str, Tensor]) -> str:
+    """The first key in which ``state_dict`` differs from ``net``'s, in words."""
+    expected = net.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    if missing:
+        return f"{len(missing)} missing keys, such as {missing[0]!r}"
+    unexpected = [key for key in state_dict if key not in expected]
+    if unexpected:
+        return f"{len(unexpected)} unexpected keys, such as {unexpected[0]!r}"
+    return "tensors of the wrong shape"
 
 
 def _build_shapes(weights: str | None) -> nn.Module:
@@ -407,9 +444,13 @@ def load_model(
 
     Raises:
         ValueError / TypeError: unknown ``name``, bad ``weights`` or ``device``.
-        WeightsUnavailableError: pretrained weights are not on disk and cannot be downloaded.
+        WeightsUnavailableError: pretrained weights are not on disk and cannot be downloaded,
+            or the file in torch hub's cache is not their checkpoint.
     """
     spec = _check_name(name)
+    if weights is not None and not isinstance(weights, str):  # == on an array is elementwise
+        raise PullbackWidgetsTypeError(f"weights must be 'pretrained', {spec.trained_on!r} or "
+                                       f"None, got {type(weights).__name__}")
     if weights == spec.trained_on:
         weights = "pretrained"
     elif weights not in ("pretrained", None):

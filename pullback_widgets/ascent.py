@@ -178,6 +178,10 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
         for step in range(steps + 1):
             session = PullbackSession(model, current, layers=layers, **settings)
             logit, prob = _target_score(session, target)
+            if bool(logit.isnan().any()):  # at the last step no pullback would say so
+                raise PullbackWidgetsError(
+                    f"the target's {'activation' if layers else 'logit'} at step {step} holds NaN "
+                    "(an overflow inside the model?): there is nothing to ascend")
             logits.append(logit)
             probs.append(prob)
             result.logits = torch.stack(logits)
@@ -238,12 +242,17 @@ def ascent_grid(model: nn.Module, images: Tensor, targets: Sequence[int] | None 
     """
     model = check_model(model)
     start = check_inputs(images).detach()
+    logits = predict(model, start)
     if targets is None:
-        targets = predict(model, start).argmax(1).tolist()
+        targets = logits.argmax(1).tolist()
     if isinstance(targets, (str, Tensor)) or not isinstance(targets, Sequence) \
             or len(targets) == 0:
         raise PullbackWidgetsTypeError("targets must be a non-empty sequence of class indices")
     targets = [check_index(t, "each of targets") for t in targets]
+    for t in targets:  # before any ascent, not after the columns before it
+        if t >= logits.shape[1]:
+            raise PullbackWidgetsError(
+                f"target class {t} is out of range [0, {logits.shape[1]})")
     columns = [pullback_ascent(model, start, t, **ascent_kwargs) for t in targets]
     finals = torch.stack([c.images[-1] for c in columns], dim=1)
     return AscentGrid(images=finals, diffs=finals - start.unsqueeze(1),

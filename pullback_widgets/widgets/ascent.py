@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ipywidgets as w
 from torch import Tensor, nn
@@ -108,6 +108,7 @@ class AscentExplorer(w.VBox):
         self._state, self._runs = IDLE, 0
         self.result: AscentResult | None = None
         self._names: list[str] = []  # one per image of the result's batch
+        self._step_names: list[str] = []  # the same, for the ascent being computed
         self._unit = False  # the result's target is a hidden unit
 
         self.image = w.Dropdown(description="Image", options=list(self._images),
@@ -170,7 +171,8 @@ class AscentExplorer(w.VBox):
             w.HBox([self.diff_figure, self.curve_figure]),
             self.status,
         ])
-        self._worker = LatestOnlyWorker(self._run_job, self._show_error)
+        self._worker = LatestOnlyWorker(self._run_job, self._show_error,
+                                        on_interrupt=self._show_error)
         self._closed = False
         self._notices: tuple[str, ...] = ()
         self._check_gating(self._images[first_key])
@@ -312,7 +314,8 @@ class AscentExplorer(w.VBox):
             batch = start.expand(len(targets), -1, -1, -1)
             results = []
             for method in methods:
-                self._names = [f"{method}: {name}" for name in names] \
+                # The frames' names, which _on_step shows with this method's first frame.
+                self._step_names = [f"{method}: {name}" for name in names] \
                     if len(methods) > 1 else names
                 self._status.show(f"{method} ascent of {', '.join(names)} from "
                                   f"{self._start_name(run)} …", run.event)
@@ -323,10 +326,15 @@ class AscentExplorer(w.VBox):
                     gate=run.gate, method=method, callback=self._on_step, progress=False))
                 if results[-1].stopped:
                     break
-            self._names = [f"{method}: {name}" for method in methods[:len(results)]
-                           for name in names] if len(methods) > 1 else names
-            self.result = results[0] if len(results) == 1 else stack_results(results)
+            with self._draw_lock:
+                self._names = [f"{method}: {name}" for method in methods[:len(results)]
+                               for name in names] if len(methods) > 1 else names
+                self.result = results[0] if len(results) == 1 else stack_results(results)
             self._finish(self.result, run)
+        except Exception:
+            if self.result is not None:  # a run that failed part-way: its frames so far
+                self._show_last_frame(self.result)
+            raise
         finally:
             self._end_run(run.number)
 
@@ -336,18 +344,28 @@ class AscentExplorer(w.VBox):
                 "noise": f"noise (seed {run.seed})"}[run.start]
 
     def _on_step(self, step: int, result: AscentResult) -> bool:
-        self.result = result
+        # Its own list of images: the ascent appends the next one before it has its score, and
+        # a failure there would leave a frame without one under the Frame slider. Its names
+        # with it: set before, in "both" the gradient's names went on the pullback's frames.
+        with self._draw_lock:
+            self.result = replace(result, images=list(result.images))
+            self._names = self._step_names
         self.progress.value = step
         self._draw_frame(len(result.images) - 1)
         return self._stop.is_set()
 
-    def _finish(self, result: AscentResult, run: _Run) -> None:
+    def _show_last_frame(self, result: AscentResult) -> None:
+        """Let the Frame slider span ``result``'s frames, and show its last."""
         last = len(result.images) - 1
         self.frame.max = last
         if self.frame.value == last:
             self._draw_frame(last)
         else:
             self.frame.value = last  # the observer draws it
+
+    def _finish(self, result: AscentResult, run: _Run) -> None:
+        last = len(result.images) - 1
+        self._show_last_frame(result)
         gains = ", ".join(f"{figures.isolated(name)} {gain:+.2f}" for name, gain
                           in zip(self._names, result.gain.tolist()))
         state = f"stopped after step {last}" if result.stopped else f"{last} steps"
@@ -381,5 +399,5 @@ class AscentExplorer(w.VBox):
                 result.logits[:index + 1], self._names,
                 value_name="unit activation (spatial mean)" if self._unit else "target logit"))
 
-    def _show_error(self, error: Exception, run: _Run) -> None:
+    def _show_error(self, error: BaseException, run: _Run) -> None:
         self._status.show_error(error, run.event)

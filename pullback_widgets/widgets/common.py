@@ -25,6 +25,7 @@ from ..validation import (
     PullbackWidgetsError,
     PullbackWidgetsTypeError,
     check_choice,
+    check_index,
     check_positive,
 )
 
@@ -46,26 +47,34 @@ class LatestOnlyWorker:
     A slider drag submits many requests while one is being computed; those in between are
     dropped, so there is never a queue. The kernel stays responsive meanwhile, because torch
     releases the GIL. An ``Exception`` from a job goes to ``on_error`` and the worker carries
-    on; KeyboardInterrupt and SystemExit are not caught. :meth:`close` ends the thread.
+    on; KeyboardInterrupt and SystemExit are not caught: they go to ``on_interrupt`` and end
+    the thread, and the next request starts another. :meth:`close` ends the thread.
     """
 
-    def __init__(self, job: Callable[[Any], None], on_error: Callable[[Exception, Any], None]):
-        self._job, self._on_error = job, on_error
+    def __init__(self, job: Callable[[Any], None], on_error: Callable[[Exception, Any], None],
+                 on_interrupt: Callable[[BaseException, Any], None] | None = None):
+        self._job, self._on_error, self._on_interrupt = job, on_error, on_interrupt
         self._lock = threading.Condition()
         self._pending: Any = None
         self._has_pending = False
         self._busy = False
         self._closed = False
+        self._ended = False  # the thread ended with a KeyboardInterrupt or SystemExit
         self.completed = 0  # jobs run to the end, for tests and the status line
-        self._thread = threading.Thread(target=self._loop, daemon=True,
-                                        name="pullback-widgets-worker")
-        self._thread.start()
+        self._thread = self._start()
+
+    def _start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._loop, daemon=True, name="pullback-widgets-worker")
+        thread.start()
+        return thread
 
     def submit(self, request: Any) -> bool:
         """Queue ``request`` in place of any pending one; False once the worker is closed."""
         with self._lock:
             if self._closed:
                 return False
+            if self._ended:  # else the request would wait for a thread that is gone
+                self._ended, self._thread = False, self._start()
             self._pending, self._has_pending = request, True
             self._lock.notify_all()
             return True
@@ -92,6 +101,8 @@ class LatestOnlyWorker:
         """
         with self._lock:
             self._closed, self._pending, self._has_pending = True, None, False
+            if self._ended:  # no thread is left to let go of the owner
+                self._job = self._on_error = self._on_interrupt = None
             self._lock.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
@@ -101,7 +112,8 @@ class LatestOnlyWorker:
             with self._lock:
                 self._lock.wait_for(lambda: self._has_pending or self._closed)
                 if self._closed:
-                    self._job = self._on_error = None  # the owner may now be collected
+                    # the owner may now be collected
+                    self._job = self._on_error = self._on_interrupt = None
                     self._lock.notify_all()
                     return
                 request, self._pending, self._has_pending = self._pending, None, False
@@ -114,6 +126,15 @@ class LatestOnlyWorker:
                     self._on_error(error, request)
                 except Exception:
                     traceback.print_exc()
+            except BaseException as error:  # not swallowed: it ends this thread
+                with self._lock:
+                    self._ended = True
+                if self._on_interrupt is not None:  # the status line says it stopped
+                    try:
+                        self._on_interrupt(error, request)
+                    except Exception:
+                        traceback.print_exc()
+                raise
             finally:
                 with self._lock:
                     self._busy = False
@@ -148,7 +169,7 @@ class StatusLine:
             self.widget.value = status_html(message, error=error)
             return True
 
-    def show_error(self, error: Exception, event: int) -> bool:
+    def show_error(self, error: BaseException, event: int) -> bool:
         return self.show(describe(error), event, error=True)
 
 
@@ -234,6 +255,13 @@ class TemperatureControl:
         slider.value = float(f"{slider.base ** exponent:.12g}")
 
 
+def model_input_size(model: nn.Module) -> int:
+    """The side in pixels of the square pictures ``model`` takes: its ``input_size``
+    attribute (an int, as the registry's models have), else 224."""
+    return check_index(getattr(model, "input_size", 224), "model.input_size (pixels, square)",
+                       minimum=1)
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """What an explorer knows about its model before loading it."""
@@ -250,7 +278,7 @@ def model_source(model: object, temperature: object) -> ModelSource:
         spec = MODELS[check_choice(model, tuple(MODELS), "model")]
         name, size, default = spec.name, spec.input_size, spec.default_temperature
     elif isinstance(model, nn.Module):
-        name, size = type(model).__name__, int(getattr(model, "input_size", 224))
+        name, size = type(model).__name__, model_input_size(model)
         default = default_temperature(model)
     else:
         raise PullbackWidgetsTypeError(f"model must be a model name or a torch.nn.Module, "
@@ -267,6 +295,9 @@ def sync_figure(widget: go.FigureWidget, figure: go.Figure) -> None:
     # Read before the update: a page that starts showing the figure while (or just after)
     # plotly's incremental messages go out may have missed them, and it then draws the state.
     shown = bool(widget._view_count)
+    # update() only sets what the new layout has: the axes of panels it no longer has (three
+    # frames, then one; a strip without its comparison) would stay, drawn with their titles.
+    stale = set(widget._layout_obj._props or {}) - set(layout) - {"template"}
     with widget.batch_update():
         if [trace.type for trace in widget.data] == new_types:
             for old, new in zip(widget.data, figure.data):
@@ -276,6 +307,8 @@ def sync_figure(widget: go.FigureWidget, figure: go.Figure) -> None:
             widget.data = ()
             widget.add_traces(list(figure.data))
         widget.layout.update(layout, overwrite=True)
+    if stale:  # removed once no trace is on them any more
+        widget.plotly_relayout({key: None for key in stale})
     if not shown:
         # No page showed this figure when the update went out (Voilà draws widgets after the
         # kernel has run), and plotly's incremental messages sent before that are lost: put the
@@ -304,7 +337,7 @@ def prepare_model(model: str | nn.Module, labels: Sequence[str] | None) -> Prepa
     elif not isinstance(model, nn.Module):
         raise PullbackWidgetsTypeError(f"model must be a model name or a torch.nn.Module, "
                         f"got {type(model).__name__}")
-    input_size = int(getattr(model, "input_size", 224))
+    input_size = model_input_size(model)
     known = labels if labels is not None else getattr(model, "labels", None)
     if known is not None and labels is None:
         num_classes = len(known)  # a registry model: its names are its classes
@@ -416,7 +449,7 @@ def status_html(message: str, *, error: bool = False) -> str:
     return f"<span style='color:{colour}'>{icon}{html.escape(message)}</span>"
 
 
-def describe(error: Exception) -> str:
+def describe(error: BaseException) -> str:
     """One line for the status bar: a user error's message; for anything else (a bug, or a
     failure inside the user's model) its type too, so that it does not pass for a user error."""
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""

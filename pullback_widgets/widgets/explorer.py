@@ -143,6 +143,7 @@ class PullbackExplorer(w.VBox):
         self._session_key: str | None = None
         self._gradient_shown: tuple | None = None  # (image, target, view) drawn on the right
         self._strip_token = self._strip_done = 0
+        self._strip_shown: tuple | None = None  # (image, target, gate, ...) the strip is of
         self._submitted: _Request | None = None
         self._submit_lock = threading.Lock()
         self._auto_target = ""  # the Target box's value when the explorer filled it in
@@ -213,7 +214,8 @@ class PullbackExplorer(w.VBox):
             self.strip_box,
             self.status,
         ])
-        self._worker = LatestOnlyWorker(self._compute, self._show_error)
+        self._worker = LatestOnlyWorker(self._compute, self._show_error,
+                                        on_interrupt=self._show_error)
         self._closed = False
         self._status.show(f"loading the photo “{first_key}” and the layers of {source.name} …",
                           self._status.event())
@@ -318,7 +320,7 @@ class PullbackExplorer(w.VBox):
         changed = self._session is not None and not self._session.model_unchanged()
         if self._session_key != image_key or changed:
             if changed:  # what is drawn, and every cached map, is of the model as it was
-                self._pullback_shown = self._gradient_shown = None
+                self._pullback_shown = self._gradient_shown = self._strip_shown = None
                 self._compare_cache.clear()
             image = self._image(image_key)
             session = PullbackSession(self.model, image,
@@ -426,8 +428,10 @@ class PullbackExplorer(w.VBox):
         # Each panel's time: what its map took to compute, when it was computed.
         times = [self._pullback_time, f"{label.split(' (')[0]} {seconds * 1e3:.0f} ms"
                  + (" (cached)" if cached else "")]
+        strip_gate = "sigmoid" if gate == "hard" else gate
+        strip_shown = (request.image_key, target, strip_gate, pool_weights,
+                       label if request.strip_compare else None)
         if request.strip_token != self._strip_done:
-            strip_gate = "sigmoid" if gate == "hard" else gate
             strip = [check_finite(session.pullback(target, temperature=t, gate=strip_gate,
                                                    pool_weights=pool_weights)[0],
                                   f"the pullback at T = {t}")
@@ -436,8 +440,10 @@ class PullbackExplorer(w.VBox):
             sync_figure(self.strip_figure, figures.temperature_strip(
                 strip, STRIP_TEMPERATURES, extra_panel=extra,
                 title=f"{what}: from gradient-like to linear"))
-            self._strip_done = request.strip_token
+            self._strip_done, self._strip_shown = request.strip_token, strip_shown
             self.strip_box.layout.display = None
+        else:  # shown while it is of this image, target and gate (and of the model as it is)
+            self.strip_box.layout.display = None if strip_shown == self._strip_shown else "none"
         settings = "plain gradient" if plain else f"{described} · {request.gate}"
         notes, self._notes = self._notes, []
         self._status.show(" · ".join([what, settings, *times, f"drawn in {_ms(started)}",
@@ -477,7 +483,7 @@ class PullbackExplorer(w.VBox):
         label = _label(method) + (f" ({settings})" if settings else "")
         return label, attribution, seconds, cached, note
 
-    def _show_error(self, error: Exception, request: _Request) -> None:
+    def _show_error(self, error: BaseException, request: _Request) -> None:
         self._status.show_error(error, request.event)
 
     # ------------------------------------------------------------------ lifecycle
@@ -539,4 +545,6 @@ def _image_with_evidence(image: object, evidence: object, size: int) -> tuple[Te
     if evidence.shape != (size, size) or evidence.dtype != torch.bool:
         raise PullbackWidgetsError(f"evidence must be a bool mask ({size}, {size}), got "
                                    f"{evidence.dtype} {tuple(evidence.shape)}")
-    return batch.detach().float(), evidence.detach().cpu()
+    # Copies: the caller's tensors may change after this, and the session's forward would
+    # not see it while the photo, the outline and the Compare methods did.
+    return batch.detach().float().clone(), evidence.detach().cpu().clone()

@@ -1,0 +1,269 @@
+"""A hostile user against pullback ascent, the explorers and their shared worker and figure
+sync: each test failed before its fix."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import pullback_widgets as pw
+from pullback_widgets import figures
+from pullback_widgets.widgets.common import LatestOnlyWorker, figure_widget, sync_figure
+from tests.conftest import LABELS
+
+
+def _nan_after(model, forwards: int):
+    """A forward hook that turns every output after the first ``forwards`` into NaN."""
+    calls = []
+
+    def hook(module, args, output):
+        calls.append(1)
+        return output * float("nan") if len(calls) > forwards else output
+
+    return model.register_forward_hook(hook)
+
+
+def _fail_after(model, forwards: int):
+    """A forward pre-hook that raises from the forward after the first ``forwards``."""
+    calls = []
+
+    def hook(module, args):
+        calls.append(1)
+        if len(calls) > forwards:
+            raise RuntimeError("the model fell over")
+
+    return model.register_forward_pre_hook(hook)
+
+
+# ---------------------------------------------------------------- pullback_ascent, ascent_grid
+
+@pytest.mark.parametrize("steps", [0, 1])
+def test_a_nan_score_at_the_last_step_is_an_error_not_a_nan_gain(net, steps):
+    # Only the pullbacks were checked, and none is taken at the last step: the result came
+    # back with a NaN logit and gain, and no word.
+    handle = _nan_after(net, steps)  # the image of the last step gives NaN
+    try:
+        with pytest.raises(pw.PullbackWidgetsError, match=f"logit at step {steps} holds NaN"):
+            pw.pullback_ascent(net, torch.rand(1, 3, 32, 32), 1, steps=steps, progress=False)
+    finally:
+        handle.remove()
+
+
+def test_ascent_grid_checks_every_target_before_the_first_ascent(net):
+    steps_run = []
+    with pytest.raises(pw.PullbackWidgetsError, match="class 9 is out of range"):
+        pw.ascent_grid(net, torch.rand(2, 3, 32, 32), [1, 9], steps=2, progress=False,
+                       callback=lambda step, result: steps_run.append(step))
+    assert steps_run == []  # the first column's ascent was run, then thrown away
+
+
+# ---------------------------------------------------------------- AscentExplorer
+
+@pytest.fixture
+def ascent(net):
+    made = pw.AscentExplorer(net, "coffee", labels=LABELS, temperature=0.5)
+    yield made
+    made.close()
+
+
+def test_a_run_that_fails_part_way_leaves_the_frame_slider_on_its_own_frames(net, ascent):
+    ascent.steps.value = 10
+    assert ascent.run() and ascent.wait()
+    assert ascent.frame.max == 10
+    handle = _fail_after(net, 3)  # the predicted class, steps 0 and 1; step 2 fails
+    try:
+        assert ascent.run() and ascent.wait()
+    finally:
+        handle.remove()
+    assert "fell over" in ascent.status.value
+    result = ascent.result
+    # The slider spanned the last run's 10 frames, and its step 2 had an image but no score:
+    # scrubbing there raised IndexError in the kernel.
+    assert len(result.images) == len(result.logits) == 2
+    assert ascent.frame.max == 1 and ascent.frame.value == 1 and not ascent.frame.disabled
+    for index in (0, 1):
+        ascent.frame.value = index
+        assert f"step {index} " in ascent.frames_figure.layout.annotations[0].text
+
+
+def test_a_failure_between_both_methods_leaves_the_pullbacks_frames_under_their_name(
+        net, ascent):
+    ascent.steps.value, ascent.method.value = 2, "both"
+    assert ascent.run() and ascent.wait()
+    handle = _fail_after(net, 4)  # the predicted class, the pullback's 3; the gradient's fails
+    try:
+        assert ascent.run() and ascent.wait()
+    finally:
+        handle.remove()
+    assert "fell over" in ascent.status.value and len(ascent.result.images) == 3
+    ascent.frame.value = 1
+    image = ascent._images["coffee"]
+    predicted = int(net(image).argmax())
+    # The names were the gradient's as soon as its ascent began, on the pullback's frames.
+    name = f"pullback: {LABELS[predicted]}"
+    assert name in ascent.frames_figure.layout.annotations[0].text
+    assert [t.name for t in ascent.curve_figure.data] == [figures.plain_text(name)]
+    torch.testing.assert_close(ascent.result.images[-1], pw.pullback_ascent(
+        net, image, predicted, steps=2, temperature=0.5, progress=False).images[-1])
+
+
+def test_fewer_frames_leave_no_empty_panels_behind(ascent):
+    ascent.counterfactual.value = True
+    ascent.targets.value = ["ant (0)", "dog (3)", "eel (4)"]
+    ascent.steps.value = 1
+    assert ascent.run() and ascent.wait()
+    assert "xaxis3" in ascent.frames_figure.layout.to_plotly_json()
+    ascent.counterfactual.value = False
+    assert ascent.run() and ascent.wait()
+    drawn = ascent.frames_figure.layout.to_plotly_json()
+    # The second and third frames' axes stayed: two empty panels, drawn on the template's
+    # background.
+    assert not {"xaxis2", "yaxis2", "xaxis3", "yaxis3"} & set(drawn)
+    assert len(ascent.frames_figure.data) == 1
+
+
+@pytest.mark.parametrize("shown", [False, True])
+def test_sync_figure_removes_the_axes_of_panels_it_no_longer_has(shown):
+    # A strip drawn with the comparison, then without: its eighth panel's axis title (the
+    # comparison's range) stayed under the seventh panel.
+    maps = [torch.randn(3, 8, 8) for _ in range(7)]
+    temperatures = pw.model_helpers.STRIP_TEMPERATURES
+    widget = figure_widget()
+    widget._view_count = int(shown)
+    sent = []
+    widget._send_relayout_msg = lambda data, **kwargs: sent.append(data)
+    sync_figure(widget, figures.temperature_strip(maps, temperatures,
+                                                  extra_panel=("Gradient", maps[0])))
+    plain = figures.temperature_strip(maps, temperatures)
+    sync_figure(widget, plain)
+    expected = set(plain.layout.to_plotly_json())
+    assert set(widget.layout.to_plotly_json()) == expected
+    assert {"xaxis8": None, "yaxis8": None} in sent  # the page is told to drop them
+    if not shown:  # the state a page reads when it starts showing the figure
+        assert set(widget._widget_layout) == expected
+
+
+# ---------------------------------------------------------------- PullbackExplorer
+
+def test_the_temperature_strip_hides_when_it_no_longer_shows_the_controls(net):
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS)
+    explorer.strip_button.click()
+    assert explorer.wait() and explorer.strip_box.layout.display is None
+    strip = np.asarray(explorer.strip_figure.data[0].z)
+    explorer.image.value = "rocket"  # the same predicted class, so the same strip title
+    assert explorer.wait()
+    # The strip of "coffee" stayed under the photo of "rocket", titled as before.
+    assert np.array_equal(strip, np.asarray(explorer.strip_figure.data[0].z))
+    assert explorer.strip_box.layout.display == "none"
+    explorer.image.value = "coffee"  # what it shows again
+    assert explorer.wait() and explorer.strip_box.layout.display is None
+    explorer.gate.value = "normal_cdf"
+    assert explorer.wait() and explorer.strip_box.layout.display == "none"
+    explorer.gate.value = "sigmoid"
+    explorer.temperature.value = 2.0  # the strip has its own temperatures
+    assert explorer.wait() and explorer.strip_box.layout.display is None
+    with torch.no_grad():
+        next(net.parameters()).mul_(1.5)  # the strip is of the model as it was
+    explorer.view.value = "RGB"
+    assert explorer.wait() and explorer.strip_box.layout.display == "none"
+    assert "⚠" not in explorer.status.value
+    explorer.close()
+
+
+def test_the_evidence_explorer_keeps_its_own_copy_of_the_image_and_mask(net):
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    original = image.clone()
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[4:12, 4:12] = True
+    explorer = pw.PullbackExplorer(net, image, labels=LABELS, evidence=mask)
+    assert explorer.wait()
+    image.zero_()  # the user reuses their tensors
+    mask.zero_()
+    explorer.view.value = "magnitude overlay"
+    explorer.show_evidence.value = True
+    assert explorer.wait()
+    # The heatmap was of the image as it was (one forward, at the start) and the photo under
+    # it of the image as it is now: black.
+    photo = np.asarray(explorer.pullback_figure.data[0].z, dtype=np.float64)
+    np.testing.assert_allclose(photo, figures.to_uint8_image(original), atol=1)
+    assert torch.equal(explorer._evidence[explorer.image.value][4:12, 4:12],
+                       torch.ones(8, 8, dtype=torch.bool))
+    explorer.close()
+
+
+@pytest.mark.parametrize("size, error", [((3, 32, 32), TypeError), (None, TypeError),
+                                         ("32", TypeError), (0, ValueError)])
+@pytest.mark.parametrize("explorer_class", [pw.PullbackExplorer, pw.AscentExplorer])
+def test_a_bad_input_size_attribute_is_a_clear_error(net, explorer_class, size, error):
+    # int() of a tuple or None raised a bare TypeError, and a size of 0 a RuntimeError from
+    # inside the model.
+    net.input_size = size
+    with pytest.raises(error, match="input_size"):
+        explorer_class(net, "coffee", labels=LABELS)
+
+
+# ---------------------------------------------------------------- the worker
+
+def test_an_explorer_works_again_after_a_keyboard_interrupt_in_its_model(net, monkeypatch):
+    # The interrupt ended the worker's thread: the status line said "computing" for ever, and
+    # every later request (a Run, a slider) waited for a thread that was gone.
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", lambda hook: escaped.append(hook.exc_type))
+    ascent = pw.AscentExplorer(net, "coffee", labels=LABELS)
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS)
+    assert explorer.wait()
+    ascent.steps.value = 2
+    interrupt = {"on": True}
+
+    def hook(module, args):
+        if interrupt["on"]:
+            interrupt["on"] = False
+            raise KeyboardInterrupt
+
+    def show(image):  # a new image: a new forward
+        explorer.image.value = image
+
+    handle = net.register_forward_pre_hook(hook)
+    try:
+        for widget, first, then in ((ascent, ascent.run, ascent.run),
+                                    (explorer, lambda: show("rocket"), lambda: show("chelsea"))):
+            interrupt["on"] = True
+            first()
+            assert widget.wait(30)
+            assert "KeyboardInterrupt" in widget.status.value
+            then()
+            assert widget.wait(30)
+            assert "⚠" not in widget.status.value, widget.status.value
+    finally:
+        handle.remove()
+    assert escaped == [KeyboardInterrupt, KeyboardInterrupt]  # not swallowed
+    assert not ascent.run_button.disabled and ascent.result is not None
+    threads = threading.active_count()
+    ascent.close()
+    explorer.close()
+    assert threading.active_count() == threads - 2
+
+
+def test_a_worker_ended_by_an_interrupt_takes_the_next_request():
+    seen, stopped = [], []
+
+    def job(request):
+        if request == "interrupt":
+            raise KeyboardInterrupt
+        seen.append(request)
+
+    worker = LatestOnlyWorker(job, on_error=lambda *args: None,
+                              on_interrupt=lambda error, request: stopped.append(request))
+    original = threading.excepthook
+    threading.excepthook = lambda hook: None
+    try:
+        worker.submit("interrupt")
+        assert worker.wait(5)
+        worker._thread.join(5)
+        assert worker.submit("next") and worker.wait(5)
+    finally:
+        threading.excepthook = original
+    assert stopped == ["interrupt"] and seen == ["next"]
+    worker.close()
+    assert not worker.alive

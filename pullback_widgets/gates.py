@@ -383,7 +383,8 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
     Layout: the padded input is split into stride-phase planes (row mod stride, column mod
     stride), where one kernel offset's entries of every window are a plain slice, rows and
     columns contiguous; strided views of the input itself make every op several times slower.
-    The gradient is gathered in the same planes and put back in place once.
+    On the CPU the planes hold one cache-sized chunk of channels at a time; each chunk's
+    gradient is gathered in them and put back in place before the next chunk's input goes in.
     """
     n, c, h, w = x.shape
     out_h, out_w = grad_out.shape[-2:]
@@ -395,12 +396,8 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
     # columns b::sw. -bound pads: below every window's maximum by far more than 100 T, finite.
     plane_h = -(-max(h + 2 * ph, (out_h - 1) * sh + dh * (kh - 1) + 1) // sh)
     plane_w = -(-max(w + 2 * pw, (out_w - 1) * sw + dw * (kw - 1) + 1) // sw)
-    planes = torch.full((sh, sw, n, c, plane_h, plane_w), -bound, dtype=dtype, device=x.device)
     phases = [(a, b, *_phase_slices(h, ph, sh, a), *_phase_slices(w, pw, sw, b))
               for a in range(sh) for b in range(sw)]
-    x = x.to(dtype)
-    for a, b, rows, x_rows, cols, x_cols in phases:
-        torch.clamp(x[:, :, x_rows, x_cols], -bound, bound, out=planes[a, b, :, :, rows, cols])
     inverse_t = capped_reciprocal(temperature, dtype)
     offsets = [(i * dh, j * dw) for i in range(kh) for j in range(kw)]
 
@@ -410,20 +407,29 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
                  left // sw:left // sw + out_w]
 
     result_dtype, grad_out = grad_out.dtype, grad_out.to(dtype)
-    # The gradient gathers in planes too: in ``planes`` itself, each chunk's once its windows
-    # are read. Under batched targets grad_out is vmapped: the gradient is made from it, so the
-    # scatter adds into a tensor of its kind, and only out-of-place products enter it.
+    # Under batched targets grad_out is vmapped: the gradient is made from it, so the scatter
+    # adds into a tensor of its kind, and only out-of-place products enter it.
     plain = _is_plain(grad_out)
-    grad_planes = planes if plain else grad_out.new_zeros(planes.shape)
-    step = max(1, _POOL_CHUNK_BYTES // (len(offsets) * n * out_h * out_w * planes.element_size())) \
+    step = max(1, _POOL_CHUNK_BYTES // (len(offsets) * n * out_h * out_w
+                                        * torch.finfo(dtype).bits // 8)) \
         if x.device.type == "cpu" else c
+    # One chunk's planes, reused: no planes the size of the whole input (at batch 8, 26 MB of
+    # fresh pages for ResNet-50's pool), and the chunk stays in cache from input to gradient.
+    chunk_planes = torch.empty((sh, sw, n, min(step, c), plane_h, plane_w), dtype=dtype,
+                               device=x.device)
+    grad = grad_out.new_empty((n, c, h, w), dtype=result_dtype)
     for first in range(0, c, step):
         def channels(t: Tensor, dim: int, first: int = first) -> Tensor:
             # Whole tensors when one chunk covers them (vmap cannot slice a batched grad_out
             # whole: that is an alias).
             return t if step >= c else t.narrow(dim, first, min(step, c - first))
 
-        entries = [windows_at(channels(planes, 3), top, left) for top, left in offsets]
+        planes = chunk_planes.narrow(3, 0, min(step, c - first)).fill_(-bound)
+        x_chunk = channels(x, 1).to(dtype)
+        for a, b, rows, x_rows, cols, x_cols in phases:
+            torch.clamp(x_chunk[:, :, x_rows, x_cols], -bound, bound,
+                        out=planes[a, b, :, :, rows, cols])
+        entries = [windows_at(planes, top, left) for top, left in offsets]
         maximum = torch.maximum(entries[0], entries[1]) if len(entries) > 1 \
             else entries[0].clone()
         for entry in entries[2:]:
@@ -444,18 +450,17 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
                 mean.addcmul_(weights[k], scaled[k])
             weights = scaled.sub_(mean.div_(total).sub_(1.0)).mul_(weights)  # (1 + s - mean) e^s
         share = channels(grad_out, 1) / total
-        grad_chunk = channels(grad_planes, 3)
-        if plain:
-            grad_chunk.zero_()  # its windows are read: it takes the gradient, while in cache
+        # The chunk's gradient gathers in its planes, once their windows are read.
+        grad_planes = planes.zero_() if plain else grad_out.new_zeros(planes.shape)
         for k, (top, left) in enumerate(offsets):
-            target = windows_at(grad_chunk, top, left)
+            target = windows_at(grad_planes, top, left)
             if plain:
                 target.addcmul_(weights[k], share)
             else:
                 target.add_(weights[k] * share)
-    grad = grad_out.new_empty((n, c, h, w), dtype=result_dtype)
-    for a, b, rows, x_rows, cols, x_cols in phases:
-        grad[:, :, x_rows, x_cols] = grad_planes[a, b, :, :, rows, cols]
+        grad_chunk = channels(grad, 1)
+        for a, b, rows, x_rows, cols, x_cols in phases:
+            grad_chunk[:, :, x_rows, x_cols] = grad_planes[a, b, :, :, rows, cols]
     return grad
 
 

@@ -163,7 +163,7 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
 def predict(model: nn.Module, inputs: Tensor) -> Tensor:
     """Plain logits (B, num_classes) for ``inputs``, in eval mode, without gradients."""
     with evaluation_mode(model), torch.no_grad(), explained_forward_errors(model, inputs):
-        return check_logits(model(inputs))
+        return check_logits(model(inputs), len(inputs))
 
 
 class LayerRecorder:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map_only
 
 from .gates import GateSettings
 from .graph_audit import audit_graph, plain_gates_notice
@@ -157,6 +158,29 @@ def _copy_as_laid_out(tensor: Tensor) -> Tensor:
         return tensor.clone()
 
 
+def _has_backward_hooks(model: nn.Module) -> bool:
+    """Whether a module backward hook (its own, or a global one) would see the backward."""
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_backward_hooks or hooks._global_backward_pre_hooks) or any(
+        module._backward_hooks or module._backward_pre_hooks for module in submodules(model))
+
+
+def _copied_arguments(arguments: tuple) -> tuple:
+    """The model's further arguments with every tensor in them (in tuples, lists, dicts)
+    copied as laid out, ``requires_grad`` kept: a forward that runs later (for new layers, or
+    again for remakes) must see what the first one saw, not what the caller's tensors hold by
+    then, nor what a forward changed in them in place."""
+    return tree_map_only(Tensor, _copy_argument, arguments) if arguments else arguments
+
+
+def _copy_argument(tensor: Tensor) -> Tensor:
+    try:
+        copy = _copy_as_laid_out(tensor.detach())
+    except RuntimeError:  # no strides (a sparse tensor)
+        copy = tensor.detach().clone()
+    return copy.requires_grad_(tensor.requires_grad)
+
+
 @contextlib.contextmanager
 def _autograd_on() -> Iterator[None]:
     with torch.inference_mode(False), torch.enable_grad():
@@ -225,7 +249,7 @@ class PullbackSession:
                                      defaults=default_temperatures(model))
         self.model = model
         self.inputs = inputs
-        self._forward_args = tuple(forward_args)
+        self._forward_args = _copied_arguments(tuple(forward_args))
         # What the graph's gated ops read when a backward runs: each call sets it, under the
         # lock, to that call's settings.
         self._live = self.settings.replaced()
@@ -300,10 +324,11 @@ class PullbackSession:
                     explained_forward_errors(self.model, self.inputs):
                 leaf = _copy_as_laid_out(self.inputs).requires_grad_(True)
                 # Not the leaf itself: a model may change its input in place.
-                logits = self.model(_copy_as_laid_out(leaf), *self._forward_args)
+                logits = self.model(_copy_as_laid_out(leaf),
+                                    *_copied_arguments(self._forward_args))
             if mode.remakes_intact():
                 break
-        check_logits(logits)
+        check_logits(logits, len(self.inputs))
         audit = audit_graph([logits, *recorder.outputs.values()], leaf, mode.gated_nodes,
                             mode.plain_nodes)
         if not audit.reach_input[0]:
@@ -455,7 +480,8 @@ class PullbackSession:
         ``batched=True`` runs one vmapped backward for all k; ``False`` a loop of k backward
         passes. The default batches on accelerators, where that is the win, and loops on the
         CPU, where the backward is compute-bound and vmap's batching rules cost more than they
-        save (benchmarks/speed.py measures both).
+        save (benchmarks/speed.py measures both), and for models with module backward hooks,
+        which a batched backward would call once, on batched tensors, instead of k times.
         """
         if isinstance(targets, (str, Unit, Tensor)) or not isinstance(targets, Sequence) \
                 or len(targets) == 0:
@@ -465,7 +491,8 @@ class PullbackSession:
                                    temperature_mode=temperature_mode,
                                    attention_weights=attention_weights, pool_weights=pool_weights)
         if batched is None:
-            batched = self.inputs.device.type != "cpu"
+            # A backward hook of the model's would run once, on vmap's batched tensors.
+            batched = self.inputs.device.type != "cpu" and not _has_backward_hooks(self.model)
         return self._backward(list(targets), call, batched=bool(batched))
 
 
@@ -492,6 +519,17 @@ def excitation_pullback(model: nn.Module, inputs: Tensor, target: Target, *,
     return session._backward([target], session.settings, batched=False, retain_graph=False)[0]
 
 
+def _one_class_for_all(target: object) -> object:
+    """Captum's forms of one class for every example, as the class itself: a tensor of one
+    element, or a 1-tuple (an index into the logits' last dim). Captum's wrappers (NoiseTunnel,
+    sensitivity_max) expand the batch but leave these as they are."""
+    if isinstance(target, Tensor) and target.dim() > 0 and target.numel() == 1:
+        return target.reshape(())
+    if isinstance(target, tuple) and len(target) == 1:
+        return target[0]
+    return target
+
+
 class ExcitationPullback:
     """Captum-style attribution: ``ExcitationPullback(model).attribute(inputs, target=...)``.
 
@@ -516,8 +554,10 @@ class ExcitationPullback:
         """The pullback of ``target`` at ``inputs``, in the form given.
 
         ``inputs``: a tensor (B, C, H, W) or, as Captum passes it, a 1-tuple of one; the
-        result has the same form. ``additional_forward_args``: one object or a tuple of them,
-        passed to the model after the input.
+        result has the same form. ``target``: as for :meth:`PullbackSession.pullback`, or None
+        for each example's predicted class; Captum's one-class forms (a one-element tensor, a
+        1-tuple) are that class for every example. ``additional_forward_args``: one object or
+        a tuple of them, passed to the model after the input.
         """
         if unsupported:
             raise PullbackWidgetsTypeError(
@@ -536,6 +576,7 @@ class ExcitationPullback:
             forward_args = additional_forward_args
         else:
             forward_args = (additional_forward_args,)
+        target = _one_class_for_all(target)
         s = self.settings
         session = PullbackSession(
             self.forward_func, inputs, temperature=s.temperature, gate=s.gate,

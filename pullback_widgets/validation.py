@@ -43,12 +43,22 @@ def check_positive(value: object, name: str) -> float:
     return as_float
 
 
-def check_logits(output: object) -> Tensor:
-    """A model's output as logits (B, num_classes), else a clear error naming what it is."""
+def check_logits(output: object, batch: int | None = None) -> Tensor:
+    """A model's output as logits (B, num_classes), else a clear error naming what it is;
+    with ``batch``, B must be it (logits transposed, or for other examples, would otherwise
+    be read row by row as the inputs' examples)."""
     if not isinstance(output, Tensor) or output.dim() != 2:
         raise PullbackWidgetsError(
             "the model must return logits of shape (B, num_classes), got "
             f"{tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__}")
+    if not output.is_floating_point():
+        raise PullbackWidgetsTypeError(
+            f"the model must return floating-point logits, got {output.dtype}: there is no "
+            "gradient to pull back")
+    if batch is not None and len(output) != batch:
+        raise PullbackWidgetsError(
+            f"the model returned logits of shape {tuple(output.shape)} for a batch of {batch} "
+            "examples: a pullback needs one row of logits per example, (B, num_classes)")
     return output
 
 
@@ -128,8 +138,10 @@ def check_model(model: object, *, unwrap_compiled: bool = True) -> nn.Module:
 
     A ``torch.compile``'d model (``OptimizedModule``) is unwrapped to the module it compiled,
     with a warning the first time (``unwrap_compiled=False`` refuses it instead, for
-    :func:`soft_gating`, where the user runs the model). TorchScript models, and models with a
-    compiled or scripted submodule, are refused: the engine cannot see inside them.
+    :func:`soft_gating`, where the user runs the model). So is an ``nn.DataParallel`` over
+    several devices, whose replicas run in threads the thread-local gating does not reach.
+    TorchScript models, and models with a compiled or scripted submodule (or such a
+    DataParallel inside), are refused: the engine cannot see inside them.
     """
     if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
         raise PullbackWidgetsTypeError(f"model is a TorchScript {type(model).__name__}. "
@@ -150,6 +162,19 @@ def check_model(model: object, *, unwrap_compiled: bool = True) -> nn.Module:
                           "(model._orig_mod) in eager mode, since compiled code would freeze "
                           "the gates", stacklevel=3)
         model = original
+    if _in_threads(model):
+        if not unwrap_compiled:
+            raise PullbackWidgetsTypeError(
+                f"model is an nn.DataParallel over {len(model.device_ids)} devices, whose "
+                "replicas run in threads that soft_gating cannot see. Call model.module inside "
+                "the context instead.")
+        original = model.module
+        if original not in _told_unwrapped:
+            _told_unwrapped.add(original)
+            warnings.warn("model is an nn.DataParallel over several devices, whose replicas "
+                          "run in threads the soft gates cannot see: the engine runs "
+                          "model.module, on the inputs' device", stacklevel=3)
+        model = original
     for module in submodules(model):
         if isinstance(module, torch.jit.ScriptModule):
             raise PullbackWidgetsTypeError(f"{_where(model, module)} is a TorchScript module. "
@@ -158,7 +183,17 @@ def check_model(model: object, *, unwrap_compiled: bool = True) -> nn.Module:
                 or getattr(module, "_compiled_call_impl", None) is not None:
             raise PullbackWidgetsTypeError(f"{_where(model, module)} is compiled (torch.compile "
                                            f"or Module.compile()). " + _COMPILED_HINT)
+        if _in_threads(module):
+            raise PullbackWidgetsTypeError(
+                f"{_where(model, module)} is an nn.DataParallel over several devices, whose "
+                "replicas run in threads the soft gates cannot see; use its .module")
     return model
+
+
+def _in_threads(module: nn.Module) -> bool:
+    """Whether ``module`` runs its forward in other threads: an ``nn.DataParallel`` over
+    several devices (over one, or none, it calls its module in the caller's thread)."""
+    return isinstance(module, nn.DataParallel) and len(module.device_ids) > 1
 
 
 def submodules(model: nn.Module) -> list[nn.Module]:

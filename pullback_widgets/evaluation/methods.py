@@ -395,6 +395,8 @@ def quantus_explain_func(model: nn.Module, inputs: np.ndarray | Tensor,
     parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
     if parameter is not None:
         inputs = inputs.to(parameter.device, parameter.dtype)
+    if isinstance(targets, np.generic):  # a numpy scalar: one class for every example
+        targets = np.asarray(targets)
     if isinstance(targets, np.ndarray):
         # Quantus may hand over labels as floats; only whole numbers name a class (a cast
         # would make 0.9 class 0 without a word).
@@ -406,7 +408,9 @@ def quantus_explain_func(model: nn.Module, inputs: np.ndarray | Tensor,
         if targets.dtype.kind not in "iuf":
             raise PullbackWidgetsTypeError(
                 f"targets must be integer class indices, got an array of {targets.dtype}")
-        targets = torch.from_numpy(targets.astype(np.int64)).reshape(-1)
+        # As Python ints: a cast to int64 would wrap a huge uint64 or float to another number.
+        classes = [int(t) for t in targets.reshape(-1).tolist()]
+        targets = classes[0] if targets.ndim == 0 else classes
     elif isinstance(targets, (int, np.integer)) and not isinstance(targets, bool):
         targets = int(targets)
     explain = pullback_method(kwargs.get("temperature"), kwargs.get("gate", "sigmoid"),
@@ -414,4 +418,5 @@ def quantus_explain_func(model: nn.Module, inputs: np.ndarray | Tensor,
                               pool_temperature=kwargs.get("pool_temperature"),
                               pool_weights=kwargs.get("pool_weights"),
                               attention_weights=kwargs.get("attention_weights"))
-    return explain(model, inputs, targets).detach().cpu().numpy().astype(np.float32)
+    # float32 first: numpy has no bfloat16.
+    return explain(model, inputs, targets).detach().cpu().to(torch.float32).numpy()

@@ -53,11 +53,11 @@ def report(n: int, seed: int) -> str:
         "channels|: **mass** = its fraction on the object's mask; **pointing** = whether its "
         f"maximum after a Gaussian blur of σ = {gt.POINTING_SIGMA:g} px lies on the object; "
         "**AUC** = ROC AUC of the map separating object from background pixels (0.5 = chance). "
-        "Mean [95% interval] over the images: mean ± 1.96 s.e. for mass and AUC, Wilson's "
-        "interval for the pointing rate, mean ± 1.96 s.e. of the per-image differences for the "
-        "paired tables (bold: the interval excludes 0). The object covers "
-        f"{float(synthetic_area(n, seed)):.3f} of the image on average, the mass a map spread "
-        "evenly would get.",
+        "Mean [95% interval] over the images: mean ± t s.e. (Student, n - 1 degrees of "
+        "freedom) for mass and AUC, Wilson's interval for the pointing rate, mean ± t s.e. of "
+        "the per-image differences for the paired tables (bold: the interval excludes 0). "
+        f"The object covers {float(synthetic_area(n, seed)):.3f} of the image on average, the "
+        "mass a map spread evenly would get.",
         "",
         "## Every method",
         "",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib.util
+import os
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import webbrowser
 from importlib import resources
 from pathlib import Path
 
-from .validation import PullbackWidgetsError, check_index
+from .validation import PullbackWidgetsError, PullbackWidgetsTypeError, check_index
 
 __all__ = ["DEFAULT_PORT", "VoilaNotInstalledError", "default_notebook", "serve_classroom"]
 
@@ -59,6 +60,9 @@ def _check_notebook(notebook: Path | str | None) -> Path:
                 "reinstall pullback-widgets, or pass its path: "
                 "pullback-widgets app PATH/TO/05_classroom.ipynb")
         return path
+    if not isinstance(notebook, (str, os.PathLike)):
+        raise PullbackWidgetsTypeError(
+            f"notebook must be a path to a .ipynb file, got {type(notebook).__name__}")
     path = Path(notebook).expanduser()
     if not path.is_file():
         raise PullbackWidgetsError(f"notebook not found: {str(path)!r}")

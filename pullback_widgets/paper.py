@@ -17,6 +17,30 @@ from dataclasses import dataclass, fields
 from types import MappingProxyType
 
 from .gates import GateSettings
+from .validation import PullbackWidgetsTypeError
+
+
+class FrozenTemperatures(Mapping):
+    """A read-only kind -> T mapping that, unlike ``MappingProxyType``, can be copied, pickled
+    (settings sent to another process) and hashed; it equals a dict of the same items."""
+
+    def __init__(self, items: Mapping[str, float]) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> float:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._items)
 
 
 @dataclass(frozen=True)
@@ -32,8 +56,12 @@ class PaperSettings(Mapping):
     pool_weights: str
 
     def __post_init__(self) -> None:
+        if not isinstance(self.temperature, Mapping):
+            raise PullbackWidgetsTypeError(
+                "temperature must be a mapping of kind -> T, such as {'relu': 0.3}, got "
+                f"{type(self.temperature).__name__}")
         GateSettings(**self)  # a preset is checked like any other settings
-        object.__setattr__(self, "temperature", MappingProxyType(dict(self.temperature)))
+        object.__setattr__(self, "temperature", FrozenTemperatures(self.temperature))
 
     def __getitem__(self, key: str) -> object:
         if key not in self._keys():

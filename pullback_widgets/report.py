@@ -28,6 +28,7 @@ from .ascent import AscentGrid, AscentResult, pullback_ascent
 from .labels import class_names
 from .model_helpers import STRIP_TEMPERATURES
 from .session import PullbackSession, Temperature
+from .validation import PullbackWidgetsError, check_inputs
 
 
 @dataclass
@@ -64,6 +65,10 @@ def explain(model: nn.Module, image: Tensor, target: int | None = None, *,
     ``temperature=None`` is the model's own default per kind of op, as everywhere; the strip
     sets every kind to each of its temperatures.
     """
+    # One image: the report shows the first of a batch, and would run every ascent on all.
+    if check_inputs(image).shape[0] != 1:
+        raise PullbackWidgetsError(f"the report explains one image (1, C, H, W), got a batch of "
+                                   f"shape {tuple(image.shape)}; pass image[:1]")
     session = PullbackSession(model, image, temperature=temperature, gate=gate,
                               pool_weights=pool_weights)
     probabilities = session.probabilities[0]

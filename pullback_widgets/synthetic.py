@@ -287,8 +287,10 @@ def train(*, steps: int = 1200, batch_size: int = 64, learning_rate: float = 3e-
     learning_rate = check_positive(learning_rate, "learning_rate")
     seed = check_index(seed, "seed")
     test_size = check_index(test_size, "test_size", minimum=1)
-    torch.manual_seed(seed)
-    net = ShapesNet()
+    # The initial weights come from ``seed``; the caller's global random state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ShapesNet()
     optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate,
                                                    total_steps=steps)
@@ -337,9 +339,14 @@ def _main(argv: list[str] | None = None) -> int:
     command.add_argument("--overwrite", action="store_true",
                          help="replace an existing weights file")
     args = parser.parse_args(argv)
+    provenance_path = args.out.with_suffix(".json")
     try:
-        if args.out.exists() and not args.overwrite:
-            raise PullbackWidgetsError(f"{args.out} exists; pass --overwrite to replace it")
+        if args.out.is_dir() or args.out.suffix == ".json":
+            raise PullbackWidgetsError(f"--out {str(args.out)!r} must name the weights file (such "
+                                       "as shapes_cnn.pt); the provenance goes beside it as .json")
+        for path in (args.out, provenance_path):
+            if path.exists() and not args.overwrite:
+                raise PullbackWidgetsError(f"{path} exists; pass --overwrite to replace it")
         threads = check_index(args.threads, "threads", minimum=1)
         torch.set_num_threads(threads)
         net, provenance = train(steps=args.steps, batch_size=args.batch_size,
@@ -349,10 +356,14 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.out.with_suffix(".tmp")
-    torch.save(net.state_dict(), temporary)
-    temporary.replace(args.out)
-    args.out.with_suffix(".json").write_text(json.dumps(provenance, indent=2) + "\n")
+    # A temporary file of our own beside the weights (not NAME.tmp, which may be the user's).
+    temporary = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(net.state_dict(), temporary)
+        temporary.replace(args.out)
+    finally:
+        temporary.unlink(missing_ok=True)
+    provenance_path.write_text(json.dumps(provenance, indent=2) + "\n")
     print(json.dumps(provenance, indent=2))
     return 0
 

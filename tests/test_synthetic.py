@@ -273,8 +273,9 @@ def test_metrics_reject_bad_input(metric) -> None:
 def test_intervals_against_their_formulas() -> None:
     values = torch.tensor([0.2, 0.5, 0.9, 0.4, 0.7], dtype=torch.float64)
     interval = gt.Interval.of(values)
-    half = 1.959964 * np.std(values.numpy(), ddof=1) / math.sqrt(5)
-    assert math.isclose(interval.low, 0.54 - half) and math.isclose(interval.high, 0.54 + half)
+    half = 2.776445 * np.std(values.numpy(), ddof=1) / math.sqrt(5)  # Student t, 4 d.f.
+    assert math.isclose(interval.low, 0.54 - half, rel_tol=1e-6)
+    assert math.isclose(interval.high, 0.54 + half, rel_tol=1e-6)
     hits = torch.tensor([1.0] * 18 + [0.0] * 2)
     wilson = gt.Interval.proportion(hits)
     # Wilson (1927) for 18 / 20, z = 1.96: [0.6990, 0.9721].

@@ -36,7 +36,15 @@ from torch import Tensor, nn
 
 from .. import synthetic
 from ..model_helpers import evaluation_mode, predict
-from ..validation import PullbackWidgetsError, check_index, check_model, check_positive
+from ..validation import (
+    PullbackWidgetsError,
+    PullbackWidgetsTypeError,
+    check_choice,
+    check_index,
+    check_model,
+    check_positive,
+    suggest,
+)
 from .methods import method_registry, pullback_method, pullback_name
 from .metrics import Explainer, _average_ranks, ranking_map
 
@@ -60,7 +68,7 @@ METRIC_TITLES = {"mass": "mass inside the mask", "pointing": "pointing game",
 # The pointing game's blur: about a quarter of the smallest object's radius (9 px at 64 px),
 # so that one stray pixel cannot outvote a region.
 POINTING_SIGMA = 2.0
-# Two-sided 95% quantile of the normal distribution: intervals are mean ± Z95 · s.e.
+# Two-sided 95% quantile of the normal distribution, for Wilson's interval.
 Z95 = 1.959964
 TABLE_TEMPERATURES = (0.1, 0.3, 1.0)
 CURVE_TEMPERATURES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -72,13 +80,20 @@ GATES = ("sigmoid", "normal_cdf")
 
 def _check_pair(attribution: object, masks: object) -> tuple[Tensor, Tensor]:
     if not isinstance(attribution, Tensor) or not isinstance(masks, Tensor):
-        raise PullbackWidgetsError("attribution and masks must be torch.Tensors")
+        raise PullbackWidgetsTypeError("attribution and masks must be torch.Tensors")
     if attribution.dim() != 4 or masks.shape != (attribution.shape[0], *attribution.shape[2:]):
         raise PullbackWidgetsError(
             f"attribution must be (B, C, H, W) and masks (B, H, W) of the same B, H, W; got "
             f"{tuple(attribution.shape)} and {tuple(masks.shape)}")
     if masks.dtype != torch.bool:
-        raise PullbackWidgetsError(f"masks must be bool, got {masks.dtype}")
+        raise PullbackWidgetsTypeError(f"masks must be bool, got {masks.dtype}")
+    if attribution.is_complex():
+        raise PullbackWidgetsTypeError(f"attribution must be real, got {attribution.dtype}")
+    if attribution.is_meta or masks.is_meta:
+        raise PullbackWidgetsError("attribution and masks must hold values, not be on the meta "
+                                   "device")
+    if attribution.shape[0] == 0:
+        raise PullbackWidgetsError("attribution and masks must hold at least one image")
     if not torch.isfinite(attribution).all():
         raise PullbackWidgetsError("attribution contains NaN or infinite values")
     inside = masks.flatten(1).sum(1)
@@ -116,11 +131,17 @@ def pointing_game(attribution: Tensor, masks: Tensor, *, sigma: float = POINTING
     """1.0 where the maximum of the blurred ``|attribution.sum(1)|`` is on the mask, else 0.0;
     (B,) float64. ``sigma`` in pixels."""
     attribution, masks = _check_pair(attribution, masks)
-    blurred = ranking_map(attribution.double(), smooth=check_positive(sigma, "sigma"))
+    sigma = check_positive(sigma, "sigma")
+    # The map the user sees, each divided by its largest value: where the maximum lies does
+    # not depend on the scale, and the blur can then neither overflow nor underflow.
+    saliency = _saliency(attribution)
+    largest = saliency.flatten(1).amax(1)
+    saliency = saliency / torch.where(largest > 0, largest, 1.0).view(-1, 1, 1)
+    blurred = ranking_map(saliency.unsqueeze(1), smooth=sigma)
     peak = blurred.flatten(1).argmax(1)
     hit = masks.flatten(1).gather(1, peak.view(-1, 1)).squeeze(1)
-    empty = attribution.flatten(1).abs().amax(1) == 0
-    return (hit & ~empty).double()
+    # A map that is zero everywhere (its channels may cancel) points nowhere.
+    return (hit & (largest > 0)).double()
 
 
 def mask_auc(attribution: Tensor, masks: Tensor) -> Tensor:
@@ -142,13 +163,39 @@ MASK_METRICS = {"mass": mask_mass, "pointing": pointing_game, "mask_auc": mask_a
 # --------------------------------------------------------------------------- methods
 
 
+def _cam_layer(model: nn.Module, layer: str | None) -> str:
+    """``layer`` if it names a module of ``model``; None: the model's last Conv2d."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if layer is None:
+        if not names:
+            raise PullbackWidgetsError("Grad-CAM needs a Conv2d layer and the model has none; "
+                                       "pass cam_layer")
+        return names[-1]
+    if not isinstance(layer, str):
+        raise PullbackWidgetsTypeError(f"cam_layer must be a module's name (a str), got "
+                                       f"{type(layer).__name__}")
+    modules = [name for name, _ in model.named_modules()]
+    if layer not in modules:
+        raise PullbackWidgetsError(f"cam_layer {layer!r} is not a module of the model"
+                                   f"{suggest(layer, modules)}")
+    return layer
+
+
 def _grad_cam(model: nn.Module, x: Tensor, target: Tensor, *, layer: str) -> Tensor:
     modules = dict(model.named_modules())
     activations: list[Tensor] = []
-    handle = modules[layer].register_forward_hook(lambda m, a, out: activations.append(out))
+    handle = modules[_cam_layer(model, layer)].register_forward_hook(
+        lambda m, a, out: activations.append(out))
     try:
         with evaluation_mode(model), torch.enable_grad():
-            logits = model(x.detach())
+            # An input that needs its gradient, so that the activations have one even when
+            # the model's parameters are frozen (requires_grad False).
+            logits = model(x.detach().requires_grad_())
+            if not activations or not isinstance(activations[0], Tensor) \
+                    or activations[0].dim() != 4:
+                raise PullbackWidgetsError(
+                    f"Grad-CAM needs layer {layer!r} to output (B, C, H, W) in the forward; "
+                    "pass a convolutional layer as cam_layer")
             score = logits.gather(1, target.view(-1, 1)).sum()
             (grad,) = torch.autograd.grad(score, activations[0])
     finally:
@@ -164,6 +211,9 @@ def grad_cam(layer: str) -> Explainer:
     """Grad-CAM (Selvaraju et al. 2017) at ``layer`` as an Explainer: ReLU of the layer's
     channels weighted by their spatially averaged gradients, upsampled bilinearly to the input
     and spread evenly over its channels, (B, C, H, W)."""
+    if not isinstance(layer, str):
+        raise PullbackWidgetsTypeError(f"layer must be a module's name (a str), got "
+                                       f"{type(layer).__name__}")
     return functools.partial(_grad_cam, layer=layer)
 
 
@@ -174,18 +224,32 @@ def ground_truth_methods(model: nn.Module, *, temperatures: Sequence[float] = TA
     (pullbacks at ``temperatures`` × ``gates``, gradient, gradient_x_input, the random control
     and, with Captum, guided backprop, integrated gradients, SmoothGrad, guided Grad-CAM), and
     ``"gradcam"`` at ``cam_layer`` (default the last Conv2d)."""
+    layer = _cam_layer(model, cam_layer)
     # batch_size: integrated gradients runs this many (image, step) pairs at once; at least a
     # benchmark batch, which Captum requires.
     methods = method_registry(model, temperatures=temperatures, gates=gates, captum=captum,
                               cam_layer=cam_layer, batch_size=256)
     # On a ReLU network Captum's guided backprop needs no ReLU6 copy: the two entries agree.
     methods.pop("guided_backprop_captum", None)
-    layer = cam_layer or [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-1]
     methods["gradcam"] = grad_cam(layer)
     return methods
 
 
 # --------------------------------------------------------------------------- the benchmark
+
+
+def _check_values(values: object) -> Tensor:
+    if not isinstance(values, Tensor):
+        raise PullbackWidgetsTypeError(f"values must be a torch.Tensor, got "
+                                       f"{type(values).__name__}")
+    if values.numel() == 0:
+        raise PullbackWidgetsError("an interval needs at least one value")
+    return values.detach().double()
+
+
+def _mean_or_lowest(interval: Interval) -> float:
+    """An interval's mean as a sort key: NaN (no valid mean) below every number."""
+    return -math.inf if math.isnan(interval.mean) else interval.mean
 
 
 @dataclass(frozen=True)
@@ -200,12 +264,15 @@ class Interval:
     @classmethod
     def of(cls, values: Tensor, bounds: tuple[float, float] = (-math.inf, math.inf)
            ) -> Interval:
-        """Normal approximation: mean ± 1.96 s.e., s.e. from the sample standard deviation,
-        cut to ``bounds``, the range the mean cannot leave (on a few values the approximation
-        reaches past it)."""
-        values = values.double()
+        """Student t: mean ± t(0.975, n - 1) s.e., s.e. from the sample standard deviation
+        (1.96 s.e. for large n; on few values the normal 1.96 is far too narrow: t is 12.7 at
+        n = 2), cut to ``bounds``, the range the mean cannot leave."""
+        from scipy.stats import t as student  # scipy comes with scikit-image
+
+        values = _check_values(values)
         n = values.numel()
-        half = Z95 * float(values.std()) / math.sqrt(n) if n > 1 else math.nan
+        half = float(student.ppf(0.975, n - 1)) * float(values.std()) / math.sqrt(n) \
+            if n > 1 else math.nan
         mean = float(values.mean())
         return cls(mean, max(mean - half, bounds[0]), min(mean + half, bounds[1]), n)
 
@@ -213,11 +280,15 @@ class Interval:
     def proportion(cls, hits: Tensor) -> Interval:
         """Wilson's score interval for a rate of 0/1 values: unlike mean ± 1.96 s.e. it stays
         inside [0, 1] and does not shrink to a point at 0 or 1 hits."""
+        hits = _check_values(hits)
         n = hits.numel()
-        rate = float(hits.double().mean())
+        rate = float(hits.mean())
         centre = (rate + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
         half = Z95 * math.sqrt(rate * (1 - rate) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
-        return cls(rate, centre - half, centre + half, n)
+        # It holds the rate and lies in [0, 1]; at 0 or n hits the rounding of centre ± half
+        # misses 0 or 1 by an ulp either way.
+        return cls(rate, max(min(centre - half, rate), 0.0), min(max(centre + half, rate), 1.0),
+                   n)
 
     def excludes_zero(self) -> bool:
         return self.low > 0 or self.high < 0
@@ -245,18 +316,22 @@ class GroundTruthResult:
 
     def interval(self, method: str, metric: str) -> Interval:
         """Mean and 95% interval of ``metric`` (Wilson's for the pointing game's hit rate)."""
-        values = self.scores[method][metric]
+        values = self._scores(method, metric)
         return Interval.proportion(values) if metric == "pointing" \
             else Interval.of(values, (0.0, 1.0))
 
     def difference(self, method: str, reference: str, metric: str) -> Interval:
         """The paired difference ``method - reference`` over the same images."""
-        for name in (method, reference):
-            if name not in self.scores:
-                raise PullbackWidgetsError(f"no method {name!r} in this result")
+        reference_scores = self._scores(reference, metric)
         # Every metric here is in [0, 1].
-        return Interval.of(self.scores[method][metric] - self.scores[reference][metric],
-                           (-1.0, 1.0))
+        return Interval.of(self._scores(method, metric) - reference_scores, (-1.0, 1.0))
+
+    def _scores(self, method: str, metric: str) -> Tensor:
+        if method not in self.scores:
+            raise PullbackWidgetsError(f"no method {method!r} in this result; it has "
+                                       f"{', '.join(map(repr, self.scores))}")
+        check_choice(metric, tuple(self.scores[method]), "metric")
+        return self.scores[method][metric]
 
     def table(self, digits: int = 3) -> str:
         """Markdown: mean [95% interval] of each metric, a row per method."""
@@ -304,12 +379,21 @@ def ground_truth_benchmark(model: nn.Module, methods: Mapping[str, Explainer] | 
     n = check_index(n, "n", minimum=2)
     seed = check_index(seed, "seed")
     batch_size = check_index(batch_size, "batch_size", minimum=1)
+    if methods is not None and not isinstance(methods, Mapping):
+        raise PullbackWidgetsTypeError(f"methods must be a mapping of name -> explain function, "
+                                       f"got {type(methods).__name__}")
     methods = ground_truth_methods(model) if methods is None else dict(methods)
     if not methods:
         raise PullbackWidgetsError("methods must name at least one method")
-    size = int(getattr(model, "input_size", synthetic.INPUT_SIZE))
+    for name, explain in methods.items():
+        if not callable(explain):
+            raise PullbackWidgetsTypeError(f"method {name!r} must be an explain function "
+                                           f"(model, x, target), got {type(explain).__name__}")
+    size = check_index(getattr(model, "input_size", synthetic.INPUT_SIZE), "model.input_size",
+                       minimum=synthetic.MIN_SIZE)
     images, labels, masks = synthetic.make_dataset(n, size=size, seed=seed)
-    parameter = next(model.parameters())
+    # A model without parameters runs on the CPU in float32, as the images come.
+    parameter = next(model.parameters(), images)
     images = images.to(parameter.device, parameter.dtype)
     labels, masks = labels.to(parameter.device), masks.to(parameter.device)
     logits = torch.cat([predict(model, images[i:i + batch_size])
@@ -324,10 +408,13 @@ def ground_truth_benchmark(model: nn.Module, methods: Mapping[str, Explainer] | 
     for start in range(0, n, batch_size):
         batch = slice(start, start + batch_size)
         for name, explain in methods.items():
-            attribution = explain(model, images[batch], labels[batch]).detach()
-            for metric in METRICS:
-                scores[name][metric].append(
-                    MASK_METRICS[metric](attribution, masks[batch]).cpu())
+            attribution = explain(model, images[batch], labels[batch])
+            try:
+                for metric in METRICS:
+                    scores[name][metric].append(
+                        MASK_METRICS[metric](attribution, masks[batch]).cpu())
+            except PullbackWidgetsError as error:  # say which method gave it
+                raise type(error)(f"method {name!r}: {error}") from None
     return GroundTruthResult(
         {name: {metric: torch.cat(parts) for metric, parts in per.items()}
          for name, per in scores.items()}, accuracy, n, seed)
@@ -343,12 +430,16 @@ def temperature_curve_methods(temperatures: Sequence[float] = CURVE_TEMPERATURES
 def recommended_temperature(result: GroundTruthResult, gate: str = "sigmoid",
                             temperatures: Sequence[float] = CURVE_TEMPERATURES) -> float:
     """The T of ``gate``'s pullback with the largest mean mask AUC among ``temperatures``."""
+    if not temperatures:
+        raise PullbackWidgetsError("temperatures must name at least one temperature")
     names = {t: pullback_name(t, gate) for t in temperatures}
     missing = [name for name in names.values() if name not in result.scores]
     if missing:
         raise PullbackWidgetsError(f"the result has no {missing[0]!r}: run the benchmark with "
                                    "temperature_curve_methods()")
-    return max(temperatures, key=lambda t: result.interval(names[t], "mask_auc").mean)
+    if all(math.isnan(result.interval(name, "mask_auc").mean) for name in names.values()):
+        raise PullbackWidgetsError("no temperature has a mean mask AUC (the scores are NaN)")
+    return max(temperatures, key=lambda t: _mean_or_lowest(result.interval(names[t], "mask_auc")))
 
 
 def curve_table(result: GroundTruthResult, gates: Sequence[str] = GATES,
@@ -377,10 +468,12 @@ def verdict(result: GroundTruthResult, reference: str = "gradient",
                      + (", ".join(losers) if losers else "none") + ".")
     best = [f"{METRIC_TITLES[metric]}: {top} ({result.interval(top, metric).mean:.3f})"
             for metric in METRICS
-            for top in [max(result.methods, key=lambda m: result.interval(m, metric).mean)]]
+            for top in [max(result.methods,
+                            key=lambda m: _mean_or_lowest(result.interval(m, metric)))]]
     lines.append("Largest mean: " + "; ".join(best) + ".")
     ranked = sorted((m for m in result.methods if m not in (reference, control)),
-                    key=lambda m: result.difference(m, reference, "mask_auc").mean, reverse=True)
+                    key=lambda m: _mean_or_lowest(result.difference(m, reference, "mask_auc")),
+                    reverse=True)
     for method in ranked[:3]:
         cells = ", ".join(f"{METRIC_TITLES[metric]} "
                           f"{result.difference(method, reference, metric):+.3f}"

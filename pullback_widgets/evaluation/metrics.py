@@ -41,7 +41,13 @@ from torch import Tensor, nn
 from ..ascent import _step, _unit_l2
 from ..model_helpers import predict
 from ..targets import class_indices
-from ..validation import check_index, check_inputs, check_positive
+from ..validation import (
+    PullbackWidgetsError,
+    PullbackWidgetsTypeError,
+    check_index,
+    check_inputs,
+    check_positive,
+)
 
 Explainer = Callable[[nn.Module, Tensor, Tensor], Tensor]
 Target = int | Sequence[int] | Tensor | None
@@ -76,12 +82,15 @@ __all__ = [
 
 def _check_attribution(attribution: object, x: Tensor) -> Tensor:
     if not isinstance(attribution, Tensor):
-        raise TypeError(f"attribution must be a torch.Tensor, got {type(attribution).__name__}")
+        raise PullbackWidgetsTypeError(
+            f"attribution must be a torch.Tensor, got {type(attribution).__name__}")
+    if attribution.is_complex():
+        raise PullbackWidgetsTypeError(f"attribution must be real, got {attribution.dtype}")
     if attribution.shape != x.shape:
-        raise ValueError(f"attribution must have the images' shape {tuple(x.shape)}, "
-                         f"got {tuple(attribution.shape)}")
+        raise PullbackWidgetsError(f"attribution must have the images' shape {tuple(x.shape)}, "
+                                   f"got {tuple(attribution.shape)}")
     if not torch.isfinite(attribution).all():
-        raise ValueError("attribution contains NaN or infinite values")
+        raise PullbackWidgetsError("attribution contains NaN or infinite values")
     # Never narrower than it came: a float64 map cast to float32 images' dtype lost its tiny
     # values to 0 and its huge ones to inf after this check.
     return attribution.detach().to(x.device, torch.promote_types(attribution.dtype, x.dtype))
@@ -90,8 +99,22 @@ def _check_attribution(attribution: object, x: Tensor) -> Tensor:
 def _check_images(x: object) -> Tensor:
     x = check_inputs(x).detach()
     if x.min() < 0 or x.max() > 1:
-        raise ValueError("x must be images in pixel space [0, 1] (see pw.load_image)")
+        raise PullbackWidgetsError("x must be images in pixel space [0, 1] (see pw.load_image)")
     return x
+
+
+def _check_seed(seed: object, count: int = 1) -> int:
+    """``seed`` if seeds ``seed`` .. ``seed + count - 1`` all suit ``torch.Generator``."""
+    seed = check_index(seed, "seed", minimum=-2**63)
+    if seed + count > 2**64:
+        raise PullbackWidgetsError(f"seed must be below {2**64 - count + 1}, got {seed}")
+    return seed
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters are (the CPU for a model without any)."""
+    parameter = next(model.parameters(), None)
+    return torch.device("cpu") if parameter is None else parameter.device
 
 
 def _classes(model: nn.Module, x: Tensor, target: Target) -> tuple[Tensor, Tensor]:
@@ -125,18 +148,21 @@ def baseline_image(x: Tensor, baseline: str | Tensor = "blur") -> Tensor:
     """
     if isinstance(baseline, Tensor):
         try:
-            return baseline.to(x.device, x.dtype).expand_as(x)
+            expanded = baseline.to(x.device, x.dtype).expand_as(x)
         except RuntimeError:
-            raise ValueError(f"baseline of shape {tuple(baseline.shape)} does not broadcast to "
-                             f"the images' {tuple(x.shape)}") from None
+            raise PullbackWidgetsError(f"baseline of shape {tuple(baseline.shape)} does not "
+                                       f"broadcast to the images' {tuple(x.shape)}") from None
+        if not torch.isfinite(expanded).all():  # every curve would be NaN
+            raise PullbackWidgetsError("baseline contains NaN or infinite values")
+        return expanded
     if baseline == "blur":
         if min(x.shape[-2:]) <= BLUR_KERNEL // 2:
-            raise ValueError(f"baseline='blur' needs images larger than {BLUR_KERNEL // 2} px, "
-                             f"got {tuple(x.shape[-2:])}")
+            raise PullbackWidgetsError(f"baseline='blur' needs images larger than "
+                                       f"{BLUR_KERNEL // 2} px, got {tuple(x.shape[-2:])}")
         return TF.gaussian_blur(x, [BLUR_KERNEL, BLUR_KERNEL], [BLUR_SIGMA, BLUR_SIGMA])
     if baseline == "mean":
         return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
-    raise ValueError(f"baseline must be one of {BASELINES} or a tensor, got {baseline!r}")
+    raise PullbackWidgetsError(f"baseline must be one of {BASELINES} or a tensor, got {baseline!r}")
 
 
 def ranking_map(attribution: Tensor, smooth: float | None = None) -> Tensor:
@@ -152,8 +178,8 @@ def ranking_map(attribution: Tensor, smooth: float | None = None) -> Tensor:
     sigma = check_positive(smooth, "smooth")
     kernel = 2 * math.ceil(3 * sigma) + 1
     if min(saliency.shape[-2:]) <= kernel // 2:
-        raise ValueError(f"smooth={sigma:g} needs images larger than {kernel // 2} px, "
-                         f"got {tuple(saliency.shape[-2:])}")
+        raise PullbackWidgetsError(f"smooth={sigma:g} needs images larger than {kernel // 2} px, "
+                                   f"got {tuple(saliency.shape[-2:])}")
     return TF.gaussian_blur(saliency.abs().unsqueeze(1), [kernel, kernel],
                             [sigma, sigma]).squeeze(1)
 
@@ -174,7 +200,7 @@ def perturbation_curve(model: nn.Module, x: Tensor, target: Target, attribution:
     attribution = _check_attribution(attribution, x)
     steps, batch_size = check_index(steps, "steps", 1), check_index(batch_size, "batch_size", 1)
     if mode not in ("deletion", "insertion"):
-        raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
+        raise PullbackWidgetsError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     saliency = ranking_map(attribution, smooth)
     classes, _ = _classes(model, x, target)
     base = baseline_image(x, baseline)
@@ -241,7 +267,7 @@ def infidelity(model: nn.Module, x: Tensor, target: Target, attribution: Tensor,
     noise_std = check_positive(noise_std, "noise_std")
     batch_size = check_index(batch_size, "batch_size", 1)
     classes, logits = _classes(model, x, target)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(_check_seed(seed))
     noise = (torch.randn((n, *x.shape[1:]), generator=generator, dtype=torch.float64)
              * noise_std).to(x.device, x.dtype)
     batch = x.shape[0]
@@ -283,13 +309,19 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     Ties get average ranks; a constant example gives NaN (as scipy.stats.spearmanr).
     """
     if not isinstance(a, Tensor) or not isinstance(b, Tensor):
-        raise TypeError("a and b must be torch.Tensors")
+        raise PullbackWidgetsTypeError("a and b must be torch.Tensors")
+    if a.is_complex() or b.is_complex():
+        raise PullbackWidgetsTypeError(f"a and b must be real, got {a.dtype} and {b.dtype}")
     if a.shape != b.shape or a.dim() < 2:
-        raise ValueError(f"a and b must have the same shape (B, ...), got {tuple(a.shape)} "
-                         f"and {tuple(b.shape)}")
-    ra, rb = (_average_ranks(t.detach().flatten(1)) for t in (a, b))
+        raise PullbackWidgetsError(f"a and b must have the same shape (B, ...), got "
+                                   f"{tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.detach().flatten(1), b.detach().flatten(1)
+    ra, rb = (_average_ranks(t) for t in (a, b))
     ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
-    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
+    rho = (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
+    # NaN has no rank: an example holding one has no correlation (scipy's default too).
+    undefined = (a.isnan() | b.isnan()).any(1).to(rho.device)
+    return rho.masked_fill(undefined, math.nan)
 
 
 # --------------------------------------------------------------------------- randomisation
@@ -341,8 +373,10 @@ def randomised_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     stage i with seed ``seed + i``: the model after the last stage of the default cascade of
     :func:`randomisation_check`. ``model`` itself is not touched."""
     copied = copy.deepcopy(model)
-    device = next(copied.parameters()).device
-    for index, name in enumerate(randomisation_stages(copied)):
+    device = _device(copied)
+    stages = randomisation_stages(copied)
+    seed = _check_seed(seed, len(stages))
+    for index, name in enumerate(stages):
         _reinitialise(copied, name, torch.Generator(device=device).manual_seed(seed + index))
     return copied
 
@@ -384,18 +418,27 @@ def randomisation_check(model: nn.Module, x: Tensor, target: Target,
     """
     x = _check_images(x)
     if not isinstance(methods, Mapping) or not methods:
-        raise ValueError("methods must be a non-empty mapping of name -> explain function")
-    stages = randomisation_stages(model) if stages is None else list(stages)
+        raise PullbackWidgetsError(
+            "methods must be a non-empty mapping of name -> explain function")
+    # A bare name is one stage, not a sequence of one-letter names.
+    stages = randomisation_stages(model) if stages is None \
+        else [stages] if isinstance(stages, str) else list(stages)
     groups = [[stage] if isinstance(stage, str) else list(stage) for stage in stages]
+    if not groups or not all(groups):
+        raise PullbackWidgetsError(
+            "stages must name at least one module in each stage"
+            + ("" if stages or next(model.parameters(), None) is not None
+               else "; the model has no parameters to randomise"))
+    seed = _check_seed(seed, len(groups))
     classes, _ = _classes(model, x, target)
     copied = copy.deepcopy(model)
     modules = dict(copied.named_modules())
     for name in (n for group in groups for n in group):
         if not isinstance(name, str) or (name not in modules and name != OWN_PARAMETERS):
-            raise ValueError(f"stages names an unknown module {name!r}")
+            raise PullbackWidgetsError(f"stages names an unknown module {name!r}")
     original = {name: explain(copied, x, classes).detach() for name, explain in methods.items()}
     absolute, signed = [], []
-    device = next(copied.parameters()).device
+    device = _device(copied)
     for index, group in enumerate(groups):
         generator = torch.Generator(device=device).manual_seed(seed + index)
         for name in group:

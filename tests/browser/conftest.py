@@ -12,7 +12,9 @@ Screenshots, including one of the page whenever a test fails, go to artifacts/sc
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -151,11 +153,22 @@ def _explorer_page(browser: Browser, name: str, start, server) -> Iterator[Explo
 
 
 @pytest.fixture(scope="module")
-def lab_explorer(browser: Browser, jupyterlab_server: harness.Server) -> Iterator[ExplorerPage]:
-    """The explorer notebook opened in JupyterLab and run (Run > Run All Cells)."""
+def lab_explorer(request: pytest.FixtureRequest, browser: Browser,
+                 jupyterlab_server: harness.Server, notebook_root: Path
+                 ) -> Iterator[ExplorerPage]:
+    """The explorer notebook opened in JupyterLab and run (Run > Run All Cells).
+
+    Each test module gets a copy of the notebook, in a workspace of its own, hence a kernel of
+    its own: a page that reconnected to the kernel an earlier module's page had run the
+    explorer in lost its widget messages ("Unknown subshell_id" in the kernel's log) and never
+    drew a heatmap."""
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    name = f"explorer-{module}.ipynb"
+    shutil.copyfile(notebook_root / harness.NOTEBOOK_NAME, notebook_root / name)
     yield from _explorer_page(
-        browser, "jupyterlab", harness.start_explorer_in_lab, jupyterlab_server
-    )
+        browser, "jupyterlab",
+        functools.partial(harness.start_explorer_in_lab, name=name, workspace=module),
+        jupyterlab_server)
 
 
 @pytest.fixture(scope="module")

@@ -668,9 +668,12 @@ def _server_kernel_states(server: Server) -> list[str] | None:
         return None
 
 
-def open_lab_notebook(page: Page, server: Server, name: str = NOTEBOOK_NAME) -> None:
-    """Open a notebook in JupyterLab and wait for its kernel to be idle."""
-    page.goto(f"{server.url}/lab/tree/{name}")
+def open_lab_notebook(page: Page, server: Server, name: str = NOTEBOOK_NAME,
+                      workspace: str | None = None) -> None:
+    """Open a notebook in JupyterLab (in ``workspace``, else the default one) and wait for its
+    kernel to be idle."""
+    where = f"workspaces/{workspace}/tree" if workspace else "tree"
+    page.goto(f"{server.url}/lab/{where}/{name}")
     page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(timeout=KERNEL_START_TIMEOUT_MS)
     wait_for_lab_kernel_idle(page, server=server)
 
@@ -699,9 +702,10 @@ def run_all_cells_in_lab(page: Page, attempts: int = 2) -> None:
             print("Run > Run All Cells queued nothing; clicking it again")
 
 
-def start_explorer_in_lab(page: Page, server: Server) -> str:
+def start_explorer_in_lab(page: Page, server: Server, name: str = NOTEBOOK_NAME,
+                          workspace: str | None = None) -> str:
     """Open the explorer notebook, run it, wait for the first heatmap; returns its checksum."""
-    open_lab_notebook(page, server)
+    open_lab_notebook(page, server, name, workspace)
     run_all_cells_in_lab(page)
     return wait_for_heatmap(page)
 

@@ -432,7 +432,9 @@ def load_model(
         weights: ``"pretrained"`` (or the name of the model's training data, ``"imagenet"``
             for the ImageNet models) for its trained weights (efficientnet_lite0 offline from a
             pip package, shapes from this package; the torchvision models from torch hub's
-            cache, downloaded there if missing), or None for random initialisation.
+            cache, downloaded there if missing), or None for random initialisation (drawn
+            from torch's global random state, so a seed reproduces it; loading trained
+            weights leaves that state as it was).
         device: where the model lives.
 
     Returns:
@@ -458,7 +460,11 @@ def load_model(
                                    f"for {spec.name!r}, got {weights!r}")
     target = _check_device(device)
 
-    net = spec.builder(weights)
+    if weights is None:  # random weights: from the caller's random state, as they expect
+        net = spec.builder(weights)
+    else:  # the random initialisation is overwritten: it leaves the caller's state as it was
+        with torch.random.fork_rng(devices=[]):
+            net = spec.builder(weights)
     net.pixel_normalization = Normalize(spec.mean, spec.std)
     net.register_forward_pre_hook(_normalize_input)
     net.model_name = spec.name

@@ -258,3 +258,22 @@ def test_a_bad_default_temperatures_attribute_is_a_clear_error(value, error, mat
         scaled_temperatures(model, 0.3)  # ZeroDivisionError, TypeError, or a silent extra kind
     model.default_temperatures = {"silu": 2}
     assert default_temperatures(model)["silu"] == 2.0
+
+
+@pytest.mark.parametrize("name", ["shapes", "efficientnet_lite0"])
+def test_loading_pretrained_weights_leaves_the_global_random_state_alone(name):
+    # The network is initialised at random before its weights replace that: the caller's
+    # random numbers afterwards must be those they would have had without the load.
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    try:
+        load_model(name, weights="pretrained")
+    except WeightsUnavailableError:
+        pytest.skip(f"{name}'s weights are not installed")
+    assert torch.equal(torch.rand(4), expected)
+    # Random weights come from the caller's state, so that a seed reproduces them.
+    torch.manual_seed(5)
+    first = next(load_model("shapes", weights=None).parameters()).detach().clone()
+    torch.manual_seed(5)
+    assert torch.equal(next(load_model("shapes", weights=None).parameters()), first)

@@ -111,13 +111,3 @@ def _fold(name: object) -> str:
     normal form NFKC (an "é" typed as "e" and a combining accent is the label's "é")."""
     return unicodedata.normalize("NFKC", str(name)).casefold().strip()
 
-
-def search_classes(query: str, labels: Sequence[str], limit: int = 20) -> list[int]:
-    """Indices of classes whose name contains ``query`` (case-insensitive), best first."""
-    wanted = query.strip().lower()
-    if not wanted:
-        return list(range(min(limit, len(labels))))
-    starts = [i for i, label in enumerate(labels) if label.lower().startswith(wanted)]
-    contains = [i for i, label in enumerate(labels)
-                if wanted in label.lower() and i not in starts]
-    return (starts + contains)[:limit]

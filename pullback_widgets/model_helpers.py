@@ -166,12 +166,36 @@ def predict(model: nn.Module, inputs: Tensor) -> Tensor:
         return check_logits(model(inputs), len(inputs))
 
 
+def _channels_last_output(module: nn.Module, args: tuple, output: Tensor,
+                          marked: dict[int, Tensor]) -> bool:
+    """Whether ``module``'s 4-D ``output`` is laid out (B, H, W, C) inside a model whose other
+    layers are (B, C, H, W), as in ConvNeXt's blocks: a Linear acts on the last dim, a
+    LayerNorm over the last dim only, a ``Permute([0, 2, 3, 1])``, or a module whose input was
+    such a map and whose output keeps its (B, H, W) (GELU, Dropout, an MLP)."""
+    if output.dim() != 4:
+        return False
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) == (
+            output.shape[-1],) and output.shape[1] != output.shape[-1]:
+        return True
+    if type(module).__name__ == "Permute" and list(getattr(module, "dims", ())) == [0, 2, 3, 1]:
+        return True
+    first = next((a for a in args if isinstance(a, Tensor)), None)
+    return first is not None and id(first) in marked and first.shape[:-1] == output.shape[:-1]
+
+
 class LayerRecorder:
     """Forward hooks that keep a copy of chosen layers' outputs; removed by ``close()``.
 
     Only forwards run by the thread that made the recorder are recorded, so a forward the user
     runs on the same model in another thread is never mixed in. Use it as a context manager.
     ``copy=False`` keeps the outputs themselves, for when only their shapes matter.
+
+    Every module's output is watched for 4-D maps laid out channels last (B, H, W, C) in a
+    model whose layers are otherwise (B, C, H, W) (ConvNeXt's blocks): a recorded layer with
+    such an output is listed in ``channels_last`` (a session refuses Units there, which would
+    read rows as channels).
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[str], copy: bool = True) -> None:
@@ -180,31 +204,46 @@ class LayerRecorder:
         self.copy = copy
         self.outputs: dict[str, Tensor] = {}
         self.calls: dict[str, int] = {}
+        self.channels_last: set[str] = set()
+        self._marked: dict[int, Tensor] = {}  # id -> channels-last output, kept alive
         self._thread = threading.get_ident()
         self._handles = []
         try:
             for name in layers:
                 if name not in modules:
                     raise PullbackWidgetsError(f"unknown layer {name!r}{suggest(name, modules)}")
-                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+            if layers:
+                recorded = {id(modules[name]): name for name in layers}
+                for module in dict.fromkeys(modules.values()):
+                    self._handles.append(module.register_forward_hook(
+                        self._hook(recorded.get(id(module)))))
         except BaseException:
             self.close()
             raise
 
-    def _hook(self, name: str):
+    def _hook(self, name: str | None):
         def record(module, args, output):
             if threading.get_ident() != self._thread:
+                return
+            last = isinstance(output, Tensor) and _channels_last_output(
+                module, args, output, self._marked)
+            if last:
+                self._marked[id(output)] = output
+            if name is None:
                 return
             self.calls[name] = self.calls.get(name, 0) + 1
             if isinstance(output, Tensor):
                 # A copy, because the parent may overwrite this output in place (ReLU(inplace)).
                 self.outputs[name] = output.clone() if self.copy else output
+                if last:
+                    self.channels_last.add(name)
         return record
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._marked.clear()
 
     def __enter__(self) -> LayerRecorder:
         return self
@@ -254,16 +293,17 @@ def feature_layers(model: nn.Module, inputs: Tensor, *,
     grid = token_grid(model, inputs)
     channels_last = outputs_channels_last(model)
 
-    def shape(output: Tensor) -> tuple[int, ...] | None:
+    def shape(name: str) -> tuple[int, ...] | None:
         # Only what a Unit can address: no channels-last maps (rows would pass for channels),
         # and in a ViT no 4-D tensor off the patch grid (per-head queries and keys).
-        if output.dim() == 4 and not channels_last and (
+        output = outputs[name]
+        if output.dim() == 4 and not channels_last and name not in recorder.channels_last and (
                 grid is None or tuple(output.shape[2:]) == (grid.height, grid.width)):
             return tuple(output.shape[1:])
         if grid is not None and output.dim() == 3 and output.shape[1] == grid.tokens:
             return output.shape[2], grid.height, grid.width
         return None
 
-    shapes = {name: shape(outputs[name]) for name in candidates
+    shapes = {name: shape(name) for name in candidates
               if name in outputs and recorder.calls[name] == 1}
     return {name: value for name, value in shapes.items() if value is not None}

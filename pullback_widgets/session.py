@@ -199,6 +199,7 @@ class _Forward:
     gated_kinds: dict[str, int]
     plain_attention: int
     plain_gate_ops: dict[str, int]
+    channels_last_layers: frozenset[str]
 
 
 class PullbackSession:
@@ -291,6 +292,12 @@ class PullbackSession:
         return self._state.gated_kinds
 
     @property
+    def channels_last_layers(self) -> frozenset[str]:
+        """Recorded layers whose outputs are laid out (B, H, W, C) in a model whose layers are
+        otherwise (B, C, H, W) (ConvNeXt's blocks): Units are refused there."""
+        return self._state.channels_last_layers
+
+    @property
     def plain_attention(self) -> int:
         """Softmaxes on the input's path, left plain (attention computed by hand)."""
         return self._state.plain_attention
@@ -349,7 +356,7 @@ class PullbackSession:
             for notice in gating_notices(gated_calls, audit.softmaxes, audit.plain_gate_ops):
                 warnings.warn(notice, stacklevel=_stacklevel_outside_package())
         return _Forward(leaf, logits, recorder.outputs, layers, gated_calls, audit.gated_kinds,
-                        audit.softmaxes, audit.plain_gate_ops)
+                        audit.softmaxes, audit.plain_gate_ops, frozenset(recorder.channels_last))
 
     def _state_for(self, targets: Sequence[Target]) -> _Forward:
         """The recorded forward, or a new one that also records the Units' layers."""
@@ -402,7 +409,8 @@ class PullbackSession:
             return state.logits, seed
         activation = state.activations[target.layer]
         return activation, unit_seed(target, activation, len(self.inputs), self.token_grid,
-                                     self.channels_last)
+                                     self.channels_last,
+                                     target.layer in state.channels_last_layers)
 
     def model_unchanged(self) -> bool:
         """Whether the model's parameters and buffers are still those of this session's

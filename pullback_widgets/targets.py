@@ -32,6 +32,11 @@ class Unit:
                 f"Unit layer must be a module name (str), got {self.layer!r}")
         for name in ("channel", "y", "x"):
             value = getattr(self, name)
+            if isinstance(value, Tensor) and (value.dtype == torch.bool or value.dim() != 0):
+                # operator.index reads tensor(True) as 1 and tensor([3]) as 3
+                raise PullbackWidgetsTypeError(
+                    f"Unit {name} must be an int, got a {value.dtype} tensor of shape "
+                    f"{tuple(value.shape)}")
             if value is not None or name == "channel":
                 # frozen: the checked Python int replaces a numpy integer in place
                 object.__setattr__(self, name, check_index(value, f"Unit {name}"))
@@ -122,7 +127,8 @@ def _token_seed(unit: Unit, activation: Tensor, grid: TokenGrid, where: str) -> 
 
 
 def unit_seed(unit: Unit, activation: Tensor, batch: int,
-              grid: TokenGrid | None = None, channels_last: bool = False) -> Tensor:
+              grid: TokenGrid | None = None, channels_last: bool = False,
+              layer_channels_last: bool = False) -> Tensor:
     """The gradient seed on ``activation`` (B, C[, H, W]) that selects ``unit``, for a forward
     of ``batch`` examples.
 
@@ -131,7 +137,8 @@ def unit_seed(unit: Unit, activation: Tensor, batch: int,
     :class:`TokenGrid`); its spatial mean is the mean over the patch tokens. Other 3-D outputs
     are an error (tokens or a 1-D map cannot be told apart), as is an output whose dim 0 is not
     the batch (a sequence-first layer: dim 1 is no channel there), and a 4-D output of a model
-    whose layers output channels last (``channels_last``).
+    whose layers output channels last (``channels_last``) or of a layer that does
+    (``layer_channels_last``: see :class:`~pullback_widgets.model_helpers.LayerRecorder`).
     """
     where = f"layer {unit.layer!r}"
     if activation.dim() < 2:
@@ -151,6 +158,12 @@ def unit_seed(unit: Unit, activation: Tensor, batch: int,
             f"{where} output has shape {tuple(activation.shape)}: tokens (B, N, C) or a 1-D map "
             "(B, C, L)? A Unit cannot tell which dim holds channels on this model (it knows "
             "the token maps of timm's and torchvision's ViTs); target a class, or a 4-D layer")
+    if activation.dim() == 4 and layer_channels_last:
+        raise PullbackWidgetsError(
+            f"{where} output has shape {tuple(activation.shape)}, laid out channels last "
+            "(B, H, W, C) (a Linear or LayerNorm over its last dim, as in ConvNeXt's blocks), "
+            "where dim 1 is rows, not channels: pick a layer that outputs (B, C, H, W), such "
+            "as the block around it")
     if channels_last and activation.dim() == 4:
         raise PullbackWidgetsError(
             f"{where} output has shape {tuple(activation.shape)} in a model whose layers output "

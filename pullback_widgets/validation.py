@@ -151,30 +151,20 @@ def check_model(model: object, *, unwrap_compiled: bool = True) -> nn.Module:
             f"model must be a torch.nn.Module, got {type(model).__name__}")
     compiled = _compiled_module_type()
     if compiled is not None and isinstance(model, compiled):
-        if not unwrap_compiled:
-            raise PullbackWidgetsTypeError(
-                "model is torch.compile'd; soft_gating cannot see inside it. Call "
-                "model._orig_mod (the module you compiled) inside the context instead.")
-        original = model._orig_mod
-        if original not in _told_unwrapped:
-            _told_unwrapped.add(original)
-            warnings.warn("model is torch.compile'd: the engine runs the module you compiled "
-                          "(model._orig_mod) in eager mode, since compiled code would freeze "
-                          "the gates", stacklevel=3)
-        model = original
+        model = _unwrapped(
+            model._orig_mod, unwrap_compiled,
+            "model is torch.compile'd; soft_gating cannot see inside it. Call model._orig_mod "
+            "(the module you compiled) inside the context instead.",
+            "model is torch.compile'd: the engine runs the module you compiled "
+            "(model._orig_mod) in eager mode, since compiled code would freeze the gates")
     if _in_threads(model):
-        if not unwrap_compiled:
-            raise PullbackWidgetsTypeError(
-                f"model is an nn.DataParallel over {len(model.device_ids)} devices, whose "
-                "replicas run in threads that soft_gating cannot see. Call model.module inside "
-                "the context instead.")
-        original = model.module
-        if original not in _told_unwrapped:
-            _told_unwrapped.add(original)
-            warnings.warn("model is an nn.DataParallel over several devices, whose replicas "
-                          "run in threads the soft gates cannot see: the engine runs "
-                          "model.module, on the inputs' device", stacklevel=3)
-        model = original
+        model = _unwrapped(
+            model.module, unwrap_compiled,
+            f"model is an nn.DataParallel over {len(model.device_ids)} devices, whose replicas "
+            "run in threads that soft_gating cannot see. Call model.module inside the context "
+            "instead.",
+            "model is an nn.DataParallel over several devices, whose replicas run in threads "
+            "the soft gates cannot see: the engine runs model.module, on the inputs' device")
     for module in submodules(model):
         if isinstance(module, torch.jit.ScriptModule):
             raise PullbackWidgetsTypeError(f"{_where(model, module)} is a TorchScript module. "
@@ -188,6 +178,17 @@ def check_model(model: object, *, unwrap_compiled: bool = True) -> nn.Module:
                 f"{_where(model, module)} is an nn.DataParallel over several devices, whose "
                 "replicas run in threads the soft gates cannot see; use its .module")
     return model
+
+
+def _unwrapped(inner: nn.Module, allowed: bool, refusal: str, warning: str) -> nn.Module:
+    """``inner``, the module a wrapper runs, with ``warning`` the first time for it; where
+    unwrapping is not ``allowed`` (soft_gating, whose forward the user runs), ``refusal``."""
+    if not allowed:
+        raise PullbackWidgetsTypeError(refusal)
+    if inner not in _told_unwrapped:
+        _told_unwrapped.add(inner)
+        warnings.warn(warning, stacklevel=4)
+    return inner
 
 
 def _in_threads(module: nn.Module) -> bool:

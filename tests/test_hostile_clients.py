@@ -21,6 +21,17 @@ def _small_net(dtype: torch.dtype = torch.float64) -> nn.Module:
                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 10)).to(dtype).eval()
 
 
+class _Reshaped(nn.Module):
+    """The small net with ``change`` applied to its logits (a model returning them wrongly)."""
+
+    def __init__(self, change) -> None:
+        super().__init__()
+        self.net, self.change = _small_net(), change
+
+    def forward(self, x):
+        return self.change(self.net(x))
+
+
 def _image(batch: int = 2, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     torch.manual_seed(1)
     return torch.rand(batch, 3, 14, 14, dtype=dtype)
@@ -89,16 +100,8 @@ def test_a_session_keeps_its_own_copy_of_the_forward_args():
 # ---------------------------------------------------------------- what the model returns
 
 def test_integer_logits_are_named_as_such():
-    class Rounded(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = _small_net()
-
-        def forward(self, x):
-            return self.net(x).round().long()
-
     with pytest.raises(pw.PullbackWidgetsTypeError, match=r"floating-point logits.*int64"):
-        pw.excitation_pullback(Rounded(), _image(), 1)
+        pw.excitation_pullback(_Reshaped(lambda y: y.round().long()), _image(), 1)
 
 
 # ---------------------------------------------------------------- Quantus
@@ -202,15 +205,7 @@ def test_data_parallel_over_several_devices_runs_its_module_or_is_refused():
 def test_logits_with_another_batch_than_the_inputs_are_refused():
     # Logits (num_classes, B), transposed by mistake, were read as num_classes examples of B
     # classes: class 1 pulled back the sum of a column, a map of another target.
-    class Transposed(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = _small_net()
-
-        def forward(self, x):
-            return self.net(x).T
-
-    model, x = Transposed(), _image()
+    model, x = _Reshaped(lambda y: y.T), _image()
     for explain in (lambda: pw.excitation_pullback(model, x, 1),
                     lambda: pw.ExcitationPullback(model).attribute(x),
                     lambda: pw.quantus_explain_func(model, x.numpy(), np.array([1, 1])),

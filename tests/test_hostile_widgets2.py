@@ -267,3 +267,14 @@ def test_a_worker_ended_by_an_interrupt_takes_the_next_request():
     assert stopped == ["interrupt"] and seen == ["next"]
     worker.close()
     assert not worker.alive
+
+
+def test_sync_figure_keeps_what_the_user_set_on_the_page():
+    # The pan/zoom mode chosen in the modebar is no panel's: a redraw must not reset it.
+    maps = [torch.randn(3, 8, 8) for _ in range(7)]
+    widget = figure_widget()
+    sync_figure(widget, figures.temperature_strip(maps, pw.model_helpers.STRIP_TEMPERATURES))
+    widget._js2py_relayout = {"relayout_data": {"dragmode": "pan"}, "source_view_id": "page"}
+    assert widget.layout.dragmode == "pan"
+    sync_figure(widget, figures.temperature_strip(maps, pw.model_helpers.STRIP_TEMPERATURES))
+    assert widget.layout.dragmode == "pan"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -287,6 +288,10 @@ def model_source(model: object, temperature: object) -> ModelSource:
     return ModelSource(name, size, chosen)
 
 
+# Layout entries a figure draws per panel: a new figure without them had fewer panels.
+_DRAWN_LAYOUT_KEY = re.compile(r"[xy]axis[0-9]*|annotations|shapes|images")
+
+
 def sync_figure(widget: go.FigureWidget, figure: go.Figure) -> None:
     """Make ``widget`` show ``figure``, in place: same-typed traces are updated, never
     re-created, unless the trace types differ (e.g. a change of view)."""
@@ -297,7 +302,9 @@ def sync_figure(widget: go.FigureWidget, figure: go.Figure) -> None:
     shown = bool(widget._view_count)
     # update() only sets what the new layout has: the axes of panels it no longer has (three
     # frames, then one; a strip without its comparison) would stay, drawn with their titles.
-    stale = set(widget._layout_obj._props or {}) - set(layout) - {"template"}
+    # Only what figures draw goes: what the user set on the page (dragmode) stays.
+    stale = {key for key in widget._layout_obj._props or {}
+             if key not in layout and _DRAWN_LAYOUT_KEY.fullmatch(key)}
     with widget.batch_update():
         if [trace.type for trace in widget.data] == new_types:
             for old, new in zip(widget.data, figure.data):

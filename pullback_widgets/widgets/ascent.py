@@ -30,6 +30,7 @@ from ..model_helpers import predict, scaled_temperatures
 from ..session import PullbackSession, notices_unwarned
 from ..targets import Unit
 from ..validation import PullbackWidgetsError, check_choice
+from .cell_reruns import close_earlier_runs
 from .common import (
     LOGITS,
     STYLE,
@@ -178,6 +179,7 @@ class AscentExplorer(w.VBox):
         self._check_gating(self._images[first_key])
         sync_figure(self.frames_figure, figures.ascent_frames([self._images[first_key][0]],
                                                               labels=["start"]))
+        close_earlier_runs(self)
 
     def _check_gating(self, image: Tensor) -> None:
         """One forward on the start image: where nothing is gated, pullback ascent is

@@ -41,6 +41,7 @@ from ..validation import (
     check_choice,
     check_finite,
 )
+from .cell_reruns import close_earlier_runs
 from .common import (
     LOGITS,
     STYLE,
@@ -220,6 +221,7 @@ class PullbackExplorer(w.VBox):
         self._status.show(f"loading the photo “{first_key}” and the layers of {source.name} …",
                           self._status.event())
         self._submit(self._request(), announce=False)
+        close_earlier_runs(self)
 
     # ------------------------------------------------------------------ controls -> request
 

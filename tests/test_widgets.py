@@ -301,26 +301,21 @@ def test_a_figure_update_reaches_a_page_that_starts_showing_it_meanwhile(views):
 
 
 @pytest.mark.parametrize("make", ["PullbackExplorer", "AscentExplorer"])
-def test_a_new_page_gets_every_widgets_state_again_and_new_views(net, make):
-    # A Voilà page reads the states, then connects: what was sent in between is lost (a
-    # status line stuck at "loading …", empty heatmaps). A view appearing resends it all.
+def test_a_new_page_gets_every_widgets_state_again(net, make):
+    # A Voilà page reads the states, then connects: what was sent in between is lost (a status
+    # line stuck at "loading …"). A view of the explorer appearing sends it all again.
     explorer = getattr(pw, make)(net, "coffee", labels=LABELS, temperature=0.5)
     assert explorer.wait()
-    figure = explorer.pullback_figure if make == "PullbackExplorer" else explorer.frames_figure
-    figure._widget_data = []  # the state the page read before the draw
-    sent, children_set = [], []
-    for widget in (figure, explorer.status):
+    sent = []
+    for widget in (explorer.status, explorer.temperature):
         widget.send_state = lambda key=None, widget=widget: sent.append(widget)
-    explorer.observe(lambda change: children_set.append(change.new), names="children")
-    children = explorer.children
     explorer._view_count = 1  # the page's first view of the explorer
-    assert figure in sent and explorer.status in sent
-    assert len(figure._widget_data) == len(figure._data) > 0
-    np.testing.assert_array_equal(figure._widget_data[0]["z"], figure._data[0]["z"])
-    assert children_set == [(), children] and explorer.children == children
+    assert {id(widget) for widget in sent} == {id(explorer.status), id(explorer.temperature)}
     sent.clear()
     explorer._view_count = 0  # a view went: nothing to send
     assert sent == []
+    explorer._view_count = 1  # a page again (a reload)
+    assert len(sent) == 2
     explorer.close()
 
 

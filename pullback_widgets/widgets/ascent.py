@@ -45,7 +45,7 @@ from .common import (
     model_source,
     parse_target,
     prepare_model,
-    redraw_on_new_views,
+    resend_on_new_views,
     sync_figure,
     wide,
 )
@@ -180,7 +180,7 @@ class AscentExplorer(w.VBox):
         self._check_gating(self._images[first_key])
         sync_figure(self.frames_figure, figures.ascent_frames([self._images[first_key][0]],
                                                               labels=["start"]))
-        redraw_on_new_views(self)
+        resend_on_new_views(self)
         close_earlier_runs(self)
 
     def _check_gating(self, image: Tensor) -> None:

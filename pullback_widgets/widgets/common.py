@@ -33,8 +33,6 @@ from ..validation import (
 # Wide enough for "Temperature" and "Step size": ipywidgets' default cuts them to "Temperat…".
 DESCRIPTION_WIDTH = "90px"
 STYLE = {"description_width": DESCRIPTION_WIDTH}
-# Held while a figure's state changes: the kernel's thread may send it to a new page meanwhile.
-_FIGURE_STATE = threading.RLock()
 # A worker still inside a job when its explorer closes gets this long to finish it.
 CLOSE_TIMEOUT_S = 60.0
 
@@ -209,31 +207,25 @@ def close_children(root: w.Widget) -> None:
         widget.close()
 
 
-def redraw_on_new_views(root: w.Box) -> None:
-    """Each time a page starts showing ``root``, send it every widget's state once more and
-    draw the views inside it anew.
+def resend_on_new_views(root: w.Box) -> None:
+    """Each time a page starts showing ``root``, send it the state of every widget inside once
+    more (Plotly's figures apart).
 
     A Voilà page asks the kernel for every widget's state, then connects to each widget: an
-    update the worker sends in between is lost (a status line left at "loading …", an empty
-    heatmap: 2 page loads in 8 on a busy machine). Sent again, a widget's state reaches its
-    model; a Plotly view, once drawn, ignores its model's later state, hence new views."""
+    update the worker sends in between is lost, and a status line stayed at "loading …" (2
+    page loads in 8 on a busy machine). Sent again, a widget's state reaches its model and its
+    views. A Plotly view ignores its model's later state; the figures keep their own remedy
+    (:func:`sync_figure`)."""
     root._view_count = 0  # None: the page would not count its views
 
-    def redraw(change) -> None:
+    def resend(change) -> None:
         if (change.new or 0) <= (change.old or 0) or root.comm is None:  # a view went, or closed
             return
         for widget in list(widget_tree(root))[1:]:
-            if isinstance(widget, go.FigureWidget):
-                with _FIGURE_STATE:  # not while the worker is halfway through an update
-                    _keep_drawn_state(widget)
-                    widget.send_state()
-            elif widget.comm is not None:
+            if widget.comm is not None and not isinstance(widget, go.FigureWidget):
                 widget.send_state()
-        children = root.children
-        root.children = ()
-        root.children = children
 
-    root.observe(redraw, names="_view_count")
+    root.observe(resend, names="_view_count")
 
 
 def figure_widget() -> go.FigureWidget:
@@ -324,40 +316,34 @@ _DRAWN_LAYOUT_KEY = re.compile(r"[xy]axis[0-9]*|annotations|shapes|images")
 def sync_figure(widget: go.FigureWidget, figure: go.Figure) -> None:
     """Make ``widget`` show ``figure``, in place: same-typed traces are updated, never
     re-created, unless the trace types differ (e.g. a change of view)."""
-    with _FIGURE_STATE:
-        new_types = [trace.type for trace in figure.data]
-        layout = figure.layout.to_plotly_json()
-        # Read before the update: a page that starts showing the figure while (or just after)
-        # plotly's incremental messages go out may have missed them, and it then draws the state.
-        shown = bool(widget._view_count)
-        # update() only sets what the new layout has: the axes of panels it no longer has (three
-        # frames, then one; a strip without its comparison) would stay, drawn with their titles.
-        # Only what figures draw goes: what the user set on the page (dragmode) stays.
-        stale = {key for key in widget._layout_obj._props or {}
-                 if key not in layout and _DRAWN_LAYOUT_KEY.fullmatch(key)}
-        with widget.batch_update():
-            if [trace.type for trace in widget.data] == new_types:
-                for old, new in zip(widget.data, figure.data):
-                    old.update(new.to_plotly_json(), overwrite=True)
-                layout.pop("template", None)  # unchanged between same-view updates, and large
-            else:
-                widget.data = ()
-                widget.add_traces(list(figure.data))
-            widget.layout.update(layout, overwrite=True)
-        if stale:  # removed once no trace is on them any more
-            widget.plotly_relayout({key: None for key in stale})
-        if not shown:
-            # No page showed this figure when the update went out (Voilà draws widgets after the
-            # kernel has run), and plotly's incremental messages sent before that are lost: put the
-            # figure into the widget state the page will read, as plotly itself does when a figure
-            # is displayed.
-            _keep_drawn_state(widget)
-
-
-def _keep_drawn_state(widget: go.FigureWidget) -> None:
-    """Put the figure as it now is into the widget state a page draws a new view from."""
-    widget._widget_layout = deepcopy(widget._layout_obj._props)
-    widget._widget_data = deepcopy(widget._data)
+    new_types = [trace.type for trace in figure.data]
+    layout = figure.layout.to_plotly_json()
+    # Read before the update: a page that starts showing the figure while (or just after)
+    # plotly's incremental messages go out may have missed them, and it then draws the state.
+    shown = bool(widget._view_count)
+    # update() only sets what the new layout has: the axes of panels it no longer has (three
+    # frames, then one; a strip without its comparison) would stay, drawn with their titles.
+    # Only what figures draw goes: what the user set on the page (dragmode) stays.
+    stale = {key for key in widget._layout_obj._props or {}
+             if key not in layout and _DRAWN_LAYOUT_KEY.fullmatch(key)}
+    with widget.batch_update():
+        if [trace.type for trace in widget.data] == new_types:
+            for old, new in zip(widget.data, figure.data):
+                old.update(new.to_plotly_json(), overwrite=True)
+            layout.pop("template", None)  # unchanged between same-view updates, and large
+        else:
+            widget.data = ()
+            widget.add_traces(list(figure.data))
+        widget.layout.update(layout, overwrite=True)
+    if stale:  # removed once no trace is on them any more
+        widget.plotly_relayout({key: None for key in stale})
+    if not shown:
+        # No page showed this figure when the update went out (Voilà draws widgets after the
+        # kernel has run), and plotly's incremental messages sent before that are lost: put the
+        # figure into the widget state the page will read, as plotly itself does when a figure
+        # is displayed.
+        widget._widget_layout = deepcopy(widget._layout_obj._props)
+        widget._widget_data = deepcopy(widget._data)
 
 
 @dataclass

@@ -56,7 +56,7 @@ from .common import (
     model_source,
     parse_target,
     prepare_model,
-    redraw_on_new_views,
+    resend_on_new_views,
     sync_figure,
     wide,
 )
@@ -222,7 +222,7 @@ class PullbackExplorer(w.VBox):
         self._status.show(f"loading the photo “{first_key}” and the layers of {source.name} …",
                           self._status.event())
         self._submit(self._request(), announce=False)
-        redraw_on_new_views(self)
+        resend_on_new_views(self)
         close_earlier_runs(self)
 
     # ------------------------------------------------------------------ controls -> request

@@ -102,7 +102,10 @@ def _check_voila() -> None:
 def voila_command(notebook: Path, port: int) -> list[str]:
     """The command line that serves ``notebook`` on 127.0.0.1:``port``."""
     return [sys.executable, "-m", "voila", str(notebook), "--no-browser", f"--port={port}",
-            f"--Voila.ip={HOST}", "--Voila.port_retries=0"]
+            f"--Voila.ip={HOST}", "--Voila.port_retries=0",
+            # Notebook 7 (in the lab extra) puts its own page extension where Voilà 0.5 looks;
+            # built for a newer JupyterLab, it fails to load there (RUNTIME-012 in the console).
+            "--VoilaConfiguration.extension_denylist=@jupyter-notebook/lab-extension"]
 
 
 def _listening(port: int) -> bool:

@@ -1,9 +1,10 @@
-"""Fixtures for the real-browser tests: JupyterLab 4, Voilà and a headless system Chromium.
+"""Fixtures for the real-browser tests: JupyterLab 4, Notebook 7, Voilà and a headless system
+Chromium.
 
     .venv/bin/python -m pytest tests/browser        # or: -m browser / -m "not browser"
 
 These tests need Debian's /usr/bin/chromium and the Python packages playwright, jupyterlab,
-voila and nbformat. In CI they must run, so a missing piece fails loudly; set
+notebook (7), voila and nbformat. In CI they must run, so a missing piece fails loudly; set
 PULLBACK_SKIP_BROWSER=1 to skip them on purpose. PULLBACK_BROWSER_MODULE (see harness.py)
 points the notebook at a stand-in module instead of pullback_widgets.
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 def pytest_configure(config: pytest.Config) -> None:
     # Registered here rather than in pyproject.toml so this folder is self-contained.
     config.addinivalue_line(
-        "markers", "browser: drives a real Chromium against JupyterLab/Voilà servers"
+        "markers", "browser: drives a real Chromium against JupyterLab/Notebook 7/Voilà servers"
     )
 
 
@@ -100,6 +101,15 @@ def jupyterlab_server(
 
 
 @pytest.fixture(scope="session")
+def notebook7_server(
+    request: pytest.FixtureRequest, notebook_root: Path, browser_workdir: Path
+) -> Iterator[harness.Server]:
+    yield from _serve(
+        request, harness.start_notebook7, notebook_root, browser_workdir / "notebook7"
+    )
+
+
+@pytest.fixture(scope="session")
 def voila_server(
     request: pytest.FixtureRequest, notebook_root: Path, browser_workdir: Path
 ) -> Iterator[harness.Server]:
@@ -152,23 +162,41 @@ def _explorer_page(browser: Browser, name: str, start, server) -> Iterator[Explo
         harness.close_page(page)
 
 
+def _module_notebook(request: pytest.FixtureRequest, notebook_root: Path) -> tuple[str, str]:
+    """(module name, notebook name): a copy of the explorer notebook for the requesting module.
+
+    Each test module gets a copy of its own, hence a kernel of its own: a page that reconnected
+    to the kernel an earlier module's page had run the explorer in lost its widget messages
+    ("Unknown subshell_id" in the kernel's log) and never drew a heatmap."""
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    name = f"explorer-{module}.ipynb"
+    shutil.copyfile(notebook_root / harness.NOTEBOOK_NAME, notebook_root / name)
+    return module, name
+
+
 @pytest.fixture(scope="module")
 def lab_explorer(request: pytest.FixtureRequest, browser: Browser,
                  jupyterlab_server: harness.Server, notebook_root: Path
                  ) -> Iterator[ExplorerPage]:
-    """The explorer notebook opened in JupyterLab and run (Run > Run All Cells).
-
-    Each test module gets a copy of the notebook, in a workspace of its own, hence a kernel of
-    its own: a page that reconnected to the kernel an earlier module's page had run the
-    explorer in lost its widget messages ("Unknown subshell_id" in the kernel's log) and never
-    drew a heatmap."""
-    module = request.module.__name__.rsplit(".", 1)[-1]
-    name = f"explorer-{module}.ipynb"
-    shutil.copyfile(notebook_root / harness.NOTEBOOK_NAME, notebook_root / name)
+    """The explorer notebook opened in JupyterLab, in a workspace of the module's own, and run
+    (Run > Run All Cells)."""
+    module, name = _module_notebook(request, notebook_root)
     yield from _explorer_page(
         browser, "jupyterlab",
         functools.partial(harness.start_explorer_in_lab, name=name, workspace=module),
         jupyterlab_server)
+
+
+@pytest.fixture(scope="module")
+def notebook7_explorer(request: pytest.FixtureRequest, browser: Browser,
+                       notebook7_server: harness.Server, notebook_root: Path
+                       ) -> Iterator[ExplorerPage]:
+    """The explorer notebook opened in Notebook 7 and run (Run > Run All Cells)."""
+    _, name = _module_notebook(request, notebook_root)
+    yield from _explorer_page(
+        browser, "notebook7",
+        functools.partial(harness.start_explorer_in_notebook7, name=name),
+        notebook7_server)
 
 
 @pytest.fixture(scope="module")

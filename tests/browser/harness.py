@@ -1,8 +1,8 @@
 """Shared machinery for the real-browser tests and for ``benchmarks/browser_latency.py``.
 
-It starts JupyterLab and Voilà as plain subprocesses that we own by pid, launches the system
-Chromium through Playwright, writes the explorer notebook, and carries the page-side JavaScript
-that finds the explorer's heatmap and moves its Temperature slider.
+It starts JupyterLab, Notebook 7 and Voilà as plain subprocesses that we own by pid, launches
+the system Chromium through Playwright, writes the explorer notebook, and carries the page-side
+JavaScript that finds the explorer's heatmap and moves its Temperature slider.
 
 Playwright is imported lazily (only inside functions) so that collecting the test suite never
 breaks on a machine that lacks it; the fixtures then fail with a clear message instead.
@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -189,43 +189,51 @@ def _spawn(name: str, args: Sequence[str], workdir: Path, port: int) -> Server:
 
 
 def _write_lab_settings(settings_dir: Path) -> None:
-    """User settings that keep Lab quiet and offline: no news toast, no update check."""
+    """User settings that keep Lab and Notebook 7 quiet and offline: no news toast, no update
+    check."""
     path = settings_dir / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text('{"fetchNews": "false", "checkForUpdates": false}\n')
 
 
-def start_jupyterlab(root_dir: Path, workdir: Path) -> Server:
-    """Start JupyterLab 4 serving ``root_dir`` without auth; returns once /api/status answers."""
-    port = free_port()
+def _jupyter_server_args(root_dir: Path, workdir: Path, port: int, app: str) -> list[str]:
+    """Arguments for JupyterLab (``app`` "LabApp") or Notebook 7 ("JupyterNotebookApp").
+
+    Both are jupyter_server applications that load the jupyterlab server extension, so the
+    same offline LabApp settings apply to both; user settings and workspaces are the app's own.
+    """
     settings_dir = workdir / "lab-settings"
     workspaces_dir = workdir / "lab-workspaces"
     _write_lab_settings(settings_dir)
     workspaces_dir.mkdir(parents=True, exist_ok=True)
-    # ``-m jupyterlab`` runs LabApp in this very process (``jupyter lab`` would exec another
-    # script first), and port_retries=0 makes it fail rather than silently take another port.
+    return [
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        # Fail rather than silently take another port.
+        "--ServerApp.port_retries=0",
+        # No auth: the server only listens on loopback, for the length of the tests.
+        "--IdentityProvider.token=",
+        "--ServerApp.password=",
+        "--ServerApp.allow_root=True",  # CI runs as root
+        f"--ServerApp.root_dir={root_dir}",
+        "--ServerApp.terminals_enabled=False",
+        # Offline and quiet: no news feed, no update check, no PyPI extension manager.
+        "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.extension_manager=readonly",
+        f"--{app}.user_settings_dir={settings_dir}",
+        f"--{app}.workspaces_dir={workspaces_dir}",
+    ]
+
+
+def _start_jupyter(name: str, module: str, app: str, root_dir: Path, workdir: Path) -> Server:
+    port = free_port()
+    # ``-m <module>`` runs the application in this very process (the ``jupyter lab`` and
+    # ``jupyter notebook`` scripts would exec another one first), so the pid is the server's.
     server = _spawn(
-        "jupyterlab",
-        [
-            "-m",
-            "jupyterlab",
-            "--no-browser",
-            "--ip=127.0.0.1",
-            f"--port={port}",
-            "--ServerApp.port_retries=0",
-            # No auth: the server only listens on loopback, for the length of the tests.
-            "--IdentityProvider.token=",
-            "--ServerApp.password=",
-            "--ServerApp.allow_root=True",  # CI runs as root
-            f"--ServerApp.root_dir={root_dir}",
-            "--ServerApp.terminals_enabled=False",
-            # Offline and quiet: no news feed, no update check, no PyPI extension manager.
-            "--LabApp.news_url=None",
-            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-            "--LabApp.extension_manager=readonly",
-            f"--LabApp.user_settings_dir={settings_dir}",
-            f"--LabApp.workspaces_dir={workspaces_dir}",
-        ],
+        name,
+        ["-m", module, *_jupyter_server_args(root_dir, workdir, port, app)],
         workdir,
         port,
     )
@@ -235,6 +243,17 @@ def start_jupyterlab(root_dir: Path, workdir: Path) -> Server:
         server.stop()
         raise
     return server
+
+
+def start_jupyterlab(root_dir: Path, workdir: Path) -> Server:
+    """Start JupyterLab 4 serving ``root_dir`` without auth; returns once /api/status answers."""
+    return _start_jupyter("jupyterlab", "jupyterlab", "LabApp", root_dir, workdir)
+
+
+def start_notebook7(root_dir: Path, workdir: Path) -> Server:
+    """Start Notebook 7 (``jupyter notebook``) serving ``root_dir`` without auth; returns once
+    /api/status answers."""
+    return _start_jupyter("notebook7", "notebook", "JupyterNotebookApp", root_dir, workdir)
 
 
 def start_voila(notebook: Path, workdir: Path) -> Server:
@@ -476,15 +495,18 @@ def wait_for_heatmap(page: Page, timeout_ms: float = FIRST_RENDER_TIMEOUT_MS) ->
     return summary["checksum"]
 
 
-def wait_for_heatmap_change(page: Page, before: str, timeout_ms: float = UPDATE_TIMEOUT_MS) -> str:
-    """Wait until the heatmap's checksum differs from ``before``; returns the new one."""
+def wait_for_heatmap_change(page: Page, before: str, timeout_ms: float = UPDATE_TIMEOUT_MS,
+                            after: str = "the Temperature slider moved") -> str:
+    """Wait until the heatmap's checksum differs from ``before``; returns the new one.
+
+    ``after`` names what should have changed it, for the failure message."""
     wait_for_js(
         page,
         "(before) => { const s = window.__pullbackHarness.summary();"
         " return s && s.count > 0 && s.checksum !== before; }",
         before,
         timeout_ms,
-        "The heatmap's z did not change after the Temperature slider moved",
+        f"The heatmap's z did not change after {after}",
     )
     summary = heatmap_summary(page)
     assert summary is not None
@@ -530,6 +552,11 @@ def temperature_label(page: Page) -> Locator:
     return temperature_slider(page).locator(".widget-label").first
 
 
+def temperature_readout(page: Page) -> str:
+    """The value the Temperature slider shows beside it."""
+    return temperature_slider(page).locator(".widget-readout").first.inner_text().strip()
+
+
 def label_overflow(label: Locator) -> tuple[int, int]:
     """(scrollWidth, clientWidth) of a label: text wider than its box is cut by CSS ellipsis."""
     widths = label.evaluate("(el) => [el.scrollWidth, el.clientWidth]")
@@ -570,6 +597,36 @@ def handle_at_bound(handle: Locator) -> str | None:
     return None
 
 
+def drag_temperature(page: Page, px: float = 40) -> None:
+    """Drag the Temperature handle ``px`` pixels with the mouse: right, or left at the max."""
+    handle = temperature_handle(page)
+    handle.scroll_into_view_if_needed()
+    if handle_at_bound(handle) == "max":
+        px = -px
+    box = handle.bounding_box()
+    assert box is not None, "The Temperature handle is not laid out"
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + px, y, steps=5)  # in steps, like a hand, not one jump
+    page.mouse.up()
+
+
+def choose_option(page: Page, description: str, option_text: str) -> None:
+    """Choose the option whose text contains ``option_text`` in the Dropdown ``description``."""
+    select = page.locator(".widget-dropdown", has=page.locator(
+        "label", has_text=description)).locator("select").first
+    select.evaluate("""(select, wanted) => {
+      // ipywidgets writes every space of an option as a non-breaking one.
+      const text = (o) => o.text.replace(/\u00a0/g, ' ');
+      const index = [...select.options].findIndex((o) => text(o).includes(wanted));
+      if (index < 0) throw new Error('no option ' + wanted + ' among ' +
+                                     [...select.options].map((o) => o.text).join('|'));
+      select.selectedIndex = index;
+      select.dispatchEvent(new Event('change', {bubbles: true}));
+    }""", option_text)
+
+
 def assert_temperature_label_fully_visible(page: Page) -> None:
     """The "Temperature" description is on screen and not cut short by an ellipsis."""
     label = temperature_label(page)
@@ -588,8 +645,8 @@ def assert_first_seconds(page: Page, first_checksum: str) -> None:
     (0.7, not a log slider's snapped 0.708), the first heatmap is drawn once and not redrawn at
     a snapped value, the photo is shown, the status line says when the map was drawn, the
     Target box names the class drawn, and no Plotly mode bar covers a panel title."""
-    readout = temperature_slider(page).locator(".widget-readout").first
-    assert readout.inner_text().strip() == "0.7", readout.inner_text()
+    readout = temperature_readout(page)
+    assert readout == "0.7", readout
     assert wait_for_heatmap_settled(page, quiet_ms=3000) == first_checksum
     assert page.locator(".widget-image img, img.widget-image").first.is_visible()
     page.locator(".widget-html", has_text="drawn in").first.wait_for(timeout=UPDATE_TIMEOUT_MS)
@@ -615,9 +672,19 @@ def assert_temperature_moves_heatmap(page: Page, presses: int = 3) -> None:
     assert after != before
 
 
+def assert_changes_heatmap(page: Page, act: Callable[[], object], what: str) -> str:
+    """Once the heatmap is still, ``act()`` (described by ``what``) redraws it with a new z;
+    returns the new checksum."""
+    before = wait_for_heatmap_settled(page)
+    act()
+    return wait_for_heatmap_change(page, before, after=what)
+
+
 # --------------------------------------------------------------------------------------------
-# JupyterLab page
+# JupyterLab and Notebook 7 pages
 # --------------------------------------------------------------------------------------------
+# Notebook 7 is built from JupyterLab's own components: the same notebook panel, kernel
+# indicator and Lumino menu bar, so the helpers below serve both.
 
 KERNEL_START_TIMEOUT_MS = 60_000
 
@@ -668,18 +735,28 @@ def _server_kernel_states(server: Server) -> list[str] | None:
         return None
 
 
+def _open_notebook_page(page: Page, server: Server, path: str) -> None:
+    page.goto(f"{server.url}{path}")
+    page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(timeout=KERNEL_START_TIMEOUT_MS)
+    wait_for_lab_kernel_idle(page, server=server)
+
+
 def open_lab_notebook(page: Page, server: Server, name: str = NOTEBOOK_NAME,
                       workspace: str | None = None) -> None:
     """Open a notebook in JupyterLab (in ``workspace``, else the default one) and wait for its
     kernel to be idle."""
     where = f"workspaces/{workspace}/tree" if workspace else "tree"
-    page.goto(f"{server.url}/lab/{where}/{name}")
-    page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(timeout=KERNEL_START_TIMEOUT_MS)
-    wait_for_lab_kernel_idle(page, server=server)
+    _open_notebook_page(page, server, f"/lab/{where}/{name}")
+
+
+def open_notebook7(page: Page, server: Server, name: str = NOTEBOOK_NAME) -> None:
+    """Open a notebook in Notebook 7 (one notebook per page) and wait for its kernel to be
+    idle."""
+    _open_notebook_page(page, server, f"/notebooks/{name}")
 
 
 def run_all_cells_in_lab(page: Page, attempts: int = 2) -> None:
-    """Run > Run All Cells, through the menu bar as a person would.
+    """Run > Run All Cells, through the menu bar as a person would (JupyterLab or Notebook 7).
 
     Then check that the first cell was queued (its prompt shows [*] or a count at once). A
     click that lands while Lab is still wiring up the kernel can be dropped silently; a
@@ -706,6 +783,14 @@ def start_explorer_in_lab(page: Page, server: Server, name: str = NOTEBOOK_NAME,
                           workspace: str | None = None) -> str:
     """Open the explorer notebook, run it, wait for the first heatmap; returns its checksum."""
     open_lab_notebook(page, server, name, workspace)
+    run_all_cells_in_lab(page)
+    return wait_for_heatmap(page)
+
+
+def start_explorer_in_notebook7(page: Page, server: Server, name: str = NOTEBOOK_NAME) -> str:
+    """Open the explorer notebook in Notebook 7, run it, wait for the first heatmap; returns its
+    checksum."""
+    open_notebook7(page, server, name)
     run_all_cells_in_lab(page)
     return wait_for_heatmap(page)
 

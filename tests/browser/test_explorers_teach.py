@@ -53,21 +53,6 @@ def _wait_for_title(page, index: int, start: str) -> None:
                         f"figure {index}'s title never started with {start!r}")
 
 
-def _choose(page, description: str, option_text: str) -> None:
-    """Choose the option whose text contains ``option_text`` in the Dropdown ``description``."""
-    select = page.locator(".widget-dropdown", has=page.locator(
-        "label", has_text=description)).locator("select").first
-    select.evaluate("""(select, wanted) => {
-      // ipywidgets writes every space of an option as a non-breaking one.
-      const text = (o) => o.text.replace(/\u00a0/g, ' ');
-      const index = [...select.options].findIndex((o) => text(o).includes(wanted));
-      if (index < 0) throw new Error('no option ' + wanted + ' among ' +
-                                     [...select.options].map((o) => o.text).join('|'));
-      select.selectedIndex = index;
-      select.dispatchEvent(new Event('change', {bubbles: true}));
-    }""", option_text)
-
-
 @pytest.fixture(scope="module")
 def ascent_page(browser, jupyterlab_server, notebook_root: Path) -> Iterator:
     import nbformat
@@ -97,7 +82,7 @@ def ascent_page(browser, jupyterlab_server, notebook_root: Path) -> Iterator:
 
 def test_hidden_unit_ascent_draws_frames_and_the_activation_curve(ascent_page):
     page = ascent_page
-    _choose(page, "Layer", "blocks.5 (")
+    harness.choose_option(page, "Layer", "blocks.5 (")
     channel = page.locator(".widget-inline-hbox", has=page.locator(
         "label", has_text="Channel")).locator("input").first
     channel.fill("40")
@@ -121,7 +106,7 @@ def test_switching_compare_redraws_only_the_right_panel(lab_explorer):
     harness.wait_for_heatmap_settled(page)
     _wait_for_title(page, 1, "Plain gradient")
     pullback, compared = _figure(page, 0), _figure(page, 1)
-    _choose(page, "Compare", "gradient × input")
+    harness.choose_option(page, "Compare", "gradient × input")
     _wait_for_title(page, 1, "Gradient × input")
     after = _figure(page, 1)
     assert after["checksum"] != compared["checksum"]
@@ -135,7 +120,7 @@ def test_compare_in_voila(voila_explorer):
     harness.wait_for_heatmap_settled(page)
     _wait_for_title(page, 1, "Plain gradient")
     pullback = _figure(page, 0)
-    _choose(page, "Compare", "Grad-CAM")
+    harness.choose_option(page, "Compare", "Grad-CAM")
     _wait_for_title(page, 1, "Grad-CAM")
     assert "image" in _figure(page, 1)["types"]  # an overlay on the photo
     assert _figure(page, 0) == pullback

@@ -270,7 +270,7 @@ def gate_times(grad: Tensor, x: Tensor, scale: float | Tensor, gate: str,
     return torch.mul(grad, torch.special.ndtr(x * scale), **({} if out is None else {"out": out}))
 
 
-def _is_plain(tensor: Tensor) -> bool:
+def is_plain(tensor: Tensor) -> bool:
     """Not a batched tensor (``is_grads_batched`` and ``vmap`` wrap gradients), so results made
     from it may be written into ordinary tensors. False where torch cannot tell."""
     checks = [getattr(torch._C._functorch, name, None)
@@ -310,7 +310,7 @@ class SoftClamp(torch.autograd.Function):
             # A remade or promoted z is this call's own, and its buffer can take the results
             # (fewer big allocations), unless grad_out is vmapped (batched targets): then
             # everything is out of place.
-            own = (ctx.remake_op is not None or z.dtype != dtype) and _is_plain(grad_out)
+            own = (ctx.remake_op is not None or z.dtype != dtype) and is_plain(grad_out)
             z, grad = z.to(dtype), grad_out.to(dtype)
             scale = capped_reciprocal(settings.temperature_for(z), dtype)
             if high is None:
@@ -409,7 +409,7 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
     result_dtype, grad_out = grad_out.dtype, grad_out.to(dtype)
     # Under batched targets grad_out is vmapped: the gradient is made from it, so the scatter
     # adds into a tensor of its kind, and only out-of-place products enter it.
-    plain = _is_plain(grad_out)
+    plain = is_plain(grad_out)
     step = max(1, _POOL_CHUNK_BYTES // (len(offsets) * n * out_h * out_w
                                         * torch.finfo(dtype).bits // 8)) \
         if x.device.type == "cpu" else c

@@ -78,6 +78,10 @@ PLAIN_GATE_NODES = {
     "HardsigmoidBackward0": "Hardsigmoid",
     "HardshrinkBackward0": "shrink",
     "SoftshrinkBackward0": "shrink",
+    # A norm written by hand (RMSNorm, EvoNorm, F.normalize): its statistics of the input.
+    **dict.fromkeys(("VarBackward0", "VarMeanBackward0", "StdBackward0", "StdMeanBackward0",
+                     "RsqrtBackward0", "LinalgVectorNormBackward0"),
+                    "statistics of a norm by hand (var/std/rsqrt/norm)"),
     "ScaledDotProductFlashAttentionForCpuBackward0": "attention",
     "ScaledDotProductFlashAttentionBackward0": "attention",
     "ScaledDotProductEfficientAttentionBackward0": "attention",
@@ -105,7 +109,8 @@ PLAIN_GATES = (
     "{count} op(s) on the input's path kept a backward the engine did not soften: {ops}. "
     "Either the engine does not gate them (ELU, Mish, Softplus, Hardsigmoid, clamps, max/min, "
     "top-k, sort, median, 1-D/3-D/adaptive max-pools, max-pools returning indices, RMSNorm, "
-    "InstanceNorm, batch norms using batch statistics, custom autograd Functions, which keep "
+    "InstanceNorm, norms written by hand, batch norms using batch statistics, custom autograd "
+    "Functions, which keep "
     "their own backward), or they ran where it cannot see (a TorchScript function, a C++ "
     "extension)")
 
@@ -210,7 +215,8 @@ def audit_graph(outputs: Sequence[Tensor], leaf: Tensor,
         if id(node) in gated:
             gated_kinds[gated[id(node)][1]] += 1
         elif id(node) in plain:
-            plain_ops[plain[id(node)][1]] += 1
+            if plain[id(node)][1] is not None:  # None: inside an op counted by its output
+                plain_ops[plain[id(node)][1]] += 1
         elif name in PLAIN_GATE_NODES:
             plain_ops[PLAIN_GATE_NODES[name]] += 1
         elif name in _CLAMP_NODES:

@@ -38,7 +38,7 @@ from .activation_gates import (
     leaky_relu_rule,
 )
 from .attention_gates import AttentionCall, SoftAttention
-from .gates import GateSettings, PoolGeometry, SoftClamp, SoftMaxPool2d
+from .gates import GateSettings, PoolGeometry, SoftClamp, SoftMaxPool2d, is_plain
 from .model_helpers import default_temperatures
 from .norm_gates import ConstantStatisticsNorm, group_norm_statistics, layer_norm_statistics
 from .pre_activations import Remake
@@ -173,6 +173,9 @@ def _batch_norm_route(mode, func, args, kwargs):
     gate taking it next need not keep a copy (see :class:`.pre_activations.Remake`)."""
     out = func(*args, **kwargs)
     *tensors, training, momentum, eps = _batch_norm_arguments(*args, **kwargs)
+    if isinstance(out, Tensor) and out.requires_grad and out.dim() > 2 and len(out) == 1 \
+            and not out.is_contiguous():
+        out.register_hook(_laid_out_as(out))
     if training:
         return mode.plain("BatchNorm with batch statistics", out)
     # Under autocast the backward's remake would not run in the forward's dtype.
@@ -181,6 +184,21 @@ def _batch_norm_route(mode, func, args, kwargs):
         mode.remember(out, Remake.of(tuple(tensors), lambda x, mean, var, weight, bias: func(
             x, mean, var, weight, bias, False, momentum, eps)))
     return out
+
+
+def _laid_out_as(out: Tensor) -> Callable[[Tensor], Tensor]:
+    """A gradient hook that gives ``out``'s gradient ``out``'s strides. torch's CPU batch-norm
+    backward (2.14) is wrong for one example whose input's strides are channels last (a view
+    of tokens, as XCiT and LeViT make it) and a gradient that is not: off by up to 6 in a
+    check whose exact answer is 1."""
+    shape, strides = out.shape, out.stride()
+
+    def hook(grad: Tensor) -> Tensor:
+        if grad.stride() == strides or grad.shape != shape or not is_plain(grad):
+            return grad  # vmap's batched gradients are left as they are
+        return torch.empty_strided(shape, strides, dtype=grad.dtype,
+                                   device=grad.device).copy_(grad)
+    return hook
 
 
 def _residual_sum_route(mode, func, args, kwargs):
@@ -253,11 +271,42 @@ def _plain_route(name: str):
     """An op the engine leaves plain whose backward is no one node the graph audit could name
     (torch decomposes it): its output's node is marked for the audit."""
     def route(mode, func, args, kwargs):
-        return mode.plain(name, func(*args, **kwargs))
+        return mode.plain(name, func(*args, **kwargs), inputs=args[0])
     return route
 
 
+def _clamp_in_place_route(mode, func, args, kwargs):
+    """``clamp_`` and kin, which the audit names by their node where a bound cut a value: in
+    place on a view, that node is inside the base's CopySlices, so the call is named here,
+    where a bound cuts one."""
+    x = args[0]
+    if x._base is None:
+        return func(*args, **kwargs)
+    if func in (torch.Tensor.clamp_max_, torch.clamp_max_):
+        low, high = None, _arg(args, kwargs, 1, "max", None)
+    else:
+        low, high = _arg(args, kwargs, 1, "min", None), _arg(args, kwargs, 2, "max", None)
+    with torch.no_grad():
+        binds = bool((low is not None and (x < low).any())
+                     or (high is not None and (x > high).any()))
+    out = func(*args, **kwargs)
+    return mode.plain("clamp", out) if binds else out
+
+
+# Plain gate-like ops with an in-place form: named by their node as a rule, but in place on a
+# view that node is inside the base's CopySlices node, which the audit cannot name.
+_PLAIN_ACTIVATIONS = {
+    F.elu: "ELU/SELU", F.elu_: "ELU/SELU", F.selu: "ELU/SELU", F.selu_: "ELU/SELU",
+    F.celu: "CELU", F.celu_: "CELU", F.hardsigmoid: "Hardsigmoid", F.mish: "Mish",
+    F.rrelu: "RReLU", F.rrelu_: "RReLU", F.threshold: "threshold", F.threshold_: "threshold",
+}
+_CLAMPS_IN_PLACE = (torch.Tensor.clamp_, torch.clamp_, torch.Tensor.clip_, torch.clip_,
+                    torch.Tensor.clamp_min_, torch.clamp_min_, torch.Tensor.clamp_max_,
+                    torch.clamp_max_)
+
 _ROUTES: dict[Callable, Callable] = {
+    **{func: _plain_route(name) for func, name in _PLAIN_ACTIVATIONS.items()},
+    **dict.fromkeys(_CLAMPS_IN_PLACE, _clamp_in_place_route),
     F.scaled_dot_product_attention: _attention_route,
     F.multi_head_attention_forward: _multi_head_attention_route,
     F.rms_norm: _plain_route("RMSNorm"),
@@ -318,7 +367,8 @@ class _SoftGatingMode(TorchFunctionMode):
         self.settings = settings
         self.remake = remake
         # The nodes of the soft ops, and of the plain ops the graph audit could not name
-        # itself: id -> (the node, kept alive so that its id stays its own; kind or name).
+        # itself: id -> (the node, kept alive so that its id stays its own; kind or name, None
+        # for a node inside a plain op that is counted as that op).
         self.gated_nodes: dict[int, tuple[object, str]] = {}
         self.plain_nodes: dict[int, tuple[object, str]] = {}
         # The last few remakable outputs, by id: (weak reference, its version then, how to
@@ -336,11 +386,25 @@ class _SoftGatingMode(TorchFunctionMode):
         self.gated_nodes[id(node)] = (node, kind)
         return out
 
-    def plain(self, name: str, out: object) -> object:
-        """``out``, a plain op's output, its node (if any) marked with the op's ``name``."""
+    def plain(self, name: str, out: object, inputs: object = None) -> object:
+        """``out``, a plain op's output, its node (if any) marked with the op's ``name``; with
+        ``inputs`` (the op's input), the nodes between them are the op's own (torch decomposes
+        it: RMSNorm's rsqrt), marked as counted with it."""
         node = getattr(out, "grad_fn", None)
-        if node is not None:
-            self.plain_nodes[id(node)] = (node, name)
+        base = getattr(out, "_base", None)
+        if base is not None and type(base.grad_fn).__name__ == "CopySlices":
+            node = base.grad_fn  # in place on a view: as in gated()
+        if node is None:
+            return out
+        self.plain_nodes[id(node)] = (node, name)
+        stop = getattr(inputs, "grad_fn", None)
+        inside = [child for child, _ in node.next_functions] if inputs is not None else []
+        while inside:
+            child = inside.pop()
+            if child is not None and child is not stop and id(child) not in self.plain_nodes \
+                    and id(child) not in self.gated_nodes:
+                self.plain_nodes[id(child)] = (child, None)
+                inside.extend(grandchild for grandchild, _ in child.next_functions)
         return out
 
     def remember(self, out: Tensor, remake: Remake) -> None:

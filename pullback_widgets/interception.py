@@ -267,11 +267,14 @@ def _multi_head_attention_route(mode, func, args, kwargs):
         return _MULTI_HEAD_ATTENTION_BODY(*args, **kwargs)
 
 
-def _plain_route(name: str):
-    """An op the engine leaves plain whose backward is no one node the graph audit could name
-    (torch decomposes it): its output's node is marked for the audit."""
+def _plain_route(name: str, decomposed: bool = False):
+    """An op the engine leaves plain whose node the graph audit could not name itself: one
+    torch decomposes (``decomposed``: its own nodes are counted as one op), or one in place on
+    a view. Its output's node is marked for the audit."""
     def route(mode, func, args, kwargs):
-        return mode.plain(name, func(*args, **kwargs), inputs=args[0])
+        # Read before the call: an op in place on its input would change it.
+        inside_from = args[0].grad_fn if decomposed else None
+        return mode.plain(name, func(*args, **kwargs), inside_from, decomposed)
     return route
 
 
@@ -309,10 +312,10 @@ _ROUTES: dict[Callable, Callable] = {
     **dict.fromkeys(_CLAMPS_IN_PLACE, _clamp_in_place_route),
     F.scaled_dot_product_attention: _attention_route,
     F.multi_head_attention_forward: _multi_head_attention_route,
-    F.rms_norm: _plain_route("RMSNorm"),
-    torch.rms_norm: _plain_route("RMSNorm"),
-    F.instance_norm: _plain_route("InstanceNorm"),
-    torch.instance_norm: _plain_route("InstanceNorm"),
+    F.rms_norm: _plain_route("RMSNorm", decomposed=True),
+    torch.rms_norm: _plain_route("RMSNorm", decomposed=True),
+    F.instance_norm: _plain_route("InstanceNorm", decomposed=True),
+    torch.instance_norm: _plain_route("InstanceNorm", decomposed=True),
     F.silu: _activation_route(lambda a, k: SILU, _inplace_argument(1)),
     F.hardswish: _activation_route(lambda a, k: HARDSWISH, _inplace_argument(1)),
     F.gelu: _activation_route(lambda a, k: gelu_rule(_arg(a, k, 1, "approximate", "none")),
@@ -386,10 +389,11 @@ class _SoftGatingMode(TorchFunctionMode):
         self.gated_nodes[id(node)] = (node, kind)
         return out
 
-    def plain(self, name: str, out: object, inputs: object = None) -> object:
-        """``out``, a plain op's output, its node (if any) marked with the op's ``name``; with
-        ``inputs`` (the op's input), the nodes between them are the op's own (torch decomposes
-        it: RMSNorm's rsqrt), marked as counted with it."""
+    def plain(self, name: str, out: object, input_node: object = None,
+              decomposed: bool = False) -> object:
+        """``out``, a plain op's output, its node (if any) marked with the op's ``name``. A
+        ``decomposed`` op's own nodes, down to ``input_node`` (its input's node before the
+        call), are marked as counted with it (RMSNorm's rsqrt)."""
         node = getattr(out, "grad_fn", None)
         base = getattr(out, "_base", None)
         if base is not None and type(base.grad_fn).__name__ == "CopySlices":
@@ -397,11 +401,11 @@ class _SoftGatingMode(TorchFunctionMode):
         if node is None:
             return out
         self.plain_nodes[id(node)] = (node, name)
-        stop = getattr(inputs, "grad_fn", None)
-        inside = [child for child, _ in node.next_functions] if inputs is not None else []
+        inside = [child for child, _ in node.next_functions] if decomposed else []
         while inside:
             child = inside.pop()
-            if child is not None and child is not stop and id(child) not in self.plain_nodes \
+            if child is not None and child is not input_node and type(child).__name__ != \
+                    "AccumulateGrad" and id(child) not in self.plain_nodes \
                     and id(child) not in self.gated_nodes:
                 self.plain_nodes[id(child)] = (child, None)
                 inside.extend(grandchild for grandchild, _ in child.next_functions)

@@ -109,3 +109,20 @@ def test_one_channels_last_example_through_batch_norm_gets_the_right_gradient():
     soft = pw.excitation_pullback(model, x, 2, temperature=0.5)
     torch.testing.assert_close(soft, pw.excitation_pullback(model, pair, 2, temperature=0.5)[:1],
                                rtol=1e-12, atol=1e-12)
+
+
+def test_a_plain_op_in_place_hides_no_op_before_it():
+    # Its node's inputs are the graph before it: counting them with it would hide them.
+    class SoftplusThenElu(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            z = F.elu(F.softplus(self.conv(x)) - 1.0, inplace=True)
+            return self.head(F.rms_norm(z.mean((2, 3)), (8,)))
+
+    torch.manual_seed(0)
+    session = _session(SoftplusThenElu(), torch.rand(1, 3, 8, 8))
+    assert session.plain_gate_ops == {"Softplus": 1, "ELU/SELU": 1, "RMSNorm": 1}

@@ -60,3 +60,12 @@ def test_without_a_cell_id_nothing_is_closed(shell):
     _run(shell, PULLBACK, None)
     _run(shell, PULLBACK, None)
     assert not any(explorer._closed for explorer in shell.user_ns["made"])
+
+
+def test_an_earlier_explorer_that_fails_to_close_costs_nothing(shell):
+    _run(shell, PULLBACK, "cell-a")
+    first = shell.user_ns["made"][0]
+    first.close = lambda: (_ for _ in ()).throw(RuntimeError("broken"))
+    _run(shell, PULLBACK, "cell-a")  # no error: the new explorer is the user's
+    assert not shell.user_ns["made"][1]._closed
+    del first.close  # the class's own, for the fixture's tidying up

@@ -12,6 +12,7 @@ one. Where no cell is named (a script, a front end that sends no id) nothing is 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import weakref
@@ -57,4 +58,6 @@ def close_earlier_runs(explorer: _Closable) -> None:
     for reference in stale:
         earlier = reference()
         if earlier is not None and earlier is not explorer:
-            earlier.close()
+            # A failure to tidy up the earlier explorer must not cost the user the new one.
+            with contextlib.suppress(Exception):
+                earlier.close()

@@ -110,9 +110,8 @@ PLAIN_GATES = (
     "Either the engine does not gate them (ELU, Mish, Softplus, Hardsigmoid, clamps, max/min, "
     "top-k, sort, median, 1-D/3-D/adaptive max-pools, max-pools returning indices, RMSNorm, "
     "InstanceNorm, norms written by hand, batch norms using batch statistics, custom autograd "
-    "Functions, which keep "
-    "their own backward), or they ran where it cannot see (a TorchScript function, a C++ "
-    "extension)")
+    "Functions, which keep their own backward), or they ran where it cannot see (a TorchScript "
+    "function, a C++ extension)")
 
 
 def _compiled_by(node) -> str | None:

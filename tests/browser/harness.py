@@ -735,6 +735,31 @@ def _server_kernel_states(server: Server) -> list[str] | None:
         return None
 
 
+def run_in_notebook_kernel(server: Server, notebook: str, code: str,
+                           timeout_s: float = 60.0) -> str:
+    """Run ``code`` in the kernel of ``notebook``'s session on ``server`` (as a second client,
+    through the connection file the server wrote) and return what it printed to stdout."""
+    from jupyter_client import BlockingKernelClient
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+    with opener.open(f"{server.url}/api/sessions", timeout=5) as response:
+        sessions = json.load(response)
+    kernel = next(s["kernel"]["id"] for s in sessions if s["path"].endswith(notebook))
+    client = BlockingKernelClient(
+        connection_file=str(server.log_path.parent / "runtime" / f"kernel-{kernel}.json"))
+    client.load_connection_file()
+    client.start_channels()
+    printed: list[str] = []
+    try:
+        client.execute_interactive(code, timeout=timeout_s, output_hook=lambda message: (
+            printed.append(message["content"]["text"])
+            if message["msg_type"] == "stream" and message["content"]["name"] == "stdout"
+            else None))
+    finally:
+        client.stop_channels()
+    return "".join(printed)
+
+
 def _open_notebook_page(page: Page, server: Server, path: str) -> None:
     page.goto(f"{server.url}{path}")
     page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(timeout=KERNEL_START_TIMEOUT_MS)

@@ -3,6 +3,8 @@ fits, and the Temperature slider, moved with the keyboard, changes the pullback 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from . import harness
@@ -37,3 +39,16 @@ def test_temperature_step_button_changes_heatmap(lab_explorer):
     before = harness.wait_for_heatmap_settled(page)
     harness.click_temperature_step(page, "+")
     assert harness.wait_for_heatmap_change(page, before) != before
+
+
+def test_running_the_explorer_cell_again_closes_the_first(lab_explorer, jupyterlab_server):
+    # JupyterLab names the cell of each run: the kernel closes the explorer the cell made
+    # before, which kept its worker and retained graph alive. Last: it runs the notebook again.
+    notebook = f"explorer-{Path(__file__).stem}.ipynb"
+    count = ("import gc, pullback_widgets\nprint(sum(not e._closed for e in gc.get_objects() "
+             "if isinstance(e, pullback_widgets.PullbackExplorer)))")
+    assert harness.run_in_notebook_kernel(jupyterlab_server, notebook, count).strip() == "1"
+    harness.run_all_cells_in_lab(lab_explorer.page)
+    # Queued behind the notebook's cells, so it counts once they have run.
+    assert harness.run_in_notebook_kernel(jupyterlab_server, notebook, count).strip() == "1"
+    harness.wait_for_heatmap(lab_explorer.page)

@@ -173,8 +173,7 @@ def _batch_norm_route(mode, func, args, kwargs):
     gate taking it next need not keep a copy (see :class:`.pre_activations.Remake`)."""
     out = func(*args, **kwargs)
     *tensors, training, momentum, eps = _batch_norm_arguments(*args, **kwargs)
-    if isinstance(out, Tensor) and out.requires_grad and out.dim() > 2 and len(out) == 1 \
-            and not out.is_contiguous():
+    if isinstance(out, Tensor) and out.requires_grad and out.dim() > 2 and len(out) == 1:
         out.register_hook(_laid_out_as(out))
     if training:
         return mode.plain("BatchNorm with batch statistics", out)
@@ -188,9 +187,9 @@ def _batch_norm_route(mode, func, args, kwargs):
 
 def _laid_out_as(out: Tensor) -> Callable[[Tensor], Tensor]:
     """A gradient hook that gives ``out``'s gradient ``out``'s strides. torch's CPU batch-norm
-    backward (2.14) is wrong for one example whose input's strides are channels last (a view
-    of tokens, as XCiT and LeViT make it) and a gradient that is not: off by up to 6 in a
-    check whose exact answer is 1."""
+    backward (2.14) is wrong for one example whose input and gradient differ in layout, one
+    channels last by its strides and the other not (tokens laid out as a map or back, as XCiT
+    and LeViT do): off by up to 6 in a check whose exact answer is 1."""
     shape, strides = out.shape, out.stride()
 
     def hook(grad: Tensor) -> Tensor:

@@ -126,3 +126,17 @@ def test_a_plain_op_in_place_hides_no_op_before_it():
     torch.manual_seed(0)
     session = _session(SoftplusThenElu(), torch.rand(1, 3, 8, 8))
     assert session.plain_gate_ops == {"Softplus": 1, "ELU/SELU": 1, "RMSNorm": 1}
+
+
+def test_levit_alone_gets_its_row_of_the_batchs_gradient():
+    # LeViT's stem hands its last batch norm a gradient laid out channels last with an odd
+    # stride for the batch of one; torch's plain gradient is then off (rel 1.4).
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("levit_128s", pretrained=False, img_size=64,
+                              num_classes=10).double().eval()
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    right = plain_gradient(model, x, 3)[:1]
+    assert not torch.allclose(plain_gradient(model, x[:1], 3), right)  # torch's own error
+    torch.testing.assert_close(pw.excitation_pullback(model, x[:1], 3, gate="hard"), right,
+                               rtol=1e-9, atol=1e-12)

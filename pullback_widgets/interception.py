@@ -192,9 +192,10 @@ def _laid_out_as(out: Tensor) -> Callable[[Tensor], Tensor]:
     and LeViT do): off by up to 6 in a check whose exact answer is 1."""
     shape, strides = out.shape, out.stride()
 
-    def hook(grad: Tensor) -> Tensor:
-        if grad.stride() == strides or grad.shape != shape or not is_plain(grad):
-            return grad  # vmap's batched gradients are left as they are
+    def hook(grad: Tensor | None) -> Tensor | None:
+        if grad is None or grad.stride() == strides or grad.shape != shape \
+                or not is_plain(grad):
+            return grad  # none (MobileNetV4's hybrid), or vmap's batched: left as they are
         return torch.empty_strided(shape, strides, dtype=grad.dtype,
                                    device=grad.device).copy_(grad)
     return hook

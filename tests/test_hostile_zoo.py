@@ -140,3 +140,17 @@ def test_levit_alone_gets_its_row_of_the_batchs_gradient():
     assert not torch.allclose(plain_gradient(model, x[:1], 3), right)  # torch's own error
     torch.testing.assert_close(pw.excitation_pullback(model, x[:1], 3, gate="hard"), right,
                                rtol=1e-9, atol=1e-12)
+
+
+def test_a_batch_norm_whose_output_gets_no_gradient_is_passed_over():
+    # MobileNetV4's hybrid blocks hand a batch-1 batch norm's hook None (the layout hook
+    # crashed on it).
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv4_hybrid_medium", pretrained=False,
+                              num_classes=10).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pullback = pw.excitation_pullback(model, x, 3)
+    assert torch.isfinite(pullback).all()

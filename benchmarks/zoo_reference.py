@@ -308,10 +308,20 @@ def functional_reference(temperature: Temperature, gate: str = "sigmoid",
     names = ("relu", "relu6", "hardtanh", "max_pool2d", "leaky_relu", "silu", "gelu",
              "hardswish", "prelu", "layer_norm", "group_norm", "scaled_dot_product_attention")
     originals = {name: getattr(F, name) for name in names}
-    forms = _functional_forms(temperature, gate, attention_weights, pool_weights, originals)
-    relu = forms["relu"]
-    patches = [(F, name, _reentrant_safe(forms[name], originals[name])) for name in names]
-    patches += [(owner, name, _reentrant_safe(relu, getattr(owner, name)))
+    with _patched(_functional_forms(temperature, gate, attention_weights, pool_weights,
+                                    originals), originals):
+        yield
+
+
+@contextlib.contextmanager
+def _patched(forms: Mapping[str, Callable], originals: Mapping[str, Callable]
+             ) -> Iterator[None]:
+    """``F``'s functions named in ``forms`` replaced by them, and ``torch.relu``,
+    ``torch.relu_``, ``Tensor.relu`` and ``Tensor.relu_`` by ``forms["relu"]``, while inside
+    (each falls back to its original inside itself: see :func:`_reentrant_safe`)."""
+    patches = [(F, name, _reentrant_safe(form, originals[name]))
+               for name, form in forms.items()]
+    patches += [(owner, name, _reentrant_safe(forms["relu"], getattr(owner, name)))
                 for owner in (torch, torch.Tensor) for name in ("relu", "relu_")]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     try:
@@ -444,18 +454,8 @@ def tie_sharing_limit() -> Iterator[None]:
         "prelu": prelu,
         "max_pool2d": max_pool2d,
     }
-    patches = [(F, name, _reentrant_safe(form, originals[name]))
-               for name, form in forms.items()]
-    patches += [(owner, name, _reentrant_safe(relu, getattr(owner, name)))
-                for owner in (torch, torch.Tensor) for name in ("relu", "relu_")]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    try:
-        for owner, name, replacement in patches:
-            setattr(owner, name, replacement)
+    with _patched(forms, originals):
         yield
-    finally:
-        for owner, name, original in saved:
-            setattr(owner, name, original)
 
 
 def tie_sharing_gradient(model: nn.Module, x: Tensor, target: int) -> Tensor:

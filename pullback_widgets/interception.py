@@ -191,11 +191,19 @@ def _laid_out_as(out: Tensor) -> Callable[[Tensor], Tensor]:
     channels last by its strides and the other not (tokens laid out as a map or back, as XCiT
     and LeViT do): off by up to 6 in a check whose exact answer is 1."""
     shape, strides = out.shape, out.stride()
+    # vmap's batched gradients (batched targets) have no strides to copy into, nor memory
+    # formats: laid out by a permuted contiguous copy instead.
+    channels_last = out.dim() == 4 and not out.is_contiguous() \
+        and out.is_contiguous(memory_format=torch.channels_last)
 
     def hook(grad: Tensor | None) -> Tensor | None:
-        if grad is None or grad.stride() == strides or grad.shape != shape \
-                or not is_plain(grad):
-            return grad  # none (MobileNetV4's hybrid), or vmap's batched: left as they are
+        if grad is None:  # none reaches it (MobileNetV4's hybrid blocks)
+            return grad
+        if not is_plain(grad):
+            return grad.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) \
+                if channels_last else grad.contiguous()
+        if grad.stride() == strides or grad.shape != shape:
+            return grad
         return torch.empty_strided(shape, strides, dtype=grad.dtype,
                                    device=grad.device).copy_(grad)
     return hook

@@ -106,7 +106,7 @@ NAMED_KINDS = {
                     "relu"),
     "max-pool": "pool", "SiLU": "silu", "GELU": "gelu", "Hardswish": "hardswish",
     "LayerNorm": "norm", "GroupNorm": "norm", "attention": "attention",
-    **dict.fromkeys(("ELU/SELU", "CELU", "Mish", "Softplus", "Hardsigmoid"), "other"),
+    **dict.fromkeys(("ELU/SELU", "CELU", "Mish", "Softplus", "Hardsigmoid", "GLU"), "other"),
 }
 
 

@@ -64,7 +64,7 @@ NODE_KINDS = {
     "SoftmaxBackward0": "softmax",
     "SafeSoftmaxBackward0": "softmax",
     **dict.fromkeys(("EluBackward0", "EluBackward1", "CeluBackward0", "MishBackward0",
-                     "SoftplusBackward0", "HardsigmoidBackward0"), "other"),
+                     "SoftplusBackward0", "HardsigmoidBackward0", "GluBackward0"), "other"),
     # A normalisation written by hand (RMSNorm, EvoNorm, ...): its statistics' nodes.
     **dict.fromkeys(("RsqrtBackward0", "VarMeanBackward0", "VarBackward0", "StdBackward0",
                      "StdMeanBackward0"), "statistics"),

@@ -76,6 +76,7 @@ PLAIN_GATE_NODES = {
     "RreluWithNoiseBackward0": "RReLU",
     "RreluWithNoiseBackward1": "RReLU",
     "HardsigmoidBackward0": "Hardsigmoid",
+    "GluBackward0": "GLU",
     "HardshrinkBackward0": "shrink",
     "SoftshrinkBackward0": "shrink",
     # A norm written by hand (RMSNorm, EvoNorm, F.normalize): its statistics of the input.
@@ -87,6 +88,20 @@ PLAIN_GATE_NODES = {
     "ScaledDotProductEfficientAttentionBackward0": "attention",
     "ScaledDotProductCudnnAttentionBackward0": "attention",
 }
+
+# A sigmoid or tanh is a smooth activation alone, and a gate where its output multiplies a
+# tensor on the input's path (squeeze-excite, SiLU or GELU written by hand, QuickGELU, LSTM
+# cells): named there. Between it and the product, only reshapes and arithmetic with numbers
+# or constants (nodes with one input that needs a gradient: a number is no input).
+_SMOOTH_GATE_NODES = {"SigmoidBackward0", "TanhBackward0"}
+_TOWARDS_A_GATE = {
+    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "ExpandBackward0",
+    "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2",
+    "PermuteBackward0", "TransposeBackward0", "ToCopyBackward0", "CloneBackward0",
+    "AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "RsubBackward0",
+    "RsubBackward1", "MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1",
+    "NegBackward0"}
+SMOOTH_GATE = "sigmoid/tanh gate"
 
 # Clamps: named only where they cut a value on this input (a bound that binds nowhere, such
 # as F.normalize's epsilon guard, has the plain gradient's every slope 1 anyway).
@@ -107,7 +122,8 @@ COMPILED_IN_FORWARD = (
 
 PLAIN_GATES = (
     "{count} op(s) on the input's path kept a backward the engine did not soften: {ops}. "
-    "Either the engine does not gate them (ELU, Mish, Softplus, Hardsigmoid, clamps, max/min, "
+    "Either the engine does not gate them (ELU, Mish, Softplus, Hardsigmoid, GLU, sigmoid or "
+    "tanh gates such as squeeze-excite's or SiLU written by hand, clamps, max/min, "
     "top-k, sort, median, 1-D/3-D/adaptive max-pools, max-pools returning indices, RMSNorm, "
     "InstanceNorm, norms written by hand, batch norms using batch statistics, custom autograd "
     "Functions, which keep their own backward), or they ran where it cannot see (a TorchScript "
@@ -134,6 +150,27 @@ def _clamp_binds(node) -> bool:
                     or (high is not None and (values > high).any()))
     except RuntimeError:
         return True
+
+
+def _smooth_gates_of(product, on_path: set[int]) -> list:
+    """The sigmoid and tanh nodes a product (``MulBackward0``) on the input's path uses as
+    gates: reached through reshapes and scalar arithmetic from one factor, while another
+    factor is on the input's path too."""
+    factors = [child for child, _ in product.next_functions
+               if child is not None and id(child) in on_path]
+    if len(factors) < 2:
+        return []
+    gates = []
+    for factor in factors:
+        node = factor
+        while type(node).__name__ in _TOWARDS_A_GATE:
+            inputs = [child for child, _ in node.next_functions if child is not None]
+            if len(inputs) != 1:
+                break
+            node = inputs[0]
+        if type(node).__name__ in _SMOOTH_GATE_NODES:
+            gates.append(node)
+    return gates
 
 
 def _custom_function(node) -> str | None:
@@ -206,6 +243,8 @@ def audit_graph(outputs: Sequence[Tensor], leaf: Tensor,
     plain_ops: collections.Counter[str] = collections.Counter()
     softmaxes = 0
     nodes, reach_input = _reaching(outputs, leaf)
+    on_path = {id(node) for node in nodes}
+    smooth_gates: dict[int, object] = {}
     for node in nodes:
         name = type(node).__name__
         compiled = _compiled_by(node) if name in _OPAQUE_TYPES else None
@@ -223,8 +262,12 @@ def audit_graph(outputs: Sequence[Tensor], leaf: Tensor,
                 plain_ops["clamp"] += 1
         elif name in ("SoftmaxBackward0", "SafeSoftmaxBackward0"):  # Safe: SDPA's math kernel
             softmaxes += 1
+        elif name == "MulBackward0":
+            smooth_gates.update((id(gate), gate) for gate in _smooth_gates_of(node, on_path))
         elif custom := _custom_function(node):
             plain_ops[custom] += 1
+    if smooth_gates:  # each once, however many products use it
+        plain_ops[SMOOTH_GATE] += len(smooth_gates)
     return GraphAudit(dict(gated_kinds), dict(plain_ops), softmaxes, reach_input)
 
 

@@ -307,3 +307,57 @@ def test_a_safe_softmax_counts_as_attention_left_plain():
     model = _conv_then(lambda z: torch.ops.aten._safe_softmax(F.relu(z), -1))
     session, caught = _session(model, torch.rand(2, 3, 8, 8))
     assert session.plain_attention == 1 and any("softmax" in message for message in caught)
+
+
+class _SqueezeExcite(nn.Module):
+    """A squeeze-excite block as timm and torchvision write it: x · σ(fc(mean(x)))."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Conv2d(4, 4, 1)
+
+    def forward(self, z):
+        return z * torch.sigmoid(self.fc(z.mean((2, 3), keepdim=True)))
+
+
+@pytest.mark.parametrize(("gated", "named"), [
+    (_SqueezeExcite(), {"sigmoid/tanh gate": 1}),
+    (lambda z: z * torch.sigmoid(z), {"sigmoid/tanh gate": 1}),  # SiLU by hand
+    (lambda z: z * torch.sigmoid(1.702 * z), {"sigmoid/tanh gate": 1}),  # QuickGELU
+    (lambda z: 0.5 * z * (1 + torch.tanh(0.8 * (z + 0.044715 * z ** 3))),
+     {"sigmoid/tanh gate": 1}),  # GELU's tanh form by hand: scalar steps before the product
+    (lambda z: torch.sigmoid(z).view(-1).view_as(z).mul(z.flip(1)), {"sigmoid/tanh gate": 1}),
+    (lambda z: torch.tanh(z) * torch.sigmoid(z.flip(1)),  # an LSTM cell's o·tanh(c)
+     {"sigmoid/tanh gate": 2}),
+    (lambda z: F.glu(torch.cat([z, z], 1), dim=1), {"GLU": 1}),
+    (lambda z: torch.sigmoid(z), {}),  # alone, a smooth activation: no gate
+    (lambda z: torch.tanh(z) * torch.full_like(z, 3.0), {}),  # times a constant
+    (lambda z: 2.0 * torch.sigmoid(z) + z, {}),  # a sum is no gate
+])
+def test_sigmoid_and_tanh_used_as_gates_are_named(gated, named):
+    # Checked on the plain graph (autograd's own nodes) and through a session, which leaves
+    # them plain: the engine softens no sigmoid or tanh.
+    model = _conv_then(gated)
+    inputs = torch.rand(2, 3, 8, 8)
+    leaf = inputs.clone().requires_grad_(True)
+    assert audit_graph([model(leaf)], leaf).plain_gate_ops == named
+    session, caught = _session(model, inputs)
+    assert session.plain_gate_ops == named
+    assert all(any(name in message for message in caught) for name in named)
+
+
+def test_a_sigmoid_head_and_a_learnt_scale_are_not_gates():
+    # σ(logits) multiplies nothing on the input's path, nor does a tanh scaled by a parameter
+    # (a DyT norm): neither is named.
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+            self.scale = nn.Parameter(torch.ones(4, 1, 1))
+
+        def forward(self, x):
+            z = self.scale * torch.tanh(self.conv(x))
+            return torch.sigmoid(self.head(F.relu(z).mean((2, 3))))
+
+    session, caught = _session(Model().eval(), torch.rand(2, 3, 8, 8))
+    assert session.plain_gate_ops == {} and caught == []

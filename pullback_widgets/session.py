@@ -25,6 +25,7 @@ from .model_helpers import (
     outputs_channels_last,
     token_grid,
 )
+from .model_state import ModelState
 from .pre_activations import changed_in_place_error
 from .targets import Target, Unit, class_indices, is_class_target, unit_seed
 from .validation import (
@@ -108,32 +109,10 @@ def _stacklevel_outside_package() -> int:
 
 
 _CHANGED_SINCE_THE_FORWARD = (
-    "the model's parameters or buffers changed since this session's forward (in place, "
-    "replaced, or converted or moved with .to(), .double(), .cuda()): the session's logits and "
+    "the model's parameters or buffers changed since this session's forward (in place, also "
+    "through .data, replaced, or converted or moved with .to(), .double(), .cuda()): the "
+    "session's logits and "
     "graph are of the model as it was; make a new PullbackSession")
-
-
-def _model_state(model: nn.Module) -> tuple[tuple[Tensor, int, int | None], ...]:
-    """Each parameter and buffer with its version and its memory's address: what a backward
-    or a later forward must find unchanged (``.to()`` and ``.data =`` swap a parameter's
-    memory, not the parameter, nor its version). Read from each module's own dicts:
-    ``model.parameters()`` builds every name (0.5 against 0.15 ms on Lite0)."""
-    return tuple((t, t._version, _address(t)) for module in submodules(model)
-                 for tensors in (module._parameters, module._buffers)
-                 for t in tensors.values() if t is not None)
-
-
-def _address(tensor: Tensor) -> int | None:
-    try:
-        return tensor.data_ptr()
-    except RuntimeError:  # no storage of its own (a tensor subclass)
-        return None
-
-
-def _same_model_state(state: tuple[tuple[Tensor, int, int | None], ...], model: nn.Module) -> bool:
-    now = _model_state(model)
-    return len(now) == len(state) and all(
-        a is b and va == vb and pa == pb for (a, va, pa), (b, vb, pb) in zip(state, now))
 
 
 def _copy_as_laid_out(tensor: Tensor) -> Tensor:
@@ -228,6 +207,10 @@ class PullbackSession:
     an error. Do not train and explain one model at once; explain a copy.
     """
 
+    # Whether the record of the model's tensors samples their values, to see changes made
+    # through ``.data`` (:mod:`.model_state`).
+    _samples_values = True
+
     def __init__(self, model: nn.Module, inputs: Tensor, *, temperature: Temperature = None,
                  gate: str = "sigmoid", pool_temperature: float | None = None,
                  temperature_mode: str = "absolute", attention_weights: str = "detached",
@@ -260,7 +243,7 @@ class PullbackSession:
         self.token_grid = token_grid(model, inputs)
         self.channels_last = outputs_channels_last(model)
         self._state = self._run_forward(layers)
-        self._model_state = _model_state(model)  # as the forward left it
+        self._model_state = ModelState.of(model, self._samples_values)  # as left by the forward
 
     # ------------------------------------------------------------ the recorded forward
 
@@ -414,9 +397,10 @@ class PullbackSession:
 
     def model_unchanged(self) -> bool:
         """Whether the model's parameters and buffers are still those of this session's
-        forward: not changed in place, replaced, converted or moved. Pullbacks are refused
-        once they are not."""
-        return _same_model_state(self._model_state, self.model)
+        forward: not changed in place (also through ``.data``, as far as a sample of each
+        tensor's values shows), replaced, converted or moved. Pullbacks are refused once they
+        are not."""
+        return self._model_state.matches(self.model)
 
     def _backward(self, targets: Sequence[Target], call: GateSettings, batched: bool,
                   retain_graph: bool = True) -> Tensor:
@@ -434,7 +418,8 @@ class PullbackSession:
             state = self._state_for(targets)
             seeds = [self._seed(state, t) for t in targets]
             if state is not self._state:
-                self._state, self._model_state = state, _model_state(self.model)
+                self._state = state
+                self._model_state = ModelState.of(self.model, self._samples_values)
             self._live.assign(call)
             try:
                 with _autograd_on(), explained_errors(changed_in_place_error,
@@ -518,13 +503,21 @@ def excitation_pullback(model: nn.Module, inputs: Tensor, target: Target, *,
     ``temperature=None`` is the model's own default per kind of op.
     """
     layers = (target.layer,) if isinstance(target, Unit) else ()
-    session = PullbackSession(model, inputs, temperature=temperature, gate=gate,
+    session = _OneShotSession(model, inputs, temperature=temperature, gate=gate,
                               pool_temperature=pool_temperature,
                               temperature_mode=temperature_mode,
                               attention_weights=attention_weights, pool_weights=pool_weights,
                               layers=layers)
     # One backward of a session nobody else sees: let it free the graph as it goes.
     return session._backward([target], session.settings, batched=False, retain_graph=False)[0]
+
+
+class _OneShotSession(PullbackSession):
+    """A session for one backward, right after its forward: no code of the caller's runs in
+    between to change the model through ``.data``, so its values are not sampled (versions and
+    addresses are still compared)."""
+
+    _samples_values = False
 
 
 def _one_class_for_all(target: object) -> object:

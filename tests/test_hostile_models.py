@@ -608,7 +608,9 @@ def test_a_forward_for_new_layers_is_refused_after_any_parameter_or_buffer_chang
 
 
 @pytest.mark.parametrize("change", [".double()", ".to(float16)", ".data = a copy",
-                                    "in place", "load_state_dict"])
+                                    "in place", "load_state_dict", ".data in place (an EMA)",
+                                    ".data: one channel zeroed", ".data: a bias nudged",
+                                    ".data: a channels-last weight scaled"])
 def test_a_session_refuses_pullbacks_once_its_model_is_converted_or_changed(change):
     # .to() and .data = swap a parameter's memory, not the parameter nor its version: the
     # retained graph then failed on the dtype with a raw RuntimeError, or (same dtype) pulled
@@ -629,13 +631,38 @@ def test_a_session_refuses_pullbacks_once_its_model_is_converted_or_changed(chan
     elif change == "in place":
         with torch.no_grad():
             model[0].bias.add_(1.0)
-    else:
+    elif change == "load_state_dict":
         model.load_state_dict({k: v + 1 for k, v in model.state_dict().items()})
+    # Through .data, autograd's versions do not move (a moving average, an ablation): the
+    # session answered with the old gates and the new weights (a hostile review).
+    elif change == ".data in place (an EMA)":
+        model[3].weight.data.mul_(0.9).add_(0.01)
+    elif change == ".data: one channel zeroed":
+        model[0].weight.data[2].zero_()
+    elif change == ".data: a bias nudged":
+        model[3].bias.data[1] += 0.5
+    else:
+        model[0].weight.data = model[0].weight.data.to(memory_format=torch.channels_last)
+        session = pw.PullbackSession(model, torch.rand(2, 3, 8, 8))
+        model[0].weight.data.mul_(-3.0)
     assert not session.model_unchanged()
     for call in (lambda: session.pullback(1), lambda: session.pullbacks([0, 1]),
                  lambda: session.pullback(pw.Unit("0", 1))):
         with pytest.raises(pw.PullbackWidgetsError, match="changed since this session's forward"):
             call()
+
+
+def test_a_session_over_weights_holding_nan_and_negative_zero_stays_usable():
+    # The record compares the sampled values' bits: NaN is not equal to itself as a value.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3)).eval()
+    model.register_buffer("spare", torch.full((100,), float("nan")))  # unused by forward
+    with torch.no_grad():
+        model[3].weight.zero_().neg_()
+    session = pw.PullbackSession(model, torch.rand(2, 3, 8, 8))
+    assert session.model_unchanged()
+    session.pullback(1)
+    assert session.model_unchanged()
 
 
 def test_class_indices_beyond_int64_and_temperatures_changed_in_place_are_clear_errors():

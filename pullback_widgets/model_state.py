@@ -1,0 +1,122 @@
+"""A record of a model's parameters and buffers, to tell later whether they changed.
+
+A session's graph holds one forward of the model: a backward after the user changed the model
+would pull back through the new weights along the old gates, an answer about neither model.
+Three things tell a change:
+
+- versions: autograd's counter, which every in-place change it sees moves (an optimiser step,
+  ``load_state_dict``, ``copy_`` under ``no_grad``);
+- addresses: ``.to()``, ``.double()`` and ``p.data = ...`` swap a tensor's memory, not the
+  tensor, nor its version;
+- a sample of the values: in-place changes through ``.data`` (``p.data.mul_(0.9)``, an
+  exponential moving average, zeroing a layer to ablate it) move neither.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .validation import submodules
+
+# Values sampled per tensor: evenly spaced through its memory. A change to all of a tensor, or
+# to a slice of it, moves some of them; a change to a few single values may miss them all.
+SAMPLES_PER_TENSOR = 64
+
+# Bits compared, not values: NaN is not equal to itself, and -0.0 is equal to 0.0.
+_SAME_SIZE_INTEGERS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _tensors(model: nn.Module) -> list[Tensor]:
+    """Each parameter and buffer, read from each module's own dicts: ``model.parameters()``
+    builds every name (0.5 against 0.15 ms on Lite0)."""
+    return [t for module in submodules(model) for tensors in (module._parameters, module._buffers)
+            for t in tensors.values() if t is not None]
+
+
+def _address(tensor: Tensor) -> int | None:
+    try:
+        return tensor.data_ptr()
+    except RuntimeError:  # no storage of its own (a tensor subclass)
+        return None
+
+
+def _one_block(tensor: Tensor) -> bool:
+    """Whether ``tensor``'s values fill one block of memory (contiguous or channels last)."""
+    return tensor.is_contiguous() or (tensor.dim() == 4 and tensor.is_contiguous(
+        memory_format=torch.channels_last)) or (tensor.dim() == 5 and tensor.is_contiguous(
+            memory_format=torch.channels_last_3d))
+
+
+def _sample(tensor: Tensor) -> Tensor:
+    """Up to :data:`SAMPLES_PER_TENSOR` of ``tensor``'s values as a 1-D view of its memory
+    where they fill one block (nearly every parameter), else all of them (a copy); floats
+    viewed as integers of their size."""
+    tensor = tensor.detach()
+    count = tensor.numel()
+    if count <= SAMPLES_PER_TENSOR or not _one_block(tensor):
+        sample = tensor.reshape(-1)
+    else:
+        sample = tensor.as_strided((SAMPLES_PER_TENSOR,), (count // SAMPLES_PER_TENSOR,),
+                                   tensor.storage_offset())
+    return sample.view(_SAME_SIZE_INTEGERS[sample.element_size()]) \
+        if sample.is_floating_point() else sample
+
+
+def _sample_views(tensors: list[Tensor]) -> dict[tuple, list[Tensor]]:
+    """The samples of ``tensors`` per (dtype, device). Tensors no sample can be read from
+    (sparse, quantized, some subclasses) are left out: their versions and addresses are still
+    compared."""
+    groups: dict[tuple, list[Tensor]] = {}
+    for tensor in tensors:
+        try:
+            sample = _sample(tensor)
+        except (RuntimeError, NotImplementedError):
+            continue
+        groups.setdefault((sample.dtype, sample.device), []).append(sample)
+    return groups
+
+
+def _joined(views: dict[tuple, list[Tensor]]) -> dict[tuple, Tensor | None]:
+    """The sampled values now, copied (the views see later changes): one tensor per group,
+    None where they cannot be joined."""
+    joined: dict[tuple, Tensor | None] = {}
+    for key, samples in views.items():
+        try:
+            joined[key] = torch.cat(samples)
+        except (RuntimeError, NotImplementedError):
+            joined[key] = None
+    return joined
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """A model's parameters and buffers as found: each tensor with its version and address,
+    and (where sampled) views of a sample of each one's values, with those values then."""
+
+    entries: tuple[tuple[Tensor, int, int | None], ...]
+    views: dict[tuple, list[Tensor]] | None
+    values: dict[tuple, Tensor | None] | None
+
+    @staticmethod
+    def of(model: nn.Module, sampled: bool = True) -> ModelState:
+        tensors = _tensors(model)
+        views = _sample_views(tensors) if sampled else None
+        return ModelState(tuple((t, t._version, _address(t)) for t in tensors), views,
+                          None if views is None else _joined(views))
+
+    def matches(self, model: nn.Module) -> bool:
+        """Whether ``model`` holds the same tensors, unchanged in place (by autograd's count,
+        or in the sampled values), in the same memory."""
+        now = _tensors(model)
+        if len(now) != len(self.entries) or not all(
+                a is b and version == b._version and address == _address(b)
+                for (a, version, address), b in zip(self.entries, now)):
+            return False
+        if self.views is None:
+            return True
+        # The same tensors in the same memory: the views made then read them now.
+        return all(then is None or torch.equal(now, then) for now, then in zip(
+            _joined(self.views).values(), self.values.values()))

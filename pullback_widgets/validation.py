@@ -240,6 +240,9 @@ def check_inputs(inputs: object) -> Tensor:
             f"inputs must hold at least one image with pixels, got shape {tuple(inputs.shape)}")
     if inputs.is_meta:
         raise PullbackWidgetsError("inputs are on the meta device, which holds no values")
+    if inputs.layout != torch.strided:
+        raise PullbackWidgetsTypeError(
+            f"inputs must be a dense tensor, got layout {inputs.layout}: pass inputs.to_dense()")
     # The extremes are NaN where any value is (10x faster than isfinite(inputs).all()).
     if not torch.isfinite(torch.stack(torch.aminmax(inputs))).all():
         raise PullbackWidgetsError("inputs contain NaN or infinite values")

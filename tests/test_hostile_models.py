@@ -526,6 +526,19 @@ def test_devices_this_machine_lacks_and_meta_tensors_are_clear_errors():
                                torch.rand(1, 3, 32, 32, device="meta"), 0)
 
 
+@pytest.mark.parametrize("layout", ["sparse COO", "sparse CSR"])
+def test_sparse_inputs_are_a_clear_error_at_every_door(layout):
+    # They passed every check, then failed deep inside with NotImplementedError (a review).
+    model = pw.load_model("shapes", weights=None)
+    dense = torch.rand(1, 3, 32, 32)
+    sparse = dense.to_sparse() if layout == "sparse COO" else dense.to_sparse_csr()
+    for door in (lambda: pw.excitation_pullback(model, sparse, 0),
+                 lambda: pw.PullbackSession(model, sparse),
+                 lambda: pw.ExcitationPullback(model).attribute(sparse, target=0)):
+        with pytest.raises(pw.PullbackWidgetsTypeError, match="dense tensor.*to_dense"):
+            door()
+
+
 class _SumFirst(nn.Module):
     """Global sums first: their order of addition follows the input's memory layout."""
 

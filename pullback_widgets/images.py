@@ -94,6 +94,8 @@ def _open_pil(opener: object, what: str, max_pixels: int) -> Tensor:
             _check_pixel_count(img.width, img.height, max_pixels)
             if img.format == "PNG":
                 _check_png_data(img.fp, what, img.width, img.height)
+            elif img.format in ("JPEG", "MPO"):
+                _check_jpeg_data(img.fp, what, img.width, img.height)
             try:
                 img.load()
             except Exception as err:
@@ -160,6 +162,81 @@ def _check_png_data(stream: io.IOBase, what: str, width: int, height: int) -> No
             f"could not read {what} as an image: it declares {width} x {height} pixels but "
             f"its pixel data holds only {got} of the {needed} bytes they need (a truncated or "
             "corrupt PNG)")
+
+
+# Frame headers of Huffman-coded JPEGs (baseline, extended, progressive, lossless): every
+# block then takes at least one bit of coded data. Arithmetic-coded ones can take less.
+_JPEG_HUFFMAN_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7}
+# Markers without a length: the start of the image, TEM and restarts (D0-D7).
+_JPEG_BARE_MARKERS = {0xD8, 0x01, *range(0xD0, 0xD8)}
+
+
+def _jpeg_blocks(frame: bytes, width: int, height: int) -> int:
+    """8 x 8 blocks a JPEG frame header's components code, over whole MCUs."""
+    count = frame[5]
+    sampling = [(frame[7 + 3 * i] >> 4, frame[7 + 3 * i] & 15) for i in range(count)
+                if len(frame) >= 9 + 3 * i]
+    if not sampling or any(h == 0 or v == 0 for h, v in sampling):
+        return 0
+    wide, tall = max(h for h, _ in sampling), max(v for _, v in sampling)
+    mcus = -(-width // (8 * wide)) * -(-height // (8 * tall))
+    return mcus * sum(h * v for h, v in sampling)
+
+
+def _jpeg_coded_bytes(data: bytes, start: int) -> tuple[int, int]:
+    """(coded bytes, offset of the marker that ends them) of a scan whose coded data begins at
+    ``start``: it runs to the first marker other than a restart (0xFF00 is a stuffed 0xFF)."""
+    coded, offset = 0, start
+    while True:
+        end = data.find(b"\xff", offset)
+        if end < 0 or end + 1 >= len(data):
+            return coded + len(data) - offset, len(data)
+        follower = data[end + 1]
+        coded += end - offset
+        if follower == 0x00:
+            coded, offset = coded + 1, end + 2
+        elif 0xD0 <= follower <= 0xD7:
+            offset = end + 2
+        else:
+            return coded, end
+
+
+def _check_jpeg_data(stream: io.IOBase, what: str, width: int, height: int) -> None:
+    """Refuse a Huffman-coded JPEG whose coded data is too short for the pixels its header
+    declares: every 8 x 8 block takes at least one bit. libjpeg fills the blocks after a
+    premature end with grey, and a 3 kB file with an end marker can declare 7000 x 7000
+    (seconds of decoding into a flat grey picture). This reads the markers and counts the
+    coded bytes; damage of any other kind is left to Pillow's decoder. A JPEG cut short less
+    severely still loads, grey where its data is missing, as Pillow loads it."""
+    position = stream.tell()
+    try:
+        stream.seek(0)
+        data = stream.read()
+    finally:
+        stream.seek(position)
+    blocks = coded = 0
+    offset = 2  # past the start-of-image marker, which Image.open has checked
+    while offset + 4 <= len(data) and data[offset] == 0xFF:
+        marker = data[offset + 1]
+        if marker == 0xD9:  # the end of the image
+            break
+        if marker == 0xFF or marker in _JPEG_BARE_MARKERS:  # fill, or no length
+            offset += 1 if marker == 0xFF else 2
+            continue
+        length = int.from_bytes(data[offset + 2:offset + 4], "big")
+        segment, offset = data[offset + 4:offset + 2 + length], offset + 2 + length
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and not blocks:
+            if marker not in _JPEG_HUFFMAN_FRAMES:
+                return  # arithmetic coding: no bound per block
+            blocks = _jpeg_blocks(segment, width, height)
+        elif marker == 0xDA:  # a scan's header, then its coded data
+            scan, offset = _jpeg_coded_bytes(data, offset)
+            coded += scan
+    if blocks and coded * 8 < blocks:
+        raise PullbackWidgetsError(
+            f"could not read {what} as an image: it declares {width} x {height} pixels "
+            f"({blocks} blocks of 8 x 8) but holds only {coded} bytes of coded data, less "
+            "than one bit a block (a truncated or corrupt JPEG)")
 
 
 def _unreadable(what: str, err: Exception) -> PullbackWidgetsError:

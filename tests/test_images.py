@@ -17,7 +17,7 @@ from PIL import Image
 
 import pullback_widgets as pw
 from pullback_widgets import SAMPLE_IMAGES, load_image, sample_image
-from pullback_widgets.images import _png_raw_size, sample_image_array
+from pullback_widgets.images import _open_pil, _png_raw_size, sample_image_array
 from pullback_widgets.validation import PullbackWidgetsError, PullbackWidgetsTypeError
 
 RED = (1.0, 0.0, 0.0)
@@ -623,3 +623,42 @@ def test_a_meta_tensor_image_is_a_clear_error():
 def test_an_empty_path_is_a_clear_error():
     with pytest.raises(pw.PullbackWidgetsError, match="image path is empty"):
         pw.load_image("")
+
+
+def _jpeg(array: np.ndarray, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+def test_a_jpeg_declaring_7000x7000_in_3_kb_is_refused_before_decoding(monkeypatch):
+    # Cut short, then given an end marker: libjpeg filled the rest with grey and Pillow
+    # returned a flat picture after seconds of decoding (a review).
+    noise = (np.random.default_rng(0).random((7000, 7000, 3)) * 255).astype(np.uint8)
+    data = _jpeg(noise, quality=50)[:3000] + b"\xff\xd9"
+
+    def refuse(self):
+        raise AssertionError("Pillow was asked to decode a lying JPEG")
+
+    monkeypatch.setattr(Image.Image, "load", refuse)
+    from PIL import ImageFile
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+    with pytest.raises(PullbackWidgetsError, match=r"7000 x 7000 .* truncated or corrupt JPEG"):
+        load_image(data)
+
+
+@pytest.mark.parametrize("options", [
+    {"quality": 1}, {"quality": 95}, {"quality": 1, "progressive": True},
+    {"quality": 1, "subsampling": 0}, {"quality": 1, "optimize": True},
+    {"quality": 1, "restart_marker_blocks": 1},
+], ids=["q1", "q95", "progressive", "4:4:4", "optimised", "restart markers"])
+def test_honest_jpegs_at_their_smallest_still_load_as_pillow_decodes_them(options):
+    # A flat picture at quality 1 takes about 2 bits a block, the fewest an honest JPEG
+    # takes: the check's bound is 1 bit.
+    for array in (np.full((1024, 768, 3), 77, np.uint8), np.zeros((1, 1, 3), np.uint8),
+                  (np.random.default_rng(1).random((65, 33, 3)) * 255).astype(np.uint8)):
+        data = _jpeg(array, **options)
+        expected = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+        decoded = _open_pil(io.BytesIO(data), "a JPEG", 10 ** 7)  # load_image's decoding step
+        assert torch.equal((decoded.permute(1, 2, 0) * 255).round().to(torch.uint8), expected)
+        check_output(load_image(data))

@@ -51,7 +51,8 @@ def find_class(query: int | str, labels: Sequence[str]) -> int:
     """
     if isinstance(query, str):
         # At most 18 digits: int() refuses thousands with a plain ValueError.
-        option = re.fullmatch(r"(.*\S)\s*\(([0-9]{1,18})\)", query.strip())
+        # The name may be empty: a class whose label is "" is listed as "(index)".
+        option = re.fullmatch(r"(.*?)\s*\(([0-9]{1,18})\)", query.strip())
         if option and int(option[2]) < len(labels) and \
                 _fold(labels[int(option[2])]) == _fold(option[1]):
             return int(option[2])  # "name (index)", as the explorers list the classes

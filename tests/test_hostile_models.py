@@ -535,7 +535,7 @@ def test_sparse_inputs_are_a_clear_error_at_every_door(layout):
     for door in (lambda: pw.excitation_pullback(model, sparse, 0),
                  lambda: pw.PullbackSession(model, sparse),
                  lambda: pw.ExcitationPullback(model).attribute(sparse, target=0)):
-        with pytest.raises(pw.PullbackWidgetsTypeError, match="dense tensor.*to_dense"):
+        with pytest.raises(pw.PullbackWidgetsTypeError, match=r"dense tensor.*to_dense"):
             door()
 
 

@@ -278,3 +278,120 @@ def test_sync_figure_keeps_what_the_user_set_on_the_page():
     assert widget.layout.dragmode == "pan"
     sync_figure(widget, figures.temperature_strip(maps, pw.model_helpers.STRIP_TEMPERATURES))
     assert widget.layout.dragmode == "pan"
+
+
+# ---------------------------------------------------------------- a review of the explorer
+
+def _five_class_net() -> torch.nn.Module:
+    """A ReLU net whose predicted class differs between "coffee" and "rocket"."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(6, 5)).eval()
+    model.input_size = 32
+    return model
+
+
+def _predicted(model, key: str) -> int:
+    return int(model(pw.sample_image(key, size=32)).argmax())
+
+
+@pytest.mark.parametrize("how", ["typed", "Top-5 button"])
+def test_a_class_chosen_after_another_image_is_drawn_even_if_once_filled_in(how):
+    # Image A fills the box with its class P_A; the user picks X, changes to image B, then
+    # picks P_A: the explorer took P_A for its own fill-in and drew B's class (a review).
+    model = _five_class_net()
+    p_a, p_b = _predicted(model, "coffee"), _predicted(model, "rocket")
+    assert p_a != p_b
+    other = next(i for i in range(5) if i not in (p_a, p_b))
+    explorer = pw.PullbackExplorer(model, "coffee", labels=LABELS)
+    assert explorer.wait() and explorer.target.value == f"{LABELS[p_a]} ({p_a})"
+    explorer.target.value = f"{LABELS[other]} ({other})"
+    explorer.image.value = "rocket"
+    assert explorer.wait()
+    if how == "typed":
+        explorer.target.value = f"{LABELS[p_a]} ({p_a})"
+    else:
+        next(b for b in explorer.top_buttons if b.class_index == p_a).click()
+    assert explorer.wait()
+    assert f"Pullback of ⁨{LABELS[p_a]}⁩" in explorer.pullback_figure.layout.title.text
+    assert explorer.target.value == f"{LABELS[p_a]} ({p_a})"
+    explorer.close()
+
+
+def test_labels_with_spaces_or_empty_follow_the_predicted_class():
+    # " bee" (from "ant, bee".split(",")): the box's stripped value never equalled the
+    # explorer's unstripped fill-in, which then counted as the user's choice and stayed
+    # on every image; an empty label could not be chosen at all (a review).
+    model = _five_class_net()
+    p_a, p_b = _predicted(model, "coffee"), _predicted(model, "rocket")
+    labels = ["ant", " bee", " cat", " dog", " eel"]
+    explorer = pw.PullbackExplorer(model, "coffee", labels=labels)
+    assert explorer.wait()
+    explorer.image.value = "rocket"
+    assert explorer.wait()
+    assert f"⁨{labels[p_b].strip()}⁩" in explorer.pullback_figure.layout.title.text
+    explorer.close()
+    labels = [f"c{i}" for i in range(5)]
+    labels[p_a] = ""
+    explorer = pw.PullbackExplorer(model, "coffee", labels=labels)
+    assert explorer.wait() and explorer.target.value == f"({p_a})"
+    assert "⚠" not in explorer.status.value
+    explorer.image.value = "rocket"
+    assert explorer.wait() and explorer.target.value == f"c{p_b} ({p_b})"
+    explorer.target.value = f"({p_a})"  # the nameless class, chosen
+    assert explorer.wait() and "⚠" not in explorer.status.value
+    assert explorer.pullback_figure.layout.title.text.startswith("Pullback of ⁨⁩")
+    explorer.close()
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "paper latest"])
+def test_each_strip_panel_is_the_pullback_the_slider_gives_at_its_temperature(gate):
+    # The strip passed one T to every kind of gate while the slider scales each kind from
+    # the model's defaults (SiLU 1.6 at ReLU's 0.3) or a preset's: its "T = 1" panel was
+    # 14 % off the slider's T = 1 (a review).
+    from pullback_widgets.model_helpers import STRIP_TEMPERATURES, scaled_temperatures
+    from pullback_widgets.paper import PAPER_PRESETS
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.SiLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(6, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(8, 5)).eval()
+    model.input_size = 32
+    explorer = pw.PullbackExplorer(model, "coffee", labels=LABELS)
+    explorer.gate.value = gate
+    explorer.strip_button.click()
+    assert explorer.wait() and "⚠" not in explorer.status.value
+    image = explorer._images["coffee"]
+    preset = PAPER_PRESETS.get(gate)
+    for panel, t in zip(explorer.strip_figure.data, STRIP_TEMPERATURES):
+        expected = pw.excitation_pullback(
+            model, image, _predicted(model, "coffee"),
+            temperature=scaled_temperatures(model, t, preset.temperature if preset else None),
+            gate=preset.gate if preset else gate,
+            pool_weights=preset.pool_weights if preset else "differentiated")[0]
+        np.testing.assert_allclose(np.asarray(panel.z, dtype=np.float64),
+                                   expected.sum(0).double().numpy(), rtol=1e-5, atol=1e-7)
+    explorer.close()
+
+
+def test_a_failed_comparison_leaves_both_panels_of_one_target():
+    # The pullback of the new target was drawn before Grad-CAM failed on a model without a
+    # convolution: the two panels named different classes (a review).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 16),
+                                torch.nn.ReLU(), torch.nn.Linear(16, 5)).eval()
+    model.input_size = 32
+    explorer = pw.PullbackExplorer(model, "coffee", labels=LABELS)
+    assert explorer.wait()
+    titles = (explorer.pullback_figure.layout.title.text,
+              explorer.gradient_figure.layout.title.text)
+    explorer.compare.value = "gradcam"
+    shown = int(model(explorer._images["coffee"]).argmax())
+    explorer.target.value = f"{LABELS[(shown + 1) % 5]} ({(shown + 1) % 5})"
+    assert explorer.wait()
+    assert "need a Conv2d layer" in explorer.status.value
+    assert (explorer.pullback_figure.layout.title.text,
+            explorer.gradient_figure.layout.title.text) == titles
+    explorer.close()

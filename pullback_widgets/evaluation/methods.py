@@ -249,7 +249,7 @@ def _captum_smoothgrad(model, x, target, *, samples, noise_std, seed):
 def _last_conv(model: nn.Module) -> str:
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not names:
-        raise ValueError("Guided Grad-CAM needs a Conv2d layer; the model has none")
+        raise ValueError("Grad-CAM and Guided Grad-CAM need a Conv2d layer; the model has none")
     return names[-1]
 
 

@@ -445,8 +445,9 @@ class LayerControl:
 
 
 def class_options(labels: Sequence[str]) -> list[str]:
-    """Unique, searchable option strings "name (index)": ImageNet has two "crane"s."""
-    return [f"{name} ({index})" for index, name in enumerate(labels)]
+    """Unique, searchable option strings "name (index)": ImageNet has two "crane"s. Names
+    lose surrounding whitespace (labels read with ``readlines()``), as the box's values do."""
+    return [f"{name.strip()} ({index})".lstrip() for index, name in enumerate(labels)]
 
 
 def load_choice(source: object, size: int, name: str | None = None,

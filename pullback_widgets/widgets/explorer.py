@@ -260,6 +260,11 @@ class PullbackExplorer(w.VBox):
         # on its thread: the snapshot and its submission are one step, or an older snapshot
         # could replace a newer one in the worker's slot, and its status event with it.
         with self._submit_lock:
+            if change is not None and change["owner"] is self.target \
+                    and change["new"].strip() != self._auto_target:
+                # The user's value from now on, even where it names the class the explorer
+                # once filled in: the predicted class of another image may be another.
+                self._auto_target = ""
             if not self._closed:
                 self._submit(self._request())
 
@@ -372,7 +377,7 @@ class PullbackExplorer(w.VBox):
         option = class_options(self.labels)[target_class]
         if self.target.value.strip() in ("", self._auto_target) and \
                 self.target.value != option:
-            self._auto_target = option
+            self._auto_target = option.strip()
             self.target.value = option  # its request equals this one: nothing is recomputed
 
     def _compute(self, request: _Request) -> None:
@@ -405,20 +410,24 @@ class PullbackExplorer(w.VBox):
         temperatures = scaled_temperatures(self.model, request.temperature,
                                            preset.temperature if preset else None)
         described = describe_temperatures(temperatures, session.gated_kinds)
+        pullback = None
         if shown != self._pullback_shown:
             began = time.perf_counter()
             pullback = check_finite(session.pullback(target, temperature=temperatures,
                                                      gate=gate, pool_weights=pool_weights)[0],
                                     "the pullback")
+            pullback_time = f"pullback {_ms(began)}"
+        # Both maps before either is drawn: a comparison that fails leaves both panels as
+        # they were, of one target, not the pullback of the new one beside the old.
+        compared = self._comparison(request, session, target, target_class)
+        label, attribution, seconds, cached, note = compared
+        check_finite(attribution, f"the {label}")
+        if pullback is not None:
             title = f"Plain gradient of {what} (nothing to gate)" if plain else \
                 f"Pullback of {what} ({described}, {request.gate})"
             sync_figure(self.pullback_figure,
                         _view_figure(request.view, image, pullback, title, mask))
-            self._pullback_shown = shown
-            self._pullback_time = f"pullback {_ms(began)}"
-        compared = self._comparison(request, session, target, target_class)
-        label, attribution, seconds, cached, note = compared
-        check_finite(attribution, f"the {label}")
+            self._pullback_shown, self._pullback_time = shown, pullback_time
         shown = (request.image_key, target, request.view, label, mask is not None)
         if shown != self._gradient_shown:
             title = f"{label} of {what}"
@@ -434,11 +443,14 @@ class PullbackExplorer(w.VBox):
                  + (" (cached)" if cached else "")]
         strip_gate = "sigmoid" if gate == "hard" else gate
         strip_shown = (request.image_key, target, strip_gate, pool_weights,
+                       request.gate if preset else None,  # a preset's own temperatures
                        label if request.strip_compare else None)
         if request.strip_token != self._strip_done:
-            strip = [check_finite(session.pullback(target, temperature=t, gate=strip_gate,
-                                                   pool_weights=pool_weights)[0],
-                                  f"the pullback at T = {t}")
+            # Each panel as the slider at its T gives it: every kind of gate scaled alike.
+            strip = [check_finite(session.pullback(
+                target, temperature=scaled_temperatures(
+                    self.model, t, preset.temperature if preset else None),
+                gate=strip_gate, pool_weights=pool_weights)[0], f"the pullback at T = {t}")
                      for t in STRIP_TEMPERATURES]
             extra = (label, attribution) if request.strip_compare else None
             sync_figure(self.strip_figure, figures.temperature_strip(

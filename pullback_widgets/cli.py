@@ -24,6 +24,7 @@ from . import __name__ as package_name
 from .ascent import ascent_grid
 from .evaluation.methods import METHODS
 from .evaluation.runner import (
+    MAX_SYNTHETIC_PIXELS,
     METRICS,
     atomic_write,
     check_writable_folder,
@@ -123,7 +124,11 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--synthetic", type=int, default=None, metavar="N",
                                  help="instead of files: N synthetic shapes with known "
                                       "evidence (seed --seed); default model shapes, targets "
-                                      "the labels, metrics mass pointing mask_auc")
+                                      "the labels (the shapes model's classes: another "
+                                      "--model needs --targets predicted or top-K), metrics "
+                                      "mass pointing mask_auc; N at most "
+                                      f"{MAX_SYNTHETIC_PIXELS // 64 ** 2} at 64 px, fewer at "
+                                      "larger sizes (all are made in memory first)")
     evaluate_parser.add_argument("--seed", type=int, default=0,
                                  help="seed of the synthetic shapes and of the metrics' noise")
     evaluate_parser.add_argument("--model", default=None, choices=sorted(MODELS),

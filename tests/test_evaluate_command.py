@@ -208,6 +208,11 @@ def test_a_killed_run_resumes_to_the_same_rows(single_run, photos, tmp_path):
     (["{photos}", "--out", "{tmp}/stem.parquet"], "stem.settings.json' exists"),
     (["{photos}", "--seed", str(2 ** 64)], "seed must be an integer in [-2**62, 2**62)"),
     (["--synthetic", "2", "--limit", "0"], "--limit"),
+    (["--synthetic", "2", "--model", "efficientnet_lite0"], "pass --targets predicted"),
+    (["--synthetic", "2", "--model", "resnet50", "--targets", "label"], "shapes model's"),
+    (["--synthetic", "10001"], "--synthetic is at most 10000 images at 64 px"),
+    (["--synthetic", "900", "--image-size", "224", "--targets", "predicted",
+      "--model", "efficientnet_lite0"], "--synthetic is at most 816 images at 224 px"),
 ])
 def test_refusals_are_one_line_before_any_work(photos, tmp_path, capsys, monkeypatch, args,
                                                message):
@@ -281,9 +286,9 @@ def test_items_from_any_source_and_randomisation_equals_the_cascade(tmp_path):
     np.testing.assert_allclose([r[4] for r in report.rows], expected.numpy(), rtol=1e-12)
     # The model that ran is recorded, not the settings' default name; a resume with another
     # model is refused.
-    assert f"model='{type(model).__name__} (passed in)'" in report.summary
     recorded = json.loads((tmp_path / "r.settings.json").read_text())["settings"]["model"]
-    assert recorded == f"{type(model).__name__} (passed in)"
+    assert recorded == runner._model_record(model) and f"model={recorded!r}" in report.summary
+    assert recorded.startswith(f"{type(model).__name__} (passed in, weights ")
     with pytest.raises(pw.PullbackWidgetsError, match="model"):
         ev.evaluate(items, settings, tmp_path / "r.csv", model=pw.load_model("shapes"),
                     resume=True, progress=False)
@@ -717,3 +722,123 @@ def test_a_refused_run_leaves_no_folder_behind(tmp_path):
         assert _main(str(tmp_path / "missing"), "--out", str(out)) == 2
     assert list(tmp_path.iterdir()) == []
     assert _synthetic_run(out)[0] == 0 and out.exists()
+
+
+def test_resuming_from_a_folder_where_the_names_are_other_files_is_refused(tmp_path,
+                                                                           monkeypatch):
+    # Rows are keyed by relative names: from another folder, imgs/0.png is another picture.
+    rng = np.random.default_rng(1)
+    for run in "AB":
+        (tmp_path / run / "imgs").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray((rng.random((40, 40, 3)) * 255).astype("uint8")).save(
+                tmp_path / run / "imgs" / f"{i}.png")
+    out = tmp_path / "r.csv"
+    args = ("imgs", "--model", "shapes", "--image-size", "32", "--methods", "random",
+            "--metrics", "deletion", "--out", str(out))
+    monkeypatch.chdir(tmp_path / "A")
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        assert _main(*args, "--limit", "1") == 0
+    rows = _rows(out)
+    monkeypatch.chdir(tmp_path / "B")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert _main(*args, "--resume") == 2
+    last = err.getvalue().strip().splitlines()[-1]
+    assert "holds rows for 'imgs/0.png'" in last and "resume from there" in last
+    assert str(tmp_path / "A") in last and _rows(out) == rows
+    monkeypatch.chdir(tmp_path / "A")  # the folder it began in: it resumes
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        assert _main(*args, "--resume") == 0
+    assert sorted({r[0] for r in _rows(out)}) == ["imgs/0.png", "imgs/1.png"]
+    # Synthetic images are files in neither folder: they resume from anywhere.
+    assert _synthetic_run(tmp_path / "s.csv", "--limit", "1")[0] == 0
+    monkeypatch.chdir(tmp_path / "B")
+    assert _synthetic_run(tmp_path / "s.csv", "--resume")[0] == 0
+    assert len(_rows(tmp_path / "s.csv")) == 2
+
+
+def test_synthetic_images_explained_by_another_model_at_its_predictions(tmp_path):
+    out = tmp_path / "lite.csv"
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        assert _main("--synthetic", "2", "--model", "efficientnet_lite0", "--targets",
+                     "predicted", "--image-size", "32", "--methods", "random",
+                     "--metrics", "mass", "--out", str(out)) == 0
+    assert [r[0] for r in _rows(out)] == ["shapes-s0-000000", "shapes-s0-000001"]
+
+
+def test_a_file_of_the_users_named_like_the_lock_is_refused_and_kept(tmp_path):
+    out, lock = tmp_path / "r.csv", tmp_path / ".r.lock"
+    lock.write_text("my notes")
+    status, err = _synthetic_run(out)
+    last = err.strip().splitlines()[-1]
+    assert status == 2 and f"{str(lock)!r} is not a pullback-widgets lock" in last
+    assert lock.read_text() == "my notes" and sorted(p.name for p in tmp_path.iterdir()) == [
+        ".r.lock"]
+    lock.unlink()
+    os.mkfifo(lock)  # reading it would block
+    status, err = _synthetic_run(out)
+    assert status == 2 and "is not a pullback-widgets lock" in err and lock.exists()
+    lock.unlink()
+    held = runner.OutputLock(out)  # a run's lock says so, and goes with the run
+    try:
+        assert lock.read_bytes() == runner.LOCK_MARKER
+    finally:
+        held.release()
+    assert not lock.exists()
+    lock.write_bytes(runner.LOCK_MARKER)  # left by a killed run: the OS holds no lock
+    assert _synthetic_run(out)[0] == 0 and not lock.exists()
+
+
+def test_resuming_with_a_passed_in_model_or_method_from_elsewhere_is_refused(tmp_path):
+    items = ev.synthetic_items(3)
+    torch.manual_seed(0)
+    first = pw.synthetic.ShapesNet().eval()
+    torch.manual_seed(1)
+    other = pw.synthetic.ShapesNet().eval()
+    settings = ev.EvaluationSettings(model="shapes", methods=("gradient",), metrics=("mass",),
+                                     targets="label", image_size=64)
+    out = tmp_path / "r.csv"
+    ev.evaluate(items[:2], settings, out, model=first, progress=False)
+    rows = _rows(out)
+    with pytest.raises(pw.PullbackWidgetsError, match=r"model: 'ShapesNet \(passed in, weights "
+                       r"[0-9a-f]{12}\)' then, 'ShapesNet \(passed in, weights [0-9a-f]{12}\)"):
+        ev.evaluate(items, settings, out, model=other, resume=True, progress=False)
+    assert _rows(out) == rows
+    report = ev.evaluate(items, settings, out, model=first, resume=True, progress=False)
+    assert len(report.rows) == 3
+    # bfloat16 weights have a digest too (numpy has no bfloat16)
+    assert "weights" in runner._model_record(pw.synthetic.ShapesNet().to(torch.bfloat16))
+    # Methods passed in are recorded by module and qualified name (their code is not compared).
+    mine = tmp_path / "mine.csv"
+    ev.evaluate(items[:2], settings, mine, model=first, methods={"mine": ev.gradient},
+                progress=False)
+    with pytest.raises(pw.PullbackWidgetsError, match="other methods under the same names "
+                       r"\(mine: 'pullback_widgets.evaluation.methods.gradient' then"):
+        ev.evaluate(items, settings, mine, model=first, resume=True, progress=False,
+                    methods={"mine": lambda model, x, target: ev.gradient(model, x, target)})
+    ev.evaluate(items, settings, mine, model=first, methods={"mine": ev.gradient},
+                resume=True, progress=False)
+    record = json.loads(runner._settings_path(mine).read_text())
+    assert record["method_sources"] == {"mine": "pullback_widgets.evaluation.methods.gradient"}
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"baseline": "zeros"}, r"baseline must be one of \('blur', 'mean'\)"),
+    ({"noise_std": 0.0}, "noise_std must be a finite number > 0"),
+    ({"noise_std": math.nan}, "noise_std must be a finite number > 0"),
+    ({"step_size": -1.0}, "step_size must be a finite number > 0"),
+    ({"eps": math.inf}, "eps must be a finite number > 0"),
+    ({"steps": 64 * 64 + 1}, r"steps must be at most image_size² = 4096"),
+    ({"metrics": ("infidelity",), "perturbations": 10 ** 10},
+     "perturbations must be at most 21845 at 64 px"),
+])
+def test_settings_are_checked_when_made_before_a_run_writes_anything(tmp_path, fields,
+                                                                     message):
+    with pytest.raises(pw.PullbackWidgetsError, match=message):
+        ev.EvaluationSettings(**{"image_size": 64, **fields})
+    # The bounds themselves pass, and a bound binds only the metric it is for.
+    ev.EvaluationSettings(image_size=64, steps=64 * 64, metrics=("deletion",))
+    ev.EvaluationSettings(image_size=64, perturbations=21845, metrics=("infidelity",))
+    ev.EvaluationSettings(image_size=64, steps=10 ** 10, perturbations=10 ** 10,
+                          metrics=("mass",))

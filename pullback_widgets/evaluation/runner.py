@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -64,12 +65,14 @@ from ..validation import (
     PullbackWidgetsTypeError,
     check_choice,
     check_index,
+    check_positive,
     first_line,
     is_integer,
 )
 from .ground_truth import MASK_METRICS
 from .methods import Explainer, build_method, check_methods
 from .metrics import (
+    BASELINES,
     BLUR_KERNEL,
     ascent_gain,
     deletion_auc,
@@ -81,6 +84,12 @@ from .metrics import (
 
 # Larger images would not fit in memory by the batch (4096 px: 200 MB an image in float32).
 MAX_IMAGE_SIZE = 4096
+# Infidelity holds all its noise draws at once, 3·image_size² values each, in float64 and
+# again in the model's dtype: 2**28 values is 3 GB (1783 draws at 224 px, 21845 at 64 px).
+MAX_NOISE_VALUES = 2 ** 28
+# --synthetic N makes all N images (and masks) in memory before the run, about 13 bytes a
+# pixel: 10000 images at 64 px, 0.5 GB.
+MAX_SYNTHETIC_PIXELS = 10_000 * 64 * 64
 
 __all__ = [
     "COLUMNS",
@@ -260,6 +269,10 @@ class EvaluationSettings:
     ascent gain: ``ascent_steps`` of L2 length ``step_size`` in the ball of radius ``eps``
     (pixel units); randomisation: seed ``seed``. Forward passes run ``forward_batch`` images
     at a time; ``batch_size`` images are evaluated together.
+
+    Every field is checked here, before a run writes anything: ``steps`` at most
+    ``image_size²`` (with deletion or insertion), ``perturbations`` at most
+    ``2**28 // (3 · image_size²)`` (with infidelity: the draws are held in memory at once).
     """
 
     model: str = "efficientnet_lite0"
@@ -303,6 +316,19 @@ class EvaluationSettings:
                 f"image_size must be in [{smallest}, {MAX_IMAGE_SIZE}] px"
                 + (" (the blur baseline's kernel)" if smallest > 1 else "")
                 + f", got {self.image_size}")
+        # The rest fail only inside the metrics, after the run has written its first files.
+        check_choice(self.baseline, BASELINES, "baseline")
+        for name in ("noise_std", "step_size", "eps"):
+            check_positive(getattr(self, name), name)
+        pixels = self.image_size ** 2
+        if {"deletion", "insertion"} & set(self.metrics) and self.steps > pixels:
+            raise PullbackWidgetsError(f"steps must be at most image_size² = {pixels} (a chunk "
+                                       f"is at least one pixel), got {self.steps}")
+        draws = MAX_NOISE_VALUES // (3 * pixels)
+        if "infidelity" in self.metrics and self.perturbations > draws:
+            raise PullbackWidgetsError(
+                f"perturbations must be at most {draws} at {self.image_size} px (the noise "
+                f"draws are held in memory, 2**28 values in all), got {self.perturbations}")
 
     def top_k(self) -> int | None:
         """K for ``top-K`` (1 for ``predicted``), None for ``label``."""
@@ -422,13 +448,19 @@ def refuse_special_file(out: Path) -> None:
                                    "pipe or socket); remove it or write elsewhere")
 
 
+# What a run's lock file holds: a file by that name that holds anything else is the user's.
+LOCK_MARKER = b"pullback-widgets evaluate lock\n"
+
+
 class OutputLock:
     """An exclusive lock on one output, held by the process that writes it (rank 0) while the
     run lasts: a second run into it at the same time (another terminal, a re-run cell) is
     refused instead of interleaving its writes. The lock covers the name stem, as the settings
     and summary do (r.csv and r.parquet share them). It is the OS's (``flock``): a killed run
-    holds nothing, and the empty file it leaves does not block. No lock where the OS has no
-    ``flock`` (Windows)."""
+    holds nothing, and the file it leaves does not block. The file holds :data:`LOCK_MARKER`;
+    one by that name that is no regular file, or holds anything but the marker or nothing (an
+    older version's lock, or a run killed before it wrote), is the user's: refused, never
+    removed. No lock where the OS has no ``flock`` (Windows)."""
 
     def __init__(self, out: Path) -> None:
         self.path = out.with_name(f".{out.stem}.lock")
@@ -459,10 +491,24 @@ class OutputLock:
                 self._fd = fd
             else:
                 os.close(fd)
+        # Read and written only while locked: no other run is between its open and its write.
+        regular = stat.S_ISREG(os.fstat(self._fd).st_mode)  # a pipe's read would block
+        held = os.pread(self._fd, len(LOCK_MARKER) + 1, 0) if regular else None
+        if held not in (b"", LOCK_MARKER):
+            os.close(self._fd)
+            self._fd = None
+            raise PullbackWidgetsError(
+                f"{str(self.path)!r} is not a pullback-widgets lock (a file of yours?), and the "
+                "run's lock goes there; move it elsewhere, or write --out under another name")
+        if not held:
+            os.pwrite(self._fd, LOCK_MARKER, 0)
 
     def release(self) -> None:
         if self._fd is not None:
-            self.path.unlink(missing_ok=True)  # while still held: no run locks a removed file
+            # While still held: no run locks a removed file. Only if it is still ours.
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(self._fd).st_ino:
+                    self.path.unlink()
             os.close(self._fd)
             self._fd = None
 
@@ -597,8 +643,9 @@ def _existing_rows(out: Path, names: Sequence[str] | None = None,
     """The rows of the output and its finished parts. ``names``: the images this run lists;
     a row for another name that is one of those files (the same folder spelled another way,
     here or from ``started_in``, the folder the run started in) would count that image twice,
-    so it is refused. Rows of images no longer listed (a smaller --limit, a removed file)
-    stay."""
+    so it is refused; so is a listed relative name with rows that names another file here
+    than from ``started_in`` (its rows are of that file). Rows of images no longer listed (a
+    smaller --limit, a removed file) stay."""
     rows = read_rows(out) if out.exists() else []
     for part in _finished_parts(out):
         rows += read_rows(part)
@@ -615,6 +662,12 @@ def _existing_rows(out: Path, names: Sequence[str] | None = None,
             f"{str(out)!r} holds rows for {twice!r}, a file this run lists under another name: "
             "it would count twice; resume with the same paths, spelled the same way, from the "
             "folder the run started in")
+    elsewhere = _other_file_here(sorted({row[0] for row in rows} & set(names or ())),
+                                 started_in)
+    if elsewhere is not None:
+        raise PullbackWidgetsError(
+            f"{str(out)!r} holds rows for {elsewhere!r}, which names another file here than in "
+            f"{started_in!r}, where the run started; resume from there")
     return rows
 
 
@@ -626,6 +679,19 @@ def _same_files(unlisted: Sequence[str], names: Sequence[str], folders: set[str]
     listed = {_file_identity(Path(name)) for name in names} - {None}
     for name in unlisted:
         if any(_file_identity(Path(folder, name)) in listed for folder in folders):
+            return name
+    return None
+
+
+def _other_file_here(names: Sequence[str], started_in: str | None) -> str | None:
+    """The first of ``names`` that is relative and names another file from here than from
+    ``started_in`` (a file here but none there, too); None if there is none. A synthetic
+    image's name is a file in neither folder: it passes."""
+    if started_in is None or started_in == os.getcwd():
+        return None
+    for name in names:
+        if not os.path.isabs(name) and (_file_identity(Path(name))
+                                        != _file_identity(Path(started_in, name))):
             return name
     return None
 
@@ -856,8 +922,41 @@ def _merge(rows: list[Row], items: Sequence[Item],
     return sorted(unique.values(), key=order)
 
 
-def _check_resume_settings(out: Path, settings: EvaluationSettings, resume: bool) -> str:
-    """Refuse a resume whose settings differ from the recorded ones (or are not recorded);
+def _model_record(model: nn.Module) -> str:
+    """How a run records ``model``: a registry model by its name; any other by its class and
+    a digest of its weights (its state_dict), so that a resume with other weights is refused."""
+    name = getattr(model, "model_name", None)
+    if name:
+        return str(name)
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(f"{key} {getattr(value, 'dtype', '')} "
+                      f"{tuple(getattr(value, 'shape', ()))}".encode())
+        if isinstance(value, Tensor):
+            # Bytes as uint8: numpy has no bfloat16.
+            value = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            digest.update(value.tobytes())
+        else:  # a module's extra state
+            digest.update(repr(value).encode())
+    return f"{type(model).__name__} (passed in, weights {digest.hexdigest()[:12]})"
+
+
+def _method_sources(methods: Mapping[str, Explainer] | None,
+                    settings: EvaluationSettings) -> dict[str, str]:
+    """Where each method comes from: ``built-in``, or a passed-in function's module and
+    qualified name, recorded and compared on resume. Only the name: the code behind it cannot
+    be compared (a function edited since, or a closure over other settings, reads the same)."""
+    if methods is None:
+        return dict.fromkeys(settings.methods, "built-in")
+    return {name: f"{getattr(f, '__module__', None) or type(f).__module__}."
+                  f"{getattr(f, '__qualname__', None) or type(f).__qualname__}"
+            for name, f in methods.items()}
+
+
+def _check_resume_settings(out: Path, settings: EvaluationSettings, resume: bool,
+                           sources: Mapping[str, str] | None = None) -> str:
+    """Refuse a resume whose settings differ from the recorded ones (or are not recorded), or
+    whose methods of the same name come from elsewhere (``sources``, :func:`_method_sources`);
     returns the folder the run started in (its item names are relative to it)."""
     path = _settings_path(out)
     if not resume:
@@ -875,6 +974,7 @@ def _check_resume_settings(out: Path, settings: EvaluationSettings, resume: bool
         recorded = {str(k): v for k, v in recorded.items()}
         output = record.get("output", out.name)
         started_in = str(record.get("cwd", os.getcwd()))
+        then = {str(k): v for k, v in record.get("method_sources", {}).items()}  # older: none
     except (ValueError, AttributeError, TypeError, RecursionError) as error:  # JSON, UTF-8
         raise PullbackWidgetsError(
             f"{str(path)!r} is damaged ({type(error).__name__}); remove it and {str(out)!r} to "
@@ -890,6 +990,12 @@ def _check_resume_settings(out: Path, settings: EvaluationSettings, resume: bool
         listed = ", ".join(f"{k}: {recorded.get(k)!r} then, {current.get(k)!r} now"
                            for k in differ)
         raise PullbackWidgetsError(f"cannot resume {str(out)!r} with other settings ({listed})")
+    sources = sources or {}
+    changed = sorted(k for k in then.keys() & sources.keys() if then[k] != sources[k])
+    if changed:
+        listed = ", ".join(f"{k}: {then[k]!r} then, {sources[k]!r} now" for k in changed)
+        raise PullbackWidgetsError(f"cannot resume {str(out)!r} with other methods under the "
+                                   f"same names ({listed})")
     return started_in
 
 
@@ -929,10 +1035,10 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
     else:
         settings = dataclasses.replace(settings, methods=tuple(methods))
     if model is not None:  # recorded (and checked on resume) as the model that ran
-        settings = dataclasses.replace(settings, model=str(
-            getattr(model, "model_name", None) or f"{type(model).__name__} (passed in)"))
+        settings = dataclasses.replace(settings, model=_model_record(model))
+    sources = _method_sources(methods, settings)
     out = check_output(out, resume)
-    started_in = _check_resume_settings(out, settings, resume)
+    started_in = _check_resume_settings(out, settings, resume, sources)
     items = [as_item(item) for item in items]
     names = [item.name for item in items]
     if len(set(names)) != len(names):
@@ -975,10 +1081,10 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
             lock = OutputLock(out)
             # Again, now that no other run writes here: one may have, since the first checks.
             check_output(out, resume)
-            _check_resume_settings(out, settings, resume)
+            _check_resume_settings(out, settings, resume, sources)
             done = rows_done()  # before anything is written: a damaged output changes nothing
             _write_settings(out, settings, {"world_size": world.size, "status": "running",
-                                            "cwd": started_in})
+                                            "cwd": started_in, "method_sources": sources})
         world.barrier()  # rank 0 holds the lock: what is done no longer changes
         if world.rank != 0:
             done = rows_done()
@@ -1000,7 +1106,7 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
         atomic_write(summary_path(out), lambda tmp: tmp.write_text(summary, encoding="utf-8",
                                                                      errors="replace"))
         _write_settings(out, settings, {"world_size": world.size, "status": "complete",
-                                        "cwd": started_in,
+                                        "cwd": started_in, "method_sources": sources,
                                         "images": evaluated, "skipped": skipped,
                                         "rows": len(rows), "seconds": round(seconds, 3),
                                         "notices": list(notices)})
@@ -1148,8 +1254,10 @@ def run_command(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike,
     ``paths`` (or, with ``synthetic_images=N``, the first N synthetic shapes of seed
     ``settings["seed"]``, with their masks) and print the summary (rank 0).
     ``targets=None``: each image's label with ``labels_from_folders`` or synthetic images,
-    else the predicted class. ``image_size=None``: the model's. ``settings``: the other
-    fields of :class:`EvaluationSettings`."""
+    else the predicted class; synthetic labels are the ``shapes`` model's classes, so another
+    model needs ``predicted`` or ``top-K``. At most ``MAX_SYNTHETIC_PIXELS // image_size²``
+    synthetic images (10000 at 64 px): all are made in memory first. ``image_size=None``: the
+    model's. ``settings``: the other fields of :class:`EvaluationSettings`."""
     from ..models import MODELS
 
     if synthetic_images is not None and paths:
@@ -1163,13 +1271,22 @@ def run_command(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike,
     if image_size is None and model in MODELS:
         image_size = MODELS[model].input_size
     run_settings = EvaluationSettings(targets=targets, image_size=image_size, **settings)
+    if synthetic_images is not None and targets == "label" and model != "shapes":
+        raise PullbackWidgetsError(
+            f"--synthetic images are labelled with the shapes model's classes, not {model}'s; "
+            "pass --targets predicted (or top-K) to explain its own predictions on them")
     check_methods(list(run_settings.methods))
     checked = check_output(out, resume)
     if limit is not None:
         limit = check_index(limit, "--limit", 1)
     if synthetic_images is not None:
         count = check_index(synthetic_images, "--synthetic", 1)
-        check_index(run_settings.image_size, "--image-size", synthetic.MIN_SIZE)
+        size = check_index(run_settings.image_size, "--image-size", synthetic.MIN_SIZE)
+        most = MAX_SYNTHETIC_PIXELS // size ** 2
+        if count > most:
+            raise PullbackWidgetsError(
+                f"--synthetic is at most {most} images at {size} px (all are made in memory "
+                f"before the run, 0.5 GB at most), got {count}")
         items = synthetic_items(count if limit is None else min(count, limit),
                                 seed=run_settings.seed, size=run_settings.image_size)
     else:

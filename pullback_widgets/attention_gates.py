@@ -67,8 +67,8 @@ def softened_weights(query: Tensor, key: Tensor, mask: Tensor | None, call: Atte
     dtype = compute_dtype(query.dtype)
     scale = call.scale if call.scale is not None else 1.0 / math.sqrt(query.shape[-1])
     scores = (query.to(dtype) @ key.to(dtype).transpose(-2, -1)) * scale
-    inverse_t = capped_reciprocal(settings.temperature_for(scores, kind="attention"), dtype)
     if mask is None and not call.is_causal:  # the common case, without the masking passes
+        inverse_t = capped_reciprocal(settings.temperature_for(scores, kind="attention"), dtype)
         return torch.softmax((scores - scores.amax(-1, keepdim=True)) * inverse_t, dim=-1), \
             scale
     allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device)
@@ -80,6 +80,10 @@ def softened_weights(query: Tensor, key: Tensor, mask: Tensor | None, call: Atte
     elif mask is not None:
         allowed = allowed & (mask != -math.inf)
         additive = mask.to(dtype).masked_fill(~allowed, 0.0)
+    # A relative T measures the spread of the scores of allowed keys only: masked keys (padding)
+    # take no part in the forward, and must not move the pullback.
+    inverse_t = capped_reciprocal(
+        settings.temperature_for(scores, kind="attention", where=allowed), dtype)
     row_max = scores.masked_fill(~allowed, -math.inf).amax(-1, keepdim=True)
     row_max = row_max.masked_fill(row_max == -math.inf, 0.0)  # a row with no key allowed
     logits = (scores - row_max) * inverse_t

@@ -194,16 +194,17 @@ class GateSettings:
         return check_positive(self.temperature[kind] if given else self.defaults[kind],
                               f"{'temperature' if given else 'defaults'}[{kind!r}]")
 
-    def temperature_for(self, x: Tensor, pool: bool = False,
-                        kind: str | None = None) -> float | Tensor:
+    def temperature_for(self, x: Tensor, pool: bool = False, kind: str | None = None,
+                        where: Tensor | None = None) -> float | Tensor:
         """The temperature an op of ``kind`` (default "relu", or "pool" with ``pool=True``)
         with input ``x`` uses: a float, or per example (B, 1, ...). It may underflow to 0;
         the ops cap 1/T (:func:`capped_reciprocal`).
 
         In relative mode an example's spread is the standard deviation over dims 1 and on (so
-        dim 0 must be the batch: where ``batch_size`` is known, another dim 0 is an error); one
-        value has none (0, as have values that are not all finite): T ~ 0 there, the step
-        gate."""
+        dim 0 must be the batch: where ``batch_size`` is known, another dim 0 is an error),
+        over the values where ``where`` (bool, broadcasting to ``x``) is True if given (the
+        keys attention may use: masked ones do not count); one value has none (0, as have
+        values that are not all finite): T ~ 0 there, the step gate."""
         base = self.temperature_of(kind or ("pool" if pool else "relu"))
         if self.temperature_mode == "absolute":
             return base
@@ -215,16 +216,18 @@ class GateSettings:
                 else f"{tuple(x.shape)}, whose one spread is over all its values,"))
         values = x.detach().to(compute_dtype(x.dtype))
         values = values.flatten(1) if x.dim() >= 2 else values.flatten()[None]
-        correction = 1 if values.shape[1] > 1 else 0
+        if where is not None:
+            where = where.expand(x.shape).reshape(values.shape)
+            values = values.masked_fill(~where, 0.0)  # what is masked may be infinite
         # No floor: T is relative at any scale (1/T is capped where it is 0).
-        spread = values.std(dim=1, correction=correction)
+        spread = _spread(values, where)
         numbers = torch.finfo(values.dtype)
         if not bool((spread.isfinite() & (spread > numbers.tiny ** 0.5 / numbers.eps)).all()):
             # Squares of values near the dtype's largest overflow, and of tiny ones lose their
             # digits: measured on the values divided by their largest size. Values that are
             # not all finite have a spread of 0.
             size = values.abs().amax(dim=1, keepdim=True)
-            spread = ((values / size).std(dim=1, correction=correction) * size[:, 0]) \
+            spread = (_spread(values / size, where) * size[:, 0]) \
                 .nan_to_num(0.0, posinf=numbers.max)
         if x.dim() < 2:
             return base * float(spread)
@@ -233,6 +236,17 @@ class GateSettings:
 
 # Past this, sigmoid(x) is 1 to within float64 rounding.
 _SIGMOID_SATURATION = 40.0
+
+
+def _spread(values: Tensor, where: Tensor | None) -> Tensor:
+    """The standard deviation of each row of ``values`` (N, M), over the entries where
+    ``where`` (N, M) is True if given (masked entries hold 0); one value has none (0)."""
+    if where is None:
+        return values.std(dim=1, correction=1 if values.shape[1] > 1 else 0)
+    count = where.sum(1)
+    mean = values.sum(1) / count.clamp_min(1)
+    deviations = (values - mean[:, None]).masked_fill(~where, 0.0)
+    return (deviations.square().sum(1) / (count - 1).clamp_min(1)).sqrt()
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -178,10 +178,15 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
         for step in range(steps + 1):
             session = PullbackSession(model, current, layers=layers, **settings)
             logit, prob = _target_score(session, target)
-            if bool(logit.isnan().any()):  # at the last step no pullback would say so
+            # At the last step no pullback would say so. An infinite logit of any class makes
+            # every probability NaN.
+            if not bool(logit.isfinite().all()) or (prob is not None
+                                                    and bool(prob.isnan().any())):
+                what = f"target's {'activation' if layers else 'logit'}" \
+                    if not bool(logit.isfinite().all()) else "probabilities (a logit is infinite)"
                 raise PullbackWidgetsError(
-                    f"the target's {'activation' if layers else 'logit'} at step {step} holds NaN "
-                    "(an overflow inside the model?): there is nothing to ascend")
+                    f"the {what} at step {step} holds NaN or an infinity (an overflow inside "
+                    "the model?): there is nothing to ascend")
             logits.append(logit)
             probs.append(prob)
             result.logits = torch.stack(logits)

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from . import __name__ as package_name
+from . import figures
 from .ascent import ascent_grid
 from .evaluation.methods import METHODS
 from .evaluation.runner import (
@@ -280,7 +281,8 @@ def _run_grid(args: argparse.Namespace) -> None:
                            eps=args.eps, temperature=args.temperature, gate=args.gate,
                            pool_weights=args.pool_weights, progress=False,
                            callback=lambda step, _: done(f"step {step}"))
-        parameters = _parameters(args, model, ", ".join(names))
+        # Each name isolated: a direction control in one (U+202E) must not reorder the next.
+        parameters = _parameters(args, model, ", ".join(map(figures.isolated, names)))
         page = grid_html(grid, names, model.labels, parameters)
         _write(args.out, page)
         done("report written")

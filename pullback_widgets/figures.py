@@ -101,8 +101,9 @@ def _raw_array(x: Any, name: str) -> np.ndarray:
             arr = np.asarray(x.float())
     else:
         arr = np.asarray(x)
-    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
-        raise ValueError(f"{name} must be a numeric array, got dtype {arr.dtype}")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) \
+            or np.iscomplexobj(arr):  # drawn, the imaginary part would vanish without a word
+        raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     if arr.size == 0:
         raise ValueError(f"{name} is empty (shape {arr.shape})")
     return arr
@@ -252,10 +253,13 @@ def rgb_difference_image(
       affinely to [0, 255], ``L`` being the ``percentile`` of ``|d|``; so 0 -> 128 (mid-grey),
       ``+L`` and above -> 255, ``-L`` and below -> 0.
 
-    Non-finite entries are treated as 0 (no change).
+    A NaN or an infinity is an error, as in every map: drawn as 0, it would move the scale
+    of every other pixel.
     """
     d, _ = _to_hwc(diff, "diff")
-    d = _finite_or_zero(d)
+    if not np.all(np.isfinite(d)):
+        raise ValueError("diff holds NaN or infinite values: drawn, they would pass for a "
+                         "value and rescale every other pixel")
     if mode == "minmax":
         lo, hi = float(d.min()), float(d.max())
         if hi <= lo:

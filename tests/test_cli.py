@@ -258,6 +258,31 @@ def test_a_direction_control_in_a_file_name_stays_inside_that_name():
     assert "<td><bdi>a\u202e.png</bdi></td>" in page
 
 
+def test_every_name_in_the_grid_reports_image_cell_is_isolated(tmp_path):
+    # The names were joined into one cell: a U+202E in the first reversed the rest (a review).
+    from PIL import Image
+
+    names = ["evil\u202e.png", "bank-statement.png"]
+    for name in names:
+        Image.new("RGB", (40, 40), (30, 90, 150)).save(tmp_path / name)
+    out = tmp_path / "grid.html"
+    assert cli.main(["grid", *(str(tmp_path / name) for name in names), "--model", "shapes",
+                     "--steps", "0", "--targets", "0", "--out", str(out)]) == 0
+    assert ("<bdi>\u2068evil\u202e.png\u2069, \u2068bank-statement.png\u2069</bdi>"
+            in out.read_text(encoding="utf-8"))
+
+
+def test_an_output_whose_name_is_near_the_file_systems_limit_is_written(tmp_path):
+    # A 245-byte name is a valid file, but its temporary ".NAME.<16 hex>.tmp" was not: the
+    # write failed after all the work (a review).
+    from pullback_widgets.evaluation.runner import atomic_write
+
+    path = tmp_path / ("b" * 240 + ".html")
+    atomic_write(path, lambda temporary: temporary.write_text("report", encoding="utf-8"))
+    assert path.read_text(encoding="utf-8") == "report"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 @pytest.mark.parametrize("where", ["a link that leads nowhere", "a loop of links",
                                    "a name too long"])
 @pytest.mark.parametrize("command", ["explain", "evaluate"])

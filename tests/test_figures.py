@@ -159,6 +159,27 @@ def test_rgb_difference_constant_and_bad_mode():
         fg.rgb_difference(np.zeros((4, 4)))
 
 
+@pytest.mark.parametrize("mode", ["minmax", "percentile"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_rgb_difference_refuses_nan_and_infinity(mode, bad):
+    # Drawn as 0, a NaN became the minimum and moved every other pixel's colour (a review):
+    # [0.1, 0.2, 0.15] drew as [0, 255, 127], and with a NaN last as [128, 255, 0].
+    diff = np.full((3, 2, 2), 0.1)
+    diff[2, 1, 1] = bad
+    with pytest.raises(ValueError, match="diff holds NaN or infinite values"):
+        fg.rgb_difference_image(diff, mode)
+
+
+def test_complex_arrays_are_refused_not_drawn_without_their_imaginary_part():
+    # channel_sum([[1+5j, -2j]]) gave [[1, -0]]: a purely imaginary map drew as zero.
+    import torch
+
+    for bad in (np.array([[1 + 5j, -2j]]), torch.ones(3, 4, 4, dtype=torch.complex64)):
+        for draw in (fg.signed_heatmap, fg.signed_range, fg.rgb_difference_image):
+            with pytest.raises(ValueError, match="real numeric array"):
+                draw(bad)
+
+
 def test_rgb_difference_figure():
     d = _attr(8)
     fig = fg.rgb_difference(d, mode="percentile", percentile=90, title="change")

@@ -50,6 +50,24 @@ def test_a_nan_score_at_the_last_step_is_an_error_not_a_nan_gain(net, steps):
         handle.remove()
 
 
+@pytest.mark.parametrize("target", [1, 0])
+def test_an_infinite_logit_is_an_error_not_nan_probabilities_and_gain(target):
+    # Only NaN was checked: a logit that overflowed to +inf (with a finite gradient) gave NaN
+    # probabilities for every class, and a NaN gain, without a word (a review).
+    class Overflowing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            logits = torch.relu(self.conv(x)).mean((2, 3))
+            return logits * torch.tensor([0.0, 1e39, 1.0])  # class 1 is +inf
+
+    with pytest.raises(pw.PullbackWidgetsError, match="at step 0 holds NaN or an infinity"):
+        pw.pullback_ascent(Overflowing().eval(), torch.rand(1, 3, 8, 8), target, steps=2,
+                           progress=False)
+
+
 def test_ascent_grid_checks_every_target_before_the_first_ascent(net):
     steps_run = []
     with pytest.raises(pw.PullbackWidgetsError, match="class 9 is out of range"):
@@ -394,4 +412,26 @@ def test_a_failed_comparison_leaves_both_panels_of_one_target():
     assert "need a Conv2d layer" in explorer.status.value
     assert (explorer.pullback_figure.layout.title.text,
             explorer.gradient_figure.layout.title.text) == titles
+    explorer.close()
+
+
+def test_names_are_escaped_once_in_titles_and_status_and_modules_draw_no_markup():
+    # A module named "<b>conv</b><br>FAKE" was drawn bold over two lines in the unit's title,
+    # and a label "a<b&c" read "a&lt;b&amp;c" on the status line, escaped twice (a review).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("<b>conv</b><br>FAKE", torch.nn.Conv2d(3, 4, 3, padding=1))
+    for name, module in (("relu", torch.nn.ReLU()), ("pool", torch.nn.AdaptiveAvgPool2d(1)),
+                         ("flat", torch.nn.Flatten()), ("fc", torch.nn.Linear(4, 3))):
+        model.add_module(name, module)
+    model.eval().input_size = 32
+    explorer = pw.PullbackExplorer(model, "coffee", labels=["a<b&c"] * 3)
+    assert explorer.wait()
+    assert "⁨a&lt;b&amp;c⁩" in explorer.pullback_figure.layout.title.text
+    assert "⁨a&lt;b&amp;c⁩ ·" in explorer.status.value  # shown as a<b&c
+    explorer.layer.value = "<b>conv</b><br>FAKE"
+    assert explorer.wait()
+    assert explorer.pullback_figure.layout.title.text.startswith(
+        "Pullback of ⁨&lt;b&gt;conv&lt;/b&gt;&lt;br&gt;FAKE channel 0⁩")
+    assert "<b>" not in explorer.status.value
     explorer.close()

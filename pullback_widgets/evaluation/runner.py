@@ -516,7 +516,10 @@ class OutputLock:
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """``write(temporary)`` then rename onto ``path``: readers see all of it or nothing.
     ``write`` creates the file, so it gets the usual permissions (the umask's)."""
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:16]}.tmp"
+    # At most 100 bytes of the name: a name near the file system's limit (255 bytes) is a
+    # valid output, and its temporary name must be one too.
+    prefix = os.fsdecode(os.fsencode(path.name)[:100])
+    temporary = path.parent / f".{prefix}.{uuid.uuid4().hex[:16]}.tmp"
     try:
         write(temporary)
         os.replace(temporary, path)

@@ -396,10 +396,12 @@ class PullbackExplorer(w.VBox):
                                                                   request.channel)
         image = self._images[request.image_key][0]
         mask = self._evidence.get(request.image_key) if request.evidence else None
-        what = figures.plain_text(self.labels[target_class]) if request.layer == LOGITS else \
+        # A class or module name as written: escaped for the figures' titles (Plotly reads
+        # some HTML), not for the status line, which escapes its whole message itself.
+        name = self.labels[target_class] if request.layer == LOGITS else \
             f"{request.layer} channel {request.channel}"
+        what = figures.plain_text(name)
         plain = session.gated_calls == 0
-        mask = self._evidence.get(request.image_key) if request.evidence else None
         shown = (request.image_key, target, request.temperature, request.gate, request.view,
                  mask is not None)
         # One slider moves every kind of gate by the same factor on the model's defaults (or
@@ -462,8 +464,9 @@ class PullbackExplorer(w.VBox):
             self.strip_box.layout.display = None if strip_shown == self._strip_shown else "none"
         settings = "plain gradient" if plain else f"{described} · {request.gate}"
         notes, self._notes = self._notes, []
-        self._status.show(" · ".join([what, settings, *times, f"drawn in {_ms(started)}",
-                                      *([note] if note else []), *notes, *self._notices]),
+        self._status.show(" · ".join([figures.isolated(name), settings, *times,
+                                      f"drawn in {_ms(started)}", *([note] if note else []),
+                                      *notes, *self._notices]),
                           request.event)
 
     def _comparison(self, request: _Request, session: PullbackSession, target: Target,

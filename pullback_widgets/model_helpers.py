@@ -171,10 +171,11 @@ def _channels_last_output(module: nn.Module, args: tuple, output: Tensor,
     """Whether ``module``'s 4-D ``output`` is laid out (B, H, W, C) inside a model whose other
     layers are (B, C, H, W), as in ConvNeXt's blocks: a Linear acts on the last dim, a
     LayerNorm over the last dim only, a ``Permute([0, 2, 3, 1])``, or a module whose input was
-    such a map and whose output keeps its (B, H, W) (GELU, Dropout, an MLP)."""
+    such a map and whose output keeps its (B, H, W) (GELU, Dropout, an MLP), or a module
+    that says so (timm's ``output_fmt="NHWC"``: a ViT's patch embedding at dynamic sizes)."""
     if output.dim() != 4:
         return False
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or getattr(module, "output_fmt", None) == "NHWC":
         return True
     if isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) == (
             output.shape[-1],) and output.shape[1] != output.shape[-1]:

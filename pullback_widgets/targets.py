@@ -161,9 +161,17 @@ def unit_seed(unit: Unit, activation: Tensor, batch: int,
     if activation.dim() == 4 and layer_channels_last:
         raise PullbackWidgetsError(
             f"{where} output has shape {tuple(activation.shape)}, laid out channels last "
-            "(B, H, W, C) (a Linear or LayerNorm over its last dim, as in ConvNeXt's blocks), "
+            "(B, H, W, C) (a Linear or LayerNorm over its last dim, as in ConvNeXt's blocks, or "
+            "a module that says so), "
             "where dim 1 is rows, not channels: pick a layer that outputs (B, C, H, W), such "
             "as the block around it")
+    if grid is not None and activation.dim() == 4 and \
+            tuple(activation.shape[2:]) != (grid.height, grid.width):
+        # As feature_layers offers them: off the patch grid, dim 1 is no channel.
+        raise PullbackWidgetsError(
+            f"{where} output has shape {tuple(activation.shape)}, not a (B, C, H, W) map on "
+            f"this vision transformer's {grid.height}x{grid.width} patch grid (per-head "
+            "queries or keys, or a map laid out channels last): pick a block's token map")
     if channels_last and activation.dim() == 4:
         raise PullbackWidgetsError(
             f"{where} output has shape {tuple(activation.shape)} in a model whose layers output "

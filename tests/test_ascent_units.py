@@ -7,6 +7,7 @@ import torch
 import pullback_widgets as pw
 from pullback_widgets.ascent import START_DEFAULTS, ascent_start, stack_results
 from pullback_widgets.widgets.ascent import COUNTERFACTUAL_HELP
+from pullback_widgets.widgets.common import LOGITS
 from tests.conftest import LABELS
 
 
@@ -56,7 +57,7 @@ def test_stack_results_cuts_to_the_shortest(net):
 
 def test_hidden_unit_from_grey_matches_the_engine_and_is_labelled_as_an_activation(
         net, explorer):
-    assert explorer.layer.options[0][1] == "logits" and "conv4" in explorer.layer_control.shapes
+    assert explorer.layer.options[0][1] == LOGITS and "conv4" in explorer.layer_control.shapes
     explorer.layer.value = "conv4"
     assert not explorer.channel.disabled and explorer.target.disabled
     explorer.channel.value = 5

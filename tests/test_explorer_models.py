@@ -20,6 +20,7 @@ from pullback_widgets.model_helpers import scaled_temperatures
 from pullback_widgets.models import imagenet_labels
 from pullback_widgets.report import explain, explain_html
 from pullback_widgets.session import NO_GATED_OP
+from pullback_widgets.widgets.common import LOGITS
 
 
 def _sized(model: nn.Module, size: int) -> nn.Module:
@@ -81,7 +82,7 @@ def test_all_layers_shows_the_layers_inside_blocks_and_keeps_the_choice(explorer
     assert explorer.wait() and "⚠" not in explorer.status.value
     _assert_shows(explorer, pw.Unit("layer1.0.conv1", 3), temperature=0.5)
     explorer.all_layers.value = False  # the chosen layer is gone: back to the logits
-    assert explorer.layer.value == "logits" and explorer.channel.disabled
+    assert explorer.layer.value == LOGITS and explorer.channel.disabled
 
 
 def test_a_1000_class_model_gets_imagenet_names_and_says_so_once(explorers):

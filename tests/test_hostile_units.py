@@ -69,3 +69,31 @@ def test_channels_last_maps_inside_a_channels_first_model_are_neither_offered_no
             session.pullback(pw.Unit(layer, 2, 1, 1))
     assert session.pullback(pw.Unit("stem", 2, 1, 1)).shape == x.shape  # still usable
     assert not any(module._forward_hooks for module in model.modules())
+
+
+def test_a_vit_layer_off_the_patch_grid_or_laid_out_channels_last_is_refused_for_units():
+    # timm's patch embedding at dynamic sizes outputs (B, h, w, C) and says so (output_fmt);
+    # q_norm's output is per head (B, heads, N, d). Both were accepted as (B, C, H, W): a Unit
+    # read patch rows (or heads) as channels, 135 % off the channel's gradient (a review).
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5,
+                              img_size=64, depth=1, dynamic_img_size=True).eval()
+    x = torch.rand(1, 3, 64, 64)
+    session = pw.PullbackSession(model, x, layers=["patch_embed", "blocks.0.attn.q_norm",
+                                                   "patch_embed.proj"])
+    with pytest.raises(pw.PullbackWidgetsError, match="laid out channels last"):
+        session.pullback(pw.Unit("patch_embed", 3))
+    with pytest.raises(pw.PullbackWidgetsError, match=r"not a .B, C, H, W. map on this vision"):
+        session.pullback(pw.Unit("blocks.0.attn.q_norm", 1))
+    # The convolution's own map is on the grid: its Unit is its channel's plain gradient.
+    recorded = []
+    handle = model.patch_embed.proj.register_forward_hook(lambda m, a, out: recorded.append(out))
+    leaf = x.clone().requires_grad_()
+    model(leaf)
+    handle.remove()
+    (expected,) = torch.autograd.grad(recorded[0][:, 3].mean(), leaf)
+    torch.testing.assert_close(session.pullback(pw.Unit("patch_embed.proj", 3), gate="hard"),
+                               expected, rtol=0, atol=0)
+    assert {"patch_embed", "blocks.0.attn.q_norm"}.isdisjoint(feature_layers(model, x))

@@ -435,3 +435,33 @@ def test_names_are_escaped_once_in_titles_and_status_and_modules_draw_no_markup(
         "Pullback of ⁨&lt;b&gt;conv&lt;/b&gt;&lt;br&gt;FAKE channel 0⁩")
     assert "<b>" not in explorer.status.value
     explorer.close()
+
+
+def test_a_module_named_logits_is_a_layer_whose_units_the_explorer_draws():
+    # The Layer box's value for class targets was "logits": an FCN's last convolution of that
+    # name could not be chosen, and choosing it explained a class instead (a review).
+    class FCN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
+                                            torch.nn.ReLU())
+            self.logits = torch.nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.logits(self.body(x)).mean((2, 3))
+
+    torch.manual_seed(0)
+    model = FCN().eval()
+    model.input_size = 32
+    explorer = pw.PullbackExplorer(model, "coffee", labels=LABELS[:4])
+    assert explorer.wait()
+    explorer.layer.value = "logits"
+    explorer.channel.value = 2
+    assert explorer.wait() and not explorer.channel.disabled
+    assert "logits channel 2" in explorer.pullback_figure.layout.title.text
+    expected = pw.excitation_pullback(model, explorer._images["coffee"], pw.Unit("logits", 2),
+                                      temperature=0.3)[0]
+    np.testing.assert_allclose(np.asarray(explorer.pullback_figure.data[0].z, dtype=np.float64),
+                               figures.relative_map(expected).astype(np.float32), rtol=1e-5,
+                               atol=1e-6)
+    explorer.close()

@@ -14,7 +14,7 @@ from PIL import Image
 
 import pullback_widgets as pw
 from pullback_widgets import figures
-from pullback_widgets.widgets.common import LatestOnlyWorker
+from pullback_widgets.widgets.common import LOGITS, LatestOnlyWorker
 from tests.conftest import LABELS
 from tests.test_engine import _assert_untouched, _model_snapshot
 
@@ -376,7 +376,7 @@ def test_real_model_explorer_end_to_end():
     explorer.temperature.value = 0.1
     explorer.wait()
     assert not np.allclose(z_before, _heatmap_z(explorer.pullback_figure))
-    assert explorer.layer.options[0][1] == "logits"
+    assert explorer.layer.options[0][1] == LOGITS
     assert any(value == "blocks.5" for _, value in explorer.layer.options)
 
 

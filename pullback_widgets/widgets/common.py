@@ -377,14 +377,17 @@ def prepare_model(model: str | nn.Module, labels: Sequence[str] | None) -> Prepa
     return PreparedModel(model, names, input_size, [note] if note else [])
 
 
-LOGITS = "logits"
+# The Layer box's value for the logits (class targets): no module's name, not even one named
+# "logits" (an FCN's last convolution), whose Units must stay reachable. The root's name "" is
+# never offered as a layer.
+LOGITS = ""
 
 
 def layer_options(layer_shapes: dict[str, tuple[int, ...]], num_classes: int
                   ) -> list[tuple[str, str]]:
     """Layer dropdown options (label, value): the logits, then each layer with its shape
     (C×H×W), indented by its depth in the model so that a block's layers sit under it."""
-    options = [(f"{LOGITS} ({num_classes} classes)", LOGITS)]
+    options = [(f"logits ({num_classes} classes)", LOGITS)]
     for name, shape in layer_shapes.items():
         indent = "\u00a0\u00a0" * name.count(".")  # plain spaces collapse in a <select>
         options.append((f"{indent}{name} ({'×'.join(map(str, shape))})", name))
@@ -400,7 +403,7 @@ class LayerControl:
     """
 
     def __init__(self) -> None:
-        self.layer = w.Dropdown(description="Layer", options=[(LOGITS, LOGITS)], value=LOGITS,
+        self.layer = w.Dropdown(description="Layer", options=[("logits", LOGITS)], value=LOGITS,
                                 style=STYLE, layout=wide())
         self.channel = w.BoundedIntText(description="Channel", min=0, max=0, value=0,
                                         disabled=True, style=STYLE)

@@ -34,7 +34,10 @@ def study(model_name: str, steps: int, gate: str) -> str:
         print(rows[-1][0], f"{float(rows[-1][1].gain.mean()):+.2f}", flush=True)
     header = "| method | " + " | ".join(pw.SAMPLE_IMAGES) + " | mean gain | mean final p |"
     lines = [f"Target-logit gain after {steps} steps (step 10, eps 50, [0, 1] units), "
-             f"{model_name}, gate {gate}, each photo's predicted class.", "", header,
+             f"{model_name}, gate {gate}, each photo's predicted class, "
+             f"{torch.get_num_threads()} CPU thread(s): the plain gradient's row moves with "
+             "the thread count (its hard gates flip on rounding, and five steps of 10 amplify "
+             "it).", "", header,
              "|" + "---|" * (len(pw.SAMPLE_IMAGES) + 3)]
     for name, result in rows:
         gains = " | ".join(f"{g:+.2f}" for g in result.gain.tolist())

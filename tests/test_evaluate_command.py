@@ -354,6 +354,19 @@ def test_summary_statistics_by_hand():
     assert row.endswith("✓ |")
 
 
+@pytest.mark.parametrize("methods", [("mine",), ("gradient", "mine"), ("random", "gradient")])
+def test_every_summary_row_has_as_many_cells_as_its_header(methods):
+    # Without a reference method a row ended in an empty cell more than the header's four
+    # (a review of the README).
+    rows = [(image, 0, method, "deletion", value) for image, value in (("a", 0.2), ("b", 0.4))
+            for method in methods]
+    settings = ev.EvaluationSettings(methods=methods, metrics=("deletion",))
+    table = [line for line in ev.summarise(rows, settings, images=2).splitlines()
+             if line.startswith("| ")]
+    assert len(table) == 1 + len(methods)
+    assert {line.count("|") for line in table} == {table[0].count("|")}
+
+
 def test_summary_intervals_stay_within_what_a_difference_can_be():
     # Pointing hits on three images: pullback 1, 1, 0 against gradient 0, 0, 0. Student t
     # on n = 3 reaches far past +1, which no difference of 0/1 values can.

@@ -1219,8 +1219,8 @@ def summarise(rows: Sequence[Row], settings: EvaluationSettings, *, images: int,
             deltas = ["" if method == r else _interval(
                 image_means(metric, method, r), better, METRIC_WIDTHS.get(metric, math.inf))
                 for r in references]
-            lines.append(f"| {metric}{arrow} | {method} | {n} | {cell} | "
-                         + " | ".join(deltas) + " |")
+            lines.append("| " + " | ".join([f"{metric}{arrow}", method, str(n), cell, *deltas])
+                         + " |")
     skipped_text = f"{len(skipped)} file(s) skipped"
     if skipped:
         skipped_text += ": " + "; ".join(f"{name!r} ({' '.join(why.split())})"

@@ -123,7 +123,8 @@ COMPILED_IN_FORWARD = (
 PLAIN_GATES = (
     "{count} op(s) on the input's path kept a backward the engine did not soften: {ops}. "
     "Either the engine does not gate them (ELU, Mish, Softplus, Hardsigmoid, GLU, sigmoid or "
-    "tanh gates such as squeeze-excite's or SiLU written by hand, clamps, max/min, "
+    "tanh gates such as squeeze-excite's or SiLU written by hand, masks from comparisons such "
+    "as a ReLU written torch.where(h > 0, h, 0), clamps, max/min, "
     "top-k, sort, median, 1-D/3-D/adaptive max-pools, max-pools returning indices, RMSNorm, "
     "InstanceNorm, norms written by hand, batch norms using batch statistics, custom autograd "
     "Functions, which keep their own backward), or they ran where it cannot see (a TorchScript "

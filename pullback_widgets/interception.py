@@ -304,6 +304,39 @@ def _clamp_in_place_route(mode, func, args, kwargs):
     return mode.plain("clamp", out) if binds else out
 
 
+# ReLUs written as masks: a comparison of values on the input's path makes a mask, and
+# torch.where, masked_fill or a product with it gates those values, keeping a hard backward.
+# The mask carries no node of its own: the comparison that made it is remembered instead.
+MASK_GATE = "mask from a comparison (a ReLU written by hand)"
+_COMPARISONS = (torch.Tensor.__gt__, torch.Tensor.__ge__, torch.Tensor.__lt__,
+                torch.Tensor.__le__, torch.Tensor.gt, torch.Tensor.ge, torch.Tensor.lt,
+                torch.Tensor.le, torch.gt, torch.ge, torch.lt, torch.le, torch.greater,
+                torch.greater_equal, torch.less, torch.less_equal)
+# Calls that pass a remembered mask on as a mask (a cast, a negation).
+_MASK_CONVERSIONS = frozenset((
+    torch.Tensor.float, torch.Tensor.double, torch.Tensor.half, torch.Tensor.bfloat16,
+    torch.Tensor.to, torch.Tensor.type, torch.Tensor.type_as, torch.Tensor.__invert__,
+    torch.Tensor.logical_not, torch.logical_not))
+# Calls that apply a mask, with the positions a mask may take.
+_MASK_USES = {
+    torch.where: (0,), torch.Tensor.where: (1,), torch.Tensor.masked_fill: (1,),
+    torch.Tensor.masked_fill_: (1,), torch.masked_fill: (1,),
+    **dict.fromkeys((torch.mul, torch.Tensor.mul, torch.Tensor.mul_, torch.Tensor.__mul__,
+                     torch.Tensor.__rmul__, torch.Tensor.__imul__), (0, 1)),
+}
+
+
+def _comparison_route(mode, func, args, kwargs):
+    return mode.remember_mask(func(*args, **kwargs))
+
+
+def _mask_use_route(mode, func, args, kwargs):
+    masked = any(position < len(args) and mode.is_mask(args[position])
+                 for position in _MASK_USES[func])
+    out = func(*args, **kwargs)
+    return mode.plain(MASK_GATE, out) if masked else out
+
+
 # Plain gate-like ops with an in-place form: named by their node as a rule, but in place on a
 # view that node is inside the base's CopySlices node, which the audit cannot name.
 _PLAIN_ACTIVATIONS = {
@@ -342,12 +375,20 @@ _ROUTES: dict[Callable, Callable] = {
     F.max_pool2d: _pool_route,
     torch.max_pool2d: _pool_route,
     **{func: _clamp_route(parse) for func, parse in _CLAMP_PARSERS.items()},
+    **dict.fromkeys(_COMPARISONS, _comparison_route),
+    **dict.fromkeys(_MASK_USES, _mask_use_route),
 }
 # The leading arguments that put a call on the input's path, by name: attention is when q, k
 # or v is (a fixed query still gates v); everything else when its first argument is.
 _PATH_ARGUMENTS = {func: ("query", "key", "value") if func in (
     F.scaled_dot_product_attention, F.multi_head_attention_forward) else ("input",)
     for func in _ROUTES}
+# A mask is applied to values on the path in any argument: where(mask, x, 0), 0.5 * mask.
+_PATH_ARGUMENTS.update({torch.where: ("condition", "input", "other"),
+                        torch.Tensor.where: ("input", "condition", "other")})
+_PATH_ARGUMENTS.update(dict.fromkeys(
+    (func for func in _MASK_USES if func not in (torch.where, torch.Tensor.where)),
+    ("input", "other")))
 
 
 def _leading_by_position(func: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -386,6 +427,8 @@ class _SoftGatingMode(TorchFunctionMode):
         # remake it); and the remakes handed out.
         self._remakable: dict[int, tuple[weakref.ref, int, Remake]] = {}
         self._handed_out: list[Remake] = []
+        # Masks made by comparing values on the input's path, by id: weak references.
+        self._masks: dict[int, weakref.ref] = {}
 
     def gated(self, kind: str, out: Tensor) -> Tensor:
         """``out``, a soft op's output, its node marked as a gate of ``kind``."""
@@ -419,6 +462,16 @@ class _SoftGatingMode(TorchFunctionMode):
                 inside.extend(grandchild for grandchild, _ in child.next_functions)
         return out
 
+    def remember_mask(self, mask: object) -> object:
+        """``mask``, a comparison of values on the input's path: a gate where it is applied."""
+        if isinstance(mask, Tensor):
+            self._masks[id(mask)] = weakref.ref(mask)
+        return mask
+
+    def is_mask(self, value: object) -> bool:
+        entry = self._masks.get(id(value))
+        return entry is not None and entry() is value
+
     def remember(self, out: Tensor, remake: Remake) -> None:
         self._remakable.pop(id(out), None)  # an in-place sum: its entry moves to the end
         if len(self._remakable) >= _REMEMBERED:  # the oldest goes (dicts keep insertion order)
@@ -444,6 +497,8 @@ class _SoftGatingMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self._masks and func in _MASK_CONVERSIONS and args and self.is_mask(args[0]):
+            return self.remember_mask(func(*args, **kwargs))
         route = _ROUTES.get(func)
         if route is not None:
             if kwargs:

@@ -361,3 +361,32 @@ def test_a_sigmoid_head_and_a_learnt_scale_are_not_gates():
 
     session, caught = _session(Model().eval(), torch.rand(2, 3, 8, 8))
     assert session.plain_gate_ops == {} and caught == []
+
+
+MASK = "mask from a comparison (a ReLU written by hand)"
+
+
+@pytest.mark.parametrize(("masked", "named"), [
+    (lambda h: torch.where(h > 0, h, 0.0), {MASK: 1}),
+    (lambda h: h.where(h > 0, 0.0), {MASK: 1}),
+    (lambda h: h.masked_fill(h < 0, 0), {MASK: 1}),
+    (lambda h: h.clone().masked_fill_(h <= 0, 0), {MASK: 1}),
+    (lambda h: h * (h > 0), {MASK: 1}),
+    (lambda h: (h > 0).float() * h, {MASK: 1}),
+    (lambda h: torch.mul(h, torch.gt(h, 0).to(h.dtype)), {MASK: 1}),
+    (lambda h: torch.where(~(h < 0), h, 0.1 * h), {MASK: 1}),  # a leaky ReLU by hand
+    (lambda h: h.masked_fill(torch.zeros_like(h, dtype=torch.bool), 0), {}),  # a fixed mask
+    (lambda h: h * (torch.ones_like(h) > 0), {}),  # compares values off the input's path
+    (lambda h: h * 2.0, {}),
+])
+def test_relus_written_as_masks_are_named(masked, named):
+    # They kept their hard backward unnamed: the notice said every gate was soft (a review).
+    session, caught = _session(_conv_then(masked), torch.rand(2, 3, 8, 8))
+    assert session.plain_gate_ops == named and session.gated_kinds == {}
+    assert all(any(name in message for message in caught) for name in named)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hard = session.pullback(1, gate="hard")
+    leaf = session.inputs.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(session.model(leaf)[:, 1].sum(), leaf)
+    assert torch.equal(hard, expected)

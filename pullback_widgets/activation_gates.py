@@ -27,9 +27,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .gates import GateSettings, capped_reciprocal, compute_dtype
+from .gates import GateSettings, capped_reciprocal, compute_dtype, first_order
 from .pre_activations import Remake, keep_pre_activation, kept_pre_activation, saved_tensors
 
 
@@ -101,7 +100,7 @@ class SoftActivation(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out: Tensor):
         z = kept_pre_activation(ctx)
         rule, settings = ctx.rule, ctx.settings
@@ -131,7 +130,7 @@ class SoftPReLU(torch.autograd.Function):
         return hard_op(z, weight)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out: Tensor):
         z, weight = saved_tensors(ctx)
         settings = ctx.settings

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .gates import GateSettings, capped_reciprocal, compute_dtype
+from .gates import GateSettings, capped_reciprocal, compute_dtype, first_order
 from .own_call import OwnCall
 from .pre_activations import saved_tensors
 from .validation import PullbackWidgetsError
@@ -110,7 +109,7 @@ class SoftAttention(torch.autograd.Function):
         return output.detach()
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out: Tensor):
         own, settings, saved = ctx.own, ctx.settings, saved_tensors(ctx)
         if settings.gate == "hard":

@@ -32,6 +32,7 @@ remakes it bit for bit where the interception knows how it was made.
 
 from __future__ import annotations
 
+import functools
 import operator
 import threading
 from collections.abc import Callable, Mapping
@@ -39,7 +40,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .pre_activations import Remake, keep_pre_activation, kept_pre_activation, saved_tensors
 from .validation import (
@@ -284,6 +284,25 @@ def gate_times(grad: Tensor, x: Tensor, scale: float | Tensor, gate: str,
     return torch.mul(grad, torch.special.ndtr(x * scale), **({} if out is None else {"out": out}))
 
 
+FIRST_ORDER_ONLY = (
+    "a pullback is first order: the soft gates' backward cannot be differentiated again "
+    "(create_graph=True, as in a double backward, a gradient penalty, or "
+    "torch.autograd.functional's jvp, hvp and hessian)")
+
+
+def first_order(backward: Callable) -> Callable:
+    """A soft op's ``backward``, refused where autograd would differentiate it again
+    (``create_graph=True`` runs a backward with grad mode on). torch's ``once_differentiable``
+    defers that error to a node that a targeted ``autograd.grad`` skips: it returned None, or
+    zeros in ``torch.autograd.functional``, for the terms through the gates."""
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise PullbackWidgetsError(FIRST_ORDER_ONLY)
+        return backward(ctx, *grads)
+    return checked
+
+
 def is_plain(tensor: Tensor) -> bool:
     """Not a batched tensor (``is_grads_batched`` and ``vmap`` wrap gradients), so results made
     from it may be written into ordinary tensors. False where torch cannot tell."""
@@ -310,7 +329,7 @@ class SoftClamp(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out: Tensor):
         z = kept_pre_activation(ctx)
         low, high, settings = ctx.low, ctx.high, ctx.settings
@@ -504,7 +523,7 @@ class SoftMaxPool2d(torch.autograd.Function):
         return hard_op(x)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out: Tensor):
         (x,) = saved_tensors(ctx)
         unbatched = x.dim() == 3

@@ -429,6 +429,9 @@ class _SoftGatingMode(TorchFunctionMode):
         self._handed_out: list[Remake] = []
         # Masks made by comparing values on the input's path, by id: weak references.
         self._masks: dict[int, weakref.ref] = {}
+        # The caller's saved-tensor hooks where they were active as the mode began (see
+        # _refusing_checkpoints); None otherwise.
+        self.callers_hooks: tuple | None = None
 
     def gated(self, kind: str, out: Tensor) -> Tensor:
         """``out``, a soft op's output, its node marked as a gate of ``kind``."""
@@ -461,6 +464,13 @@ class _SoftGatingMode(TorchFunctionMode):
                 self.plain_nodes[id(child)] = (child, None)
                 inside.extend(grandchild for grandchild, _ in child.next_functions)
         return out
+
+    def check_hooks(self) -> None:
+        """Refuse a call made under saved-tensor hooks pushed since the mode began over the
+        caller's own: activation checkpointing's (compared by identity: the same functions)."""
+        now = _saved_tensors_hooks()
+        if now is not None and any(a is not b for a, b in zip(now, self.callers_hooks)):
+            raise PullbackWidgetsError(CHECKPOINTING)
 
     def remember_mask(self, mask: object) -> object:
         """``mask``, a comparison of values on the input's path: a gate where it is applied."""
@@ -508,6 +518,8 @@ class _SoftGatingMode(TorchFunctionMode):
                     raise PullbackWidgetsError(CHECKPOINTING)
             elif any(isinstance(t, Tensor) and t.requires_grad
                      for t in args[:len(_PATH_ARGUMENTS[func])]):
+                if self.callers_hooks is not None:
+                    self.check_hooks()
                 return route(self, func, args, kwargs)
         return func(*args, **kwargs)
 
@@ -552,14 +564,22 @@ def checkpointing_error(error: BaseException) -> PullbackWidgetsError | None:
     return None
 
 
-@contextlib.contextmanager
-def _refusing_checkpoints() -> Iterator[None]:
-    """Non-reentrant activation checkpointing drops what the ops save and runs them again in
-    the backward, unmoded, so plain ops' saved tensors would feed the soft gates: refused here
-    by refusing saved-tensor hooks. Not where the caller has hooks of their own active
-    (``save_on_cpu``), which torch would refuse instead."""
+def _saved_tensors_hooks() -> tuple | None:
+    """The innermost saved-tensor hooks now active in this thread (pack, unpack), or None."""
     top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top_hooks is None or top_hooks(False) is not None:
+    return None if top_hooks is None else top_hooks(False)
+
+
+@contextlib.contextmanager
+def _refusing_checkpoints(mode: _SoftGatingMode) -> Iterator[None]:
+    """Non-reentrant activation checkpointing drops what the ops save and runs them again in
+    the backward, unmoded, so plain ops' saved tensors would feed the soft gates. It pushes
+    saved-tensor hooks of its own: refused here by disabling them. Where the caller has hooks
+    active (``save_on_cpu``), torch cannot disable them; the mode then refuses every routed
+    call made under other hooks than the caller's (:meth:`_SoftGatingMode.check_hooks`)."""
+    callers = _saved_tensors_hooks()
+    if callers is not None:
+        mode.callers_hooks = callers
         yield
         return
     with torch.autograd.graph.disable_saved_tensors_hooks(CHECKPOINTING):
@@ -575,7 +595,7 @@ def _gating(settings: GateSettings, remake: bool = True) -> Iterator[_SoftGating
             "open their own).")
     mode = _SoftGatingMode(settings, remake)
     try:
-        with explained_errors(checkpointing_error), mode, _refusing_checkpoints():
+        with explained_errors(checkpointing_error), mode, _refusing_checkpoints(mode):
             yield mode
     finally:
         # A Ctrl-C between the mode's push and the with statement holding it (or in its exit,
@@ -590,7 +610,9 @@ def soft_gating(model: nn.Module, temperature: float | Mapping[str, float] | Non
                 gate: str = "sigmoid", pool_temperature: float | None = None,
                 temperature_mode: str = "absolute", attention_weights: str = "detached",
                 pool_weights: str = "differentiated") -> Iterator[GateSettings]:
-    """Inside this context, any backward through the gated ops is an excitation pullback.
+    """Inside this context, gated ops run with soft backwards: any backward through them is an
+    excitation pullback, wherever it runs (the gating is fixed as the forward runs; a graph
+    built outside stays plain). A pullback is first order: ``create_graph=True`` is refused.
 
     The forward is unchanged bit for bit, and ``model`` is not modified in any way. Yields the
     live :class:`GateSettings`; the soft backward reads them when it runs, so changing them

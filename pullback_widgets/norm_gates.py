@@ -15,9 +15,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .gates import GateSettings, compute_dtype
+from .gates import GateSettings, compute_dtype, first_order
 from .own_call import OwnCall
 from .pre_activations import saved_tensors
 
@@ -66,7 +65,7 @@ class ConstantStatisticsNorm(torch.autograd.Function):
         return output.detach()
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out: Tensor):
         own, saved = ctx.own, saved_tensors(ctx)
         if ctx.settings.gate == "hard":

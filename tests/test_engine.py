@@ -713,3 +713,26 @@ def test_paper_versions_are_frozen_mappings():
         pw.PAPER_V1.temperature["relu"] = 1.0
     with pytest.raises(pw.PullbackWidgetsError, match="pool_weights"):
         pw.PaperSettings(gate="sigmoid", temperature={"relu": 0.3}, pool_weights="frozen")
+
+
+@pytest.mark.parametrize("second_order", ["autograd.grad", "jvp", "hvp", "backward"])
+def test_differentiating_a_pullback_again_is_refused_not_missing_terms(second_order):
+    # once_differentiable left its error to a node a targeted autograd.grad skips: the second
+    # derivative's terms through the gates came back None, and jvp/hvp/hessian gave zeros (a
+    # review). A pullback is first order.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    with pw.soft_gating(model, temperature=0.5), \
+            pytest.raises(pw.PullbackWidgetsError, match="a pullback is first order"):
+        if second_order == "jvp":
+            torch.autograd.functional.jvp(lambda t: model(t).sum(0), x, torch.ones_like(x))
+        elif second_order == "hvp":
+            torch.autograd.functional.hvp(lambda t: model(t).square().sum(), x,
+                                          torch.ones_like(x))
+        else:
+            (g,) = torch.autograd.grad(model(x)[:, 0].sum(), x, create_graph=True)
+            if second_order == "backward":
+                g.square().sum().backward()
+            else:
+                torch.autograd.grad(g.square().sum(), model[2].weight, allow_unused=True)

@@ -225,6 +225,12 @@ TIMM = (
     _timm("inception_v4", 75),
     _timm("nasnetalarge", note="separable convs, 'same' pools"),
     _timm("halonet26t", 256, note="halo attention needs 256 px"),
+    _timm("resnetv2_50x1_bit", note="GroupNorm + StdConv (WS)"),
+    _timm("resnetv2_50d_frn", note="FilterResponseNorm + TLU"),
+    _timm("mobileone_s0"),
+    _timm("dla60_res2net", note="a branch whose output is dropped"),
+    _timm("efficientvit_l1", note="float32 attention inside a float64 copy"),
+    _timm("vit_base_patch16_clip_quickgelu_224", img_size=64, depth=2, note="QuickGELU"),
     # Do not run at 64 px (reported as skipped).
     _timm("test_coatnet"),
     _timm("test_maxvit"),

@@ -119,22 +119,33 @@ def _call_kinds() -> dict:
 
 
 class _GateCallCounter(TorchFunctionMode):
-    """Counts gate function calls whose input (attention: q, k or v) requires grad."""
+    """Records gate function calls whose input (attention: q, k or v) requires grad, with
+    their outputs (the first tensor of a tuple)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.kinds = _call_kinds()
-        self.counts: collections.Counter = collections.Counter()
+        self.calls: list[tuple[str, Tensor]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         kind = self.kinds.get(func)
+        out = func(*args, **kwargs)
         if kind is not None:
             leading = [*args[:3], *(kwargs.get(k) for k in ("input", "query", "key", "value"))]
             if any(isinstance(t, Tensor) and t.requires_grad for t in
                    (leading if kind == "attention" else leading[:1] + leading[3:4])):
-                self.counts[kind] += 1
-        return func(*args, **kwargs)
+                first = out if isinstance(out, Tensor) else next(
+                    (t for t in out if isinstance(t, Tensor)), None)
+                if first is not None:
+                    self.calls.append((kind, first))
+        return out
+
+
+def _node_of(tensor: Tensor) -> object:
+    """The node a tensor's gradient enters: in place on a view, its base's (CopySlices)."""
+    base = tensor._base
+    return base.grad_fn if base is not None and base.grad_fn is not None else tensor.grad_fn
 
 
 def call_census(model: nn.Module, x: Tensor) -> collections.Counter:
@@ -142,20 +153,24 @@ def call_census(model: nn.Module, x: Tensor) -> collections.Counter:
     kind: its parameters are frozen meanwhile (restored after), so requiring grad means
     depending on the input. It sees what the graph census cannot: an op in place on a view
     hides in autograd's CopySlices node. (Only calls Python makes; the graph census sees the
-    rest.)"""
+    rest.) Only calls whose output's node is on the logits' path to the input count: a branch
+    whose output the model drops (timm's DLA computes one) is no part of the pullback."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     training = [(m, m.training) for m in model.modules()]
     try:
         model.requires_grad_(False)
         model.eval()
+        leaf = x.detach().clone().requires_grad_()
         with torch.enable_grad(), _GateCallCounter() as counter:
-            model(x.detach().clone().requires_grad_())
+            logits = model(leaf)
+        on_path = {id(node) for node in nodes_on_input_path(logits, leaf)}
+        return collections.Counter(kind for kind, out in counter.calls
+                                   if id(_node_of(out)) in on_path)
     finally:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
         for module, flag in training:
             module.training = flag
-    return counter.counts
 
 
 # ---------------------------------------------------------------- the reference network

@@ -219,16 +219,20 @@ def _parameters(args: argparse.Namespace, model, source: str) -> dict[str, objec
     from importlib.metadata import version
 
     return {"model": args.model, "image": source,
-            "temperature T": _temperature_text(args.temperature, model), "gate": args.gate,
+            "temperature T": _temperature_text(args.temperature, model, args.gate),
+            "gate": args.gate,
             "pool weights": args.pool_weights, "ascent steps": args.steps,
             "step size (L2, [0, 1] units)": args.step_size,
             "eps (L2, [0, 1] units)": args.eps, "pullback-widgets": version(package_name)}
 
 
-def _temperature_text(temperature: float | None, model) -> str:
-    """The T the report used: the one given, else the model's defaults per kind of op."""
+def _temperature_text(temperature: float | None, model, gate: str) -> str:
+    """The T the report used: the one given (as given: ``repr``, not rounded), else the
+    model's defaults per kind of op; none with the hard gate, which has no temperature."""
+    if gate == "hard":
+        return "none: the hard gate is the plain gradient"
     if temperature is not None:
-        return f"{temperature:g} (every kind of gate)"
+        return f"{float(temperature)!r} (every kind of gate)"
     defaults = default_temperatures(model)
     return "the model's defaults: " + ", ".join(f"{kind} {t:g}" for kind, t in defaults.items())
 

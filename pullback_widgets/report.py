@@ -100,10 +100,34 @@ def _frame_labels(result: AscentResult) -> list[str]:
     return labels
 
 
+# Frames a report row shows: more, scaled to the page, ran their titles into each other (a
+# step's logit read against its neighbour's) and shrank to a few pixels at 100 steps.
+FRAMES_SHOWN = 6
+
+
+def shown_steps(steps: int, most: int = FRAMES_SHOWN) -> list[int]:
+    """The steps a row of at most ``most`` frames shows out of 0 … ``steps``: the start, the
+    end and evenly spaced ones between."""
+    if steps + 1 <= most:
+        return list(range(steps + 1))
+    return sorted({round(i * steps / (most - 1)) for i in range(most)})
+
+
 def _frames(result: AscentResult) -> go.Figure:
-    """The ascent's frames in a row, titled on two small lines, so that six fit the page."""
-    figure = figures.ascent_frames(result.images_of(0), labels=_frame_labels(result))
+    """The ascent's frames in a row (at most :data:`FRAMES_SHOWN`), titled on two small lines,
+    so that they fit the page."""
+    images, labels = result.images_of(0), _frame_labels(result)
+    steps = shown_steps(len(images) - 1)
+    figure = figures.ascent_frames([images[k] for k in steps], labels=[labels[k] for k in steps])
     return figure.update_annotations(font_size=13)
+
+
+def _frames_note(result: AscentResult) -> str:
+    """What a row of frames leaves out, if anything."""
+    steps = shown_steps(len(result.images_of(0)) - 1)
+    if len(steps) == len(result.images_of(0)):
+        return ""
+    return f"Steps {', '.join(map(str, steps))} of {steps[-1]} shown."
 
 
 def _section(title: str, body: str, note: str = "") -> str:
@@ -234,11 +258,12 @@ def explain_html(explanation: Explanation, labels: Sequence[str] | None = None) 
         ("Pullback ascent, step by step",
          _frames(e.ascent),
          f"Target-logit gain: pullback ascent {pullback_gain:+.2f}, gradient ascent "
-         f"{gradient_gain:+.2f} (same steps, step size and eps)."),
+         f"{gradient_gain:+.2f} (same steps, step size and eps). {_frames_note(e.ascent)}"
+         .strip()),
         ("What the ascent changed (final minus start)",
          figures.rgb_difference(e.ascent.diff[0]), "Per-image min–max scaled, as in the paper."),
         ("Gradient ascent, for comparison",
-         _frames(e.gradient_ascent), ""),
+         _frames(e.gradient_ascent), _frames_note(e.gradient_ascent)),
         ("Temperature strip",
          figures.temperature_strip(e.strip, STRIP_TEMPERATURES),
          f"The same target from T = 0.01 (close to the plain gradient) to T = 10 (close to a "

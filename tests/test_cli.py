@@ -302,3 +302,37 @@ def test_an_out_that_cannot_be_made_is_refused_before_any_work(tmp_path, capsys,
     assert err.startswith("pullback-widgets: error: --out ") and "cannot be written" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("steps", [3, 10])
+def test_a_long_ascent_shows_at_most_six_readable_frames(steps):
+    # At 10 steps the eleven frames' titles ran into each other on the page ("ogit 2.27 ·
+    # p=0.97ogit 11.95"), a logit read against the wrong step; at 100 each frame was 5 px (a
+    # review). The row now shows the start, the end and evenly spaced steps between.
+    from pullback_widgets.ascent import pullback_ascent
+    from pullback_widgets.report import FRAMES_SHOWN, _frames, _frames_note, shown_steps
+
+    model = pw.load_model("shapes", weights=None)
+    result = pullback_ascent(model, pw.sample_image("coffee", size=64), 1, steps=steps,
+                             progress=False)
+    figure = _frames(result)
+    titles = [annotation.text for annotation in figure.layout.annotations]
+    expected = shown_steps(steps)
+    assert len(titles) == min(steps + 1, FRAMES_SHOWN) == len(expected)
+    assert expected[0] == 0 and expected[-1] == steps
+    assert [int(title.split("<br>")[0].removeprefix("step ")) for title in titles] == expected
+    for title, step in zip(titles, expected):
+        assert f"logit {float(result.logits[step, 0]):.2f}" in title
+    assert (_frames_note(result) == "") == (steps + 1 <= FRAMES_SHOWN)
+
+
+@pytest.mark.parametrize(("temperature", "gate", "shown"), [
+    (0.1234567, "sigmoid", "0.1234567 (every kind of gate)"),
+    (1234567.8, "sigmoid", "1234567.8 (every kind of gate)"),
+    (2.0, "hard", "none: the hard gate is the plain gradient"),
+])
+def test_the_reports_temperature_is_the_one_used(temperature, gate, shown):
+    # It was rounded to six digits (0.123457), and named a T the hard gate does not use.
+    from pullback_widgets.cli import _temperature_text
+
+    assert _temperature_text(temperature, pw.load_model("shapes", weights=None), gate) == shown

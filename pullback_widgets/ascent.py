@@ -180,10 +180,10 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
             logit, prob = _target_score(session, target)
             # At the last step no pullback would say so. An infinite logit of any class makes
             # every probability NaN.
-            if not bool(logit.isfinite().all()) or (prob is not None
-                                                    and bool(prob.isnan().any())):
-                what = f"target's {'activation' if layers else 'logit'}" \
-                    if not bool(logit.isfinite().all()) else "probabilities (a logit is infinite)"
+            finite = bool(logit.isfinite().all())
+            if not finite or (prob is not None and bool(prob.isnan().any())):
+                what = f"target's {'activation' if layers else 'logit'}" if not finite \
+                    else "probabilities (a logit is infinite)"
                 raise PullbackWidgetsError(
                     f"the {what} at step {step} holds NaN or an infinity (an overflow inside "
                     "the model?): there is nothing to ascend")

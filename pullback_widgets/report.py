@@ -124,10 +124,10 @@ def _frames(result: AscentResult) -> go.Figure:
 
 def _frames_note(result: AscentResult) -> str:
     """What a row of frames leaves out, if anything."""
-    steps = shown_steps(len(result.images_of(0)) - 1)
-    if len(steps) == len(result.images_of(0)):
-        return ""
-    return f"Steps {', '.join(map(str, steps))} of {steps[-1]} shown."
+    last = len(result.logits) - 1
+    steps = shown_steps(last)
+    return "" if len(steps) == last + 1 else \
+        f"Steps {', '.join(map(str, steps))} of {last} shown."
 
 
 def _section(title: str, body: str, note: str = "") -> str:

@@ -303,12 +303,23 @@ def first_order(backward: Callable) -> Callable:
     return checked
 
 
+# torch's tests for the wrappers vmap puts on tensors; None in a torch without them.
+_IS_BATCHED, _IS_WRAPPED = (getattr(torch._C._functorch, name, None)
+                            for name in ("is_legacy_batchedtensor", "is_functorch_wrapped_tensor"))
+
+
 def is_plain(tensor: Tensor) -> bool:
     """Not a batched tensor (``is_grads_batched`` and ``vmap`` wrap gradients), so results made
     from it may be written into ordinary tensors. False where torch cannot tell."""
-    checks = [getattr(torch._C._functorch, name, None)
-              for name in ("is_legacy_batchedtensor", "is_functorch_wrapped_tensor")]
-    return all(check is not None and not check(tensor) for check in checks)
+    if _IS_BATCHED is None or _IS_WRAPPED is None:
+        return False
+    return not (_IS_BATCHED(tensor) or _IS_WRAPPED(tensor))
+
+
+def as_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)``, skipping the call where it would return ``tensor`` itself (a gate's
+    backward makes three such casts: a few microseconds each, on every gate)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 class SoftClamp(torch.autograd.Function):
@@ -344,7 +355,7 @@ class SoftClamp(torch.autograd.Function):
             # (fewer big allocations), unless grad_out is vmapped (batched targets): then
             # everything is out of place.
             own = (ctx.remake_op is not None or z.dtype != dtype) and is_plain(grad_out)
-            z, grad = z.to(dtype), grad_out.to(dtype)
+            z, grad = as_dtype(z, dtype), as_dtype(grad_out, dtype)
             scale = capped_reciprocal(settings.temperature_for(z), dtype)
             if high is None:
                 below = (z.sub_(low) if own else z - low) if low else z
@@ -355,7 +366,7 @@ class SoftClamp(torch.autograd.Function):
                 above = z.sub_(high) if own else z - high
                 grad_in = gate_times(grad_in, above, -scale, settings.gate,
                                      out=grad_in if own else None)
-            grad_in = grad_in.to(grad_out.dtype)
+            grad_in = as_dtype(grad_in, grad_out.dtype)
         return grad_in, None, None, None, None, None, None
 
 

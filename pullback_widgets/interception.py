@@ -173,8 +173,10 @@ def _batch_norm_route(mode, func, args, kwargs):
     gate taking it next need not keep a copy (see :class:`.pre_activations.Remake`)."""
     out = func(*args, **kwargs)
     *tensors, training, momentum, eps = _batch_norm_arguments(*args, **kwargs)
-    if isinstance(out, Tensor) and out.requires_grad and out.dim() > 2 and len(out) == 1:
-        out.register_hook(_laid_out_as(out))
+    if isinstance(out, Tensor) and out.requires_grad and out.dim() > 2 and out.shape[0] == 1:
+        # On the norm's node, where a hook on ``out`` would fire too (also after ``out`` is
+        # changed in place), at half a tensor hook's cost.
+        out.grad_fn.register_prehook(_laid_out_as(out))
     if training:
         return mode.plain("BatchNorm with batch statistics", out)
     # Under autocast the backward's remake would not run in the forward's dtype.
@@ -185,20 +187,18 @@ def _batch_norm_route(mode, func, args, kwargs):
     return out
 
 
-def _laid_out_as(out: Tensor) -> Callable[[Tensor], Tensor]:
-    """A gradient hook that gives ``out``'s gradient ``out``'s strides. torch's CPU batch-norm
-    backward (2.14) is wrong for one example whose input and gradient differ in layout, one
-    channels last by its strides and the other not (tokens laid out as a map or back, as XCiT
-    and LeViT do): off by up to 6 in a check whose exact answer is 1."""
-    shape, strides = out.shape, out.stride()
+def _laid_out_as(out: Tensor) -> Callable[[tuple], tuple | None]:
+    """A pre-hook for ``out``'s node that gives ``out``'s gradient ``out``'s strides. torch's
+    CPU batch-norm backward (2.14) is wrong for one example whose input and gradient differ in
+    layout, one channels last by its strides and the other not (tokens laid out as a map or
+    back, as XCiT and LeViT do): off by up to 6 in a check whose exact answer is 1."""
+    shape, strides, index = out.shape, out.stride(), out.output_nr
     # vmap's batched gradients (batched targets) have no strides to copy into, nor memory
     # formats: laid out by a permuted contiguous copy instead.
     channels_last = out.dim() == 4 and not out.is_contiguous() \
         and out.is_contiguous(memory_format=torch.channels_last)
 
-    def hook(grad: Tensor | None) -> Tensor | None:
-        if grad is None:  # none reaches it (MobileNetV4's hybrid blocks)
-            return grad
+    def laid_out(grad: Tensor) -> Tensor:
         if not is_plain(grad):
             return grad.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) \
                 if channels_last else grad.contiguous()
@@ -206,6 +206,13 @@ def _laid_out_as(out: Tensor) -> Callable[[Tensor], Tensor]:
             return grad
         return torch.empty_strided(shape, strides, dtype=grad.dtype,
                                    device=grad.device).copy_(grad)
+
+    def hook(grads: tuple) -> tuple | None:
+        grad = grads[index]
+        if grad is None:  # none reaches it (MobileNetV4's hybrid blocks)
+            return None
+        new = laid_out(grad)
+        return None if new is grad else (*grads[:index], new, *grads[index + 1:])
     return hook
 
 

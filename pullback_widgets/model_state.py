@@ -95,18 +95,18 @@ def _joined(views: dict[tuple, list[Tensor]]) -> dict[tuple, Tensor | None]:
 @dataclass(frozen=True)
 class ModelState:
     """A model's parameters and buffers as found: each tensor with its version and address,
-    and (where sampled) views of a sample of each one's values, with those values then."""
+    and views of a sample of each one's values, with those values then."""
 
     entries: tuple[tuple[Tensor, int, int | None], ...]
-    views: dict[tuple, list[Tensor]] | None
-    values: dict[tuple, Tensor | None] | None
+    views: dict[tuple, list[Tensor]]
+    values: dict[tuple, Tensor | None]
 
     @staticmethod
-    def of(model: nn.Module, sampled: bool = True) -> ModelState:
+    def of(model: nn.Module) -> ModelState:
         tensors = _tensors(model)
-        views = _sample_views(tensors) if sampled else None
+        views = _sample_views(tensors)
         return ModelState(tuple((t, t._version, _address(t)) for t in tensors), views,
-                          None if views is None else _joined(views))
+                          _joined(views))
 
     def matches(self, model: nn.Module) -> bool:
         """Whether ``model`` holds the same tensors, unchanged in place (by autograd's count,
@@ -116,8 +116,6 @@ class ModelState:
                 a is b and version == b._version and address == _address(b)
                 for (a, version, address), b in zip(self.entries, now)):
             return False
-        if self.views is None:
-            return True
         # The same tensors in the same memory: the views made then read them now.
         return all(then is None or torch.equal(now, then) for now, then in zip(
             _joined(self.views).values(), self.values.values()))

@@ -165,7 +165,16 @@ def check_model(model: object, *, unwrap_compiled: bool = True) -> nn.Module:
             "instead.",
             "model is an nn.DataParallel over several devices, whose replicas run in threads "
             "the soft gates cannot see: the engine runs model.module, on the inputs' device")
-    for module in submodules(model):
+    modules = submodules(model)
+    # By type first: isinstance against ScriptModule's metaclass is slow, and the engine checks
+    # the model on every call (0.19 against 0.07 ms for Lite0's 274 modules).
+    refused = tuple(kind for kind in (torch.jit.ScriptModule, compiled, nn.DataParallel)
+                    if kind is not None)
+    suspects = {kind for kind in {type(module) for module in modules}
+                if issubclass(kind, refused)}
+    for module in modules:
+        if type(module) not in suspects and getattr(module, "_compiled_call_impl", None) is None:
+            continue
         if isinstance(module, torch.jit.ScriptModule):
             raise PullbackWidgetsTypeError(f"{_where(model, module)} is a TorchScript module. "
                                            + _TORCHSCRIPT_HINT)

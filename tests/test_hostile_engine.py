@@ -247,6 +247,14 @@ def model_with_a_scripted_submodule_is_refused():
         pw.excitation_pullback(model, random_image(), 0)
 
 
+@case
+def model_with_a_compiled_submodule_is_refused():
+    # check_model looks at each type once: a compiled module among plain ones is still found.
+    model = nn.Sequential(nn.Identity(), torch.compile(_scriptable_net(), backend="eager"))
+    with pytest.raises(pw.PullbackWidgetsTypeError, match=r"submodule '1' is compiled"):
+        pw.excitation_pullback(model, random_image(), 0)
+
+
 def _scriptable_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),

@@ -461,6 +461,10 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
     # fresh pages for ResNet-50's pool), and the chunk stays in cache from input to gradient.
     chunk_planes = torch.empty((sh, sw, n, min(step, c), plane_h, plane_w), dtype=dtype,
                                device=x.device)
+    # Per window entry, s and (differentiated) exp(s), for one chunk: reused like the planes.
+    chunk_scaled = torch.empty((len(offsets), n, min(step, c), out_h, out_w), dtype=dtype,
+                               device=x.device)
+    chunk_exp = None if detached else torch.empty_like(chunk_scaled)
     grad = grad_out.new_empty((n, c, h, w), dtype=result_dtype)
     for first in range(0, c, step):
         def channels(t: Tensor, dim: int, first: int = first) -> Tensor:
@@ -478,7 +482,7 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
             else entries[0].clone()
         for entry in entries[2:]:
             torch.maximum(maximum, entry, out=maximum)
-        scaled = torch.empty((len(entries), *maximum.shape), dtype=dtype, device=x.device)
+        scaled = chunk_scaled.narrow(2, 0, maximum.shape[1])
         for k, entry in enumerate(entries):
             torch.sub(entry, maximum, out=scaled[k])
         scaled.mul_(inverse_t)  # (k*k, N, c, Ho, Wo): s = (w - m) / T
@@ -487,7 +491,7 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
             total = weights.sum(dim=0)  # >= 1
         else:
             scaled.clamp_min_(-1000.0)
-            weights = scaled.exp()
+            weights = torch.exp(scaled, out=chunk_exp.narrow(2, 0, maximum.shape[1]))
             total = weights.sum(dim=0)
             mean = torch.mul(weights[0], scaled[0], out=maximum)  # maximum is spent
             for k in range(1, len(entries)):

@@ -11,12 +11,15 @@ interleaved, alternating which goes first, so machine noise hits them alike; r1 
 the per-repeat ratios, with their range, in wall-clock time and in the process's CPU time (all
 threads; less sensitive to waiting for a core on a shared machine, though not to cache
 contention). ``--session`` adds the session columns (an update at a new temperature, 5
-targets batched and looped). ``--decompose`` adds two floors, interleaved with the rest: a plain
-gradient under a function mode that only passes each call on (what any interception of the
-forward costs), and the pullback with ``gate="hard"`` (the whole engine without its soft
-arithmetic: the gap from there to r1 is that arithmetic). Memory: the peak of one pullback
-against one gradient, each in a fresh process on CPU (peak RSS, whole process and above the
-loaded model), ``torch.cuda.max_memory_allocated`` on CUDA. Minor page faults per call are
+targets batched and looped). ``--decompose`` adds three floors, interleaved with the rest: a
+plain gradient under a function mode that only passes each call on (what any interception of the
+forward costs), the pullback with ``gate="hard"`` (the whole engine without its soft
+arithmetic: the gap from there to r1 is that arithmetic), and one ``torch.sigmoid`` pass over
+the model's own gated pre-activations (the soft gate's transcendental work, which no fusion
+removes: one sigmoid per ReLU pre-activation; a ReLU6's two-sided gate takes two, or, fused,
+one exponential and a division). Memory: the peak of one pullback against one gradient, each
+in a fresh process on CPU (peak RSS, whole process and above the loaded model),
+``torch.cuda.max_memory_allocated`` on CUDA. Minor page faults per call are
 counted for both methods; ``--keep-heap`` times with glibc keeping freed memory (a diagnostic:
 batch-8 pullbacks make glibc trim and regrow its heap). Ratios, not seconds, are what to compare
 across machines.
@@ -78,6 +81,29 @@ def _gradient_under_a_mode(model, x: torch.Tensor, target: int) -> torch.Tensor:
         return plain_gradient(model, x, target)
 
 
+_GATED_MODULES = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Hardtanh)
+
+
+def gated_pre_activations(model, x: torch.Tensor) -> list[torch.Tensor]:
+    """Copies of the pre-activations of every ReLU-family gate in one forward of ``model`` on
+    ``x``, taken before an in-place op overwrites them: what the soft gates evaluate sigmoid
+    on. Both models call their ReLUs as modules; the count is checked against the gates the
+    engine softens."""
+    seen: list[torch.Tensor] = []
+    handles = [module.register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
+               for module in model.modules() if isinstance(module, _GATED_MODULES)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    gated = pw.PullbackSession(model, x[:1]).gated_kinds.get("relu", 0)
+    if len(seen) != gated:
+        raise SystemExit(f"found {len(seen)} ReLU-family calls, the engine gates {gated}")
+    return seen
+
+
 def _operations(model, x: torch.Tensor, session_columns: bool,
                 decompose: bool = False) -> dict[str, Callable]:
     temperature = pw.model_helpers.default_temperature(model)
@@ -90,6 +116,8 @@ def _operations(model, x: torch.Tensor, session_columns: bool,
             "gradient under a mode": lambda: _gradient_under_a_mode(model, x, 1),
             "hard pullback": lambda: pw.excitation_pullback(model, x, 1, gate="hard"),
         })
+        pre_activations = gated_pre_activations(model, x)
+        operations["sigmoid pass"] = lambda: [torch.sigmoid(z) for z in pre_activations]
     if session_columns:
         session = pw.PullbackSession(model, x, temperature=temperature)
         operations.update({
@@ -249,7 +277,8 @@ def table(rows: list[dict]) -> str:
                    "5 targets loop ÷ update |")
     if decomposed:
         header += (" gradient under a pass-through mode ÷ gradient | "
-                   "gate='hard' pullback ÷ gradient |")
+                   "gate='hard' pullback ÷ gradient | "
+                   "one sigmoid pass over the gated pre-activations ÷ gradient |")
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for row in rows:
         t, memory = row["times"], row.get("memory")
@@ -268,7 +297,8 @@ def table(rows: list[dict]) -> str:
                      f"{_ratio_cell(t['5 targets loop'], t['session update'])} |")
         if decomposed:
             line += (f" {_ratio_cell(t['gradient under a mode'], t['gradient'])} | "
-                     f"{_ratio_cell(t['hard pullback'], t['gradient'])} |")
+                     f"{_ratio_cell(t['hard pullback'], t['gradient'])} | "
+                     f"{_ratio_cell(t['sigmoid pass'], t['gradient'])} |")
         lines.append(line)
     return "\n".join(lines)
 
@@ -282,7 +312,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--session", action="store_true", help="add the session columns")
     parser.add_argument("--decompose", action="store_true",
                         help="add the floors: a gradient under a pass-through function mode, "
-                             "and the pullback with gate='hard' (the engine without soft math)")
+                             "the pullback with gate='hard' (the engine without soft math), "
+                             "one sigmoid pass over the gated pre-activations")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     parser.add_argument("--profile", action="store_true",
                         help="add, per model and batch, the ops that differ most in time")

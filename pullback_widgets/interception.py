@@ -312,24 +312,34 @@ def _clamp_in_place_route(mode, func, args, kwargs):
 
 
 # ReLUs written as masks: a comparison of values on the input's path makes a mask, and
-# torch.where, masked_fill or a product with it gates those values, keeping a hard backward.
+# torch.where, masked_fill, a product or indexing with it gates those values, keeping a hard
+# backward.
 # The mask carries no node of its own: the comparison that made it is remembered instead.
 MASK_GATE = "mask from a comparison (a ReLU written by hand)"
 _COMPARISONS = (torch.Tensor.__gt__, torch.Tensor.__ge__, torch.Tensor.__lt__,
                 torch.Tensor.__le__, torch.Tensor.gt, torch.Tensor.ge, torch.Tensor.lt,
                 torch.Tensor.le, torch.gt, torch.ge, torch.lt, torch.le, torch.greater,
                 torch.greater_equal, torch.less, torch.less_equal)
-# Calls that pass a remembered mask on as a mask (a cast, a negation).
+# Calls that pass a remembered mask on as a mask (a cast, a negation, its indices).
 _MASK_CONVERSIONS = frozenset((
     torch.Tensor.float, torch.Tensor.double, torch.Tensor.half, torch.Tensor.bfloat16,
     torch.Tensor.to, torch.Tensor.type, torch.Tensor.type_as, torch.Tensor.__invert__,
-    torch.Tensor.logical_not, torch.logical_not))
+    torch.Tensor.logical_not, torch.logical_not, torch.Tensor.nonzero, torch.nonzero,
+    torch.Tensor.argwhere, torch.argwhere))
 # Calls that apply a mask, with the positions a mask may take.
 _MASK_USES = {
     torch.where: (0,), torch.Tensor.where: (1,), torch.Tensor.masked_fill: (1,),
-    torch.Tensor.masked_fill_: (1,), torch.masked_fill: (1,),
+    torch.Tensor.masked_fill_: (1,), torch.masked_fill: (1,), torch.masked_select: (1,),
+    torch.Tensor.masked_select: (1,),
     **dict.fromkeys((torch.mul, torch.Tensor.mul, torch.Tensor.mul_, torch.Tensor.__mul__,
                      torch.Tensor.__rmul__, torch.Tensor.__imul__), (0, 1)),
+}
+# Indexing, whose index (or any index in a tuple or list of them) may be a mask:
+# ``h[h > 0]``, ``h[h < 0] = 0``; whether it works in place on its first argument.
+_MASK_INDEXING = {
+    torch.Tensor.__getitem__: False, torch.Tensor.__setitem__: True,
+    torch.Tensor.index_put: False, torch.index_put: False, torch.Tensor.index_put_: True,
+    torch.index_put_: True,
 }
 
 
@@ -342,6 +352,16 @@ def _mask_use_route(mode, func, args, kwargs):
                  for position in _MASK_USES[func])
     out = func(*args, **kwargs)
     return mode.plain(MASK_GATE, out) if masked else out
+
+
+def _mask_indexing_route(mode, func, args, kwargs):
+    index = args[1] if len(args) > 1 else kwargs.get("indices")
+    masked = bool(mode._masks) and any(
+        mode.is_mask(i) for i in (index if isinstance(index, (tuple, list)) else (index,)))
+    out = func(*args, **kwargs)
+    if masked:  # in place: the node the op left on its first argument
+        mode.plain(MASK_GATE, args[0] if _MASK_INDEXING[func] else out)
+    return out
 
 
 # Plain gate-like ops with an in-place form: named by their node as a rule, but in place on a
@@ -384,6 +404,7 @@ _ROUTES: dict[Callable, Callable] = {
     **{func: _clamp_route(parse) for func, parse in _CLAMP_PARSERS.items()},
     **dict.fromkeys(_COMPARISONS, _comparison_route),
     **dict.fromkeys(_MASK_USES, _mask_use_route),
+    **dict.fromkeys(_MASK_INDEXING, _mask_indexing_route),
 }
 # The leading arguments that put a call on the input's path, by name: attention is when q, k
 # or v is (a fixed query still gates v); everything else when its first argument is.
@@ -480,9 +501,11 @@ class _SoftGatingMode(TorchFunctionMode):
             raise PullbackWidgetsError(CHECKPOINTING)
 
     def remember_mask(self, mask: object) -> object:
-        """``mask``, a comparison of values on the input's path: a gate where it is applied."""
-        if isinstance(mask, Tensor):
-            self._masks[id(mask)] = weakref.ref(mask)
+        """``mask``, a comparison of values on the input's path (or a tuple of them, as
+        ``nonzero(as_tuple=True)`` gives): a gate where it is applied."""
+        for tensor in mask if isinstance(mask, tuple) else (mask,):
+            if isinstance(tensor, Tensor):
+                self._masks[id(tensor)] = weakref.ref(tensor)
         return mask
 
     def is_mask(self, value: object) -> bool:

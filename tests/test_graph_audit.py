@@ -366,6 +366,17 @@ def test_a_sigmoid_head_and_a_learnt_scale_are_not_gates():
 MASK = "mask from a comparison (a ReLU written by hand)"
 
 
+def _relu_by_setitem(h):
+    h = h.clone()
+    h[h < 0] = 0.0
+    return h
+
+
+def _positive_by_indices(h):
+    where = (h > 0).nonzero(as_tuple=True)
+    return torch.zeros_like(h).index_put(where, h[where])
+
+
 @pytest.mark.parametrize(("masked", "named"), [
     (lambda h: torch.where(h > 0, h, 0.0), {MASK: 1}),
     (lambda h: h.where(h > 0, 0.0), {MASK: 1}),
@@ -375,6 +386,12 @@ MASK = "mask from a comparison (a ReLU written by hand)"
     (lambda h: (h > 0).float() * h, {MASK: 1}),
     (lambda h: torch.mul(h, torch.gt(h, 0).to(h.dtype)), {MASK: 1}),
     (lambda h: torch.where(~(h < 0), h, 0.1 * h), {MASK: 1}),  # a leaky ReLU by hand
+    (_relu_by_setitem, {MASK: 1}),
+    (lambda h: h.clone().index_put_((h < 0,), torch.tensor(0.0)), {MASK: 1}),
+    (lambda h: torch.zeros_like(h).masked_scatter(h > 0, h[h > 0]), {MASK: 1}),
+    (lambda h: torch.zeros_like(h).masked_scatter(h > 0, h.masked_select(h > 0)), {MASK: 1}),
+    (_positive_by_indices, {MASK: 1}),
+    (lambda h: h[:, [1, 0, 3, 2]] * h[..., :1, :], {}),  # indexing, no mask
     (lambda h: h.masked_fill(torch.zeros_like(h, dtype=torch.bool), 0), {}),  # a fixed mask
     (lambda h: h * (torch.ones_like(h) > 0), {}),  # compares values off the input's path
     (lambda h: h * 2.0, {}),

@@ -33,6 +33,7 @@ remakes it bit for bit where the interception knows how it was made.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import threading
 from collections.abc import Callable, Mapping
@@ -482,7 +483,9 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
             else entries[0].clone()
         for entry in entries[2:]:
             torch.maximum(maximum, entry, out=maximum)
-        scaled = chunk_scaled.narrow(2, 0, maximum.shape[1])
+        # A contiguous prefix of the buffer, not a narrowed view: a partial last chunk laid out
+        # with the full chunk's strides sums over its entries in another order (other bits).
+        scaled = _prefix(chunk_scaled, maximum.shape)
         for k, entry in enumerate(entries):
             torch.sub(entry, maximum, out=scaled[k])
         scaled.mul_(inverse_t)  # (k*k, N, c, Ho, Wo): s = (w - m) / T
@@ -491,7 +494,7 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
             total = weights.sum(dim=0)  # >= 1
         else:
             scaled.clamp_min_(-1000.0)
-            weights = torch.exp(scaled, out=chunk_exp.narrow(2, 0, maximum.shape[1]))
+            weights = torch.exp(scaled, out=_prefix(chunk_exp, maximum.shape))
             total = weights.sum(dim=0)
             mean = torch.mul(weights[0], scaled[0], out=maximum)  # maximum is spent
             for k in range(1, len(entries)):
@@ -510,6 +513,12 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
         for a, b, rows, x_rows, cols, x_cols in phases:
             grad_chunk[:, :, x_rows, x_cols] = grad_planes[a, b, :, :, rows, cols]
     return grad
+
+
+def _prefix(buffer: Tensor, shape: torch.Size) -> Tensor:
+    """The first (len(buffer), *shape) of contiguous ``buffer``'s memory, contiguous."""
+    full = (buffer.shape[0], *shape)
+    return buffer.view(-1)[:math.prod(full)].view(full)
 
 
 def _phase_slices(size: int, pad: int, stride: int, phase: int) -> tuple[slice, slice]:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .gates import KIND_TEMPERATURES, KINDS
+from .model_state import ModelState
 from .targets import TokenGrid
 from .validation import (
     PullbackWidgetsError,
@@ -125,8 +126,14 @@ _TRAINED_DURING_THE_FORWARD = (
     "(copy.deepcopy(model))")
 
 
+_CHANGED_BY_TRAIN = (
+    "the model's own train() changed its parameters or buffers when the package set its "
+    "train-mode flags back after its eval-mode forward (a LoRA layer unmerging its weights?), "
+    "so the backward would not match the forward: call model.eval() before explaining it")
+
+
 @contextlib.contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[None]:
+def evaluation_mode(model: nn.Module, graph_kept: bool = False) -> Iterator[None]:
     """Hold the package's forward lock, put every submodule in eval mode, restore each one's
     own flag.
 
@@ -142,6 +149,11 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     unmerge them in train) is left as its own ``train()`` leaves it. ``submodules`` lists
     parents before their children, so a parent's ``train()``, which sets its children too, is
     followed by each child's own flag.
+
+    ``graph_kept``: the caller pulls back through the forward's graph after this context. A
+    ``train()`` that changes the model's tensors as the flags are set back (through ``.data``,
+    which autograd does not see) is then an error: the backward would use other weights than
+    the forward did.
     """
     with _FORWARD_LOCK:
         flags = [(module, module.training) for module in submodules(model)]
@@ -151,6 +163,9 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
             yield
             if any(module.training for module, _ in flags):
                 raise PullbackWidgetsError(_TRAINED_DURING_THE_FORWARD)
+            # The forward's graph holds the model's tensors: a train() that changes them through
+            # .data (loralib unmerges its weights) would change the backward silently.
+            used = ModelState.of(model) if graph_kept and any(t for _, t in flags) else None
         finally:
             for module, training in flags:
                 if module.training != training:
@@ -158,6 +173,8 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
             for module, training in flags:  # a module shared by two parents: the later one's
                 if module.training != training:  # train() may have set it again
                     module.training = training
+        if used is not None and not used.matches(model):
+            raise PullbackWidgetsError(_CHANGED_BY_TRAIN)
 
 
 def predict(model: nn.Module, inputs: Tensor) -> Tensor:

@@ -309,7 +309,7 @@ class PullbackSession:
         # remade from cannot be remade: it runs again, keeping every pre-activation.
         for remake in (True, False):
             # Pullbacks need autograd even when the caller is inside no_grad or inference_mode.
-            with _autograd_on(), evaluation_mode(self.model), \
+            with _autograd_on(), evaluation_mode(self.model, graph_kept=True), \
                     LayerRecorder(self.model, layers) as recorder, \
                     _gating(self._live, remake) as mode, \
                     explained_forward_errors(self.model, self.inputs):
@@ -515,9 +515,10 @@ def excitation_pullback(model: nn.Module, inputs: Tensor, target: Target, *,
 
 class _OneShotSession(PullbackSession):
     """A session for one backward, right after its forward, in the same call: no code of the
-    caller's runs in between, so the model is not recorded (0.8 ms on Lite0). Another thread
-    changing the model could as well do so during the forward or the backward, where no record
-    sees it; the graph's saved tensors still refuse in-place changes to what they hold."""
+    caller's runs in between but the model's own ``train()`` as its flags are set back, which
+    :func:`.evaluation_mode` checks, so the model is not recorded (0.8 ms on Lite0). Another
+    thread changing the model could as well do so during the forward or the backward, where no
+    record sees it; the graph's saved tensors still refuse in-place changes to what they hold."""
 
     _records_model = False
 

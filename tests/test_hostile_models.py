@@ -1,6 +1,7 @@
 """Models users bring that are built in unusual ways: each gets the right pullback, or a clear
 error, and is left as it was."""
 
+import copy
 import threading
 import warnings
 
@@ -163,9 +164,21 @@ def test_training_flags_are_restored_through_each_modules_own_train():
     model[2][0].eval()  # mixed flags, restored exactly
     flags = [m.training for m in model.modules()]
     x = torch.rand(1, 3, 12, 12)
-    pw.excitation_pullback(model, x, 0)
+    weights = copy.deepcopy(model.state_dict())
+    # Its train() unmerges through .data, which autograd does not see: the backward would pull
+    # back through other weights than the forward's (rel. error 0.78 against the gradient).
+    with pytest.raises(pw.PullbackWidgetsError, match="train"):
+        pw.excitation_pullback(model, x, 0, gate="hard")
+    with pytest.raises(pw.PullbackWidgetsError, match="train"):
+        pw.PullbackSession(model, x)
     assert [m.training for m in model.modules()] == flags
     assert not model[5].merged  # its own train() ran: unmerged, as in train mode
+    # As after the user's own model.eval(); model.train(): w + u - u, rounded.
+    torch.testing.assert_close(model.state_dict(), weights)
+    model.eval()  # as the message says: in eval mode, nothing changes as the flags go back
+    leaf = x.clone().requires_grad_()
+    (plain,) = torch.autograd.grad(model(leaf)[:, 0].sum(), leaf)
+    assert torch.equal(pw.excitation_pullback(model, x, 0, gate="hard"), plain)
 
 
 def test_empty_batch_and_model_changed_after_the_forward_are_clear_errors():

@@ -546,12 +546,21 @@ class _SoftGatingMode(TorchFunctionMode):
             if not torch.is_grad_enabled():
                 if _inside_reentrant_checkpoint():
                     raise PullbackWidgetsError(CHECKPOINTING)
-            elif any(isinstance(t, Tensor) and t.requires_grad
-                     for t in args[:len(_PATH_ARGUMENTS[func])]):
+                if route is _comparison_route and _on_path(func, args):
+                    # A mask made under no_grad still gates the values it is applied to.
+                    return route(self, func, args, kwargs)
+            elif _on_path(func, args):
                 if self.callers_hooks is not None:
                     self.check_hooks()
                 return route(self, func, args, kwargs)
         return func(*args, **kwargs)
+
+
+def _on_path(func: Callable, args: tuple) -> bool:
+    """Whether a routed call takes a value on the input's path (one that requires grad) in one
+    of its path arguments."""
+    return any(isinstance(t, Tensor) and t.requires_grad
+               for t in args[:len(_PATH_ARGUMENTS[func])])
 
 
 def _inside_reentrant_checkpoint() -> bool:

@@ -372,6 +372,12 @@ def _relu_by_setitem(h):
     return h
 
 
+def _mask_made_under_no_grad(h):
+    with torch.no_grad():
+        mask = (h > 0).float()
+    return h * mask
+
+
 def _positive_by_indices(h):
     where = (h > 0).nonzero(as_tuple=True)
     return torch.zeros_like(h).index_put(where, h[where])
@@ -391,6 +397,7 @@ def _positive_by_indices(h):
     (lambda h: torch.zeros_like(h).masked_scatter(h > 0, h[h > 0]), {MASK: 1}),
     (lambda h: torch.zeros_like(h).masked_scatter(h > 0, h.masked_select(h > 0)), {MASK: 1}),
     (_positive_by_indices, {MASK: 1}),
+    (_mask_made_under_no_grad, {MASK: 1}),
     (lambda h: h[:, [1, 0, 3, 2]] * h[..., :1, :], {}),  # indexing, no mask
     (lambda h: h.masked_fill(torch.zeros_like(h, dtype=torch.bool), 0), {}),  # a fixed mask
     (lambda h: h * (torch.ones_like(h) > 0), {}),  # compares values off the input's path

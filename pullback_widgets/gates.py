@@ -445,6 +445,12 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
               for a in range(sh) for b in range(sw)]
     inverse_t = capped_reciprocal(temperature, dtype)
     offsets = [(i * dh, j * dw) for i in range(kh) for j in range(kw)]
+    # The -bound fill gives padding no weight while each window's maximum stands 1000 T above it
+    # (exp(-1000) is 0 in every dtype). Beyond that (T past about 1e35 in float32, or maxima
+    # near -bound), padded entries are masked out explicitly: ``padding`` marks them in the
+    # planes, made when first needed.
+    smallest_inverse = float(inverse_t.min()) if isinstance(inverse_t, Tensor) else inverse_t
+    padding: Tensor | None = None
 
     def windows_at(t: Tensor, top: int, left: int) -> Tensor:
         """Entry (top, left) of every window of planes ``t``: (N, c, Ho, Wo), a slice."""
@@ -489,6 +495,15 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
         for k, entry in enumerate(entries):
             torch.sub(entry, maximum, out=scaled[k])
         scaled.mul_(inverse_t)  # (k*k, N, c, Ho, Wo): s = (w - m) / T
+        if (float(maximum.min()) + bound) * smallest_inverse < 1000.0:
+            if padding is None:
+                padding = torch.ones((sh, sw, 1, 1, plane_h, plane_w), dtype=torch.bool,
+                                     device=x.device)
+                for a, b, rows, _, cols, _ in phases:
+                    padding[a, b, :, :, rows, cols] = False
+            has_real = maximum > -bound  # a window of padding alone keeps its weights
+            for k, (top, left) in enumerate(offsets):
+                scaled[k].masked_fill_(has_real & windows_at(padding, top, left), -1000.0)
         if detached:
             weights = scaled.exp_()  # unnormalised; each window's maximum is 1
             total = weights.sum(dim=0)  # >= 1

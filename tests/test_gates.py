@@ -104,6 +104,26 @@ def test_each_soft_pool_chunk_is_computed_as_a_call_of_its_own(monkeypatch, shap
         assert torch.equal(whole[:, part], alone)
 
 
+@pytest.mark.parametrize("detached", [False, True])
+@pytest.mark.parametrize(("dtype", "temperature"), [
+    (torch.float32, 1e37), (torch.float32, 1e300), (torch.float64, 1e307),
+    (torch.bfloat16, 1e38)])
+def test_padding_gets_no_weight_at_huge_temperatures(dtype, temperature, detached):
+    # Padding was filled with -bound, which gave it no weight only while (-bound - m) / T
+    # stayed far below -1: from T ~ 1e36 in float32 (or relative T at activations ~ 1e35) the
+    # edge windows shared their gradient with it (a review: 13.2 of 16 at T = 1e38).
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 5, 5, dtype=dtype)
+    geometry = PoolGeometry.of(3, 2, 1, 1, True)
+    grad_out = torch.ones_like(F.max_pool2d(x, 3, 2, 1, ceil_mode=True))
+    actual = soft_max_pool_backward(grad_out, x, geometry, temperature, detached)
+    expected = window_loop_pool_grad(x.double(), grad_out.double(), 3, 2, 1,
+                                     min(temperature, 1e300), ceil_mode=True, detached=detached)
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-2, atol=1e-2)
+    # Each window's weights sum to 1, padding left out: the gradient sums to the windows' count.
+    assert abs(float(actual.double().sum()) - grad_out.numel()) < 1e-3 * grad_out.numel()
+
+
 def test_detached_soft_pool_gives_each_window_its_gradient_as_weights():
     # Backward = sum_j p_j * delta_j: a window's entries get p_j * g, summing to g; as T -> 0
     # all of it goes to the window's maximum, tied maxima sharing it.

@@ -51,6 +51,7 @@ PLAIN_GATE_NODES = {
     "CeluBackward0": "CELU",
     "MishBackward0": "Mish",
     "SoftplusBackward0": "Softplus",
+    "AbsBackward0": "abs",  # its backward gates by the sign: (h + |h|) / 2 is a ReLU
     "MaximumBackward0": "maximum/minimum",
     "MinimumBackward0": "maximum/minimum",
     "AmaxBackward0": "max/min over dims",
@@ -124,7 +125,7 @@ PLAIN_GATES = (
     "{count} op(s) on the input's path kept a backward the engine did not soften: {ops}. "
     "Either the engine does not gate them (ELU, Mish, Softplus, Hardsigmoid, GLU, sigmoid or "
     "tanh gates such as squeeze-excite's or SiLU written by hand, masks from comparisons such "
-    "as a ReLU written torch.where(h > 0, h, 0), clamps, max/min, "
+    "as a ReLU written torch.where(h > 0, h, 0), abs, clamps, max/min, "
     "top-k, sort, median, 1-D/3-D/adaptive max-pools, max-pools returning indices, RMSNorm, "
     "InstanceNorm, norms written by hand, batch norms using batch statistics, custom autograd "
     "Functions, which keep their own backward), or they ran where it cannot see (a TorchScript "

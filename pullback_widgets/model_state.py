@@ -53,12 +53,12 @@ def _one_block(tensor: Tensor) -> bool:
 
 def _sample(tensor: Tensor) -> Tensor:
     """Up to :data:`SAMPLES_PER_TENSOR` of ``tensor``'s values as a 1-D view of its memory
-    where they fill one block (nearly every parameter), else all of them (a copy); floats
-    viewed as integers of their size."""
+    where they fill one block (nearly every parameter), else all of them (a view of the
+    tensor itself, read anew each time); floats viewed as integers of their size."""
     tensor = tensor.detach()
     count = tensor.numel()
     if count <= SAMPLES_PER_TENSOR or not _one_block(tensor):
-        sample = tensor.reshape(-1)
+        sample = tensor  # a view of it, flattened where it is read (reshape would copy it now)
     else:
         sample = tensor.as_strided((SAMPLES_PER_TENSOR,), (count // SAMPLES_PER_TENSOR,),
                                    tensor.storage_offset())
@@ -86,7 +86,7 @@ def _joined(views: dict[tuple, list[Tensor]]) -> dict[tuple, Tensor | None]:
     joined: dict[tuple, Tensor | None] = {}
     for key, samples in views.items():
         try:
-            joined[key] = torch.cat(samples)
+            joined[key] = torch.cat([sample.reshape(-1) for sample in samples])
         except (RuntimeError, NotImplementedError):
             joined[key] = None
     return joined

@@ -656,7 +656,8 @@ def test_a_forward_for_new_layers_is_refused_after_any_parameter_or_buffer_chang
 @pytest.mark.parametrize("change", [".double()", ".to(float16)", ".data = a copy",
                                     "in place", "load_state_dict", ".data in place (an EMA)",
                                     ".data: one channel zeroed", ".data: a bias nudged",
-                                    ".data: a channels-last weight scaled"])
+                                    ".data: a channels-last weight scaled",
+                                    ".data: a transposed weight scaled"])
 def test_a_session_refuses_pullbacks_once_its_model_is_converted_or_changed(change):
     # .to() and .data = swap a parameter's memory, not the parameter nor its version: the
     # retained graph then failed on the dtype with a raw RuntimeError, or (same dtype) pulled
@@ -687,10 +688,14 @@ def test_a_session_refuses_pullbacks_once_its_model_is_converted_or_changed(chan
         model[0].weight.data[2].zero_()
     elif change == ".data: a bias nudged":
         model[3].bias.data[1] += 0.5
-    else:
+    elif change == ".data: a channels-last weight scaled":
         model[0].weight.data = model[0].weight.data.to(memory_format=torch.channels_last)
         session = pw.PullbackSession(model, torch.rand(2, 3, 8, 8))
         model[0].weight.data.mul_(-3.0)
+    else:  # its values fill no one block: their sample was a copy, never read again (a review)
+        model[3].weight = nn.Parameter(model[3].weight.detach().t().contiguous().t())
+        session = pw.PullbackSession(model, torch.rand(2, 3, 8, 8))
+        model[3].weight.data.mul_(0.5)
     assert not session.model_unchanged()
     for call in (lambda: session.pullback(1), lambda: session.pullbacks([0, 1]),
                  lambda: session.pullback(pw.Unit("0", 1))):

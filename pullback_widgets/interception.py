@@ -344,7 +344,13 @@ _MASK_INDEXING = {
 
 
 def _comparison_route(mode, func, args, kwargs):
-    return mode.remember_mask(func(*args, **kwargs))
+    out = func(*args, **kwargs)
+    # A comparison of parameters alone is the same mask for every input (a learned channel
+    # mask): no gate of the input's path.
+    if all(isinstance(t, nn.Parameter) or not (isinstance(t, Tensor) and t.requires_grad)
+           for t in args[:2]):
+        return out
+    return mode.remember_mask(out)
 
 
 def _mask_use_route(mode, func, args, kwargs):

@@ -383,6 +383,25 @@ def _positive_by_indices(h):
     return torch.zeros_like(h).index_put(where, h[where])
 
 
+def test_a_mask_of_parameters_alone_is_no_gate():
+    # A learned channel mask is the same for every input: not a gate of the input's path (a
+    # review; the indexing routes had started to name it).
+    class ChannelMask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+            self.logits = nn.Parameter(torch.tensor([1.0, -1.0, 2.0, -0.5]))
+
+        def forward(self, x):
+            h = F.relu(self.conv(x))
+            h = h * (self.logits > 0).float()[:, None, None]
+            h[:, self.logits <= 0] = 0.0
+            return self.head(h.mean((2, 3)))
+
+    session, caught = _session(ChannelMask().eval(), torch.rand(2, 3, 8, 8))
+    assert session.plain_gate_ops == {} and session.gated_kinds == {"relu": 1} and caught == []
+
+
 @pytest.mark.parametrize(("masked", "named"), [
     (lambda h: torch.where(h > 0, h, 0.0), {MASK: 1}),
     (lambda h: h.where(h > 0, 0.0), {MASK: 1}),

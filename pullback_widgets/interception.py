@@ -348,7 +348,7 @@ def _comparison_route(mode, func, args, kwargs):
     # A comparison of parameters alone is the same mask for every input (a learned channel
     # mask): no gate of the input's path.
     if all(isinstance(t, nn.Parameter) or not (isinstance(t, Tensor) and t.requires_grad)
-           for t in args[:2]):
+           for t in (*args[:2], kwargs.get("other"))):
         return out
     return mode.remember_mask(out)
 

@@ -417,6 +417,7 @@ def test_a_mask_of_parameters_alone_is_no_gate():
     (lambda h: torch.zeros_like(h).masked_scatter(h > 0, h.masked_select(h > 0)), {MASK: 1}),
     (_positive_by_indices, {MASK: 1}),
     (_mask_made_under_no_grad, {MASK: 1}),
+    (lambda h: h * torch.lt(nn.Parameter(torch.zeros(())), other=h), {MASK: 1}),  # by keyword
     (lambda h: (h + h.abs()) / 2, {"abs": 1}),  # a ReLU by abs (a review)
     (lambda h: h[:, [1, 0, 3, 2]] * h[..., :1, :], {}),  # indexing, no mask
     (lambda h: h.masked_fill(torch.zeros_like(h, dtype=torch.bool), 0), {}),  # a fixed mask

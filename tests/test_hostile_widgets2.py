@@ -9,7 +9,8 @@ import torch
 
 import pullback_widgets as pw
 from pullback_widgets import figures
-from pullback_widgets.widgets.common import LatestOnlyWorker, figure_widget, sync_figure
+from pullback_widgets.widgets.common import LatestOnlyWorker
+from pullback_widgets.widgets.figure_widget import figure_widget, sync_figure
 from tests.conftest import LABELS
 
 

@@ -8,6 +8,7 @@ import time
 import warnings
 
 import numpy as np
+import plotly.graph_objects as go
 import pytest
 import torch
 from PIL import Image
@@ -15,6 +16,7 @@ from PIL import Image
 import pullback_widgets as pw
 from pullback_widgets import figures
 from pullback_widgets.widgets.common import LOGITS, LatestOnlyWorker
+from pullback_widgets.widgets.figure_widget import figure_widget, sync_figure
 from tests.conftest import LABELS
 from tests.test_engine import _assert_untouched, _model_snapshot
 
@@ -96,6 +98,40 @@ def test_only_the_image_reruns_the_forward(net):
         assert len(calls) == 1
     finally:
         handle.remove()
+
+
+def test_figures_carry_plotlys_bundle_as_data_under_a_small_loader():
+    # The loader imports the bundle once per page (tests/browser check that in Chromium).
+    widget = figure_widget()
+    try:
+        state = widget.get_state()
+        assert state["_plotly_esm"] == str(go.FigureWidget._esm)
+        assert len(state["_esm"]) < 2_000 < len(state["_plotly_esm"])
+        assert state["_config"] == {"displayModeBar": False}
+    finally:
+        widget.close()
+
+
+def test_a_figures_new_view_gets_the_whole_figure_as_state():
+    # Plotly updates a shown figure by messages and leaves its state as it was: a page that
+    # connected meanwhile drew that stale state and missed the messages.
+    widget = figure_widget()
+    try:
+        sync_figure(widget, go.Figure(go.Heatmap(z=[[0.0, 1.0]])))
+        widget._view_count = 1
+        sync_figure(widget, go.Figure(go.Heatmap(z=[[2.0, 3.0]])))
+        assert list(widget._widget_data[0]["z"][0]) == [0.0, 1.0]  # messages only
+        sent = []
+        # (Set here, the view count itself is sent too; a page that sets it gets no echo.)
+        widget.send_state = lambda key=None: key != "_view_count" and sent.append(set(key))
+        widget._view_count = 2  # a second page
+        assert sent == [{"_widget_data", "_widget_layout"}]
+        assert list(widget._widget_data[0]["z"][0]) == [2.0, 3.0]
+        widget._view_count = 1  # a view went: nothing to send
+        widget._view_count = 2  # a reload: sent again, though nothing changed since
+        assert sent == [{"_widget_data", "_widget_layout"}] * 2
+    finally:
+        widget.close()
 
 
 def test_views_switch_trace_types_in_the_same_figure_widget(net):
@@ -280,11 +316,9 @@ def test_a_figure_update_reaches_a_page_that_starts_showing_it_meanwhile(views):
     # page draws from must then hold the update, also where the page appears mid-update.
     import contextlib
 
-    import plotly.graph_objects as go
+    from pullback_widgets.widgets.figure_widget import SyncedFigureWidget, sync_figure
 
-    from pullback_widgets.widgets.common import sync_figure
-
-    class Widget(go.FigureWidget):
+    class Widget(SyncedFigureWidget):
         @contextlib.contextmanager
         def batch_update(self):
             with super().batch_update():

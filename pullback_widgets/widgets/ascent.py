@@ -40,15 +40,14 @@ from .common import (
     TemperatureControl,
     class_options,
     close_children,
-    figure_widget,
     image_choices,
     model_source,
     parse_target,
     prepare_model,
     resend_on_new_views,
-    sync_figure,
     wide,
 )
+from .figure_widget import figure_widget, sync_figure
 
 IDLE, RUNNING, STOPPING = "idle", "running", "stopping"
 

@@ -1,15 +1,13 @@
-"""What both explorers share: a latest-only worker, one writer for the status line, in-place
-figure sync, labelled controls, and closing every widget an explorer made."""
+"""What both explorers share: a latest-only worker, one writer for the status line, labelled
+controls, and closing every widget an explorer made."""
 
 from __future__ import annotations
 
 import html
 import math
-import re
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,33 +205,33 @@ def close_children(root: w.Widget) -> None:
         widget.close()
 
 
+def on_new_views(widget: w.Widget, callback: Callable[[], object]) -> None:
+    """Call ``callback`` each time a page starts showing ``widget`` (its view count rises)."""
+    widget._view_count = 0  # None: the page would not count its views
+
+    def counted(change) -> None:
+        if (change.new or 0) > (change.old or 0) and widget.comm is not None:
+            callback()
+
+    widget.observe(counted, names="_view_count")
+
+
 def resend_on_new_views(root: w.Box) -> None:
     """Each time a page starts showing ``root``, send it the state of every widget inside once
-    more (Plotly's figures apart).
+    more (Plotly's figures apart: they send themselves again, see
+    :class:`~pullback_widgets.widgets.figure_widget.SyncedFigureWidget`).
 
     A Voilà page asks the kernel for every widget's state, then connects to each widget: an
     update the worker sends in between is lost, and a status line stayed at "loading …" (2
     page loads in 8 on a busy machine). Sent again, a widget's state reaches its model and its
-    views. A Plotly view ignores its model's later state; the figures keep their own remedy
-    (:func:`sync_figure`)."""
-    root._view_count = 0  # None: the page would not count its views
+    views."""
 
-    def resend(change) -> None:
-        if (change.new or 0) <= (change.old or 0) or root.comm is None:  # a view went, or closed
-            return
+    def resend() -> None:
         for widget in list(widget_tree(root))[1:]:
             if widget.comm is not None and not isinstance(widget, go.FigureWidget):
                 widget.send_state()
 
-    root.observe(resend, names="_view_count")
-
-
-def figure_widget() -> go.FigureWidget:
-    """An empty FigureWidget without Plotly's mode bar, which covered the panel titles; zoom
-    by dragging and reset by double-click still work."""
-    widget = go.FigureWidget()
-    widget._config = {"displayModeBar": False}
-    return widget
+    on_new_views(root, resend)
 
 
 class TemperatureControl:
@@ -307,43 +305,6 @@ def model_source(model: object, temperature: object) -> ModelSource:
                                        f"got {type(model).__name__}")
     chosen = default if temperature is None else check_positive(temperature, "temperature")
     return ModelSource(name, size, chosen)
-
-
-# Layout entries a figure draws per panel: a new figure without them had fewer panels.
-_DRAWN_LAYOUT_KEY = re.compile(r"[xy]axis[0-9]*|annotations|shapes|images")
-
-
-def sync_figure(widget: go.FigureWidget, figure: go.Figure) -> None:
-    """Make ``widget`` show ``figure``, in place: same-typed traces are updated, never
-    re-created, unless the trace types differ (e.g. a change of view)."""
-    new_types = [trace.type for trace in figure.data]
-    layout = figure.layout.to_plotly_json()
-    # Read before the update: a page that starts showing the figure while (or just after)
-    # plotly's incremental messages go out may have missed them, and it then draws the state.
-    shown = bool(widget._view_count)
-    # update() only sets what the new layout has: the axes of panels it no longer has (three
-    # frames, then one; a strip without its comparison) would stay, drawn with their titles.
-    # Only what figures draw goes: what the user set on the page (dragmode) stays.
-    stale = {key for key in widget._layout_obj._props or {}
-             if key not in layout and _DRAWN_LAYOUT_KEY.fullmatch(key)}
-    with widget.batch_update():
-        if [trace.type for trace in widget.data] == new_types:
-            for old, new in zip(widget.data, figure.data):
-                old.update(new.to_plotly_json(), overwrite=True)
-            layout.pop("template", None)  # unchanged between same-view updates, and large
-        else:
-            widget.data = ()
-            widget.add_traces(list(figure.data))
-        widget.layout.update(layout, overwrite=True)
-    if stale:  # removed once no trace is on them any more
-        widget.plotly_relayout({key: None for key in stale})
-    if not shown:
-        # No page showed this figure when the update went out (Voilà draws widgets after the
-        # kernel has run), and plotly's incremental messages sent before that are lost: put the
-        # figure into the widget state the page will read, as plotly itself does when a figure
-        # is displayed.
-        widget._widget_layout = deepcopy(widget._layout_obj._props)
-        widget._widget_data = deepcopy(widget._data)
 
 
 @dataclass

@@ -51,15 +51,14 @@ from .common import (
     TemperatureControl,
     class_options,
     close_children,
-    figure_widget,
     load_choice,
     model_source,
     parse_target,
     prepare_model,
     resend_on_new_views,
-    sync_figure,
     wide,
 )
+from .figure_widget import figure_widget, sync_figure
 
 VIEWS = ("signed heatmap", "magnitude overlay", "RGB")
 # The right-hand panel's methods: label -> the evaluation's method name, so that what the

@@ -495,6 +495,24 @@ def wait_for_heatmap(page: Page, timeout_ms: float = FIRST_RENDER_TIMEOUT_MS) ->
     return summary["checksum"]
 
 
+# The explorer's figures (pullback, compared map, strip) and the page's count of Plotly bundles
+# evaluated, which pullback_widgets.widgets.figure_widget's loader keeps on globalThis.
+EXPLORER_FIGURES = 3
+FIGURES_AND_BUNDLES_JS = """() => [document.querySelectorAll('.js-plotly-plot').length,
+  (globalThis[Symbol.for('pullback-widgets/plotly-bundles')] || new Map()).size]"""
+
+
+def assert_figures_drawn_from_one_bundle(page: Page, timeout_ms: float = UPDATE_TIMEOUT_MS
+                                         ) -> None:
+    """Every figure of the explorer has drawn, and the page evaluated Plotly's 5 MB bundle once
+    for all of them (each evaluation is 1.6 s of a 2-core machine's browser, and anywidget
+    drops a figure whose module takes over 2 s)."""
+    wait_for_js(page, f"() => ({FIGURES_AND_BUNDLES_JS})()[0] >= {EXPLORER_FIGURES}", None,
+                timeout_ms, f"Fewer than {EXPLORER_FIGURES} Plotly figures drew on the page")
+    figures, bundles = page.evaluate(FIGURES_AND_BUNDLES_JS)
+    assert (figures, bundles) == (EXPLORER_FIGURES, 1)
+
+
 def wait_for_heatmap_change(page: Page, before: str, timeout_ms: float = UPDATE_TIMEOUT_MS,
                             after: str = "the Temperature slider moved") -> str:
     """Wait until the heatmap's checksum differs from ``before``; returns the new one.

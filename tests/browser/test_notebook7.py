@@ -25,6 +25,7 @@ def test_run_all_draws_the_heatmaps(notebook7_explorer):
     summary = harness.heatmap_summary(page)
     assert summary is not None and summary["count"] > 0
     assert page.evaluate(HEATMAP_FIGURES_JS) >= 2  # the pullback and the plain gradient
+    harness.assert_figures_drawn_from_one_bundle(page)
     harness.temperature_slider(page).scroll_into_view_if_needed()
     harness.save_screenshot(page, "notebook7-explorer")
 

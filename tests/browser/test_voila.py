@@ -14,6 +14,7 @@ def test_heatmap_renders(voila_explorer):
     page = voila_explorer.page
     summary = harness.heatmap_summary(page)
     assert summary is not None and summary["count"] > 0
+    harness.assert_figures_drawn_from_one_bundle(page)
     harness.temperature_slider(page).scroll_into_view_if_needed()
     harness.save_screenshot(page, "voila-explorer")
 

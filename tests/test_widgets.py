@@ -106,15 +106,16 @@ def test_figures_carry_plotlys_bundle_as_data_under_a_small_loader():
     try:
         state = widget.get_state()
         assert state["_plotly_esm"] == str(go.FigureWidget._esm)
-        assert len(state["_esm"]) < 2_000 < len(state["_plotly_esm"])
+        assert len(state["_esm"]) < 4_000 < 4_000_000 < len(state["_plotly_esm"])
         assert state["_config"] == {"displayModeBar": False}
     finally:
         widget.close()
 
 
-def test_a_figures_new_view_gets_the_whole_figure_as_state():
+def test_a_page_that_asks_for_the_figure_gets_it_whole_as_state():
     # Plotly updates a shown figure by messages and leaves its state as it was: a page that
-    # connected meanwhile drew that stale state and missed the messages.
+    # connected meanwhile drew that stale state and missed the messages, so each page's model
+    # asks for the whole figure once Plotly's model exists.
     widget = figure_widget()
     try:
         sync_figure(widget, go.Figure(go.Heatmap(z=[[0.0, 1.0]])))
@@ -122,13 +123,13 @@ def test_a_figures_new_view_gets_the_whole_figure_as_state():
         sync_figure(widget, go.Figure(go.Heatmap(z=[[2.0, 3.0]])))
         assert list(widget._widget_data[0]["z"][0]) == [0.0, 1.0]  # messages only
         sent = []
-        # (Set here, the view count itself is sent too; a page that sets it gets no echo.)
-        widget.send_state = lambda key=None: key != "_view_count" and sent.append(set(key))
-        widget._view_count = 2  # a second page
+        widget.send_state = lambda key=None: sent.append(set(key))
+        widget._handle_custom_msg({"request": "whole figure"}, [])
         assert sent == [{"_widget_data", "_widget_layout"}]
         assert list(widget._widget_data[0]["z"][0]) == [2.0, 3.0]
-        widget._view_count = 1  # a view went: nothing to send
-        widget._view_count = 2  # a reload: sent again, though nothing changed since
+        widget._handle_custom_msg({"request": "whole figure"}, [])  # sent, though unchanged
+        widget._handle_custom_msg({"request": "something else"}, [])
+        widget._handle_custom_msg(["whole figure"], [])
         assert sent == [{"_widget_data", "_widget_layout"}] * 2
     finally:
         widget.close()

@@ -205,33 +205,25 @@ def close_children(root: w.Widget) -> None:
         widget.close()
 
 
-def on_new_views(widget: w.Widget, callback: Callable[[], object]) -> None:
-    """Call ``callback`` each time a page starts showing ``widget`` (its view count rises)."""
-    widget._view_count = 0  # None: the page would not count its views
-
-    def counted(change) -> None:
-        if (change.new or 0) > (change.old or 0) and widget.comm is not None:
-            callback()
-
-    widget.observe(counted, names="_view_count")
-
-
 def resend_on_new_views(root: w.Box) -> None:
     """Each time a page starts showing ``root``, send it the state of every widget inside once
-    more (Plotly's figures apart: they send themselves again, see
+    more (Plotly's figures apart: their pages ask for them, see
     :class:`~pullback_widgets.widgets.figure_widget.SyncedFigureWidget`).
 
     A Voilà page asks the kernel for every widget's state, then connects to each widget: an
     update the worker sends in between is lost, and a status line stayed at "loading …" (2
     page loads in 8 on a busy machine). Sent again, a widget's state reaches its model and its
     views."""
+    root._view_count = 0  # None: the page would not count its views
 
-    def resend() -> None:
+    def resend(change) -> None:
+        if (change.new or 0) <= (change.old or 0) or root.comm is None:  # a view went, or closed
+            return
         for widget in list(widget_tree(root))[1:]:
             if widget.comm is not None and not isinstance(widget, go.FigureWidget):
                 widget.send_state()
 
-    on_new_views(root, resend)
+    root.observe(resend, names="_view_count")
 
 
 class TemperatureControl:

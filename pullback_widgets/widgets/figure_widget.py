@@ -12,7 +12,8 @@ loads with two busy processes in the background; see README, "Known limitations"
   widget from it.
 - A page that connects while the kernel is updating a figure draws the state it fetched, and
   the update messages sent in between are lost; a drawn Plotly view ignores later state. Here
-  the kernel sends the whole figure as state each time a view appears, and the loader redraws
+  each page's model asks the kernel for the whole figure once Plotly's model exists (it does
+  not make anywidget wait for the bundle), the kernel sends it as state, and the loader redraws
   its views from state that arrives after they were drawn.
 """
 
@@ -25,8 +26,6 @@ from copy import deepcopy
 
 import plotly.graph_objects as go
 import traitlets
-
-from .common import on_new_views
 
 # Plotly's bundle exports ``default``, a factory of {initialize, render} holding one figure's
 # state, and sets ``window.Plotly`` as it runs.
@@ -48,15 +47,21 @@ function importBundle(source) {
 }
 
 export default () => {
-  let figure, Plotly;
+  let started;  // Plotly's widget for this figure, and Plotly, once the bundle has run
   return {
-    async initialize(context) {
-      const bundle = await importBundle(context.model.get("_plotly_esm"));
-      Plotly = bundle.Plotly;
-      figure = bundle.module.default();
-      return figure.initialize(context);
+    initialize(context) {
+      // Not awaited: anywidget drops a model whose initialize takes over 2 s. The messages
+      // that come before Plotly's model exists are lost to it, so it then asks the kernel for
+      // the whole figure.
+      started = importBundle(context.model.get("_plotly_esm")).then(({ module, Plotly }) => {
+        const figure = module.default();
+        figure.initialize(context);
+        context.model.send({ request: "whole figure" });
+        return { figure, Plotly };
+      });
     },
-    render(context) {
+    async render(context) {
+      const { figure, Plotly } = await started;
       const { model, el } = context;
       const removeView = figure.render(context);
       let queued = false;
@@ -93,7 +98,7 @@ def _plotly_bundle() -> str:
 
 class SyncedFigureWidget(go.FigureWidget):
     """A ``go.FigureWidget`` whose page evaluates Plotly's bundle once for all its figures, and
-    whose new views get the whole figure, even where they drew a stale state."""
+    whose every page gets the whole figure, even where its views drew a stale state."""
 
     _esm = _LOADER
     _plotly_esm = traitlets.Unicode().tag(sync=True)
@@ -105,16 +110,21 @@ class SyncedFigureWidget(go.FigureWidget):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         # Held by whoever changes the figure (sync_figure, in an explorer's worker thread) and
-        # by the resend to a new view (in the kernel's thread): a figure half updated when it
-        # is sent would be drawn so.
+        # by the answer to a page (in the kernel's thread): a figure half updated when it is
+        # sent would be drawn so.
         self._draw_lock = threading.RLock()
-        on_new_views(self, self._send_whole_figure)
+        self.on_msg(self._answer_page)
+        self._view_count = 0  # counted (None: not), for sync_figure
 
     def store_state(self) -> None:
         """Put the figure as it is now into the widget state a page draws from. Plotly keeps
         that state as it was at construction and updates pages by messages instead."""
         self._widget_layout = deepcopy(self._layout_obj._props)
         self._widget_data = deepcopy(self._data)
+
+    def _answer_page(self, _widget, content, _buffers) -> None:
+        if isinstance(content, dict) and content.get("request") == "whole figure":
+            self._send_whole_figure()
 
     def _send_whole_figure(self) -> None:
         with self._draw_lock, self.hold_sync():

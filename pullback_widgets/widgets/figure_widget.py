@@ -1,7 +1,7 @@
 """Plotly figures that reach every page: the explorers' FigureWidget and their in-place update.
 
-Two things went wrong with Plotly's own FigureWidget on a busy 2-core machine (Voilà, five
-loads with two busy processes in the background; see README, "Known limitations"):
+Two things went wrong with Plotly's own FigureWidget on a busy 2-core machine (README,
+"Limitations"; ``benchmarks/page_loads.py``):
 
 - Plotly ships its whole 5 MB bundle as each FigureWidget's anywidget module (``_esm``), and
   anywidget evaluates every model's module afresh: 1.6 s for one figure in headless Chromium

@@ -402,6 +402,14 @@ def test_a_mask_of_parameters_alone_is_no_gate():
     assert session.plain_gate_ops == {} and session.gated_kinds == {"relu": 1} and caught == []
 
 
+def test_a_mask_of_path_values_taken_off_the_path_is_unnamed_but_the_notice_says_so():
+    # As the README says: h.detach() > 0 cannot be told from a mask from elsewhere. Where it is
+    # the model's only gate, the notice must still say that no op was gated.
+    session, caught = _session(_conv_then(lambda h: h * (h.detach() > 0)), torch.rand(2, 3, 8, 8))
+    assert session.plain_gate_ops == {} and session.gated_kinds == {}
+    assert any("gated no op" in message for message in caught)
+
+
 @pytest.mark.parametrize(("masked", "named"), [
     (lambda h: torch.where(h > 0, h, 0.0), {MASK: 1}),
     (lambda h: h.where(h > 0, 0.0), {MASK: 1}),

@@ -11,6 +11,7 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 import torch
+import traitlets
 from PIL import Image
 
 import pullback_widgets as pw
@@ -131,6 +132,103 @@ def test_a_page_that_asks_for_the_figure_gets_it_whole_as_state():
         widget._handle_custom_msg({"request": "something else"}, [])
         widget._handle_custom_msg(["whole figure"], [])
         assert sent == [{"_widget_data", "_widget_layout"}] * 2
+    finally:
+        widget.close()
+
+
+def test_a_figure_update_sent_while_a_page_update_is_applied_reaches_the_page():
+    # ipywidgets applies a page's update (a view counted; the trace deltas Plotly's view
+    # reports after each draw) while traitlets holds the widget's notifications: a worker's
+    # update message, set and then reset to None meanwhile, went out as None alone.
+    from pullback_widgets.widgets.figure_widget import SyncedFigureWidget
+
+    meanwhile = []
+
+    class Widget(SyncedFigureWidget):
+        @traitlets.validate("_view_count")
+        def _run_meanwhile(self, proposal):  # inside set_state's hold on notifications
+            for worker in meanwhile:
+                worker.start()
+                worker.join(timeout=1.0)  # waits for the figure's lock, once fixed
+            meanwhile.clear()
+            return proposal.value
+
+    widget = Widget(go.Heatmap(z=[[0.0, 1.0]]))
+    try:
+        widget._view_count = 1
+        sent = []
+        widget.send_state = lambda key=None: sent.append(widget.get_state(key))
+        worker = threading.Thread(target=sync_figure,
+                                  args=(widget, go.Figure(go.Heatmap(z=[[5.0, 6.0]]))))
+        meanwhile.append(worker)
+        widget.set_state({"_view_count": 2})
+        worker.join()
+        updates = [state["_py2js_update"] for state in sent
+                   if state.get("_py2js_update") is not None]
+        assert [np.asarray(update["style_data"]["z"]).tolist() for update in updates] == [
+            [[[5.0, 6.0]]]]
+    finally:
+        widget.close()
+
+
+def test_a_figure_displayed_while_a_worker_updates_it_is_stored_whole():
+    # Plotly's _repr_mimebundle_ stores the figure as the state pages draw from: a display in
+    # the kernel's thread must wait for the worker's update, not store it half done.
+    import contextlib
+
+    from plotly.subplots import make_subplots
+
+    from pullback_widgets.widgets.figure_widget import SyncedFigureWidget
+
+    displays = []
+
+    class Widget(SyncedFigureWidget):
+        @contextlib.contextmanager
+        def batch_update(self):
+            with super().batch_update():
+                yield
+            while displays:  # the traces are new, the old panels' axes not yet gone
+                display = displays.pop()
+                display.start()
+                display.join(timeout=1.0)
+
+    three = make_subplots(rows=1, cols=3)
+    for col in (1, 2, 3):
+        three.add_trace(go.Heatmap(z=[[0.0, 1.0]]), row=1, col=col)
+    widget = Widget()
+    try:
+        sync_figure(widget, three)
+        widget._view_count = 1
+        display = threading.Thread(target=widget._repr_mimebundle_)
+        displays.append(display)
+        sync_figure(widget, go.Figure(go.Heatmap(z=[[2.0, 3.0]])))
+        display.join()
+        assert len(widget._widget_data) == 1
+        assert not {"xaxis2", "xaxis3"} & set(widget._widget_layout)
+    finally:
+        widget.close()
+
+
+def test_a_page_that_drew_traces_since_replaced_does_not_fail_the_kernel():
+    # A page draws the state it fetched before the whole figure reaches it, and Plotly's view
+    # then reports the drawn traces by uid; a change of view since (new trace types) made new
+    # uids, and Plotly's handler failed on the old ones (ValueError).
+    widget = figure_widget()
+    try:
+        sync_figure(widget, go.Figure(go.Heatmap(z=[[0.0, 1.0]])))
+        widget._view_count = 1
+        sync_figure(widget, go.Figure(go.Scatter(y=[1.0, 2.0])))
+        state = widget.get_state()
+        edit = state["_last_trace_edit_id"]
+        drawn = state["_widget_data"][0]["uid"]
+        assert drawn != widget.data[0].uid
+        widget.set_state({"_js2py_traceDeltas": {
+            "trace_deltas": [{"uid": drawn, "type": "heatmap"}], "trace_edit_id": edit}})
+        assert widget._js2py_traceDeltas is None
+        widget.set_state({"_js2py_traceDeltas": {  # a page showing the figure as it is
+            "trace_deltas": [{"uid": widget.data[0].uid, "type": "scatter"}],
+            "trace_edit_id": edit}})
+        assert not widget._trace_edit_in_process
     finally:
         widget.close()
 

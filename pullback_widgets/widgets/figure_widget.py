@@ -122,6 +122,30 @@ class SyncedFigureWidget(go.FigureWidget):
         self._widget_layout = deepcopy(self._layout_obj._props)
         self._widget_data = deepcopy(self._data)
 
+    def set_state(self, sync_data) -> None:
+        # A page's update (a view counted; the trace deltas Plotly's view reports after each
+        # draw) is applied while traitlets holds this widget's notifications: an update message
+        # a worker set and reset to None meanwhile would go out as None alone, and the page
+        # would never get it.
+        with self._draw_lock:
+            super().set_state(sync_data)
+
+    def _repr_mimebundle_(self, *args, **kwargs):
+        with self._draw_lock:  # Plotly's stores the figure as state here: never half updated
+            return super()._repr_mimebundle_(*args, **kwargs)
+
+    @traitlets.observe("_js2py_traceDeltas")
+    def _handler_js2py_traceDeltas(self, change) -> None:
+        # A page draws the state it fetched before the whole figure reaches it, and Plotly's
+        # view reports the drawn traces by uid: where a change of view has replaced them since,
+        # Plotly's handler fails on the uids (ValueError, a traceback in the kernel's log).
+        uids = {trace.uid for trace in self.data}
+        if any(not isinstance(delta, dict) or delta.get("uid") not in uids
+               for delta in (change["new"] or {}).get("trace_deltas") or ()):
+            self._js2py_traceDeltas = None
+            return
+        super()._handler_js2py_traceDeltas(change)
+
     def _answer_page(self, _widget, content, _buffers) -> None:
         if isinstance(content, dict) and content.get("request") == "whole figure":
             self._send_whole_figure()

@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pullback_widgets import evaluation as ev
+from tests.reference import window_loop_pool_grad
 
 QUALITY = Path(__file__).parents[1] / "benchmarks" / "quality.py"
 
@@ -162,3 +164,18 @@ def test_vit_benchmark_writes_its_cost_and_similarity_tables(tmp_path, monkeypat
         [rule, t] for rule in ("detached", "differentiated")
         for t in ("model defaults", "0.3", "3")]
     assert all(-1 <= float(cell) <= 1 for row in similarity for cell in row[2:])
+
+
+@pytest.mark.parametrize("detached", [False, True])
+def test_pool_forms_closed_form_is_the_engines_soft_pool_gradient(monkeypatch, detached):
+    # pool_forms.py times a sum-pooling closed form against the engine's soft pool: a timing
+    # that compares two different gradients would mean nothing. In float64, at a temperature
+    # where one shift per map is safe, both give the window loop's gradient.
+    forms = _import_benchmark(BENCHMARKS[[p.name for p in BENCHMARKS].index("pool_forms.py")],
+                              monkeypatch)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    grad_out = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    expected = window_loop_pool_grad(x, grad_out, 3, 2, 1, 0.7, detached=detached)
+    actual = forms.closed_form_pool_backward(grad_out, x, 0.7, detached, torch.float64)
+    torch.testing.assert_close(actual, expected)

@@ -42,8 +42,8 @@ from .report import explain, explain_html, explain_work, grid_html
 from .validation import PullbackWidgetsError, check_index, check_positive
 
 EXIT_ERROR = 2
-# Each ascent step keeps its frame for the report (two ascents, about 0.6 MB a frame in memory
-# and more in the page); the paper uses 5 to 10 steps.
+# Each ascent step keeps its frame in memory while the report is made (two ascents, about 0.6 MB
+# a frame; the page shows six of them); the paper uses 5 to 10 steps.
 MAX_STEPS = 100
 USER_ERRORS = (PullbackWidgetsError, WeightsUnavailableError)  # Voilà missing is the former
 REPORT_SUFFIXES = (".html", ".htm")
@@ -70,7 +70,7 @@ def _steps(text: str) -> int:
             f"must be a whole number from 0 to {MAX_STEPS}, got {text!r}") from None
     if steps > MAX_STEPS:
         raise argparse.ArgumentTypeError(
-            f"at most {MAX_STEPS} steps (each step keeps a frame in the report), got {steps}")
+            f"at most {MAX_STEPS} steps (each step keeps a frame in memory), got {steps}")
     return steps
 
 

@@ -52,6 +52,9 @@ PLAIN_GATE_NODES = {
     "MishBackward0": "Mish",
     "SoftplusBackward0": "Softplus",
     "AbsBackward0": "abs",  # its backward gates by the sign: (h + |h|) / 2 is a ReLU
+    # A step, its gradient zero: h * (sign(h) + 1) / 2 is a ReLU.
+    "SignBackward0": "sign",
+    "SgnBackward0": "sign",
     "MaximumBackward0": "maximum/minimum",
     "MinimumBackward0": "maximum/minimum",
     "AmaxBackward0": "max/min over dims",
@@ -106,7 +109,8 @@ SMOOTH_GATE = "sigmoid/tanh gate"
 
 # Clamps: named only where they cut a value on this input (a bound that binds nowhere, such
 # as F.normalize's epsilon guard, has the plain gradient's every slope 1 anyway).
-_CLAMP_NODES = {"ClampBackward0", "ClampBackward1", "ClampMinBackward0", "ClampMaxBackward0"}
+_CLAMP_NODES = {"ClampBackward0", "ClampBackward1", "ClampMinBackward0", "ClampMaxBackward0",
+                "ClampMinBackward1", "ClampMaxBackward1"}  # 1: a tensor bound, h.clamp_min(zero)
 
 # Nodes whose backward runs compiled code the audit cannot read, and the node types they have
 # (ApplyTemplateBackward: a torch.compile'd function, eager backend, calling a soft op).
@@ -125,7 +129,7 @@ PLAIN_GATES = (
     "{count} op(s) on the input's path kept a backward the engine did not soften: {ops}. "
     "Either the engine does not gate them (ELU, Mish, Softplus, Hardsigmoid, GLU, sigmoid or "
     "tanh gates such as squeeze-excite's or SiLU written by hand, masks from comparisons such "
-    "as a ReLU written torch.where(h > 0, h, 0), abs, clamps, max/min, "
+    "as a ReLU written torch.where(h > 0, h, 0), abs, sign, clamps, max/min, "
     "top-k, sort, median, 1-D/3-D/adaptive max-pools, max-pools returning indices, RMSNorm, "
     "InstanceNorm, norms written by hand, batch norms using batch statistics, custom autograd "
     "Functions, which keep their own backward), or they ran where it cannot see (a TorchScript "
@@ -201,17 +205,15 @@ class GraphAudit:
     reach_input: tuple[bool, ...]
 
 
-def _reaching(outputs: Sequence[Tensor], leaf: Tensor) -> tuple[list, tuple[bool, ...]]:
-    """The nodes of the graph behind ``outputs`` from which ``leaf``'s gradient is reached,
-    and per output whether it is."""
-    with torch.inference_mode(False), torch.enable_grad():  # it reads the edge through a view
-        target = get_gradient_edge(leaf).node
+def _reaching(roots: Sequence[object], target: object) -> tuple[list, tuple[bool, ...]]:
+    """The nodes of the graph behind the nodes ``roots`` (None: no node) from which
+    ``target``, the leaf's node, is reached, and per root whether it is."""
     reaches: dict[int, bool] = {}
     nodes = []
     # Depth first, each node settled after its inputs (a DAG, so they are settled by then).
     # The graph holds its nodes while it lives, so their ids stay unique here. Written for
     # speed: one-shot pullbacks pay for it on every call.
-    stack = [(t.grad_fn, False) for t in outputs if t.grad_fn is not None]
+    stack = [(root, False) for root in roots if root is not None]
     while stack:
         node, inputs_done = stack.pop()
         key = id(node)
@@ -230,22 +232,33 @@ def _reaching(outputs: Sequence[Tensor], leaf: Tensor) -> tuple[list, tuple[bool
                 if child is not None and id(child) not in reaches:
                     stack.append((child, False))
     return ([node for node in nodes if reaches[id(node)]],
-            tuple(t.grad_fn is not None and reaches[id(t.grad_fn)] for t in outputs))
+            tuple(root is not None and reaches[id(root)] for root in roots))
 
 
 def audit_graph(outputs: Sequence[Tensor], leaf: Tensor,
                 gated: Mapping[int, tuple[object, str]] = {},
-                plain: Mapping[int, tuple[object, str]] = {}) -> GraphAudit:
+                plain: Mapping[int, tuple] = {}) -> GraphAudit:
     """Audit the graph behind ``outputs`` on the path to ``leaf`` (the input, a leaf that
     requires grad). ``gated``: id of a soft op's node -> (the node, its kind); ``plain``: id of
-    a node the interception saw and left plain -> (the node, the op's name); both as the
-    interception marks them. Raises PullbackWidgetsError where the path runs compiled code
-    (``torch.compile``, a scripted function's differentiable graph)."""
+    a node the interception saw and left plain -> (the node, the op's name), and for a mask's
+    gate the nodes its mask compared; all as the interception marks them. Raises
+    PullbackWidgetsError where the path runs compiled code (``torch.compile``, a scripted
+    function's differentiable graph)."""
     gated_kinds: collections.Counter[str] = collections.Counter()
     plain_ops: collections.Counter[str] = collections.Counter()
     softmaxes = 0
-    nodes, reach_input = _reaching(outputs, leaf)
+    with torch.inference_mode(False), torch.enable_grad():  # it reads the edge through a view
+        target = get_gradient_edge(leaf).node
+    nodes, reach_input = _reaching([t.grad_fn for t in outputs], target)
     on_path = {id(node) for node in nodes}
+
+    def from_the_path(entry: tuple) -> bool:
+        """Whether a plain node the interception marked counts: a mask's gate only where its
+        mask compared values on the input's path (they may feed the mask alone)."""
+        sources = entry[2] if len(entry) > 2 else ()
+        return not sources or any(id(source) in on_path for source in sources) \
+            or any(_reaching(sources, target)[1])
+
     smooth_gates: dict[int, object] = {}
     for node in nodes:
         name = type(node).__name__
@@ -255,7 +268,8 @@ def audit_graph(outputs: Sequence[Tensor], leaf: Tensor,
         if id(node) in gated:
             gated_kinds[gated[id(node)][1]] += 1
         elif id(node) in plain:
-            if plain[id(node)][1] is not None:  # None: inside an op counted by its output
+            # None: inside an op counted by its output.
+            if plain[id(node)][1] is not None and from_the_path(plain[id(node)]):
                 plain_ops[plain[id(node)][1]] += 1
         elif name in PLAIN_GATE_NODES:
             plain_ops[PLAIN_GATE_NODES[name]] += 1

@@ -21,11 +21,12 @@ import contextlib
 import sys
 import types
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack, _pop_mode
 
 from .activation_gates import (
@@ -311,28 +312,38 @@ def _clamp_in_place_route(mode, func, args, kwargs):
     return mode.plain("clamp", out) if binds else out
 
 
-# ReLUs written as masks: a comparison of values on the input's path makes a mask, and
+# ReLUs written as masks: a comparison of values that require grad makes a mask, and
 # torch.where, masked_fill, a product or indexing with it gates those values, keeping a hard
 # backward.
-# The mask carries no node of its own: the comparison that made it is remembered instead.
+# The mask carries no node of its own: the nodes of the values compared are remembered
+# instead, and the audit names the gate only where one of them is on the input's path (a
+# comparison of parameters alone, viewed or scaled, is a learned mask, not a gate).
 MASK_GATE = "mask from a comparison (a ReLU written by hand)"
 _COMPARISONS = (torch.Tensor.__gt__, torch.Tensor.__ge__, torch.Tensor.__lt__,
                 torch.Tensor.__le__, torch.Tensor.gt, torch.Tensor.ge, torch.Tensor.lt,
                 torch.Tensor.le, torch.gt, torch.ge, torch.lt, torch.le, torch.greater,
-                torch.greater_equal, torch.less, torch.less_equal)
-# Calls that pass a remembered mask on as a mask (a cast, a negation, its indices).
-_MASK_CONVERSIONS = frozenset((
-    torch.Tensor.float, torch.Tensor.double, torch.Tensor.half, torch.Tensor.bfloat16,
-    torch.Tensor.to, torch.Tensor.type, torch.Tensor.type_as, torch.Tensor.__invert__,
-    torch.Tensor.logical_not, torch.logical_not, torch.Tensor.nonzero, torch.nonzero,
-    torch.Tensor.argwhere, torch.argwhere))
+                torch.greater_equal, torch.less, torch.less_equal,
+                # h * (h == h.amax(1, keepdim=True)) is a max by hand; ~signbit(h) is h >= 0.
+                torch.Tensor.__eq__, torch.Tensor.__ne__, torch.Tensor.eq, torch.Tensor.ne,
+                torch.eq, torch.ne, torch.not_equal, torch.Tensor.not_equal,
+                torch.signbit, torch.Tensor.signbit, torch.heaviside, torch.Tensor.heaviside,
+                # Under no_grad (with grad, its node is named): h * (sign(h) + 1) / 2.
+                torch.sign, torch.Tensor.sign, torch.sgn, torch.Tensor.sgn)
+# Calls whose output does not depend on their argument's values: a mask passed to them makes
+# no mask (every other call on a mask does: a cast, a view, &, 1 - mask, mask * 0.9 + 0.1).
+_NOT_FROM_VALUES = frozenset((
+    torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
+    torch.randn_like, torch.randint_like, torch.Tensor.new_zeros, torch.Tensor.new_ones,
+    torch.Tensor.new_empty, torch.Tensor.new_full, torch.Tensor.new_tensor))
 # Calls that apply a mask, with the positions a mask may take.
 _MASK_USES = {
     torch.where: (0,), torch.Tensor.where: (1,), torch.Tensor.masked_fill: (1,),
     torch.Tensor.masked_fill_: (1,), torch.masked_fill: (1,), torch.masked_select: (1,),
-    torch.Tensor.masked_select: (1,),
+    torch.Tensor.masked_select: (1,), torch.Tensor.masked_scatter: (1,),
+    torch.Tensor.masked_scatter_: (1,), torch.masked_scatter: (1,),
     **dict.fromkeys((torch.mul, torch.Tensor.mul, torch.Tensor.mul_, torch.Tensor.__mul__,
-                     torch.Tensor.__rmul__, torch.Tensor.__imul__), (0, 1)),
+                     torch.Tensor.__rmul__, torch.Tensor.__imul__, torch.multiply,
+                     torch.Tensor.multiply, torch.Tensor.multiply_), (0, 1)),
 }
 # Indexing, whose index (or any index in a tuple or list of them) may be a mask:
 # ``h[h > 0]``, ``h[h < 0] = 0``; whether it works in place on its first argument.
@@ -343,30 +354,45 @@ _MASK_INDEXING = {
 }
 
 
+def _distinct(nodes: Iterable) -> tuple:
+    """``nodes`` without repeats: masks combined in a loop (m = m | m.roll(1)) would double
+    them each time."""
+    return tuple({id(node): node for node in nodes}.values())
+
+
+def _gradient_node(tensor: Tensor) -> object:
+    """The node ``tensor``'s gradient goes to: its ``grad_fn``, or a leaf's accumulator."""
+    with torch.enable_grad():  # a view made under no_grad has its edge only with grad on
+        return get_gradient_edge(tensor).node
+
+
 def _comparison_route(mode, func, args, kwargs):
     out = func(*args, **kwargs)
+    compared = (*args[:2], kwargs.get("other"))
     # A comparison of parameters alone is the same mask for every input (a learned channel
     # mask): no gate of the input's path.
     if all(isinstance(t, nn.Parameter) or not (isinstance(t, Tensor) and t.requires_grad)
-           for t in (*args[:2], kwargs.get("other"))):
+           for t in compared):
         return out
-    return mode.remember_mask(out)
+    return mode.remember_mask(out, _distinct((*mode.mask_sources(args, kwargs), *(
+        _gradient_node(t) for t in compared if isinstance(t, Tensor) and t.requires_grad))))
 
 
 def _mask_use_route(mode, func, args, kwargs):
-    masked = any(position < len(args) and mode.is_mask(args[position])
-                 for position in _MASK_USES[func])
+    # By keyword too: h.masked_fill(mask=h < 0, value=0).
+    sources = mode.mask_sources(
+        [args[position] for position in _MASK_USES[func] if position < len(args)],
+        {name: kwargs[name] for name in ("mask", "condition") if name in kwargs})
     out = func(*args, **kwargs)
-    return mode.plain(MASK_GATE, out) if masked else out
+    return mode.plain(MASK_GATE, out, sources=sources) if sources else out
 
 
 def _mask_indexing_route(mode, func, args, kwargs):
     index = args[1] if len(args) > 1 else kwargs.get("indices")
-    masked = bool(mode._masks) and any(
-        mode.is_mask(i) for i in (index if isinstance(index, (tuple, list)) else (index,)))
+    sources = mode.mask_sources((index,), {}) if mode._masks else ()
     out = func(*args, **kwargs)
-    if masked:  # in place: the node the op left on its first argument
-        mode.plain(MASK_GATE, args[0] if _MASK_INDEXING[func] else out)
+    if sources:  # in place: the node the op left on its first argument
+        mode.plain(MASK_GATE, args[0] if _MASK_INDEXING[func] else out, sources=sources)
     return out
 
 
@@ -423,6 +449,8 @@ _PATH_ARGUMENTS.update({torch.where: ("condition", "input", "other"),
 _PATH_ARGUMENTS.update(dict.fromkeys(
     (func for func in _MASK_USES if func not in (torch.where, torch.Tensor.where)),
     ("input", "other")))
+# Either side of a comparison: torch.zeros(()) < h is h > 0.
+_PATH_ARGUMENTS.update(dict.fromkeys(_COMPARISONS, ("input", "other")))
 
 
 def _leading_by_position(func: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -456,13 +484,16 @@ class _SoftGatingMode(TorchFunctionMode):
         # itself: id -> (the node, kept alive so that its id stays its own; kind or name, None
         # for a node inside a plain op that is counted as that op).
         self.gated_nodes: dict[int, tuple[object, str]] = {}
-        self.plain_nodes: dict[int, tuple[object, str]] = {}
+        # A mask's gate adds the nodes its mask was compared from (see plain()).
+        self.plain_nodes: dict[int, tuple] = {}
         # The last few remakable outputs, by id: (weak reference, its version then, how to
         # remake it); and the remakes handed out.
         self._remakable: dict[int, tuple[weakref.ref, int, Remake]] = {}
         self._handed_out: list[Remake] = []
-        # Masks made by comparing values on the input's path, by id: weak references.
-        self._masks: dict[int, weakref.ref] = {}
+        # Masks made by comparing values that require grad, and what is made from them, by id:
+        # (weak reference, the nodes of the values compared). An entry goes with its mask, so
+        # that calls pay for looking for masks only while one lives.
+        self._masks: dict[int, tuple[weakref.ref, tuple]] = {}
         # The caller's saved-tensor hooks where they were active as the mode began (see
         # _refusing_checkpoints); None otherwise.
         self.callers_hooks: tuple | None = None
@@ -478,17 +509,18 @@ class _SoftGatingMode(TorchFunctionMode):
         return out
 
     def plain(self, name: str, out: object, input_node: object = None,
-              decomposed: bool = False) -> object:
+              decomposed: bool = False, sources: tuple = ()) -> object:
         """``out``, a plain op's output, its node (if any) marked with the op's ``name``. A
         ``decomposed`` op's own nodes, down to ``input_node`` (its input's node before the
-        call), are marked as counted with it (RMSNorm's rsqrt)."""
+        call), are marked as counted with it (RMSNorm's rsqrt). A mask's gate has the
+        ``sources`` of its mask: the audit names it only where one is on the input's path."""
         node = getattr(out, "grad_fn", None)
         base = getattr(out, "_base", None)
         if base is not None and type(base.grad_fn).__name__ == "CopySlices":
             node = base.grad_fn  # in place on a view: as in gated()
         if node is None:
             return out
-        self.plain_nodes[id(node)] = (node, name)
+        self.plain_nodes[id(node)] = (node, name, sources) if sources else (node, name)
         inside = [child for child, _ in node.next_functions] if decomposed else []
         while inside:
             child = inside.pop()
@@ -506,17 +538,29 @@ class _SoftGatingMode(TorchFunctionMode):
         if now is not None and any(a is not b for a, b in zip(now, self.callers_hooks)):
             raise PullbackWidgetsError(CHECKPOINTING)
 
-    def remember_mask(self, mask: object) -> object:
-        """``mask``, a comparison of values on the input's path (or a tuple of them, as
-        ``nonzero(as_tuple=True)`` gives): a gate where it is applied."""
-        for tensor in mask if isinstance(mask, tuple) else (mask,):
-            if isinstance(tensor, Tensor):
-                self._masks[id(tensor)] = weakref.ref(tensor)
+    def remember_mask(self, mask: object, sources: tuple) -> object:
+        """``mask``, made from a comparison of values whose nodes are ``sources`` (or a tuple or
+        list of them, as ``nonzero(as_tuple=True)`` gives): a gate where it is applied."""
+        masks = self._masks
+        for tensor in mask if isinstance(mask, (tuple, list)) else (mask,):
+            # A tensor that requires grad is no mask: y = (h > 0).float(); y *= h is a ReLU's
+            # output, named once, where the mask was applied.
+            if isinstance(tensor, Tensor) and not tensor.requires_grad:
+                key = id(tensor)
+                masks[key] = (weakref.ref(tensor, lambda reference, key=key: masks.pop(
+                    key) if masks.get(key, (None,))[0] is reference else None), sources)
         return mask
 
-    def is_mask(self, value: object) -> bool:
-        entry = self._masks.get(id(value))
-        return entry is not None and entry() is value
+    def mask_sources(self, args: Iterable, kwargs: Mapping) -> tuple:
+        """The nodes compared to make the masks among ``args`` and ``kwargs``' values (each
+        also in a tuple or list: an index); () where none is a mask."""
+        sources: list = []
+        for value in (*args, *kwargs.values()):
+            for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                entry = self._masks.get(id(tensor))
+                if entry is not None and entry[0]() is tensor and not tensor.requires_grad:
+                    sources.extend(entry[1])
+        return _distinct(sources)
 
     def remember(self, out: Tensor, remake: Remake) -> None:
         self._remakable.pop(id(out), None)  # an in-place sum: its entry moves to the end
@@ -543,8 +587,6 @@ class _SoftGatingMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self._masks and func in _MASK_CONVERSIONS and args and self.is_mask(args[0]):
-            return self.remember_mask(func(*args, **kwargs))
         route = _ROUTES.get(func)
         if route is not None:
             if kwargs:
@@ -559,7 +601,14 @@ class _SoftGatingMode(TorchFunctionMode):
                 if self.callers_hooks is not None:
                     self.check_hooks()
                 return route(self, func, args, kwargs)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if self._masks and func not in _NOT_FROM_VALUES:
+            # What a call makes of a mask, off the path, is a mask: a cast, a view, its
+            # indices, two masks combined, 1 - mask, mask * 0.9 + 0.1 (a leaky ReLU's gate).
+            sources = self.mask_sources(args, kwargs)
+            if sources:
+                self.remember_mask(args[0] if func is torch.Tensor.__setitem__ else out, sources)
+        return out
 
 
 def _on_path(func: Callable, args: tuple) -> bool:
@@ -648,6 +697,9 @@ def _gating(settings: GateSettings, remake: bool = True) -> Iterator[_SoftGating
         stack = _get_current_function_mode_stack()
         if stack and stack[-1] is mode:
             _pop_mode()
+        # Each entry's weak reference calls back into the table: a cycle that would keep the
+        # graph's nodes its masks came from alive (a mask the model keeps) until a collection.
+        mode._masks.clear()
 
 
 @contextlib.contextmanager

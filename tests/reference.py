@@ -251,3 +251,11 @@ def reference_pullback(net: EveryOpNet, x: Tensor, target: int, temperature: flo
     logits = every_op_reference(net, x, temperature, gate, pool_temperature, detached)
     (grad,) = torch.autograd.grad(logits[:, target].sum(), x)
     return grad
+
+
+def plain_input_gradient(session, target: int) -> Tensor:
+    """Autograd's gradient of ``target``'s logits (summed over the batch) at the session's
+    inputs, through a fresh forward of its model: what ``gate="hard"`` must give bit for bit."""
+    leaf = session.inputs.clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(session.model(leaf)[:, target].sum(), leaf)
+    return gradient

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .gates import GateSettings, capped_reciprocal, compute_dtype, first_order
+from .gates import GateSettings, as_dtype, capped_reciprocal, compute_dtype, first_order
 from .pre_activations import Remake, keep_pre_activation, kept_pre_activation, saved_tensors
 
 
@@ -127,24 +127,32 @@ class SoftPReLU(torch.autograd.Function):
                 settings: GateSettings) -> Tensor:
         ctx.save_for_backward(z, weight)
         ctx.settings = settings
-        return hard_op(z, weight)
+        out = hard_op(z, weight)
+        # Autocast (prelu is on its lower-precision list) casts z and the weight to this dtype
+        # inside the call: the backward must see the values the op saw, as autograd's does.
+        ctx.op_dtype = out.dtype
+        return out
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out: Tensor):
         z, weight = saved_tensors(ctx)
         settings = ctx.settings
-        # The slope broadcast like torch.prelu does it: over dim 1 (channels) when per channel.
-        slope = weight if weight.numel() == 1 or z.dim() < 2 \
-            else weight.view(-1, *([1] * (z.dim() - 2)))
+        z_op, weight_op = as_dtype(z, ctx.op_dtype), as_dtype(weight, ctx.op_dtype)
+        # The slope broadcast like torch.prelu does it: over dim 1 (channels) when per channel;
+        # one slope as a 0-d tensor, so that a 0-d z keeps its shape.
+        slope = weight_op.reshape(()) if weight.numel() == 1 \
+            else weight_op.view(-1, *([1] * (z.dim() - 2)))
         if settings.gate == "hard":
-            grad_in, _ = torch.ops.aten._prelu_kernel_backward(grad_out, z, slope)
+            grad_in, _ = torch.ops.aten._prelu_kernel_backward(grad_out, z_op, slope)
         else:
-            dtype = compute_dtype(z.dtype)
-            u = z.to(dtype) * capped_reciprocal(settings.temperature_for(z, kind="relu"), dtype)
+            dtype = compute_dtype(z_op.dtype)
+            u = z_op.to(dtype) * capped_reciprocal(
+                settings.temperature_for(z_op, kind="relu"), dtype)
             gate = slope.to(dtype) + (1.0 - slope.to(dtype)) * _RELU_GATES[settings.gate](u)
-            grad_in = (grad_out.to(dtype) * gate).to(grad_out.dtype)
+            grad_in = grad_out.to(dtype) * gate
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad_out * z.clamp(max=0)).sum_to_size(slope.shape).view(weight.shape)
-        return grad_in, grad_weight, None, None
+            grad_weight = (grad_out * z_op.clamp(max=0)).sum_to_size(slope.shape) \
+                .reshape(weight.shape).to(weight.dtype)
+        return as_dtype(grad_in, z.dtype), grad_weight, None, None

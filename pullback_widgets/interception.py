@@ -151,6 +151,8 @@ def _layer_norm_route(mode, func, args, kwargs):
 
 def _group_norm_route(mode, func, args, kwargs):
     x = args[0]
+    if x.dim() < 2:  # no channels: torch's own error, not one from reading x.shape[1] here
+        return func(*args, **kwargs)
     groups = int(_arg(args, kwargs, 1, "num_groups", None))
     weight, bias = _arg(args, kwargs, 2, "weight", None), _arg(args, kwargs, 3, "bias", None)
     eps = float(_arg(args, kwargs, 4, "eps", 1e-5))
@@ -422,7 +424,8 @@ _ROUTES: dict[Callable, Callable] = {
                               lambda a, k: False),
     F.leaky_relu: _activation_route(_leaky_rule, _inplace_argument(2)),
     F.leaky_relu_: _activation_route(_leaky_rule, lambda a, k: True),
-    F.prelu: _prelu_route,
+    F.prelu: _prelu_route,  # F.prelu is torch.prelu: the method form needs its own entry
+    torch.Tensor.prelu: _prelu_route,
     F.layer_norm: _layer_norm_route,
     torch.layer_norm: _layer_norm_route,
     F.group_norm: _group_norm_route,

@@ -11,6 +11,7 @@ Eval-mode BatchNorm needs nothing: its statistics are running buffers, constants
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -33,8 +34,8 @@ def group_norm_statistics(x: Tensor, num_groups: int, eps: float) -> tuple[Tenso
     """(mean, 1/sqrt(var + eps)) over each example's channel groups, as (N, C, 1, ...) so that
     both broadcast against ``x`` (N, C, ...): group_norm's own kernel computes them."""
     n, c = x.shape[:2]
-    _, mean, rstd = torch.ops.aten.native_group_norm(
-        x.contiguous(), None, None, n, c, x[0, 0].numel(), num_groups, eps)
+    _, mean, rstd = torch.ops.aten.native_group_norm(  # a batch of 0 has no x[0, 0]
+        x.contiguous(), None, None, n, c, math.prod(x.shape[2:]), num_groups, eps)
     trailing = (1,) * (x.dim() - 2)
     per_channel = c // num_groups
 

@@ -93,7 +93,7 @@ def _target_score(session: PullbackSession, target: Target) -> tuple[Tensor, Ten
     """(target logit or unit activation (B,), target probability (B,) or None)."""
     if isinstance(target, Unit):  # the unit's value: its seed's weighted sum
         activation = session.activations[target.layer].detach()
-        seed = unit_seed(target, activation, len(session.inputs), session.token_grid,
+        seed = unit_seed(target, activation, len(session.logits), session.token_grid,
                          session.channels_last, target.layer in session.channels_last_layers)
         return (activation * seed).flatten(1).sum(1), None
     batch, num_classes = session.logits.shape

@@ -47,6 +47,14 @@ _NO_GRADIENT_PATH = (
     "(at least in part) under torch.no_grad() or torch.inference_mode(), or detaches the "
     "input. A pullback needs the whole gradient path; remove that from forward().")
 
+# The model's output reaches its input (checked first): a layer that does not is most often
+# on a branch of constants or parameters alone, not under no_grad.
+_LAYER_OFF_THE_PATH = (
+    "layer {layer!r} does not depend on the model's input through autograd: it runs on "
+    "values made without the input (buffers, parameters, constants), or under "
+    "torch.no_grad() or torch.inference_mode(), or on a detached input; a Unit there has no "
+    "pullback: pick a layer the input reaches")
+
 _NO_PATH_THROUGH_DETACHED_ATTENTION = (
     "no gradient reaches the input: with attention_weights='detached' the attention weights "
     "are constants and only the values carry a gradient, so an input that reaches the output "
@@ -113,6 +121,20 @@ _CHANGED_SINCE_THE_FORWARD = (
     "through .data, replaced, or converted or moved with .to(), .double(), .cuda()): the "
     "session's logits and "
     "graph are of the model as it was; make a new PullbackSession")
+
+
+_ANOTHER_FORWARD = (
+    "a Unit on {layers} needs a new forward, and the model's forward now gives other logits "
+    "than this session's (a hook, a setting or an attribute of the model changed, or its "
+    "forward is not deterministic): make a new PullbackSession, or name the layers when "
+    "making one (layers=[...])")
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Equal shapes and values, NaN equal to NaN (a NaN logit does not stop a Unit)."""
+    a, b = a.detach(), b.detach()
+    return a.shape == b.shape and a.dtype == b.dtype and \
+        bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _copy_as_laid_out(tensor: Tensor) -> Tensor:
@@ -232,7 +254,7 @@ class PullbackSession:
                                      attention_weights, pool_weights,
                                      defaults=default_temperatures(model))
         self.model = model
-        self.inputs = inputs
+        self._inputs = inputs
         self._forward_args = _copied_arguments(tuple(forward_args))
         # What the graph's gated ops read when a backward runs: each call sets it, under the
         # lock, to that call's settings.
@@ -248,15 +270,26 @@ class PullbackSession:
 
     # ------------------------------------------------------------ the recorded forward
 
+    # The properties hand out copies (differentiable ones, for the graph's tensors): the
+    # session's own tensors are the roots of its backward passes and what a new forward runs
+    # on, so an edit in place of what a caller got (``logits -= logits.max()``) would change
+    # every later pullback without a word.
+
+    @property
+    def inputs(self) -> Tensor:
+        """A copy of the inputs the session's forward ran on."""
+        return _copy_as_laid_out(self._inputs)
+
     @property
     def logits(self) -> Tensor:
-        """The model's logits (B, num_classes), bit-identical to its plain forward."""
-        return self._state.logits
+        """The model's logits (B, num_classes), bit-identical to its plain forward; a copy,
+        still on the forward's graph."""
+        return self._state.logits.clone()
 
     @property
     def activations(self) -> dict[str, Tensor]:
-        """Recorded layer outputs by name."""
-        return self._state.activations
+        """Recorded layer outputs by name; copies, still on the forward's graph."""
+        return {name: output.clone() for name, output in self._state.activations.items()}
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -301,7 +334,7 @@ class PullbackSession:
     @property
     def probabilities(self) -> Tensor:
         """Softmax of the logits, (B, num_classes), detached."""
-        return self.logits.detach().softmax(dim=1)
+        return self._state.logits.detach().softmax(dim=1)
 
     def _run_forward(self, layers: tuple[str, ...]) -> _Forward:
         """A new forward recording ``layers``; checked, and not yet the session's."""
@@ -312,14 +345,14 @@ class PullbackSession:
             with _autograd_on(), evaluation_mode(self.model, graph_kept=True), \
                     LayerRecorder(self.model, layers) as recorder, \
                     _gating(self._live, remake) as mode, \
-                    explained_forward_errors(self.model, self.inputs):
-                leaf = _copy_as_laid_out(self.inputs).requires_grad_(True)
+                    explained_forward_errors(self.model, self._inputs):
+                leaf = _copy_as_laid_out(self._inputs).requires_grad_(True)
                 # Not the leaf itself: a model may change its input in place.
                 logits = self.model(_copy_as_laid_out(leaf),
                                     *_copied_arguments(self._forward_args))
             if mode.remakes_intact():
                 break
-        check_logits(logits, len(self.inputs))
+        check_logits(logits, len(self._inputs))
         audit = audit_graph([logits, *recorder.outputs.values()], leaf, mode.gated_nodes,
                             mode.plain_nodes)
         if not audit.reach_input[0]:
@@ -334,7 +367,7 @@ class PullbackSession:
                     f"layer {name!r} ran {recorder.calls[name]} times in one forward pass, so "
                     "its output is ambiguous; pick a layer that runs once")
             if not reach_input[name]:
-                raise PullbackWidgetsError(_NO_GRADIENT_PATH.format(what=f"layer {name!r}"))
+                raise PullbackWidgetsError(_LAYER_OFF_THE_PATH.format(layer=name))
         gated_calls = sum(audit.gated_kinds.values())
         if not getattr(_QUIET, "on", False):
             for notice in gating_notices(gated_calls, audit.softmaxes, audit.plain_gate_ops):
@@ -347,7 +380,19 @@ class PullbackSession:
         state = self._state
         missing = tuple(dict.fromkeys(t.layer for t in targets if isinstance(t, Unit)
                                       and t.layer not in state.activations))
-        return self._run_forward(state.layers + missing) if missing else state
+        if not missing:
+            return state
+        new = self._run_forward(state.layers + missing)
+        # The new forward replaces the session's logits and graph: it must be the same forward.
+        # A change the record of the parameters cannot see (a hook, a Python attribute such as
+        # timm's fused_attn, randomness in forward()) would otherwise switch every later answer,
+        # class targets too, to another model's. Its logits tell, bit for bit: another path to
+        # them (timm's attention unfused, one op more) rounds differently. Gate counts are not
+        # compared: a new layer off the logits' path adds its own.
+        if not _same_values(new.logits, state.logits):
+            raise PullbackWidgetsError(
+                _ANOTHER_FORWARD.format(layers=", ".join(map(repr, missing))))
+        return new
 
     # ------------------------------------------------------------ settings
 
@@ -392,7 +437,7 @@ class PullbackSession:
             seed[rows, classes] = 1.0
             return state.logits, seed
         activation = state.activations[target.layer]
-        return activation, unit_seed(target, activation, len(self.inputs), self.token_grid,
+        return activation, unit_seed(target, activation, len(self._inputs), self.token_grid,
                                      self.channels_last,
                                      target.layer in state.channels_last_layers)
 
@@ -486,7 +531,7 @@ class PullbackSession:
                                    attention_weights=attention_weights, pool_weights=pool_weights)
         if batched is None:
             # A backward hook of the model's would run once, on vmap's batched tensors.
-            batched = self.inputs.device.type != "cpu" and not _has_backward_hooks(self.model)
+            batched = self._inputs.device.type != "cpu" and not _has_backward_hooks(self.model)
         return self._backward(list(targets), call, batched=bool(batched))
 
 

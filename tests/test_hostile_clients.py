@@ -137,7 +137,7 @@ def test_backward_hooks_keep_the_batched_default_off(monkeypatch):
     chosen: list[bool] = []
     monkeypatch.setattr(session, "_backward",
                         lambda targets, call, batched: chosen.append(batched))
-    monkeypatch.setattr(session, "inputs", x.to("meta"))  # as on an accelerator
+    monkeypatch.setattr(session, "_inputs", x.to("meta"))  # as on an accelerator
     session.pullbacks([1, 2])
     handle = model[6].register_full_backward_hook(lambda module, grad_in, grad_out: None)
     session.pullbacks([1, 2])

@@ -279,6 +279,13 @@ def _build_torchvision(
     path = _cache_path(weights_enum.url)
     if not isinstance(state_dict, Mapping):
         raise _bad_checkpoint(path, f"it holds a {type(state_dict).__name__}, not a state dict")
+    # Other keys fail inside the remap or load_state_dict (an AttributeError on an int key),
+    # other values pass for "tensors of the wrong shape".
+    odd = next(((key, value) for key, value in state_dict.items()
+                if not isinstance(key, str) or not isinstance(value, Tensor)), None)
+    if odd is not None:
+        raise _bad_checkpoint(path, f"it maps {odd[0]!r}"[:100] + " to a value of type "
+                              f"{type(odd[1]).__name__}, not layer names to tensors")
     if remap is not None:
         state_dict = remap(state_dict)
     try:

@@ -70,11 +70,16 @@ def class_indices(target: object, batch: int, num_classes: int, device) -> Tenso
     elif is_integer(target):
         classes = [int(target)] * batch
     elif isinstance(target, Tensor):
+        if target.is_meta:  # reading its values below would fail deep inside torch
+            raise PullbackWidgetsError(
+                "target tensor is on the meta device, which holds no values")
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise PullbackWidgetsTypeError(
                 f"target tensor must hold integer class indices, got {target.dtype}")
         classes = [int(target)] * batch if target.dim() == 0 else target.reshape(-1).tolist()
-    elif isinstance(target, Sequence) and not isinstance(target, str):
+    # bytes are a sequence of ints too: b"cat" would pass as the classes 99, 97, 116.
+    elif isinstance(target, Sequence) and not isinstance(target, (str, bytes, bytearray,
+                                                                    memoryview)):
         if not all(is_integer(t) for t in target):
             raise PullbackWidgetsTypeError("target sequence must hold int class indices")
         classes = [int(t) for t in target]

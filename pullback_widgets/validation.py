@@ -260,19 +260,30 @@ def check_inputs(inputs: object) -> Tensor:
 
 def _input_mismatch(model: nn.Module, inputs: Tensor) -> PullbackWidgetsError | None:
     """How ``inputs`` fail to suit ``model`` (its first convolution's channels, its first
-    parameter's device and dtype), or None where they seem to."""
+    parameter's device and dtype, parameters or buffers made in inference mode), or None where
+    they seem to."""
     channels = _expected_channels(model)
     if channels is not None and inputs.shape[1] != channels:
         return PullbackWidgetsError(f"inputs of shape {tuple(inputs.shape)} may not suit this "
                                     f"model, whose first declared convolution takes {channels} "
                                     "channels")
     parameter = next(model.parameters(), None)
+    if parameter is not None and parameter.is_meta:  # moving the inputs there cannot help
+        return PullbackWidgetsError(
+            "the model is on the meta device, which holds no weights: materialise it "
+            "(model.to_empty(device=...), then load_state_dict) before explaining it")
     if parameter is not None and parameter.device != inputs.device:
         return PullbackWidgetsError(f"inputs are on {inputs.device} but the model is on "
                                     f"{parameter.device}; move one of them")
     if parameter is not None and parameter.dtype != inputs.dtype:
         return PullbackWidgetsTypeError(f"inputs are {inputs.dtype} but the model's parameters "
                                         f"are {parameter.dtype}; convert one of them")
+    if any(tensor.is_inference() for tensor in (*model.parameters(), *model.buffers())):
+        # torch's own message reads as if the inputs were at fault.
+        return PullbackWidgetsError(
+            "the model's parameters or buffers were made under torch.inference_mode() and "
+            "cannot take part in a backward: build or load the model outside inference_mode, "
+            "or under torch.no_grad() instead")
     return None
 
 
@@ -297,9 +308,25 @@ def explained_forward_errors(model: nn.Module, inputs: Tensor
     line; any other passes through as it is."""
     def mismatch(error: Exception) -> PullbackWidgetsError | None:
         clear = _input_mismatch(model, inputs)
+        if clear is None and _wrong_picture_size(error):
+            clear = PullbackWidgetsError(
+                f"inputs of {inputs.shape[-2]} x {inputs.shape[-1]} px may not suit this model "
+                "(the explorers and the command line show pictures of the model's input_size "
+                "attribute, in pixels, square, else 224)")
         return None if clear is None else type(clear)(
             f"{clear}; the model's forward failed: {first_line(error)}")
     return explained_errors(mismatch)
+
+
+# What torch and timm say where a picture's size does not fit a model's fixed layers: a Linear
+# after a flatten, a position embedding added, timm's patch-embedding check.
+_WRONG_SIZE_MESSAGES = ("shapes cannot be multiplied", "must match the size of tensor",
+                        "doesn't match model")
+
+
+def _wrong_picture_size(error: Exception) -> bool:
+    return isinstance(error, (RuntimeError, AssertionError)) and any(
+        message in str(error) for message in _WRONG_SIZE_MESSAGES)
 
 
 def first_line(error: BaseException) -> str:

@@ -437,9 +437,15 @@ class PullbackSession:
             seed[rows, classes] = 1.0
             return state.logits, seed
         activation = state.activations[target.layer]
-        return activation, unit_seed(target, activation, len(self._inputs), self.token_grid,
-                                     self.channels_last,
-                                     target.layer in state.channels_last_layers)
+        seed = unit_seed(target, activation, len(self._inputs), self.token_grid,
+                         self.channels_last, target.layer in state.channels_last_layers)
+        undefined = ((seed != 0) & activation.detach().isnan()).flatten(1).any(1)
+        if bool(undefined.any()):  # as for a class: its gradient would still come out finite
+            raise PullbackWidgetsError(
+                f"layer {target.layer!r} holds NaN in the unit's values for example "
+                f"{int(undefined.nonzero()[0, 0])} (an overflow inside the model?): there is "
+                "nothing to explain")
+        return activation, seed
 
     def model_unchanged(self) -> bool:
         """Whether the model's parameters and buffers are still those of this session's

@@ -173,3 +173,22 @@ def test_attention_calls_match_the_rule_written_out(case, rule):
                           kwargs.get("is_causal", False), kwargs.get("scale"))
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+class _NaNInChannelOne(nn.Module):
+    """An overflow by another name: channel 1 of its input becomes NaN."""
+
+    def forward(self, x):
+        return torch.cat([x[:, :1], torch.full_like(x[:, 1:2], math.nan), x[:, 2:]], dim=1)
+
+
+def test_a_unit_whose_values_are_nan_is_refused_like_a_class():
+    # A class whose logit is NaN was refused, but a Unit on NaN activations had a finite
+    # pullback of nothing.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _NaNInChannelOne(), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).eval()
+    session = pw.PullbackSession(model, image(batch=2), layers=["1"])
+    with pytest.raises(ValueError, match=r"layer '1' holds NaN .* example 0"):
+        session.pullback(pw.Unit("1", 1))
+    assert session.pullback(pw.Unit("1", 2)).isfinite().all()

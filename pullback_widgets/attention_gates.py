@@ -46,7 +46,9 @@ class AttentionCall:
         if self.dropout_p > 0:
             raise PullbackWidgetsError(
                 f"attention dropout is on (dropout_p={self.dropout_p}): a pullback needs a "
-                "deterministic forward; put the model in eval mode (the session does)")
+                "deterministic forward. Sessions and excitation_pullback run the model in eval "
+                "mode, so this model passes dropout_p even then: have it pass 0.0 outside "
+                "training (dropout_p=self.p if self.training else 0.0)")
         if self.enable_gqa:
             raise PullbackWidgetsError("grouped-query attention (enable_gqa=True) is not "
                                        "supported by the attention gate")

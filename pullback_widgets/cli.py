@@ -74,6 +74,15 @@ def _steps(text: str) -> int:
     return steps
 
 
+def _report_path(text: str) -> Path:
+    """``--out`` as a Path; one written as a folder (``reports/``) is refused: Path drops the
+    final separator, and the report would be written as a file named ``reports``."""
+    if text.endswith(os.sep) or (os.altsep and text.endswith(os.altsep)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} names a folder; give a file name, e.g. {text + 'report.html'!r}")
+    return Path(text)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="pullback-widgets",
                             description="Excitation pullbacks (arXiv 2507.22832) as reports.")
@@ -95,7 +104,7 @@ def _build_parser() -> argparse.ArgumentParser:
                               "[-1, 1] units)")
         sub.add_argument("--eps", type=_positive_float, default=50.0,
                          help="L2 radius around the start (default 50; the paper's 100)")
-        sub.add_argument("--out", type=Path, required=True,
+        sub.add_argument("--out", type=_report_path, required=True,
                          help="the HTML file to write (never one of the input images)")
         sub.add_argument("--force", action="store_true",
                          help="replace an existing --out file even if it is not .html")

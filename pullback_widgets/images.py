@@ -8,7 +8,8 @@ pixel space [0, 1], ready for a model from :func:`pullback_widgets.load_model`.
 Colour handling: grayscale is repeated to RGB; transparency (RGBA, LA, palette with a
 transparent index, or a 4-channel array) is composited onto a white background; CMYK and
 other modes go through Pillow's conversion (no ICC colour management); 16-bit grayscale
-keeps its 16 bits. EXIF orientation is applied to files and PIL images.
+keeps its 16 bits. EXIF orientation is applied to files and PIL images. Files and bytes in
+a format Pillow decodes by running another program (EPS, through Ghostscript) are refused.
 """
 
 from __future__ import annotations
@@ -82,13 +83,18 @@ def _open_pil(opener: object, what: str, max_pixels: int) -> Tensor:
     with _PIL_LOAD_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(opener)
+            img = Image.open(opener, formats=_decodable_formats())
         except Image.DecompressionBombError as err:
             raise PullbackWidgetsError(
                 f"{what} is too large to decode: {err} (Pillow's global limit, "
                 f"independent of max_pixels={max_pixels})"
             ) from None
         except Exception as err:
+            if _is_postscript(opener):
+                raise PullbackWidgetsError(
+                    f"could not read {what} as an image: it is PostScript (EPS), which Pillow "
+                    "decodes by running Ghostscript on it; refused, convert it to PNG "
+                    "first") from None
             raise _unreadable(what, err) from None
         with img:
             _check_pixel_count(img.width, img.height, max_pixels)
@@ -101,6 +107,27 @@ def _open_pil(opener: object, what: str, max_pixels: int) -> Tensor:
             except Exception as err:
                 raise _unreadable(what, err) from None
             return _pil_to_tensor(img, max_pixels)
+
+
+# Formats whose decoding runs another program: Pillow renders EPS by starting Ghostscript,
+# whose -dSAFER sandbox has been escaped more than once (CVE-2023-36664, CVE-2024-29510), and
+# the classroom app decodes strangers' uploads whatever their name says.
+_EXTERNAL_DECODERS = frozenset({"EPS"})
+
+
+def _decodable_formats() -> list[str]:
+    """Pillow's registered formats, less :data:`_EXTERNAL_DECODERS`."""
+    Image.init()  # registers every plugin; idempotent
+    return [name for name in Image.ID if name not in _EXTERNAL_DECODERS]
+
+
+def _is_postscript(stream: object) -> bool:
+    """Whether ``stream`` starts as an EPS file does (text, or DOS EPS binary)."""
+    try:
+        stream.seek(0)
+        return stream.read(4) in (b"%!PS", b"\xc5\xd0\xd3\xc6")
+    except Exception:  # not seekable: nothing to say
+        return False
 
 
 # PNG colour type -> samples per pixel; Adam7 passes as (x0, y0, dx, dy).
@@ -394,6 +421,19 @@ def _array_to_tensor(array: np.ndarray, max_pixels: int) -> Tensor:
     return _to_rgb(values.permute(2, 0, 1))
 
 
+def _warn_eight_bit_in_sixteen(array: np.ndarray) -> None:
+    """A uint16 array is read as 16-bit levels; one whose values all lie in (0, 255] is most
+    likely 8-bit data widened by an ``astype`` or by arithmetic, and would load nearly black
+    without a word (as 32-bit integer images from files already warn)."""
+    if array.dtype.kind != "u" or array.dtype.itemsize != 2 or array.size == 0:
+        return
+    high = int(array.max())
+    if 0 < high <= 255:
+        warnings.warn(f"a uint16 image array with values only up to {high} is read as 16-bit "
+                      "data (65535 is white), so nearly black; if it holds 8-bit data, pass "
+                      "array.astype(np.uint8)", stacklevel=3)
+
+
 def _check_float_range(values: Tensor | np.ndarray, what: str) -> None:
     finite = np.isfinite(values).all() if isinstance(values, np.ndarray) \
         else torch.isfinite(values).all()
@@ -506,7 +546,8 @@ def load_image(
 
     Raises:
         PullbackWidgetsError (a ValueError): missing or unreadable file, a path that is not a
-            regular file (a directory, FIFO or device, refused before opening), corrupt or truncated
+            regular file (a directory, FIFO or device, refused before opening), a format decoded
+            by another program (EPS: Ghostscript), corrupt or truncated
             data (also a PNG whose pixel data is shorter than its header declares, refused
             before decoding), too many pixels, NaN/inf or out-of-range values, bad shape,
             ``size`` over :data:`MAX_SIZE`.
@@ -528,6 +569,7 @@ def load_image(
         chw = _load_pil(src, max_pixels)
     elif isinstance(src, np.ndarray):
         chw = _array_to_tensor(src, max_pixels)
+        _warn_eight_bit_in_sixteen(src)
     elif isinstance(src, Tensor):
         chw = _tensor_to_chw(src, max_pixels)
     else:

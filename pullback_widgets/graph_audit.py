@@ -205,6 +205,14 @@ class GraphAudit:
     reach_input: tuple[bool, ...]
 
 
+def gradient_node(tensor: Tensor) -> object:
+    """The node ``tensor``'s gradient goes to (it requires grad): its ``grad_fn``, or a leaf's
+    accumulator."""
+    # A view made under no_grad (or of an inference tensor) has its edge only with grad on.
+    with torch.inference_mode(False), torch.enable_grad():
+        return get_gradient_edge(tensor).node
+
+
 def _reaching(roots: Sequence[object], target: object) -> tuple[list, tuple[bool, ...]]:
     """The nodes of the graph behind the nodes ``roots`` (None: no node) from which
     ``target``, the leaf's node, is reached, and per root whether it is."""
@@ -247,8 +255,7 @@ def audit_graph(outputs: Sequence[Tensor], leaf: Tensor,
     gated_kinds: collections.Counter[str] = collections.Counter()
     plain_ops: collections.Counter[str] = collections.Counter()
     softmaxes = 0
-    with torch.inference_mode(False), torch.enable_grad():  # it reads the edge through a view
-        target = get_gradient_edge(leaf).node
+    target = gradient_node(leaf)
     nodes, reach_input = _reaching([t.grad_fn for t in outputs], target)
     on_path = {id(node) for node in nodes}
 

@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack, _pop_mode
 
 from .activation_gates import (
@@ -40,6 +39,7 @@ from .activation_gates import (
 )
 from .attention_gates import AttentionCall, SoftAttention
 from .gates import GateSettings, PoolGeometry, SoftClamp, SoftMaxPool2d, is_plain
+from .graph_audit import gradient_node
 from .model_helpers import default_temperatures
 from .norm_gates import ConstantStatisticsNorm, group_norm_statistics, layer_norm_statistics
 from .pre_activations import Remake
@@ -362,12 +362,6 @@ def _distinct(nodes: Iterable) -> tuple:
     return tuple({id(node): node for node in nodes}.values())
 
 
-def _gradient_node(tensor: Tensor) -> object:
-    """The node ``tensor``'s gradient goes to: its ``grad_fn``, or a leaf's accumulator."""
-    with torch.enable_grad():  # a view made under no_grad has its edge only with grad on
-        return get_gradient_edge(tensor).node
-
-
 def _comparison_route(mode, func, args, kwargs):
     out = func(*args, **kwargs)
     compared = (*args[:2], kwargs.get("other"))
@@ -377,7 +371,7 @@ def _comparison_route(mode, func, args, kwargs):
            for t in compared):
         return out
     return mode.remember_mask(out, _distinct((*mode.mask_sources(args, kwargs), *(
-        _gradient_node(t) for t in compared if isinstance(t, Tensor) and t.requires_grad))))
+        gradient_node(t) for t in compared if isinstance(t, Tensor) and t.requires_grad))))
 
 
 def _mask_use_route(mode, func, args, kwargs):

@@ -2,7 +2,8 @@
 
 Conventions. Images are (B, 3, H, W) in pixel space [0, 1]; an attribution has the same shape.
 A target is a class index per image (an int, a sequence, a LongTensor (B,)) or None for each
-image's predicted class. Every metric returns one value per image, a tensor (B,).
+image's predicted class. Every metric returns one value per image, a tensor (B,) in the
+images' dtype, but at least float32.
 
 Metrics
 
@@ -80,7 +81,7 @@ __all__ = [
 
 # --------------------------------------------------------------------------- argument checks
 
-def _check_attribution(attribution: object, x: Tensor) -> Tensor:
+def _check_attribution(attribution: object, x: Tensor, finite: bool = True) -> Tensor:
     if not isinstance(attribution, Tensor):
         raise PullbackWidgetsTypeError(
             f"attribution must be a torch.Tensor, got {type(attribution).__name__}")
@@ -89,11 +90,20 @@ def _check_attribution(attribution: object, x: Tensor) -> Tensor:
     if attribution.shape != x.shape:
         raise PullbackWidgetsError(f"attribution must have the images' shape {tuple(x.shape)}, "
                                    f"got {tuple(attribution.shape)}")
-    if not torch.isfinite(attribution).all():
+    if finite and not torch.isfinite(attribution).all():
         raise PullbackWidgetsError("attribution contains NaN or infinite values")
     # Never narrower than it came: a float64 map cast to float32 images' dtype lost its tiny
     # values to 0 and its huge ones to inf after this check.
     return attribution.detach().to(x.device, torch.promote_types(attribution.dtype, x.dtype))
+
+
+def _method_output(name: str, attribution: object, x: Tensor, finite: bool = True) -> Tensor:
+    """What method ``name`` returned for images ``x``, checked as :func:`_check_attribution`
+    does (``finite=False``: shape and type only); an error names the method."""
+    try:
+        return _check_attribution(attribution, x, finite)
+    except (PullbackWidgetsError, PullbackWidgetsTypeError) as error:
+        raise type(error)(f"method {name!r}: {error}") from None
 
 
 def _check_images(x: object) -> Tensor:
@@ -130,9 +140,17 @@ def _chunks(total: int, size: int):
         yield torch.arange(start, min(start + size, total))
 
 
+def _scores_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of a metric's values for images ``x``: theirs, but at least float32 (a float16
+    logit² above 65504 is inf, and a float16 curve keeps 3 digits)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _target_outputs(model: nn.Module, images: Tensor, classes: Tensor,
                     probability: bool) -> Tensor:
+    # The softmax of float16 logits in float16 keeps 3 digits: at least float32.
     logits = predict(model, images)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     scores = logits.softmax(1) if probability else logits
     return scores.gather(1, classes.view(-1, 1)).squeeze(1)
 
@@ -165,14 +183,27 @@ def baseline_image(x: Tensor, baseline: str | Tensor = "blur") -> Tensor:
     raise PullbackWidgetsError(f"baseline must be one of {BASELINES} or a tensor, got {baseline!r}")
 
 
-def ranking_map(attribution: Tensor, smooth: float | None = None) -> Tensor:
-    """What deletion and insertion rank pixels by, (B, H, W).
+def _channel_sum(attribution: Tensor) -> Tensor:
+    """``attribution.sum(1)`` in float64, (B, H, W): in float16 the sum of three values of
+    40000 is inf, and sums that differ tie after rounding, which reorders the ranking. An
+    example whose float64 sum could overflow is scaled by a power of two first (exact, and
+    the ranking does not depend on the scale)."""
+    values = attribution.double()
+    largest = values.abs().flatten(1).amax(1)
+    limit = torch.finfo(torch.float64).max / (2 * values.shape[1])
+    exponent = torch.where(largest > limit, torch.frexp(largest).exponent, 0)
+    return torch.ldexp(values, -exponent.view(-1, 1, 1, 1)).sum(1)
 
-    ``smooth=None``: ``attribution.sum(1)``, signed, pixel by pixel. ``smooth=σ``: the
+
+def ranking_map(attribution: Tensor, smooth: float | None = None) -> Tensor:
+    """What deletion and insertion rank pixels by, (B, H, W) float64.
+
+    ``smooth=None``: ``attribution.sum(1)``, signed, pixel by pixel (summed in float64; an
+    example of values near float64's largest is scaled by a power of two). ``smooth=σ``: the
     magnitude ``|attribution.sum(1)|`` blurred by a Gaussian of σ pixels (kernel 2·⌈3σ⌉ + 1,
     reflect padding), which ranks regions rather than single pixels.
     """
-    saliency = attribution.sum(1)
+    saliency = _channel_sum(attribution)
     if smooth is None:
         return saliency
     sigma = check_positive(smooth, "smooth")
@@ -213,7 +244,7 @@ def perturbation_curve(model: nn.Module, x: Tensor, target: Target, attribution:
     first, second = (x, base) if mode == "deletion" else (base, x)
 
     columns = steps + 1
-    curve = torch.empty(batch * columns, dtype=x.dtype, device=x.device)
+    curve = torch.empty(batch * columns, dtype=_scores_dtype(x), device=x.device)
     for index in _chunks(batch * columns, batch_size):
         index = index.to(x.device)
         image, step = index // columns, index % columns
@@ -286,7 +317,7 @@ def infidelity(model: nn.Module, x: Tensor, target: Target, attribution: Tensor,
         norm = explained.square().sum(1)
         beta = torch.where(norm > 0, (explained * change).sum(1) / norm.clamp_min(1e-300), 0.0)
         explained = beta[:, None] * explained
-    return (explained - change).square().mean(1).to(x.dtype)
+    return (explained - change).square().mean(1).to(_scores_dtype(x))
 
 
 # --------------------------------------------------------------------------- rank correlation
@@ -436,7 +467,10 @@ def randomisation_check(model: nn.Module, x: Tensor, target: Target,
     for name in (n for group in groups for n in group):
         if not isinstance(name, str) or (name not in modules and name != OWN_PARAMETERS):
             raise PullbackWidgetsError(f"stages names an unknown module {name!r}")
-    original = {name: explain(copied, x, classes).detach() for name, explain in methods.items()}
+    # A map of another shape (one image for the batch) would be correlated all the same,
+    # giving too few values or ones of other images without a word.
+    original = {name: _method_output(name, explain(copied, x, classes), x)
+                for name, explain in methods.items()}
     absolute, signed = [], []
     device = _device(copied)
     for index, group in enumerate(groups):
@@ -445,7 +479,10 @@ def randomisation_check(model: nn.Module, x: Tensor, target: Target,
             _reinitialise(copied, name, generator)
         rows_abs, rows_signed = [], []
         for name, explain in methods.items():
-            before, after = original[name].sum(1), explain(copied, x, classes).detach().sum(1)
+            # After re-initialisation a NaN map is possible (activations that overflow): its
+            # correlation is NaN, undefined. Its shape must be right all the same.
+            after = _method_output(name, explain(copied, x, classes), x, finite=False)
+            before, after = original[name].sum(1), after.sum(1)
             rows_abs.append(spearman(before.abs(), after.abs()))
             rows_signed.append(spearman(before, after))
         absolute.append(torch.stack(rows_abs))
@@ -470,7 +507,11 @@ def ascent_gain(model: nn.Module, x: Tensor, target: Target, explain: Explainer,
     classes, logits = _classes(model, x, target)
     current = x
     for _ in range(steps):
-        direction = explain(model, current, classes).detach()
-        current = _step(current, x, _unit_l2(direction), step_size, eps)
+        # A map of another shape would broadcast over the images, and a NaN one make the gain
+        # NaN, both without a word.
+        direction = _check_attribution(explain(model, current, classes), current)
+        # Normalised in the map's own dtype, then stepped in the images' (a float64 map on
+        # float32 images would make the next image float64, which a float32 model refuses).
+        current = _step(current, x, _unit_l2(direction).to(x.dtype), step_size, eps)
     final = _target_outputs(model, current, classes, probability=False)
     return final - logits.gather(1, classes.view(-1, 1)).squeeze(1)

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .. import synthetic
-from ..gates import POOL_WEIGHTS
+from ..gates import GATES, POOL_WEIGHTS, check_temperature
 from ..images import load_image
 from ..labels import find_class
 from ..model_helpers import predict
@@ -74,6 +74,7 @@ from .methods import Explainer, build_method, check_methods
 from .metrics import (
     BASELINES,
     BLUR_KERNEL,
+    _method_output,
     ascent_gain,
     deletion_auc,
     infidelity,
@@ -140,7 +141,8 @@ class Item:
         image = self.image() if callable(self.image) else self.image
         if isinstance(image, Tensor):
             image = image[0] if image.dim() == 4 and image.shape[0] == 1 else image
-            if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+            if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point() \
+                    or image.numel() == 0:  # (an empty one has no min below, a raw error)
                 raise PullbackWidgetsError(f"{self.name}: an image tensor must be float "
                                            f"(3, H, W), got {tuple(image.shape)} {image.dtype}")
             if image.min() < 0 or image.max() > 1 or not torch.isfinite(image).all():
@@ -148,6 +150,23 @@ class Item:
             if tuple(image.shape[1:]) == (size, size):
                 return image
         return load_image(image, size=size)[0]
+
+
+def _check_mask(item: Item, size: int) -> None:
+    """Refuse, before a run writes anything, a mask the mask metrics cannot score with the
+    image: not bool, not (size, size) (an image of another size is resized and cropped, its
+    mask is not), or without object or background pixels."""
+    mask = item.mask
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise PullbackWidgetsTypeError(
+            f"{item.name}: a mask must be a bool tensor, got "
+            f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}")
+    if tuple(mask.shape) != (size, size):
+        raise PullbackWidgetsError(
+            f"{item.name}: its mask is {tuple(mask.shape)}, not the run's image size "
+            f"({size}, {size}); make the images and masks at that size")
+    if mask.all() or not mask.any():
+        raise PullbackWidgetsError(f"{item.name}: its mask needs object and background pixels")
 
 
 def as_item(value: object) -> Item:
@@ -302,13 +321,18 @@ class EvaluationSettings:
         if self.pool_weights is not None and self.pool_weights not in POOL_WEIGHTS:
             raise PullbackWidgetsError(f"pool_weights must be one of {POOL_WEIGHTS}, "
                                        f"got {self.pool_weights!r}")
+        # Stored as plain ints and floats: the settings file is JSON, which has no numpy
+        # int64 or float32 (the raw TypeError came after the checks, as the run began).
         for name in ("image_size", "batch_size", "forward_batch", "steps", "perturbations",
                      "ascent_steps"):
-            check_index(getattr(self, name), name, 1)
+            object.__setattr__(self, name, check_index(getattr(self, name), name, 1))
         # torch seeds are 64-bit, and the runs add an image's index to this one.
         if not is_integer(self.seed) or not -_SEED_LIMIT <= self.seed < _SEED_LIMIT:
             raise PullbackWidgetsError(f"seed must be an integer in [-2**62, 2**62), got "
                                        f"{self.seed!r}")
+        object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "temperature", check_temperature(self.temperature))
+        check_choice(self.gate, GATES, "gate")
         blurred = self.baseline == "blur" and {"deletion", "insertion"} & set(self.metrics)
         smallest = BLUR_KERNEL // 2 + 1 if blurred else 1
         if not smallest <= self.image_size <= MAX_IMAGE_SIZE:
@@ -319,7 +343,7 @@ class EvaluationSettings:
         # The rest fail only inside the metrics, after the run has written its first files.
         check_choice(self.baseline, BASELINES, "baseline")
         for name in ("noise_std", "step_size", "eps"):
-            check_positive(getattr(self, name), name)
+            object.__setattr__(self, name, check_positive(getattr(self, name), name))
         pixels = self.image_size ** 2
         if {"deletion", "insertion"} & set(self.metrics) and self.steps > pixels:
             raise PullbackWidgetsError(f"steps must be at most image_size² = {pixels} (a chunk "
@@ -724,7 +748,7 @@ class _Batch:
     masks: Tensor | None = None
 
 
-def _metric_value(metric: str, batch: _Batch, explain: Explainer,
+def _metric_value(metric: str, batch: _Batch, method: str, explain: Explainer,
                   attribution: Tensor) -> Tensor:
     s, model, x, classes = batch.settings, batch.model, batch.x, batch.classes
     if metric in ("deletion", "insertion"):
@@ -738,7 +762,8 @@ def _metric_value(metric: str, batch: _Batch, explain: Explainer,
         return ascent_gain(model, x, classes, explain, steps=s.ascent_steps,
                            step_size=s.step_size, eps=s.eps)
     if metric == "randomisation":
-        after = explain(batch.randomised, x, classes).detach()
+        # NaN on the re-initialised copy (activations that overflow) is an undefined rho.
+        after = _method_output(method, explain(batch.randomised, x, classes), x, finite=False)
         return spearman(attribution.sum(1).abs(), after.sum(1).abs())
     if metric in MASK_METRICS:
         return MASK_METRICS[metric](attribution, batch.masks)
@@ -773,13 +798,31 @@ class _World:
             torch.distributed.barrier()
 
 
+def _environment_int(name: str, default: str, minimum: int) -> int:
+    """The environment variable ``name`` (torchrun's) as an int >= ``minimum``; else a clear
+    error (a raw int() error, or a wait for processes that never come)."""
+    text = os.environ.get(name, default)
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise PullbackWidgetsError(f"the environment variable {name} must be a whole number "
+                                   f">= {minimum}, got {text!r}: start the processes with "
+                                   "torchrun")
+    return value
+
+
 def _join_world() -> _World:
     """This process's place among torchrun's (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``); a
     world of one without torchrun. GPU ``LOCAL_RANK`` and NCCL where CUDA is available, else
     the CPU and gloo."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    size = _environment_int("WORLD_SIZE", "1", 1)
+    rank = _environment_int("RANK", "0", 0)
+    local = _environment_int("LOCAL_RANK", "0", 0)
+    if rank >= size:  # its share would be empty, and the process group would wait for it
+        raise PullbackWidgetsError(f"RANK {rank} is not below WORLD_SIZE {size}: start the "
+                                   "processes with torchrun")
     if torch.cuda.is_available():
         if local >= torch.cuda.device_count():
             raise PullbackWidgetsError(
@@ -840,7 +883,11 @@ def _evaluate_shard(items: Sequence[Item], model: nn.Module, settings: Evaluatio
     randomised = (randomised_copy(model, settings.seed)
                   if "randomisation" in settings.metrics else None)
     k = settings.top_k()
-    dtype = next(model.parameters()).dtype
+    # A model without parameters (or with integer ones only) takes float32, as gating_probe
+    # ran it.
+    parameter = next(model.parameters(), None)
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() \
+        else torch.float32
     parts = _parts_dir(out)
     parts.mkdir(exist_ok=True)
     stamp = f"{time.time_ns():x}-r{world.rank:05d}"
@@ -852,8 +899,10 @@ def _evaluate_shard(items: Sequence[Item], model: nn.Module, settings: Evaluatio
             kept, images = _load_batch(chunk, settings.image_size, skipped)
             if kept:
                 x = torch.stack(images).to(world.device, dtype)
+                # Only where a metric reads them (evaluate checked them then): masks of other
+                # sizes that no metric needs do not stack.
                 masks = (torch.stack([it.mask for it in kept]).to(world.device)
-                         if all(it.mask is not None for it in kept) else None)
+                         if set(settings.metrics) & MASK_METRICS.keys() else None)
                 probabilities = predict(model, x).softmax(1)
                 targets = _targets_of(probabilities, [it.label for it in kept], k)
                 pairs = [(i, t) for i, classes in enumerate(targets) for t in classes]
@@ -885,7 +934,9 @@ def _score(model: nn.Module, x: Tensor, masks: Tensor | None,
     classes = torch.tensor([t for _, t, _ in todo], device=x.device)
     batch = _Batch(model, x[index], classes, settings, randomised,
                    None if masks is None else masks[index])
-    attribution = explain(model, batch.x, classes).detach()
+    # Checked for every metric (deletion did, but randomisation correlated a map of one image
+    # for the batch and wrote one row for it without a word, and a NaN map as NaN).
+    attribution = _method_output(method, explain(model, batch.x, classes), batch.x)
     rows: list[Row] = []
     for metric in settings.metrics:
         wanted = [n for n, (_, _, metrics) in enumerate(todo) if metric in metrics]
@@ -896,9 +947,9 @@ def _score(model: nn.Module, x: Tensor, masks: Tensor | None,
             sub = dataclasses.replace(
                 batch, x=batch.x[keep], classes=classes[keep],
                 masks=None if batch.masks is None else batch.masks[keep])
-            values = _metric_value(metric, sub, explain, attribution[keep])
+            values = _metric_value(metric, sub, method, explain, attribution[keep])
         else:
-            values = _metric_value(metric, batch, explain, attribution)
+            values = _metric_value(metric, batch, method, explain, attribution)
         for n, value in zip(wanted, values.tolist()):
             i, t, _ = todo[n]
             rows.append((kept[i].name, t, method, metric, value))
@@ -926,11 +977,11 @@ def _merge(rows: list[Row], items: Sequence[Item],
 
 
 def _model_record(model: nn.Module) -> str:
-    """How a run records ``model``: a registry model by its name; any other by its class and
-    a digest of its weights (its state_dict), so that a resume with other weights is refused."""
-    name = getattr(model, "model_name", None)
-    if name:
-        return str(name)
+    """How a run records a passed-in ``model``: by its registry name where it has one, else its
+    class, and a digest of its weights (its state_dict, dtypes included), so that a resume with
+    other weights is refused. (A registry model can hold any weights: ``weights=None`` gives
+    random ones under the same name, and a user may train it on.)"""
+    name = getattr(model, "model_name", None) or type(model).__name__
     digest = hashlib.sha256()
     for key, value in model.state_dict().items():
         digest.update(f"{key} {getattr(value, 'dtype', '')} "
@@ -941,7 +992,7 @@ def _model_record(model: nn.Module) -> str:
             digest.update(value.tobytes())
         else:  # a module's extra state
             digest.update(repr(value).encode())
-    return f"{type(model).__name__} (passed in, weights {digest.hexdigest()[:12]})"
+    return f"{name} (passed in, weights {digest.hexdigest()[:12]})"
 
 
 def _method_sources(methods: Mapping[str, Explainer] | None,
@@ -1055,6 +1106,9 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
     if needs_mask and any(item.mask is None for item in items):
         raise PullbackWidgetsError(f"metric(s) {', '.join(needs_mask)} need an evidence mask "
                                    "for every image (--synthetic N)")
+    if needs_mask:
+        for item in items:
+            _check_mask(item, settings.image_size)
     world = _join_world()
     lock = None
     try:
@@ -1072,6 +1126,11 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
         if k is not None and k > classes:
             raise PullbackWidgetsError(f"top-{k} asks for more classes than the model's "
                                        f"{classes}")
+        if k is None:  # a label past the logits failed mid-run, inside a method's gather
+            for item in items:  # (an Item made directly has an unchecked label)
+                if check_index(item.label, f"{item.name}: label") >= classes:
+                    raise PullbackWidgetsError(f"{item.name}: label {item.label} is not a class "
+                                               f"of the model, which has {classes}")
         if methods is not None:
             notices = (*notices, "the methods were passed in as functions: the temperature, gate "
                        "and pool_weights above are those of the built-in pullback, not theirs")

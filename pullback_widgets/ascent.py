@@ -55,7 +55,10 @@ def ascent_start(start: str, size: int, *, photo: Tensor | None = None,
         return photo
     if start == "grey":
         return torch.full((1, 3, size, size), 0.5)
-    generator = torch.Generator().manual_seed(check_index(seed, "seed"))
+    seed = check_index(seed, "seed")
+    if seed >= 2**64:  # torch's seeds are 64-bit: its own error says only "Overflow"
+        raise PullbackWidgetsError(f"seed must be below 2**64, got {seed}")
+    generator = torch.Generator().manual_seed(seed)
     return torch.rand((1, 3, size, size), generator=generator)
 
 
@@ -146,7 +149,7 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
                     attention_weights: str = "detached", pool_weights: str = "differentiated",
                     method: str = "pullback",
                     callback: Callable[[int, AscentResult], object] | None = None,
-                    progress: bool = True) -> AscentResult:
+                    progress: bool = True, keep_frames: bool = True) -> AscentResult:
     """Ascend the target along its excitation pullback, starting at ``image``.
 
     ``image``: (B, 3, H, W) in pixel space [0, 1]. Each step moves ``step_size`` (L2, [0, 1]
@@ -155,10 +158,15 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
     plain gradients. ``callback(step, result)`` runs after every step (step counts from 1);
     returning a true value stops the run. ``progress`` shows a tqdm bar on stderr. The gate
     settings are those of :func:`excitation_pullback` (``temperature=None``: the model's own).
+    ``keep_frames=False`` keeps only the start and the latest image in ``result.images`` (the
+    logits keep every step): for callers that need the end, not the trajectory.
     """
     method = check_choice(method, METHODS, "method")
     steps, step_size, eps = check_index(steps, "steps"), \
         check_positive(step_size, "step_size"), check_positive(eps, "eps")
+    if callback is not None and not callable(callback):  # not after the first step's work
+        raise PullbackWidgetsTypeError(
+            f"callback must be callable or None, got {type(callback).__name__}")
     model = check_model(model)
     start = check_inputs(image).detach().clone()  # the result's own: the caller may reuse theirs
     if start.min() < 0 or start.max() > 1:
@@ -199,7 +207,10 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
             direction = _unit_l2(check_finite(session.pullback(target),
                                               f"the {method} at step {step + 1}"))
             current = _step(current, start, direction, step_size, eps)
-            result.images.append(current)
+            if keep_frames:
+                result.images.append(current)
+            else:
+                result.images[1:] = [current]
             bar.update(1)
     finally:
         bar.close()
@@ -229,13 +240,16 @@ class AscentGrid:
     """The counterfactual grid (the paper's Figure 1): rows are images, columns targets.
 
     ``images``/``diffs``: (N, T, 3, H, W) final images and final-minus-start;
-    ``gains``: (N, T) target-logit gain; ``targets``: the T column classes.
+    ``gains``: (N, T) target-logit gain; ``targets``: the T column classes; ``stopped``: per
+    column, True where the callback ended that column's ascent early (its image and gain are
+    of fewer steps than the others').
     """
 
     images: Tensor
     diffs: Tensor
     gains: Tensor
     targets: list[int]
+    stopped: list[bool] = field(default_factory=list)
 
 
 def ascent_grid(model: nn.Module, images: Tensor, targets: Sequence[int] | None = None,
@@ -244,6 +258,8 @@ def ascent_grid(model: nn.Module, images: Tensor, targets: Sequence[int] | None 
 
     ``targets=None`` takes each image's own predicted class, so the diagonal shows the image's
     own class and the off-diagonal cells are counterfactuals. Any integer type counts.
+    ``ascent_kwargs`` go to :func:`pullback_ascent`; a ``callback`` that returns a true value
+    ends the column it runs in (see ``AscentGrid.stopped``), not the grid.
     """
     model = check_model(model)
     start = check_inputs(images).detach()
@@ -258,7 +274,11 @@ def ascent_grid(model: nn.Module, images: Tensor, targets: Sequence[int] | None 
         if t >= logits.shape[1]:
             raise PullbackWidgetsError(
                 f"target class {t} is out of range [0, {logits.shape[1]})")
+    # Only each column's end is kept: N images x T targets x (steps + 1) frames held to the
+    # end came to gigabytes for the command line's 100 steps.
+    ascent_kwargs = {**ascent_kwargs, "keep_frames": False}
     columns = [pullback_ascent(model, start, t, **ascent_kwargs) for t in targets]
     finals = torch.stack([c.images[-1] for c in columns], dim=1)
     return AscentGrid(images=finals, diffs=finals - start.unsqueeze(1),
-                      gains=torch.stack([c.gain for c in columns], dim=1), targets=list(targets))
+                      gains=torch.stack([c.gain for c in columns], dim=1), targets=list(targets),
+                      stopped=[c.stopped for c in columns])

@@ -28,7 +28,7 @@ from .ascent import AscentGrid, AscentResult, pullback_ascent
 from .labels import class_names
 from .model_helpers import STRIP_TEMPERATURES
 from .session import PullbackSession, Temperature
-from .validation import PullbackWidgetsError, check_inputs
+from .validation import PullbackWidgetsError, check_index, check_inputs, check_positive
 
 
 @dataclass
@@ -69,9 +69,21 @@ def explain(model: nn.Module, image: Tensor, target: int | None = None, *,
     if check_inputs(image).shape[0] != 1:
         raise PullbackWidgetsError(f"the report explains one image (1, C, H, W), got a batch of "
                                    f"shape {tuple(image.shape)}; pass image[:1]")
+    # The explanation's own copy, off any graph: the caller may reuse theirs.
+    image = image.detach().clone()
+    if image.min() < 0 or image.max() > 1:  # before the maps, not at the ascent after them
+        raise PullbackWidgetsError("image must be in pixel space [0, 1] (see pw.load_image)")
+    # A class index: a Unit or a list passed the maps and ascents and failed only in the page.
+    target = None if target is None else check_index(target, "target")
+    # The ascents' settings too, which they would refuse only after the maps and the strip.
+    steps, step_size, eps = check_index(steps, "steps"), \
+        check_positive(step_size, "step_size"), check_positive(eps, "eps")
     session = PullbackSession(model, image, temperature=temperature, gate=gate,
                               pool_weights=pool_weights)
     probabilities = session.probabilities[0]
+    if target is not None and target >= len(probabilities):
+        raise PullbackWidgetsError(
+            f"target class {target} is out of range [0, {len(probabilities)})")
     target = int(probabilities.argmax()) if target is None else target
     on_progress("forward pass")
     pullback = session.pullback(target)[0]
@@ -83,11 +95,19 @@ def explain(model: nn.Module, image: Tensor, target: int | None = None, *,
     on_progress("temperature strip")
     ascent_args = dict(steps=steps, step_size=step_size, eps=eps, temperature=temperature,
                        pool_weights=pool_weights, progress=False)
-    ascent = pullback_ascent(model, image, target, gate=gate, **ascent_args, callback=lambda
-                             step, _: on_progress(f"pullback ascent step {step}/{steps}"))
+
+    def progress_of(method: str) -> Callable[[int, AscentResult], bool]:
+        # on_progress only counts: what it returns must not stop the ascent (tqdm's update()
+        # returns True whenever it redraws, which cut the report's ascents short).
+        def step_done(step: int, _: AscentResult) -> bool:
+            on_progress(f"{method} ascent step {step}/{steps}")
+            return False
+        return step_done
+
+    ascent = pullback_ascent(model, image, target, gate=gate, **ascent_args,
+                             callback=progress_of("pullback"))
     gradient_ascent = pullback_ascent(model, image, target, method="gradient", **ascent_args,
-                                      callback=lambda step, _: on_progress(
-                                          f"gradient ascent step {step}/{steps}"))
+                                      callback=progress_of("gradient"))
     return Explanation(image[0], probabilities, target, pullback, gradient, strip, strip_gate,
                        ascent, gradient_ascent, notices=session.notices)
 
@@ -277,7 +297,16 @@ def explain_html(explanation: Explanation, labels: Sequence[str] | None = None) 
 
 def grid_html(grid: AscentGrid, row_labels: Sequence[str], labels: Sequence[str],
               parameters: dict[str, object]) -> str:
-    """The counterfactual grid report (the paper's Figure 1)."""
+    """The counterfactual grid report (the paper's Figure 1): ``row_labels`` name the grid's
+    images, ``labels`` the model's classes."""
+    rows = grid.images.shape[0]
+    if isinstance(row_labels, str) or len(row_labels) != rows:  # fewer dropped rows unsaid
+        raise PullbackWidgetsError(f"row_labels must name each of the grid's {rows} images, "
+                                   f"got {1 if isinstance(row_labels, str) else len(row_labels)}")
+    highest = max(grid.targets, default=-1)
+    if isinstance(labels, str) or highest >= len(labels):
+        raise PullbackWidgetsError(f"labels must name every class up to the grid's target "
+                                   f"{highest}, got {len(labels)} names")
     columns = [labels[t] for t in grid.targets]
     images = [[grid.images[i, j] for j in range(len(columns))] for i in range(len(row_labels))]
     diffs = [[torch.from_numpy(figures.rgb_difference_image(grid.diffs[i, j])).permute(2, 0, 1)

@@ -368,6 +368,8 @@ class AscentExplorer(w.VBox):
 
     def _finish(self, result: AscentResult, run: _Run) -> None:
         last = len(result.images) - 1
+        if not result.stopped:  # full, also after 0 steps (its bar's max is 1, none ran)
+            self.progress.value = self.progress.max
         self._show_last_frame(result)
         gains = ", ".join(f"{figures.isolated(name)} {gain:+.2f}" for name, gain
                           in zip(self._names, result.gain.tolist()))

@@ -214,3 +214,17 @@ def test_a_finished_run_of_zero_steps_fills_the_progress_bar(net):
         assert explorer.progress.value == explorer.progress.max == 1
     finally:
         explorer.close()
+
+
+def test_both_methods_count_their_steps_on_one_bar_that_only_rises(net):
+    explorer = pw.AscentExplorer(net, "coffee", labels=LABELS, temperature=0.5)
+    seen = []
+    explorer.progress.observe(lambda change: seen.append(change["new"]), "value")
+    try:
+        explorer.steps.value, explorer.method.value = 2, "both"
+        assert explorer.run() and explorer.wait()
+        # The gradient's steps restarted the bar at 1 of 2 after the pullback's 2 of 2.
+        assert explorer.progress.max == 4
+        assert seen == sorted(seen) and seen[-1] == 4
+    finally:
+        explorer.close()

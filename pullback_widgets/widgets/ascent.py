@@ -110,6 +110,7 @@ class AscentExplorer(w.VBox):
         self.result: AscentResult | None = None
         self._names: list[str] = []  # one per image of the result's batch
         self._step_names: list[str] = []  # the same, for the ascent being computed
+        self._steps_before = 0  # on the progress bar, for the ascent being computed
         self._unit = False  # the result's target is a hidden unit
 
         self.image = w.Dropdown(description="Image", options=list(self._images),
@@ -251,8 +252,10 @@ class AscentExplorer(w.VBox):
             self._stop.clear()
             self.run_button.disabled, self.stop_button.disabled = True, False
             self.frame.disabled = True
-        self.progress.max, self.progress.value = max(1, run.steps), 0
-        self._status.show(f"computing {run.steps} ascent steps …", event)
+        # "both" runs the steps once per method, one after the other on one bar.
+        total = run.steps * (len(METHODS) if run.method == "both" else 1)
+        self.progress.max, self.progress.value = max(1, total), 0
+        self._status.show(f"computing {total} ascent steps …", event)
         self._worker.submit(run)
         return True
 
@@ -316,7 +319,8 @@ class AscentExplorer(w.VBox):
             methods = METHODS if run.method == "both" else (run.method,)
             batch = start.expand(len(targets), -1, -1, -1)
             results = []
-            for method in methods:
+            for done, method in enumerate(methods):
+                self._steps_before = done * run.steps
                 # The frames' names, which _on_step shows with this method's first frame.
                 self._step_names = [f"{method}: {name}" for name in names] \
                     if len(methods) > 1 else names
@@ -353,7 +357,7 @@ class AscentExplorer(w.VBox):
         with self._draw_lock:
             self.result = replace(result, images=list(result.images))
             self._names = self._step_names
-        self.progress.value = step
+        self.progress.value = self._steps_before + step
         self._draw_frame(len(result.images) - 1)
         return self._stop.is_set()
 

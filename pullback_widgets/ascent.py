@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -266,9 +267,12 @@ def ascent_grid(model: nn.Module, images: Tensor, targets: Sequence[int] | None 
     logits = predict(model, start)
     if targets is None:
         targets = logits.argmax(1).tolist()
-    if isinstance(targets, (str, Tensor)) or not isinstance(targets, Sequence) \
+    if isinstance(targets, (Tensor, np.ndarray)) and targets.ndim == 1:
+        targets = targets.tolist()  # logits.argmax(1), say: each checked below as a number
+    if isinstance(targets, (str, Tensor, np.ndarray)) or not isinstance(targets, Sequence) \
             or len(targets) == 0:
-        raise PullbackWidgetsTypeError("targets must be a non-empty sequence of class indices")
+        raise PullbackWidgetsTypeError(
+            "targets must be a non-empty sequence (or 1-D array) of class indices")
     targets = [check_index(t, "each of targets") for t in targets]
     for t in targets:  # before any ascent, not after the columns before it
         if t >= logits.shape[1]:

@@ -117,6 +117,18 @@ def test_the_grid_says_which_columns_a_callback_stopped(net):
     torch.testing.assert_close(grid.gains[:, 1], one_step.gain)
 
 
+
+@pytest.mark.parametrize("as_array", [torch.tensor, lambda t: torch.tensor(t).numpy()])
+def test_the_grid_takes_a_1d_array_of_classes_as_the_list(net, as_array):
+    # logits.argmax(1) was refused ("a non-empty sequence"), though the docstring says any
+    # integer type counts.
+    kwargs = dict(steps=1, step_size=2.0, eps=4.0, progress=False)
+    grid = pw.ascent_grid(net, _image(2), as_array([1, 3]), **kwargs)
+    assert grid.targets == [1, 3]
+    assert torch.equal(grid.images, pw.ascent_grid(net, _image(2), [1, 3], **kwargs).images)
+    with pytest.raises(TypeError, match="sequence"):
+        pw.ascent_grid(net, _image(2), torch.tensor([[1, 3]]), **kwargs)
+
 # ---------------------------------------------------------------- the explain report
 
 def test_what_on_progress_returns_does_not_cut_the_ascents_short(net):

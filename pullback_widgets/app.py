@@ -148,8 +148,11 @@ def _reap(processes: list) -> None:
             return False
 
     deadline = time.monotonic() + KERNEL_GRACE_S
-    while any(running(p) for p in processes) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    try:
+        while any(running(p) for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    except KeyboardInterrupt:  # one more Ctrl-C, or the terminal closed (SIGHUP): kill now
+        pass
     for process in processes:
         if running(process):
             with contextlib.suppress(psutil.Error):

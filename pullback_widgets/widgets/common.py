@@ -3,6 +3,7 @@ controls, and closing every widget an explorer made."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 import math
 import threading
@@ -347,12 +348,35 @@ def layer_options(layer_shapes: dict[str, tuple[int, ...]], num_classes: int
     return options
 
 
+class Settling:
+    """Marks, in the thread that makes it, a change of several controls whose steps on the way
+    are no request: ipywidgets' selection boxes jump to their first option when their options
+    change, before the value meant is set. A live explorer skips its requests while
+    :attr:`active` and takes one of the end state."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()  # the other thread's changes are the user's own
+
+    @property
+    def active(self) -> bool:
+        return getattr(self._local, "depth", 0) > 0
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._local.depth -= 1
+
+
 class LayerControl:
     """Layer, Channel and "all layers", as both explorers offer them.
 
     Layer is "logits" or one of the model's feature layers (:func:`feature_layers`, shapes
     in the labels); Channel is enabled, and bounded by the layer's channels, when a layer is
-    chosen; "all layers" switches to every layer, those inside blocks too.
+    chosen; "all layers" switches to every layer, those inside blocks too. While a new list of
+    layers is put in, :attr:`settling` is active.
     """
 
     def __init__(self) -> None:
@@ -367,6 +391,7 @@ class LayerControl:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._lists: dict[bool, dict[str, tuple[int, ...]]] = {}
         self._num_classes = 0
+        self.settling = Settling()
         self.layer.observe(self._on_layer, names="value")
         self.all_layers.observe(lambda change: self._show(), names="value")
 
@@ -376,7 +401,9 @@ class LayerControl:
         return self._lists.get(False, {})
 
     def set_layers(self, model: nn.Module, image: Tensor, num_classes: int) -> None:
-        """Learn ``model``'s layers from a forward of ``image`` (two: short and full list)."""
+        """Learn ``model``'s layers from a forward of ``image`` (two: short and full list);
+        again when the model changed: a layer gone is no longer offered (the box goes back to
+        the logits), and a layer's new shape bounds its Channel."""
         self._lists = {every: feature_layers(model, image, every=every)
                        for every in (False, True)}
         self._num_classes = num_classes
@@ -385,16 +412,21 @@ class LayerControl:
     def _show(self) -> None:
         if not self._lists:  # the model is still loading; set_layers reads the box
             return
-        self.shapes = self._lists[self.all_layers.value]
-        chosen = self.layer.value if self.layer.value in self.shapes else LOGITS
-        self.layer.options = layer_options(self.shapes, self._num_classes)
-        self.layer.value = chosen  # new options reset the value; keep the layer if offered
+        with self.settling():
+            self.shapes = self._lists[self.all_layers.value]
+            chosen = self.layer.value if self.layer.value in self.shapes else LOGITS
+            self.layer.options = layer_options(self.shapes, self._num_classes)
+            self.layer.value = chosen  # new options reset the value; keep the layer if offered
+            self._bound_channel(chosen)  # its shape may be new
 
     def _on_layer(self, change) -> None:
-        if change["new"] == LOGITS or change["new"] not in self.shapes:
+        self._bound_channel(change["new"])
+
+    def _bound_channel(self, layer: str) -> None:
+        if layer == LOGITS or layer not in self.shapes:
             self.channel.disabled = True
             return
-        channels = self.shapes[change["new"]][0]
+        channels = self.shapes[layer][0]
         self.channel.max = channels - 1
         self.channel.value = min(self.channel.value, channels - 1)
         self.channel.disabled = False

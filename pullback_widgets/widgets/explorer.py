@@ -40,6 +40,7 @@ from ..validation import (
     PullbackWidgetsTypeError,
     check_choice,
     check_finite,
+    check_index,
 )
 from .cell_reruns import close_earlier_runs
 from .common import (
@@ -130,7 +131,9 @@ class PullbackExplorer(w.VBox):
         self.model: nn.Module | None = None  # loaded on the worker
         self.labels: list[str] = []
         self.input_size = source.input_size
-        self.max_upload_bytes, self.max_upload_pixels = max_upload_bytes, max_upload_pixels
+        # Checked now: a bad limit would otherwise turn every upload into a TypeError.
+        self.max_upload_bytes = check_index(max_upload_bytes, "max_upload_bytes", minimum=1)
+        self.max_upload_pixels = check_index(max_upload_pixels, "max_upload_pixels", minimum=1)
         self._evidence: dict[str, Tensor] = {}  # image key -> its evidence mask (H, W)
         if evidence is None:
             first_key, first_image = load_choice(image, self.input_size, lazy=True)
@@ -166,6 +169,9 @@ class PullbackExplorer(w.VBox):
         self.layer_control = LayerControl()
         self.layer, self.channel, self.all_layers = \
             self.layer_control.layer, self.layer_control.channel, self.layer_control.all_layers
+        # Changes of several controls at once (new options, then the value meant) request
+        # only their end state.
+        self._settling = self.layer_control.settling
         self.view = w.ToggleButtons(description="View", options=list(VIEWS), style=STYLE)
         self.strip_button = w.Button(description="Temperature strip", icon="sliders",
                                      layout=w.Layout(width="auto"))
@@ -200,6 +206,8 @@ class PullbackExplorer(w.VBox):
         for control in (self.image, self.target, self.temperature, self.gate, self.layer,
                         self.channel, self.view, self.show_evidence, self.compare):
             control.observe(self._on_change, names="value")
+        # After the layer control's own observer has put in the new list of layers.
+        self.all_layers.observe(lambda change: self._on_change(), names="value")
         self.strip_button.on_click(self._on_strip)
 
         super().__init__([
@@ -218,11 +226,17 @@ class PullbackExplorer(w.VBox):
         self._worker = LatestOnlyWorker(self._compute, self._show_error,
                                         on_interrupt=self._show_error)
         self._closed = False
-        self._status.show(f"loading the photo “{first_key}” and the layers of {source.name} …",
-                          self._status.event())
-        self._submit(self._request(), announce=False)
-        resend_on_new_views(self)
-        close_earlier_runs(self)
+        try:
+            self._status.show(f"loading the photo “{first_key}” and the layers of "
+                              f"{source.name} …", self._status.event())
+            self._submit(self._request(), announce=False)
+            resend_on_new_views(self)
+            # Closing an earlier run's explorer waits for its worker: a Ctrl-C there must not
+            # leave this one, which the caller never gets, running with its thread.
+            close_earlier_runs(self)
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ controls -> request
 
@@ -258,6 +272,8 @@ class PullbackExplorer(w.VBox):
         # The worker changes the Target box too (to name the class it drew), which calls this
         # on its thread: the snapshot and its submission are one step, or an older snapshot
         # could replace a newer one in the worker's slot, and its status event with it.
+        if self._settling.active:  # a step on the way: its end state is requested
+            return
         with self._submit_lock:
             if change is not None and change["owner"] is self.target \
                     and change["new"].strip() != self._auto_target:
@@ -278,14 +294,16 @@ class PullbackExplorer(w.VBox):
         self._on_change()
 
     def _on_upload(self, change) -> None:
-        if not change["new"]:
+        if not change["new"] or self._closed:  # closed: nobody would see the image
             return
         event = self._status.event()
         upload = change["new"][0]
         try:
-            if upload["size"] > self.max_upload_bytes:
-                raise PullbackWidgetsError(f"upload is {upload['size'] / 1e6:.1f} MB; the limit is "
-                                 f"{self.max_upload_bytes / 1e6:.0f} MB")
+            # The bytes received, not the size the page declares for them.
+            size = len(upload["content"])
+            if size > self.max_upload_bytes:
+                raise PullbackWidgetsError(f"upload is {size / 1e6:.1f} MB; the limit is "
+                                           f"{self.max_upload_bytes / 1e6:.0f} MB")
             data = bytes(upload["content"])
             digest = hashlib.sha1(data).hexdigest()[:6]
             key, tensor = load_choice(data, self.input_size, max_pixels=self.max_upload_pixels,
@@ -296,8 +314,10 @@ class PullbackExplorer(w.VBox):
             return
         finally:
             self.upload.value = ()
-        self.image.options = list(self._images)
-        self.image.value = key
+        with self._settling():  # new options select the first image: no forward of that one
+            self.image.options = list(self._images)
+            self.image.value = key
+        self._on_change()
 
     # ------------------------------------------------------------------ worker side
 
@@ -322,20 +342,35 @@ class PullbackExplorer(w.VBox):
             self._images[key] = load_choice(key, self.input_size)[1]
         return self._images[key]
 
-    def _ensure_session(self, image_key: str) -> PullbackSession:
+    def _ensure_session(self, request: _Request) -> PullbackSession | None:
+        """The session of the request's image; None where the request no longer describes
+        the controls (a model changed since lost the request's layer: the controls' end state
+        is requested instead)."""
+        image_key = request.image_key
         # A new forward also where the user changed the model since (trained it, loaded
         # weights, converted it): the explorer follows the model.
         changed = self._session is not None and not self._session.model_unchanged()
         if self._session_key != image_key or changed:
+            image = self._image(image_key)
             if changed:  # what is drawn, and every cached map, is of the model as it was
                 self._pullback_shown = self._gradient_shown = self._strip_shown = None
                 self._compare_cache.clear()
-            image = self._image(image_key)
+                # Its layers too (a block removed, a Sequential shortened): a layer gone would
+                # fail every forward, the logits' too, and a renamed one keep its old shape.
+                self.layer_control.set_layers(self.model, image, len(self.labels))
+                self._on_change()  # the Layer box may have gone back to the logits
+                if self._submitted != request:
+                    return None
             session = PullbackSession(self.model, image,
                                       layers=list(self.layer_control.short_list))
             if bool(session.logits.isnan().any()):  # -inf logits (masked classes) are fine
                 raise PullbackWidgetsError("the model's output for this image holds NaN: "
                                            "there is nothing to explain")
+            classes = session.logits.shape[-1]
+            if classes != len(self.labels):  # a new head: the names would be another's
+                raise PullbackWidgetsError(
+                    f"the model now has {classes} classes, not the {len(self.labels)} this "
+                    "explorer names: make a new explorer for it")
             self._session, self._session_key = session, image_key
             self._show_notices(self._session.notices, self._session.gated_calls == 0)
             self._show_photo(image[0])
@@ -386,7 +421,9 @@ class PullbackExplorer(w.VBox):
     def _draw(self, request: _Request) -> None:
         started = time.perf_counter()
         self._load()
-        session = self._ensure_session(request.image_key)
+        session = self._ensure_session(request)
+        if session is None:  # the request of the controls' end state follows
+            return
         target_class = parse_target(request.target_text, self.labels)
         if target_class is None:
             target_class = int(session.logits[0].argmax())
@@ -518,12 +555,14 @@ class PullbackExplorer(w.VBox):
         if getattr(self, "_closed", True):  # closed, or its constructor failed (Widget.__del__)
             return
         self._closed = True
-        self._worker.close()
-        close_children(self)
-        self._session = self._session_key = None
-        self._images.clear()
-        self._compare_cache.clear()
-        super().close()
+        try:  # a Ctrl-C while the worker finishes its job must not leave the widgets open
+            self._worker.close()
+        finally:
+            close_children(self)
+            self._session = self._session_key = None
+            self._images.clear()
+            self._compare_cache.clear()
+            super().close()
 
 
 def _label(method: str) -> str:

@@ -177,6 +177,17 @@ def evaluation_mode(model: nn.Module, graph_kept: bool = False) -> Iterator[None
             raise PullbackWidgetsError(_CHANGED_BY_TRAIN)
 
 
+def as_model_input(model: nn.Module, images: Tensor) -> Tensor:
+    """``images`` (B, 3, H, W), pixel space [0, 1], in the dtype and on the device of the
+    model's first floating parameter (or buffer), where it has one: the package's photos are
+    float32 on the CPU, and a float64, half-precision or GPU model refuses them."""
+    for module in submodules(model):
+        for tensor in (*module._parameters.values(), *module._buffers.values()):
+            if tensor is not None and tensor.is_floating_point():
+                return images.to(tensor.device, tensor.dtype)
+    return images
+
+
 def predict(model: nn.Module, inputs: Tensor) -> Tensor:
     """Plain logits (B, num_classes) for ``inputs``, in eval mode, without gradients."""
     with evaluation_mode(model), torch.no_grad(), explained_forward_errors(model, inputs):

@@ -261,3 +261,39 @@ def test_a_ctrl_c_while_the_app_waits_for_voilas_kernels_still_kills_them(monkey
     except KeyboardInterrupt:  # not let through to pytest, which would stop the whole run
         pytest.fail("the interrupt escaped _reap")
     assert all(kernel.killed for kernel in kernels)
+
+
+# ---------------------------------------------------------------- models of other dtypes
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_an_explorer_feeds_its_photos_in_the_models_dtype(dtype):
+    # The photos are float32: a float64 or bfloat16 model refused them when the explorer was
+    # made ("inputs are torch.float32 but the model's parameters are torch.float64").
+    from pullback_widgets import figures
+
+    model = _sequential(6, 8).to(dtype)
+    explorer = pw.PullbackExplorer(model, "coffee", labels=LABELS, temperature=0.5)
+    try:
+        assert explorer.wait()
+        assert "⚠" not in explorer.status.value, explorer.status.value
+        image = explorer._images["coffee"].to(dtype)
+        predicted = int(model(image).argmax())
+        expected = figures.relative_map(pw.excitation_pullback(
+            model, image, predicted, temperature=0.5)[0].float())
+        drawn = torch.tensor(explorer.pullback_figure.data[0].z, dtype=torch.float64)
+        torch.testing.assert_close(drawn, torch.from_numpy(expected).double(),
+                                   rtol=1e-5, atol=1e-6)
+    finally:
+        explorer.close()
+
+
+def test_an_ascent_explorer_runs_on_a_float64_model():
+    model = _sequential(6, 8).double()
+    explorer = pw.AscentExplorer(model, "coffee", labels=LABELS, temperature=0.5)
+    try:
+        explorer.steps.value = 2
+        assert explorer.run() and explorer.wait()
+        assert "⚠" not in explorer.status.value, explorer.status.value
+        assert explorer.result.images[-1].dtype == torch.float64
+    finally:
+        explorer.close()

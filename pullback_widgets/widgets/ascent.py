@@ -26,7 +26,7 @@ from ..ascent import (
     stack_results,
 )
 from ..gates import GATES
-from ..model_helpers import predict, scaled_temperatures
+from ..model_helpers import as_model_input, predict, scaled_temperatures
 from ..session import PullbackSession, notices_unwarned
 from ..targets import Unit
 from ..validation import PullbackWidgetsError, check_choice
@@ -124,7 +124,8 @@ class AscentExplorer(w.VBox):
         self.layer_control = LayerControl()
         self.layer, self.channel, self.all_layers = \
             self.layer_control.layer, self.layer_control.channel, self.layer_control.all_layers
-        self.layer_control.set_layers(self.model, self._images[first_key], len(self.labels))
+        self.layer_control.set_layers(
+            self.model, as_model_input(self.model, self._images[first_key]), len(self.labels))
         self.start = w.ToggleButtons(description="Start", options=list(STARTS), style=STYLE)
         self.seed = w.BoundedIntText(description="Seed", min=0, max=2**31 - 1, value=0,
                                      style=STYLE, layout=w.Layout(display="none"))
@@ -188,7 +189,7 @@ class AscentExplorer(w.VBox):
         gradient ascent, so the status line says so and the controls that change nothing
         (temperature, gate, method) are disabled."""
         with notices_unwarned():  # the status line says them instead
-            session = PullbackSession(self.model, image)
+            session = PullbackSession(self.model, as_model_input(self.model, image))
         self._notices, plain = session.notices, session.gated_calls == 0
         for control in (self.temperature, self.gate, self.method,
                         self.temperature_control.down, self.temperature_control.up):
@@ -305,8 +306,8 @@ class AscentExplorer(w.VBox):
         with self._draw_lock:  # the run's names and frames replace the last run's together:
             self.result = None  # one that fails before its first step leaves no frames
         try:
-            start = ascent_start(run.start, self.input_size, photo=self._images[run.image_key],
-                                 seed=run.seed)
+            start = as_model_input(self.model, ascent_start(
+                run.start, self.input_size, photo=self._images[run.image_key], seed=run.seed))
             if run.layer != LOGITS:
                 targets: list = [Unit(run.layer, run.channel)]
                 names = [f"{run.layer} channel {run.channel}"]

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..images import SAMPLE_IMAGES, load_image, sample_image
 from ..labels import class_names, find_class
-from ..model_helpers import default_temperature, feature_layers, predict
+from ..model_helpers import as_model_input, default_temperature, feature_layers, predict
 from ..models import MODELS, load_model
 from ..validation import (
     PullbackWidgetsError,
@@ -324,8 +324,7 @@ def prepare_model(model: str | nn.Module, labels: Sequence[str] | None) -> Prepa
     if known is not None and labels is None:
         num_classes = len(known)  # a registry model: its names are its classes
     else:
-        parameter = next(model.parameters(), torch.empty(0))
-        probe = torch.zeros(1, 3, input_size, input_size, device=parameter.device)
+        probe = as_model_input(model, torch.zeros(1, 3, input_size, input_size))
         num_classes = predict(model, probe).shape[-1]
     names, note = class_names(num_classes, labels, model)
     return PreparedModel(model, names, input_size, [note] if note else [])

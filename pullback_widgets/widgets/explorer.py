@@ -31,7 +31,12 @@ from .. import figures
 from ..evaluation.methods import CAPTUM_METHODS, build_method, captum_available, method_settings
 from ..gates import GATES
 from ..images import SAMPLE_IMAGES
-from ..model_helpers import STRIP_TEMPERATURES, describe_temperatures, scaled_temperatures
+from ..model_helpers import (
+    STRIP_TEMPERATURES,
+    as_model_input,
+    describe_temperatures,
+    scaled_temperatures,
+)
 from ..paper import PAPER_PRESETS
 from ..session import PullbackSession, notices_unwarned
 from ..targets import Target, Unit
@@ -326,8 +331,8 @@ class PullbackExplorer(w.VBox):
         if self.model is not None:
             return
         prepared = self._prepared
-        self.layer_control.set_layers(prepared.model, self._image(self.image.value),
-                                      len(prepared.labels))
+        self.layer_control.set_layers(prepared.model, as_model_input(
+            prepared.model, self._image(self.image.value)), len(prepared.labels))
         self.model, self.labels = prepared.model, prepared.labels
         self._notes = prepared.notes
         self.target.options = class_options(self.labels)
@@ -351,7 +356,7 @@ class PullbackExplorer(w.VBox):
         # weights, converted it): the explorer follows the model.
         changed = self._session is not None and not self._session.model_unchanged()
         if self._session_key != image_key or changed:
-            image = self._image(image_key)
+            image = as_model_input(self.model, self._image(image_key))
             if changed:  # what is drawn, and every cached map, is of the model as it was
                 self._pullback_shown = self._gradient_shown = self._strip_shown = None
                 self._compare_cache.clear()
@@ -526,7 +531,7 @@ class PullbackExplorer(w.VBox):
                 # forward, and it is drawn together with the pullback.
                 attribution = session.pullback(target, gate="hard")[0]
             else:
-                image = self._images[request.image_key]
+                image = as_model_input(self.model, self._images[request.image_key])
                 explain = build_method(method, self.model)
                 attribution = explain(self.model, image, torch.tensor(
                     [target_class], device=image.device))[0].detach()

@@ -2,14 +2,19 @@
 
 A session's graph holds one forward of the model: a backward after the user changed the model
 would pull back through the new weights along the old gates, an answer about neither model.
-Three things tell a change:
+Four things tell a change:
 
 - versions: autograd's counter, which every in-place change it sees moves (an optimiser step,
   ``load_state_dict``, ``copy_`` under ``no_grad``);
 - addresses: ``.to()``, ``.double()`` and ``p.data = ...`` swap a tensor's memory, not the
   tensor, nor its version;
 - a sample of the values: in-place changes through ``.data`` (``p.data.mul_(0.9)``, an
-  exponential moving average, zeroing a layer to ablate it) move neither.
+  exponential moving average, zeroing a layer to ablate it) move neither;
+- the modules themselves, and a ``forward`` set on one of them: a module swapped for one
+  without weights (``net.act = nn.Identity()``) or a patched forward changes no tensor.
+
+Other attributes (a convolution's ``padding`` set anew) are not compared: modules may set
+their own as they run.
 """
 
 from __future__ import annotations
@@ -30,11 +35,24 @@ SAMPLES_PER_TENSOR = 64
 _SAME_SIZE_INTEGERS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _tensors(model: nn.Module) -> list[Tensor]:
+def _tensors(modules: list[nn.Module]) -> list[Tensor]:
     """Each parameter and buffer, read from each module's own dicts: ``model.parameters()``
     builds every name (0.5 against 0.15 ms on Lite0)."""
-    return [t for module in submodules(model) for tensors in (module._parameters, module._buffers)
+    return [t for module in modules for tensors in (module._parameters, module._buffers)
             for t in tensors.values() if t is not None]
+
+
+def _structure(modules: list[nn.Module]) -> tuple[tuple[nn.Module, object], ...]:
+    """Each module, with the ``forward`` set on it as an attribute (None where its class's
+    runs)."""
+    return tuple((module, module.__dict__.get("forward")) for module in modules)
+
+
+def _same_structure(then: tuple[tuple[nn.Module, object], ...],
+                    now: tuple[tuple[nn.Module, object], ...]) -> bool:
+    return len(then) == len(now) and all(
+        a is b and forward_then is forward_now
+        for (a, forward_then), (b, forward_now) in zip(then, now))
 
 
 def _address(tensor: Tensor) -> int | None:
@@ -100,18 +118,24 @@ class ModelState:
     entries: tuple[tuple[Tensor, int, int | None], ...]
     views: dict[tuple, list[Tensor]]
     values: dict[tuple, Tensor | None]
+    structure: tuple[tuple[nn.Module, object], ...]
 
     @staticmethod
     def of(model: nn.Module) -> ModelState:
-        tensors = _tensors(model)
+        modules = submodules(model)
+        tensors = _tensors(modules)
         views = _sample_views(tensors)
         return ModelState(tuple((t, t._version, _address(t)) for t in tensors), views,
-                          _joined(views))
+                          _joined(views), _structure(modules))
 
     def matches(self, model: nn.Module) -> bool:
-        """Whether ``model`` holds the same tensors, unchanged in place (by autograd's count,
-        or in the sampled values), in the same memory."""
-        now = _tensors(model)
+        """Whether ``model`` is made of the same modules, with no forward set on one since,
+        and holds the same tensors, unchanged in place (by autograd's count, or in the sampled
+        values), in the same memory."""
+        modules = submodules(model)
+        if not _same_structure(self.structure, _structure(modules)):
+            return False
+        now = _tensors(modules)
         if len(now) != len(self.entries) or not all(
                 a is b and version == b._version and address == _address(b)
                 for (a, version, address), b in zip(self.entries, now)):

@@ -117,10 +117,10 @@ def _stacklevel_outside_package() -> int:
 
 
 _CHANGED_SINCE_THE_FORWARD = (
-    "the model's parameters or buffers changed since this session's forward (in place, also "
-    "through .data, replaced, or converted or moved with .to(), .double(), .cuda()): the "
-    "session's logits and "
-    "graph are of the model as it was; make a new PullbackSession")
+    "the model changed since this session's forward (its parameters or buffers in place, also "
+    "through .data, replaced, or converted or moved with .to(), .double(), .cuda(); or a "
+    "module replaced, or given a forward of its own): the session's logits and graph are of "
+    "the model as it was; make a new PullbackSession")
 
 
 _ANOTHER_FORWARD = (
@@ -448,10 +448,10 @@ class PullbackSession:
         return activation, seed
 
     def model_unchanged(self) -> bool:
-        """Whether the model's parameters and buffers are still those of this session's
-        forward: not changed in place (also through ``.data``, as far as a sample of each
-        tensor's values shows), replaced, converted or moved. Pullbacks are refused once they
-        are not."""
+        """Whether the model's modules, parameters and buffers are still those of this
+        session's forward: no module replaced or given a forward of its own, no tensor changed
+        in place (also through ``.data``, as far as a sample of each tensor's values shows),
+        replaced, converted or moved. Pullbacks are refused once they are not."""
         return self._model_state is None or self._model_state.matches(self.model)
 
     def _backward(self, targets: Sequence[Target], call: GateSettings, batched: bool,

@@ -74,6 +74,22 @@ def test_a_new_forward_of_a_model_changed_by_a_hook_is_refused():
     assert torch.equal(session.pullback(pw.Unit("3", 1)), expected)
 
 
+@pytest.mark.parametrize("change", ["swap", "forward"])
+def test_a_module_swapped_or_given_its_own_forward_is_a_changed_model(change):
+    # Neither changes a parameter or buffer: the session pulled back through the old ReLU
+    # and called the model unchanged (an explorer kept drawing the model as it was).
+    model, x = small_cnn(), image()
+    session = pw.PullbackSession(model, x)
+    session.pullback(3)
+    if change == "swap":
+        model[1] = nn.Identity()
+    else:
+        model[4].forward = lambda value: value.abs()
+    assert not session.model_unchanged()
+    with pytest.raises(pw.PullbackWidgetsError, match="module replaced"):
+        session.pullback(3)
+
+
 def test_a_new_forward_with_timm_fused_attention_switched_off_is_refused():
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import pullback_widgets as pw
+from pullback_widgets import figures
 from pullback_widgets.widgets import explorer as explorer_module
 from pullback_widgets.widgets.common import LOGITS
 from tests.conftest import LABELS
@@ -269,8 +270,6 @@ def test_a_ctrl_c_while_the_app_waits_for_voilas_kernels_still_kills_them(monkey
 def test_an_explorer_feeds_its_photos_in_the_models_dtype(dtype):
     # The photos are float32: a float64 or bfloat16 model refused them when the explorer was
     # made ("inputs are torch.float32 but the model's parameters are torch.float64").
-    from pullback_widgets import figures
-
     model = _sequential(6, 8).to(dtype)
     explorer = pw.PullbackExplorer(model, "coffee", labels=LABELS, temperature=0.5)
     try:
@@ -295,5 +294,24 @@ def test_an_ascent_explorer_runs_on_a_float64_model():
         assert explorer.run() and explorer.wait()
         assert "⚠" not in explorer.status.value, explorer.status.value
         assert explorer.result.images[-1].dtype == torch.float64
+    finally:
+        explorer.close()
+
+
+def test_an_explorer_follows_a_module_swapped_for_one_without_weights():
+    # No parameter or buffer changes: the explorer kept drawing the old model's pullback.
+    model = _sequential(6, 8)
+    explorer = pw.PullbackExplorer(model, "coffee", labels=LABELS, temperature=0.5)
+    try:
+        assert explorer.wait()
+        model[3] = torch.nn.Identity()  # the last ReLU
+        explorer.target.value = explorer.target.options[2]
+        assert explorer.wait() and "⚠" not in explorer.status.value, explorer.status.value
+        image = explorer._images["coffee"]
+        expected = figures.relative_map(pw.excitation_pullback(model, image, 2,
+                                                               temperature=0.5)[0])
+        drawn = torch.tensor(explorer.pullback_figure.data[0].z, dtype=torch.float64)
+        torch.testing.assert_close(drawn, torch.from_numpy(expected).double(),
+                                   rtol=1e-5, atol=1e-6)
     finally:
         explorer.close()

@@ -315,3 +315,29 @@ def test_an_explorer_follows_a_module_swapped_for_one_without_weights():
                                    rtol=1e-5, atol=1e-6)
     finally:
         explorer.close()
+
+
+def test_a_pullback_that_fails_for_a_new_image_leaves_the_photo_of_the_maps_on_show(
+        net, monkeypatch):
+    # The new image's forward succeeded, its pullback failed: the photo and the top classes
+    # showed the new image beside the old image's maps.
+    explorer = pw.PullbackExplorer(net, "coffee", labels=LABELS)
+    try:
+        assert explorer.wait()
+        photo, classes = explorer.photo.value, [b.description for b in explorer.top_buttons]
+        pullback = pw.PullbackSession.pullback
+
+        def failing(self, *args, **kwargs):
+            raise pw.PullbackWidgetsError("no pullback today")
+
+        monkeypatch.setattr(pw.PullbackSession, "pullback", failing)
+        explorer.image.value = "chelsea"
+        assert explorer.wait() and "no pullback today" in explorer.status.value
+        assert explorer.photo.value == photo
+        assert [b.description for b in explorer.top_buttons] == classes
+        monkeypatch.setattr(pw.PullbackSession, "pullback", pullback)
+        explorer.temperature_control.up.click()
+        assert explorer.wait() and "⚠" not in explorer.status.value
+        assert explorer.photo.value != photo  # drawn with chelsea's maps
+    finally:
+        explorer.close()

@@ -154,6 +154,8 @@ class PullbackExplorer(w.VBox):
         self._strip_token = self._strip_done = 0
         self._strip_shown: tuple | None = None  # (image, target, gate, ...) the strip is of
         self._submitted: _Request | None = None
+        # A new forward's photo and class probabilities, until its maps are drawn.
+        self._photo_pending: tuple[Tensor, Tensor] | None = None
         self._submit_lock = threading.Lock()
         self._auto_target = ""  # the Target box's value when the explorer filled it in
         self._notes: list[str] = []  # said once, with the first picture
@@ -378,8 +380,9 @@ class PullbackExplorer(w.VBox):
                     "explorer names: make a new explorer for it")
             self._session, self._session_key = session, image_key
             self._show_notices(self._session.notices, self._session.gated_calls == 0)
-            self._show_photo(image[0])
-            self._show_top_classes(self._session.probabilities[0])
+            # Shown with the maps, once they are drawn: a pullback that fails leaves the photo
+            # and classes of the maps still on show, not the new image's beside the old maps.
+            self._photo_pending = (image[0], self._session.probabilities[0])
         return self._session
 
     def _show_notices(self, notices: tuple[str, ...], plain: bool) -> None:
@@ -481,6 +484,11 @@ class PullbackExplorer(w.VBox):
                 figure = _view_figure(request.view, image, attribution, title, mask)
             sync_figure(self.gradient_figure, figure)
             self._gradient_shown = shown
+        if self._photo_pending is not None:  # the maps of its forward are on show
+            photo, probabilities = self._photo_pending
+            self._show_photo(photo)
+            self._show_top_classes(probabilities)
+            self._photo_pending = None
         # Each panel's time: what its map took to compute, when it was computed.
         times = [self._pullback_time, f"{label.split(' (')[0]} {seconds * 1e3:.0f} ms"
                  + (" (cached)" if cached else "")]

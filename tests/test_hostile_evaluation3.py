@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -304,3 +309,40 @@ def test_a_registry_model_with_other_weights_does_not_resume_its_run(tmp_path):
                          progress=False)
     assert len(report.rows) == 2
     assert runner._model_record(pw.load_model("shapes")).startswith("shapes (passed in, weights ")
+
+
+_OWN_GROUP = """
+import sys, torch, pullback_widgets.evaluation as ev
+from tests.test_evaluation import _relu6_net
+rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                     rank=rank, world_size=2)
+images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+items = [(f"image-{i}", images[i], i % 3) for i in range(4)]
+settings = ev.EvaluationSettings(methods=("gradient",), metrics=("deletion",),
+                                 targets="label", image_size=16, steps=4)
+report = ev.evaluate(items, settings, out, model=_relu6_net(), progress=False)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_a_process_group_the_caller_started_without_torchruns_variables_shares_the_work(
+        tmp_path):
+    # Started with init_method="tcp://..." and no WORLD_SIZE or RANK in the environment, each
+    # process read a world of one from the environment and ran every image itself.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    out = tmp_path / "r.csv"
+    processes = [subprocess.Popen([sys.executable, "-c", _OWN_GROUP, str(rank), str(port),
+                                   str(out)], env=env, cwd=root, stderr=subprocess.PIPE,
+                                  text=True) for rank in (0, 1)]
+    errors = [process.communicate(timeout=240)[1] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], errors
+    recorded = json.loads((tmp_path / "r.settings.json").read_text())
+    assert recorded["world_size"] == 2
+    assert sorted(row[0] for row in runner.read_rows(out)) == [f"image-{i}" for i in range(4)]

@@ -814,11 +814,16 @@ def _environment_int(name: str, default: str, minimum: int) -> int:
 
 
 def _join_world() -> _World:
-    """This process's place among torchrun's (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``); a
-    world of one without torchrun. GPU ``LOCAL_RANK`` and NCCL where CUDA is available, else
-    the CPU and gloo."""
-    size = _environment_int("WORLD_SIZE", "1", 1)
-    rank = _environment_int("RANK", "0", 0)
+    """This process's place among torchrun's (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), or
+    in the process group the caller started (its rank and size: it may have been started
+    without those variables); a world of one without either. GPU ``LOCAL_RANK`` and NCCL
+    where CUDA is available, else the CPU and gloo."""
+    joined = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if joined:  # read from the environment, every process would run every image
+        size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    else:
+        size = _environment_int("WORLD_SIZE", "1", 1)
+        rank = _environment_int("RANK", "0", 0)
     local = _environment_int("LOCAL_RANK", "0", 0)
     if rank >= size:  # its share would be empty, and the process group would wait for it
         raise PullbackWidgetsError(f"RANK {rank} is not below WORLD_SIZE {size}: start the "
@@ -834,7 +839,7 @@ def _join_world() -> _World:
         device = torch.device("cpu")
     if size == 1:
         return _World(0, 1, device)
-    owned = not torch.distributed.is_initialized()
+    owned = not joined
     if owned:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return _World(rank, size, device, initialised=True, owned=owned)

@@ -174,15 +174,34 @@ class GateSettings:
         """A new GateSettings: these fields changed (None values skipped), the rest copied."""
         copy = GateSettings(defaults=self.defaults)
         copy.assign(self)
-        copy.update(**{name: value for name, value in changes.items() if value is not None})
+        copy.update(**self.overriding(changes))
         return copy
 
-    def assign(self, other: GateSettings) -> None:
+    def overriding(self, changes: Mapping[str, object]) -> dict[str, object]:
+        """``changes`` (None values skipped) as they override these settings: the pool kind
+        given under one name (``pool_temperature``, or a ``temperature`` mapping's "pool")
+        replaces what these settings hold under the other, where :meth:`update` would refuse
+        the two as disagreeing. A call's own pool T must win over the session's, as every
+        other per-call setting does (a session made with ``**PAPER_LATEST`` refused
+        ``pullback(..., pool_temperature=0.5)``). Both names in ``changes`` still must agree."""
+        changes = {name: value for name, value in changes.items() if value is not None}
+        temperature = changes.get("temperature")
+        if "pool_temperature" in changes and "temperature" not in changes \
+                and isinstance(self.temperature, Mapping) and "pool" in self.temperature:
+            rest = {kind: t for kind, t in self.temperature.items() if kind != "pool"}
+            changes["temperature"] = rest or None  # None: every kind at its default
+        elif isinstance(temperature, Mapping) and "pool" in temperature:
+            changes.setdefault("pool_temperature", None)
+        return changes
+
+    def assign(self, other: GateSettings, defaults: bool = True) -> None:
         """Copy every field of ``other`` (already checked) into this object, as one step
-        against another thread's :meth:`update` of either."""
+        against another thread's :meth:`update` of either; ``defaults=False`` keeps this
+        object's own ``defaults``."""
         with _SETTINGS_LOCK:
             for name in _FIELD_CHECKS:
-                super().__setattr__(name, getattr(other, name))
+                if defaults or name != "defaults":
+                    super().__setattr__(name, getattr(other, name))
 
     def temperature_of(self, kind: str) -> float:
         """The base temperature of one kind of op (before ``temperature_mode``)."""
@@ -202,35 +221,44 @@ class GateSettings:
         the ops cap 1/T (:func:`capped_reciprocal`).
 
         In relative mode an example's spread is the standard deviation over dims 1 and on (so
-        dim 0 must be the batch: where ``batch_size`` is known, another dim 0 is an error),
+        dim 0 must be the batch: where ``batch_size`` is known, another dim 0 is an error; a
+        1-D tensor is one value per example if it has ``batch_size`` of them, else one spread),
         over the values where ``where`` (bool, broadcasting to ``x``) is True if given (the
         keys attention may use: masked ones do not count); one value has none (0, as have
         values that are not all finite): T ~ 0 there, the step gate."""
         base = self.temperature_of(kind or ("pool" if pool else "relu"))
         if self.temperature_mode == "absolute":
             return base
-        leading = x.shape[0] if x.dim() >= 2 else 1  # below 2-D: one spread over all values
+        # Below 2-D, one spread over all values; but a 1-D tensor of one value per example of
+        # a known batch, (B,), is batch first: each example has one value, no spread (it was
+        # refused as if its one spread mixed the examples).
+        per_example = x.dim() >= 2 or (x.dim() == 1 and self.batch_size is not None
+                                        and len(x) == self.batch_size)
+        leading = x.shape[0] if per_example else 1
         if self.batch_size is not None and leading != self.batch_size:
             raise PullbackWidgetsError(RELATIVE_NEEDS_BATCH_FIRST.format(
                 kind=kind or ("pool" if pool else "relu"), batch=self.batch_size,
                 shape=tuple(x.shape) if x.dim() >= 2
                 else f"{tuple(x.shape)}, whose one spread is over all its values,"))
         values = x.detach().to(compute_dtype(x.dtype))
-        values = values.flatten(1) if x.dim() >= 2 else values.flatten()[None]
+        values = values.flatten(1) if x.dim() >= 2 \
+            else values[:, None] if per_example else values.flatten()[None]
         if where is not None:
             where = where.expand(x.shape).reshape(values.shape)
             values = values.masked_fill(~where, 0.0)  # what is masked may be infinite
         # No floor: T is relative at any scale (1/T is capped where it is 0).
         spread = _spread(values, where)
         numbers = torch.finfo(values.dtype)
-        if not bool((spread.isfinite() & (spread > numbers.tiny ** 0.5 / numbers.eps)).all()):
+        # (An empty tensor has a spread of 0, and no largest size.)
+        if values.shape[1] and \
+                not bool((spread.isfinite() & (spread > numbers.tiny ** 0.5 / numbers.eps)).all()):
             # Squares of values near the dtype's largest overflow, and of tiny ones lose their
             # digits: measured on the values divided by their largest size. Values that are
             # not all finite have a spread of 0.
             size = values.abs().amax(dim=1, keepdim=True)
             spread = (_spread(values / size, where) * size[:, 0]) \
                 .nan_to_num(0.0, posinf=numbers.max)
-        if x.dim() < 2:
+        if not per_example:
             return base * float(spread)
         return base * spread.view(-1, *([1] * (x.dim() - 1)))
 
@@ -242,6 +270,8 @@ _SIGMOID_SATURATION = 40.0
 def _spread(values: Tensor, where: Tensor | None) -> Tensor:
     """The standard deviation of each row of ``values`` (N, M), over the entries where
     ``where`` (N, M) is True if given (masked entries hold 0); one value has none (0)."""
+    if values.shape[1] == 0:  # an empty tensor (its std would be NaN)
+        return values.new_zeros(len(values))
     if where is None:
         return values.std(dim=1, correction=1 if values.shape[1] > 1 else 0)
     count = where.sum(1)

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map_only
@@ -188,6 +189,24 @@ def _autograd_on() -> Iterator[None]:
         yield
 
 
+class _OwnSettings:
+    """The ``settings`` of a session or an :class:`ExcitationPullback`: its own GateSettings,
+    made with the model's own defaults. Assigning a GateSettings copies its settings into that
+    object, the model's defaults kept: a new ``GateSettings()`` holds the package's defaults,
+    and assigned whole it silently turned ``temperature=None`` from the model's own T (0.7 on
+    Lite0) into 0.3; anything else assigned broke every later call."""
+
+    def __get__(self, owner: object, kind: type | None = None) -> GateSettings:
+        return self if owner is None else owner._settings
+
+    def __set__(self, owner: object, value: object) -> None:
+        if not isinstance(value, GateSettings):
+            raise PullbackWidgetsTypeError(
+                f"settings must be a pw.GateSettings, got {type(value).__name__}; or change "
+                "them with configure(...) or settings.update(...)")
+        owner._settings.assign(value, defaults=False)
+
+
 @dataclass(frozen=True)
 class _Forward:
     """One recorded forward: the leaf it starts at, its outputs, and the retained graph."""
@@ -233,6 +252,8 @@ class PullbackSession:
     # (:mod:`.model_state`).
     _records_model = True
 
+    settings = _OwnSettings()
+
     def __init__(self, model: nn.Module, inputs: Tensor, *, temperature: Temperature = None,
                  gate: str = "sigmoid", pool_temperature: float | None = None,
                  temperature_mode: str = "absolute", attention_weights: str = "detached",
@@ -250,9 +271,9 @@ class PullbackSession:
             raise PullbackWidgetsTypeError(
                 "forward_args must be a list or tuple of the model's further arguments")
         layers = tuple(dict.fromkeys(names))
-        self.settings = GateSettings(temperature, gate, pool_temperature, temperature_mode,
-                                     attention_weights, pool_weights,
-                                     defaults=default_temperatures(model))
+        self._settings = GateSettings(temperature, gate, pool_temperature, temperature_mode,
+                                      attention_weights, pool_weights,
+                                      defaults=default_temperatures(model))
         self.model = model
         self._inputs = inputs
         self._forward_args = _copied_arguments(tuple(forward_args))
@@ -306,7 +327,7 @@ class PullbackSession:
     def gated_kinds(self) -> dict[str, int]:
         """:attr:`gated_calls` per kind of op ("relu", "pool", "silu", ..., "norm",
         "attention")."""
-        return self._state.gated_kinds
+        return dict(self._state.gated_kinds)  # a copy: the session's own picks its errors
 
     @property
     def channels_last_layers(self) -> frozenset[str]:
@@ -323,7 +344,7 @@ class PullbackSession:
     def plain_gate_ops(self) -> dict[str, int]:
         """Gate-like ops on the input's path that kept their plain backward, by name ("ELU",
         "max-pool", ...): ops the engine does not gate, or gated ops it could not see."""
-        return self._state.plain_gate_ops
+        return dict(self._state.plain_gate_ops)  # a copy: the session's own makes notices
 
     @property
     def notices(self) -> tuple[str, ...]:
@@ -411,7 +432,9 @@ class PullbackSession:
                        temperature_mode=temperature_mode, attention_weights=attention_weights,
                        pool_weights=pool_weights)
         with self._lock:
-            self.settings.update(**{k: v for k, v in changes.items() if v is not None})
+            # The pool T given here replaces the session's under either name (GateSettings.
+            # overriding), as a per-call one does.
+            self.settings.update(**self.settings.overriding(changes))
             return self.settings
 
     def _call_settings(self, **overrides: object) -> GateSettings:
@@ -535,6 +558,10 @@ class PullbackSession:
                                    pool_temperature=pool_temperature,
                                    temperature_mode=temperature_mode,
                                    attention_weights=attention_weights, pool_weights=pool_weights)
+        if not (batched is None or isinstance(batched, (bool, np.bool_))):
+            # bool("no") is True: a string or a number here was read as a choice it was not.
+            raise PullbackWidgetsTypeError(
+                f"batched must be True, False or None, got {type(batched).__name__}")
         if batched is None:
             # A backward hook of the model's would run once, on vmap's batched tensors.
             batched = self._inputs.device.type != "cpu" and not _has_backward_hooks(self.model)
@@ -593,15 +620,16 @@ class ExcitationPullback:
     """
 
     multiplies_by_inputs = False
+    settings = _OwnSettings()
 
     def __init__(self, model: nn.Module, temperature: Temperature = None,
                  gate: str = "sigmoid", pool_temperature: float | None = None,
                  temperature_mode: str = "absolute", attention_weights: str = "detached",
                  pool_weights: str = "differentiated") -> None:
         self.forward_func = check_model(model)
-        self.settings = GateSettings(temperature, gate, pool_temperature, temperature_mode,
-                                     attention_weights, pool_weights,
-                                     defaults=default_temperatures(self.forward_func))
+        self._settings = GateSettings(temperature, gate, pool_temperature, temperature_mode,
+                                      attention_weights, pool_weights,
+                                      defaults=default_temperatures(self.forward_func))
 
     def attribute(self, inputs: Tensor | tuple[Tensor], target: Target | None = None,
                   additional_forward_args: object = None, **unsupported: object

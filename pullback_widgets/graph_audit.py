@@ -133,7 +133,8 @@ PLAIN_GATES = (
     "top-k, sort, median, 1-D/3-D/adaptive max-pools, max-pools returning indices, RMSNorm, "
     "InstanceNorm, norms written by hand, batch norms using batch statistics, custom autograd "
     "Functions, which keep their own backward), or they ran where it cannot see (a TorchScript "
-    "function, a C++ extension)")
+    "function, a C++ extension, or another thread: the engine gates the thread that runs the "
+    "forward, not the worker threads a model's forward hands its parts to)")
 
 
 def _compiled_by(node) -> str | None:

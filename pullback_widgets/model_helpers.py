@@ -13,6 +13,7 @@ from .gates import KIND_TEMPERATURES, KINDS
 from .model_state import ModelState
 from .targets import TokenGrid
 from .validation import (
+    FX_TRACING,
     PullbackWidgetsError,
     PullbackWidgetsTypeError,
     check_choice,
@@ -21,6 +22,7 @@ from .validation import (
     check_model,
     check_positive,
     explained_forward_errors,
+    fx_tracing,
     submodules,
     suggest,
 )
@@ -156,11 +158,22 @@ def evaluation_mode(model: nn.Module, graph_kept: bool = False) -> Iterator[None
     the forward did.
     """
     with _FORWARD_LOCK:
+        # torch.fx tracing in another thread sends every module call of every thread into its
+        # graph: the forward would be garbage, and the user's traced graph would take it in.
+        if fx_tracing():
+            raise PullbackWidgetsError(FX_TRACING)
         flags = [(module, module.training) for module in submodules(model)]
         try:  # model.eval() too: a module's own train() may raise (or Ctrl-C come) half-way
             if any(training for _, training in flags):  # already in eval mode: nothing to set
                 model.eval()
-            yield
+            try:
+                yield
+            except Exception as error:  # a trace began during the forward: fx's own errors
+                if fx_tracing():
+                    raise PullbackWidgetsError(FX_TRACING) from error
+                raise
+            if fx_tracing():
+                raise PullbackWidgetsError(FX_TRACING)
             if any(module.training for module, _ in flags):
                 raise PullbackWidgetsError(_TRAINED_DURING_THE_FORWARD)
             # The forward's graph holds the model's tensors: a train() that changes them through
@@ -225,6 +238,13 @@ class LayerRecorder:
     model whose layers are otherwise (B, C, H, W) (ConvNeXt's blocks): a recorded layer with
     such an output is listed in ``channels_last`` (a session refuses Units there, which would
     read rows as channels).
+
+    The hook is a global one (``register_module_forward_hook``), not one on each module: the
+    model holds nothing of the package's while it records, so another thread copying or saving
+    the model meanwhile (``copy.deepcopy(model)``, ``torch.save(model)``) neither gets the
+    recorder's hooks in its copy for good nor fails to pickle them. A global hook runs before a
+    module's own forward hooks, so a module with forward hooks of its own gets a hook of its
+    own instead, after them: it records the output the model goes on with.
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[str], copy: bool = True) -> None:
@@ -236,7 +256,9 @@ class LayerRecorder:
         self.channels_last: set[str] = set()
         self._marked: dict[int, Tensor] = {}  # id -> channels-last output, kept alive
         self._thread = threading.get_ident()
-        self._handles = []
+        self._handles: list = []
+        # id of a module the global hook watches -> its name where it is recorded, else None.
+        self._watched: dict[int, str | None] = {}
         try:
             for name in layers:
                 if name not in modules:
@@ -244,34 +266,51 @@ class LayerRecorder:
             if layers:
                 recorded = {id(modules[name]): name for name in layers}
                 for module in dict.fromkeys(modules.values()):
-                    self._handles.append(module.register_forward_hook(
-                        self._hook(recorded.get(id(module)))))
+                    if module._forward_hooks:  # the user's own: run after them
+                        self._handles.append(module.register_forward_hook(
+                            self._hook(recorded.get(id(module)))))
+                    else:
+                        self._watched[id(module)] = recorded.get(id(module))
+                if self._watched:
+                    self._handles.append(torch.nn.modules.module.register_module_forward_hook(
+                        self._global_hook))
         except BaseException:
             self.close()
             raise
 
+    def _global_hook(self, module, args, output):
+        # Called for every module in every thread while the recorder lives, compiled code of
+        # another thread's included: there a no-op dynamo reads as one (the thread's ident
+        # would break its graph, with a warning in that thread).
+        if not torch.compiler.is_compiling() and threading.get_ident() == self._thread \
+                and id(module) in self._watched:
+            self._record(self._watched[id(module)], module, args, output)
+
     def _hook(self, name: str | None):
         def record(module, args, output):
-            if threading.get_ident() != self._thread:
-                return
-            last = isinstance(output, Tensor) and _channels_last_output(
-                module, args, output, self._marked)
-            if last:
-                self._marked[id(output)] = output
-            if name is None:
-                return
-            self.calls[name] = self.calls.get(name, 0) + 1
-            if isinstance(output, Tensor):
-                # A copy, because the parent may overwrite this output in place (ReLU(inplace)).
-                self.outputs[name] = output.clone() if self.copy else output
-                if last:
-                    self.channels_last.add(name)
+            if threading.get_ident() == self._thread:
+                self._record(name, module, args, output)
         return record
+
+    def _record(self, name: str | None, module: nn.Module, args: tuple, output: object) -> None:
+        last = isinstance(output, Tensor) and _channels_last_output(
+            module, args, output, self._marked)
+        if last:
+            self._marked[id(output)] = output
+        if name is None:
+            return
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if isinstance(output, Tensor):
+            # A copy, because the parent may overwrite this output in place (ReLU(inplace)).
+            self.outputs[name] = output.clone() if self.copy else output
+            if last:
+                self.channels_last.add(name)
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._watched.clear()
         self._marked.clear()
 
     def __enter__(self) -> LayerRecorder:

@@ -43,10 +43,29 @@ def check_positive(value: object, name: str) -> float:
     return as_float
 
 
+FX_TRACING = (
+    "torch.fx is tracing a model (torch.fx.symbolic_trace, in another thread?), which replaces "
+    "nn.Module.__call__ for every thread while it runs: a forward run meanwhile would go into "
+    "its graph instead of computing. Explain the model once the trace has finished")
+
+
+def fx_tracing() -> bool:
+    """Whether torch.fx's symbolic tracing is running, in any thread: while it runs it puts its
+    own wrapper in ``nn.Module.__call__`` for the whole process (its flag for that is the
+    tracing thread's own). Told by the wrapper's code: it borrows ``__call__``'s names."""
+    code = getattr(nn.Module.__dict__.get("__call__"), "__code__", None)
+    return code is not None and code.co_name == "module_call_wrapper" and \
+        code.co_filename.endswith("_symbolic_trace.py")
+
+
 def check_logits(output: object, batch: int | None = None) -> Tensor:
     """A model's output as logits (B, num_classes), else a clear error naming what it is;
     with ``batch``, B must be it (logits transposed, or for other examples, would otherwise
     be read row by row as the inputs' examples)."""
+    fx = sys.modules.get("torch.fx")
+    if fx is not None and isinstance(output, fx.Proxy):
+        # A forward that ran while another thread traced: the module calls went to its graph.
+        raise PullbackWidgetsError(FX_TRACING)
     if not isinstance(output, Tensor) or output.dim() != 2:
         raise PullbackWidgetsError(
             "the model must return logits of shape (B, num_classes), got "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,11 +23,13 @@ from tqdm import tqdm
 
 from . import __name__ as package_name
 from . import figures
+from .app import DEFAULT_PORT
 from .ascent import ascent_grid
 from .evaluation.methods import METHODS
 from .evaluation.runner import (
     MAX_SYNTHETIC_PIXELS,
     METRICS,
+    EvaluationSettings,
     atomic_write,
     check_writable_folder,
     refuse_special_file,
@@ -47,6 +50,7 @@ EXIT_ERROR = 2
 MAX_STEPS = 100
 USER_ERRORS = (PullbackWidgetsError, WeightsUnavailableError)  # Voilà missing is the former
 REPORT_SUFFIXES = (".html", ".htm")
+DEFAULT_METHODS = EvaluationSettings.methods
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -83,6 +87,14 @@ def _report_path(text: str) -> Path:
     return Path(text)
 
 
+def _input_sizes() -> str:
+    """The registry models' input sizes for ``--image-size``'s help: "224 px, shapes 64"."""
+    common = Counter(spec.input_size for spec in MODELS.values()).most_common(1)[0][0]
+    others = [f"{name} {spec.input_size}" for name, spec in sorted(MODELS.items())
+              if spec.input_size != common]
+    return ", ".join([f"{common} px", *others])
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="pullback-widgets",
                             description="Excitation pullbacks (arXiv 2507.22832) as reports.")
@@ -93,7 +105,8 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="model name (default: the embedded offline efficientnet_lite0)")
         sub.add_argument("--temperature", type=_positive_float, default=None,
                          help="gate temperature T (default: the model's own)")
-        sub.add_argument("--gate", default="sigmoid", choices=["sigmoid", "normal_cdf", "hard"])
+        sub.add_argument("--gate", default="sigmoid", choices=["sigmoid", "normal_cdf", "hard"],
+                         help="backward gate (default sigmoid; hard: the plain gradient)")
         sub.add_argument("--pool-weights", default="differentiated", choices=POOL_WEIGHTS,
                          help="soft max-pool rule: softmax weights differentiated (the "
                               "paper's first version, default) or detached (its later one)")
@@ -143,24 +156,25 @@ def _build_parser() -> argparse.ArgumentParser:
                                  help="seed of the synthetic shapes and of the metrics' noise")
     evaluate_parser.add_argument("--model", default=None, choices=sorted(MODELS),
                                  help="default efficientnet_lite0; shapes with --synthetic")
-    evaluate_parser.add_argument("--methods", nargs="+", default=["gradient", "pullback",
-                                                                   "random"],
-                                 help=f"stable method names: {', '.join(METHODS)}")
+    evaluate_parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                                 help=f"stable method names: {', '.join(METHODS)} (default "
+                                      f"{' '.join(DEFAULT_METHODS)})")
     evaluate_parser.add_argument("--metrics", nargs="+", default=None,
                                  help=f"{', '.join(METRICS)} (default deletion insertion "
                                       "infidelity; mass pointing mask_auc with --synthetic)")
     evaluate_parser.add_argument("--targets", default=None,
                                  help="predicted (default), top-K (e.g. top-5), or label "
-                                      "(default with --labels-from-folders)")
+                                      "(default with --labels-from-folders or --synthetic)")
     evaluate_parser.add_argument("--temperature", type=_positive_float, default=None,
                                  help="pullback gate temperature T (default: the model's own)")
     evaluate_parser.add_argument("--gate", default="sigmoid",
-                                 choices=["sigmoid", "normal_cdf", "hard"])
+                                 choices=["sigmoid", "normal_cdf", "hard"],
+                                 help="pullback backward gate (default sigmoid)")
     evaluate_parser.add_argument("--pool-weights", default=None, choices=POOL_WEIGHTS,
                                  help="soft max-pool rule (default: the engine's)")
     evaluate_parser.add_argument("--image-size", type=int, default=None,
                                  help="side in pixels after resize and centre crop (default: "
-                                      "the model's, 224)")
+                                      "the model's: " + _input_sizes() + ")")
     evaluate_parser.add_argument("--batch-size", type=int, default=8,
                                  help="images evaluated together (default 8)")
     evaluate_parser.add_argument("--limit", type=int, default=None,
@@ -176,7 +190,8 @@ def _build_parser() -> argparse.ArgumentParser:
     app_parser = commands.add_parser("app", help="serve the classroom notebook with Voilà")
     app_parser.add_argument("notebook", nargs="?", type=Path, default=None,
                             help="the notebook to serve (default: the classroom notebook)")
-    app_parser.add_argument("--port", type=int, default=8866, help="port on 127.0.0.1")
+    app_parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                            help=f"port on 127.0.0.1 (default {DEFAULT_PORT})")
     app_parser.add_argument("--open", action="store_true", help="open it in a web browser")
     return parser
 

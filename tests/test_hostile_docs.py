@@ -1,0 +1,122 @@
+"""What a new user reads and runs: README's Python examples run as written (at 64 px), every
+``pw.NAME`` it mentions exists, its command-line synopses name only real options, and the
+command line's help states the defaults its parser uses."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import pullback_widgets as pw
+from pullback_widgets import app, cli
+from pullback_widgets.models import MODELS
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+BASH_BLOCKS = re.findall(r"```bash\n(.*?)```", README, re.S)
+
+
+def _block(containing: str) -> str:
+    (block,) = [b for b in PYTHON_BLOCKS if containing in b]
+    return block
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = cli._build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(commands.choices)
+
+
+def test_every_pw_name_in_the_readme_exists():
+    missing = []
+    for first, second in set(re.findall(r"\bpw\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?", README)):
+        if not hasattr(pw, first):
+            missing.append(first)
+        elif second and first in ("evaluation", "synthetic") and \
+                not hasattr(getattr(pw, first), second):
+            missing.append(f"{first}.{second}")
+    assert not missing, missing
+
+
+def test_the_readmes_python_examples_run_as_written(tmp_path, monkeypatch):
+    # The API tour, then the Quantus example in the same namespace (it uses model and x), at
+    # 64 px so that the test is quick; the one photo of the user's is a file made here.
+    monkeypatch.setattr(pw, "load_image", functools.partial(pw.load_image, size=64))
+    monkeypatch.setattr(pw, "sample_image", functools.partial(pw.sample_image, size=64))
+    photo = tmp_path / "my_photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 100, 3), np.uint8)).save(photo)
+    tour = _block("pw.load_image(")
+    assert '"my_photo.jpg"' in tour
+    namespace: dict = {}
+    exec(compile(tour.replace('"my_photo.jpg"', repr(str(photo))), "README-api-tour", "exec"),
+         namespace)
+    assert namespace["g"].shape == namespace["x"].shape == (1, 3, 64, 64)
+    assert namespace["grid"].images.shape == (2, 2, 3, 64, 64)  # rows images, columns targets
+    quantus_example = _block("import quantus")
+    assert "nr_runs=100" in quantus_example
+    exec(compile(quantus_example.replace("nr_runs=100", "nr_runs=2"), "README-quantus", "exec"),
+         namespace)
+    assert np.isfinite(namespace["scores"]).all()
+
+
+def test_the_readmes_command_synopses_name_only_real_options():
+    options = {name: {s for a in sub._actions for s in a.option_strings}
+               for name, sub in _subparsers().items()}
+    unknown = []
+    for block in BASH_BLOCKS:
+        for command in re.split(r"\n(?=pullback-widgets )", block):
+            if not command.startswith("pullback-widgets "):
+                continue
+            name = command.split()[1]
+            unknown += [f"{name} {flag}" for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*",
+                                                               command)
+                        if flag not in options[name]]
+    assert not unknown, unknown
+
+
+def test_every_default_the_help_states_is_the_parsers():
+    wrong = []
+    for name, sub in _subparsers().items():
+        for action in sub._actions:
+            for stated in re.findall(r"\(default:? (\d+(?:\.\d+)?)\b", action.help or ""):
+                if action.default is None or float(stated) != float(action.default):
+                    wrong.append(f"{name} {action.option_strings}: help {stated}, "
+                                 f"default {action.default!r}")
+    assert not wrong, wrong
+
+
+def test_the_help_states_the_defaults_it_used_to_leave_out():
+    commands = _subparsers()
+    helps = {(name, s): a for name, sub in commands.items() for a in sub._actions
+             for s in a.option_strings}
+    port = helps["app", "--port"]
+    assert port.default == app.DEFAULT_PORT and f"default {app.DEFAULT_PORT}" in port.help
+    methods = helps["evaluate", "--methods"]
+    assert f"(default {' '.join(methods.default)})" in " ".join(methods.help.split())
+    for command in ("explain", "grid", "evaluate"):
+        assert "default sigmoid" in helps[command, "--gate"].help
+
+
+def test_image_size_help_names_each_models_own_size():
+    # "default: the model's, 224" was wrong for shapes (64), the default model of --synthetic.
+    (action,) = [a for a in _subparsers()["evaluate"]._actions
+                 if "--image-size" in a.option_strings]
+    assert action.default is None  # the model's own, looked up in run_command
+    for name, spec in MODELS.items():
+        assert str(spec.input_size) in action.help, name
+    assert f"shapes {MODELS['shapes'].input_size}" in action.help
+
+
+def test_python_dash_m_pullback_widgets_is_the_command():
+    # "No module named pullback_widgets.__main__".
+    done = subprocess.run([sys.executable, "-m", "pullback_widgets", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage: pullback-widgets" in done.stdout

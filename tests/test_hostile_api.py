@@ -150,3 +150,38 @@ def test_the_sessions_gate_counts_are_handed_out_as_copies():
     session.gated_kinds.clear()
     assert session.notices == notices == ()
     assert session.gated_kinds == kinds and session.plain_gate_ops == {}
+
+
+def _small_vit() -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                             patch_size=8, depth=2, num_classes=10).eval()
+
+
+def test_a_sessions_backward_ignores_the_callers_autocast_at_a_later_call():
+    # Under the caller's bfloat16 autocast the soft attention backward's products ran in
+    # bfloat16: the same session gave another pullback (6e-3 of its size off).
+    vit, x = _small_vit(), torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    session = pw.PullbackSession(vit, x, layers=["blocks.0"])
+    plain = session.pullback(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(session.pullback(3), plain)
+        unit = session.pullback(pw.Unit("blocks.0", 5))
+    assert torch.equal(unit, session.pullback(pw.Unit("blocks.0", 5)))
+
+
+def test_a_session_made_under_autocast_keeps_it_for_its_later_calls():
+    # Made under autocast, its later backwards and the new forward a Unit on a new layer
+    # needs ran without it: the new forward's logits differed, and the Unit was refused.
+    vit, x = _small_vit(), torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        session = pw.PullbackSession(vit, x)
+        inside = session.pullback(3)
+        one_shot = pw.excitation_pullback(vit, x, 3)
+        unit_inside = pw.PullbackSession(vit, x, layers=["blocks.1"]).pullback(
+            pw.Unit("blocks.1", 2))
+    assert torch.equal(inside, one_shot)
+    assert torch.equal(session.pullback(3), inside)
+    assert torch.equal(session.pullback(pw.Unit("blocks.1", 2)), unit_inside)

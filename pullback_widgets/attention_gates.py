@@ -16,6 +16,11 @@ gets no weight.
 
 With ``gate="hard"`` the backward is autograd's own through the model's call, bit for bit.
 Dropout on the weights and grouped-query attention (``enable_gqa``) are refused.
+
+Under autocast (attention is on its lower-precision list) the call casts q, k, v and a float
+mask to the autocast dtype: the soft backward computes the weights from those rounded values,
+the ones the model's weights were computed from, and the hard gate's call runs again under the
+forward's autocast, wherever the backward runs (torch's advice is a backward outside autocast).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .gates import GateSettings, capped_reciprocal, compute_dtype, first_order
+from .gates import GateSettings, as_dtype, capped_reciprocal, compute_dtype, first_order
 from .own_call import OwnCall
 from .pre_activations import saved_tensors
 from .validation import PullbackWidgetsError
@@ -103,11 +108,14 @@ class SoftAttention(torch.autograd.Function):
                 hard_op: Callable[..., Tensor], call: AttentionCall,
                 settings: GateSettings) -> Tensor:
         # The hard gate pulls back through the model's own call: bit for bit, for whichever
-        # backend ran.
+        # backend ran, and under the autocast it ran under.
         ctx.own = OwnCall(hard_op, (query, key, value, mask))
         output, _ = ctx.own.run((query, key, value, mask))
         ctx.save_for_backward(query, key, value, mask)
         ctx.call, ctx.settings = call, settings
+        # Autocast casts q, k, v and a float mask to this dtype inside the call: the soft
+        # backward must see the values the op saw.
+        ctx.op_dtype = output.dtype
         return output.detach()
 
     @staticmethod
@@ -117,19 +125,26 @@ class SoftAttention(torch.autograd.Function):
         if settings.gate == "hard":
             return (*own.plain_gradients(grad_out, saved), None, None, None)
         query, key, value, mask = (None if t is None else t.detach() for t in saved)
+        grad_dtypes = [t.dtype for t in (query, key, value)]
+        mask_dtype = None if mask is None else mask.dtype
+        if ctx.op_dtype != query.dtype:  # autocast: the values the call computed with
+            query, key, value = (as_dtype(t, ctx.op_dtype) for t in (query, key, value))
+            if mask is not None and mask.is_floating_point():
+                mask = as_dtype(mask, ctx.op_dtype)
         weights, scale = softened_weights(query, key, mask, ctx.call, settings)
         grad = grad_out.to(weights.dtype)
-        grad_value = (weights.transpose(-2, -1) @ grad).sum_to_size(value.shape).to(value.dtype)
+        grad_value = (weights.transpose(-2, -1) @ grad).sum_to_size(value.shape) \
+            .to(grad_dtypes[2])
         if settings.attention_weights == "detached":
             return None, None, grad_value, None, None, None, None
         # Gradient of softmax(logits)·v at the softened logits; d logits / d scores taken as 1.
         grad_weights = grad @ value.to(weights.dtype).transpose(-2, -1)
         grad_logits = weights * (grad_weights - (grad_weights * weights).sum(-1, keepdim=True))
         grad_query = (grad_logits @ key.to(weights.dtype) * scale).sum_to_size(query.shape) \
-            .to(query.dtype)
+            .to(grad_dtypes[0])
         grad_key = (grad_logits.transpose(-2, -1) @ query.to(weights.dtype) * scale
-                    ).sum_to_size(key.shape).to(key.dtype)
+                    ).sum_to_size(key.shape).to(grad_dtypes[1])
         grad_mask = None
         if own.wanted()[3]:  # a learned additive mask (a bias on the logits)
-            grad_mask = grad_logits.sum_to_size(mask.shape).to(mask.dtype)
+            grad_mask = grad_logits.sum_to_size(mask.shape).to(mask_dtype)
         return grad_query, grad_key, grad_value, grad_mask, None, None, None

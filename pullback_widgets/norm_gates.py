@@ -57,7 +57,8 @@ class ConstantStatisticsNorm(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None,
                 hard_op: Callable[..., Tensor], statistics: Callable[[Tensor], tuple],
                 affine_shape: tuple[int, ...], settings: GateSettings) -> Tensor:
-        # The hard gate pulls back through the model's own call: bit for bit.
+        # The hard gate pulls back through the model's own call: bit for bit, under the
+        # autocast it ran under (CUDA's autocast runs norms in float32).
         ctx.own = OwnCall(hard_op, (x, weight, bias))
         output, _ = ctx.own.run((x, weight, bias))
         ctx.save_for_backward(x, weight, bias)

@@ -10,14 +10,35 @@ from the inputs the Function saved, for autograd's own gradients (re-entrant
 The Function saves the call's inputs with ``save_for_backward``, never on ``ctx``: so a backward
 that frees the graph frees them as it passes (an attribute of ``ctx`` lives as long as the
 whole graph), and one changed in place since the forward is refused, not read.
+
+Autocast picks a call's dtype and kernel: the call runs again under the autocast it first ran
+under, wherever the backward runs (torch's advice is a backward outside autocast).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+
+def autocast_state(device_type: str) -> tuple[bool, torch.dtype] | None:
+    """Whether autocast is on for ``device_type`` now, and its dtype; None where that device
+    type has no autocast."""
+    if not torch.amp.is_autocast_available(device_type):
+        return None
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def autocast_as(device_type: str, state: tuple[bool, torch.dtype] | None
+                ) -> contextlib.AbstractContextManager:
+    """Autocast for ``device_type`` as ``state`` (from :func:`autocast_state`) had it."""
+    if state is None:
+        return contextlib.nullcontext()
+    enabled, dtype = state
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
 def _gradient_node(tensor: Tensor | None):
@@ -49,12 +70,14 @@ class OwnCall:
     def __init__(self, hard_op: Callable[..., Tensor], inputs: Sequence[Tensor | None]) -> None:
         self.hard_op = hard_op
         self._nodes = [_gradient_node(t) for t in inputs]
+        self._device_type = next(t for t in inputs if t is not None).device.type
+        self._autocast = autocast_state(self._device_type)  # as the forward has it
 
     def run(self, inputs: Sequence[Tensor | None]) -> tuple[Tensor, list[Tensor | None]]:
         """(output, leaves): the call on ``leaves``, detached copies of ``inputs`` that require
         a gradient where those do (some kernels are picked by that), with its own graph.
         Detach the output before returning it from a Function's forward."""
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast_as(self._device_type, self._autocast):
             leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad)
                       for t in inputs]
             return self.hard_op(*leaves), leaves

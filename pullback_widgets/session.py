@@ -27,6 +27,7 @@ from .model_helpers import (
     token_grid,
 )
 from .model_state import ModelState
+from .own_call import autocast_as, autocast_state
 from .pre_activations import changed_in_place_error
 from .targets import Target, Unit, class_indices, is_class_target, unit_seed
 from .validation import (
@@ -189,23 +190,6 @@ def _autograd_on() -> Iterator[None]:
         yield
 
 
-def _autocast_state(device_type: str) -> tuple[bool, torch.dtype] | None:
-    """Whether autocast is on for ``device_type`` now, and its dtype; None where that device
-    type has no autocast."""
-    if not torch.amp.is_autocast_available(device_type):
-        return None
-    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-
-
-def _autocast_as(device_type: str, state: tuple[bool, torch.dtype] | None
-                 ) -> contextlib.AbstractContextManager:
-    """Autocast for ``device_type`` as ``state`` (from :func:`_autocast_state`) had it."""
-    if state is None:
-        return contextlib.nullcontext()
-    enabled, dtype = state
-    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
-
-
 class _OwnSettings:
     """The ``settings`` of a session or an :class:`ExcitationPullback`: its own GateSettings,
     made with the model's own defaults. Assigning a GateSettings copies its settings into that
@@ -305,7 +289,7 @@ class PullbackSession:
         # The session's forwards and backwards run under autocast as the caller had it now,
         # not as it is at a later call: under a caller's bfloat16 autocast the soft backward's
         # products (attention's) ran in bfloat16, and a new forward for new layers too.
-        self._autocast = _autocast_state(inputs.device.type)
+        self._autocast = autocast_state(inputs.device.type)
         self._state = self._run_forward(layers)
         # As left by the forward.
         self._model_state = ModelState.of(model) if self._records_model else None
@@ -384,7 +368,7 @@ class PullbackSession:
         # remade from cannot be remade: it runs again, keeping every pre-activation.
         for remake in (True, False):
             # Pullbacks need autograd even when the caller is inside no_grad or inference_mode.
-            with _autograd_on(), _autocast_as(self._inputs.device.type, self._autocast), \
+            with _autograd_on(), autocast_as(self._inputs.device.type, self._autocast), \
                     evaluation_mode(self.model, graph_kept=True), \
                     LayerRecorder(self.model, layers) as recorder, \
                     _gating(self._live, remake) as mode, \
@@ -519,7 +503,7 @@ class PullbackSession:
                 self._model_state = ModelState.of(self.model) if self._records_model else None
             self._live.assign(call)
             try:
-                with _autograd_on(), _autocast_as(self._inputs.device.type, self._autocast), \
+                with _autograd_on(), autocast_as(self._inputs.device.type, self._autocast), \
                         explained_errors(changed_in_place_error, checkpointing_error):
                     grads = self._grads(state, seeds, batched, retain_graph)
             finally:

@@ -51,11 +51,12 @@ def is_class_target(target: object) -> bool:
     return not isinstance(target, Unit)
 
 
-def class_indices(target: object, batch: int, num_classes: int, device) -> Tensor:
+def class_indices(target: object, batch: int, num_classes: int | None, device) -> Tensor:
     """One class index per example, as a LongTensor (B,).
 
     ``target``: one class index for every example, or one per example as a sequence, a 1-D
     integer tensor or numpy array. Any integer type counts (numpy's too), bools do not.
+    ``num_classes`` None: not known yet (only negative classes are refused here).
     """
     if isinstance(target, (bool, np.bool_)):
         raise PullbackWidgetsTypeError(
@@ -89,7 +90,10 @@ def class_indices(target: object, batch: int, num_classes: int, device) -> Tenso
             f"example, or a pw.Unit; got {type(target).__name__}")
     if len(classes) != batch:
         raise PullbackWidgetsError(f"target has {len(classes)} classes for a batch of {batch}")
-    bad = next((c for c in classes if not 0 <= c < num_classes), None)
+    bad = next((c for c in classes if c < 0 or (num_classes is not None and c >= num_classes)),
+               None)
+    if bad is not None and num_classes is None:
+        raise PullbackWidgetsError(f"target class {bad} is negative: classes count from 0")
     if bad is not None:
         raise PullbackWidgetsError(f"target class {bad} is out of range [0, {num_classes})")
     return torch.tensor(classes, dtype=torch.long, device=device)

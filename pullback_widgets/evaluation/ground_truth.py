@@ -45,7 +45,13 @@ from ..validation import (
     check_positive,
     suggest,
 )
-from .methods import method_registry, pullback_method, pullback_name
+from .methods import (
+    check_classes,
+    explained_inputs,
+    method_registry,
+    pullback_method,
+    pullback_name,
+)
 from .metrics import Explainer, _average_ranks, ranking_map
 
 __all__ = [
@@ -182,6 +188,8 @@ def _cam_layer(model: nn.Module, layer: str | None) -> str:
 
 
 def _grad_cam(model: nn.Module, x: Tensor, target: Tensor, *, layer: str) -> Tensor:
+    # One class per image: a single class for a batch was the first image's only (gather).
+    x, target = explained_inputs(x, target)
     modules = dict(model.named_modules())
     activations: list[Tensor] = []
     handle = modules[_cam_layer(model, layer)].register_forward_hook(
@@ -196,6 +204,7 @@ def _grad_cam(model: nn.Module, x: Tensor, target: Tensor, *, layer: str) -> Ten
                 raise PullbackWidgetsError(
                     f"Grad-CAM needs layer {layer!r} to output (B, C, H, W) in the forward; "
                     "pass a convolutional layer as cam_layer")
+            check_classes(logits, target)
             score = logits.gather(1, target.view(-1, 1)).sum()
             (grad,) = torch.autograd.grad(score, activations[0])
     finally:

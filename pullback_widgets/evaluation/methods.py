@@ -44,11 +44,14 @@ from ..gates import (
 )
 from ..model_helpers import evaluation_mode
 from ..session import Temperature, excitation_pullback
+from ..targets import Unit, class_indices
 from ..validation import (
     PullbackWidgetsError,
     PullbackWidgetsTypeError,
     check_choice,
     check_index,
+    check_inputs,
+    check_logits,
     check_positive,
 )
 from .metrics import Explainer
@@ -91,11 +94,52 @@ SMOOTHGRAD_STD = 0.15
 
 # --------------------------------------------------------------------------- methods
 
+def explained_inputs(x: object, target: object) -> tuple[Tensor, Tensor]:
+    """``x`` checked as an image batch (B, C, H, W), and ``target`` as its classes: a LongTensor
+    (B,) on ``x``'s device, from one class for every image or one per image (as
+    :func:`pullback_widgets.excitation_pullback` takes them). One class given for a batch of
+    several was read as the first image's only (gather) or as every image's (Captum): refused,
+    as the pullback refuses it. A negative class is refused (Captum read -1 as the last class);
+    one past the model's classes is told by :func:`check_classes` once the logits are there."""
+    x = check_inputs(x)
+    if isinstance(target, Unit):
+        raise PullbackWidgetsTypeError(
+            "the evaluation's methods explain classes; a pw.Unit target is for the pullback "
+            "(pw.excitation_pullback or a PullbackSession)")
+    return x, class_indices(target, x.shape[0], None, x.device)  # the classes: not known yet
+
+
+def check_classes(logits: object, target: Tensor, top: int | None = None) -> None:
+    """A clear error if a class in ``target`` is past the logits' (B, C): gather would fail
+    deep in torch (on a GPU, as a device-side assert that spoils the process)."""
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        return
+    top = int(target.max()) if top is None else top
+    if top >= logits.shape[1]:
+        raise PullbackWidgetsError(f"target class {top} is out of range [0, {logits.shape[1]}) "
+                                   "for this model")
+
+
+@contextlib.contextmanager
+def _classes_checked(model: nn.Module, target: Tensor):
+    """Every forward of ``model`` meanwhile (Captum's) checks ``target`` against its logits."""
+    top = int(target.max())
+    handle = model.register_forward_hook(
+        lambda module, args, output: check_classes(output, target, top))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def gradient(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     """Plain input gradient of the target logit, (B, 3, H, W)."""
+    x, target = explained_inputs(x, target)
     with evaluation_mode(model), torch.enable_grad():
         inputs = x.detach().clone().requires_grad_(True)
-        score = model(inputs).gather(1, target.view(-1, 1)).sum()
+        logits = check_logits(model(inputs), len(inputs))
+        check_classes(logits, target)
+        score = logits.gather(1, target.view(-1, 1)).sum()
         (grad,) = torch.autograd.grad(score, inputs)
     return grad
 
@@ -106,7 +150,10 @@ def gradient_times_input(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
 
 
 def _content_seed(image: Tensor) -> int:
-    digest = hashlib.blake2b(image.detach().cpu().numpy().tobytes(), digest_size=8).digest()
+    # The bytes as uint8: numpy has no bfloat16 (for the other dtypes, the same bytes as
+    # numpy's tobytes, so the seeds are those of before).
+    data = image.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    digest = hashlib.blake2b(data, digest_size=8).digest()
     return int.from_bytes(digest, "little")
 
 
@@ -117,6 +164,7 @@ def random_attribution(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     whatever batch, shard or process it is in, and different images get different noise. A
     method that does not beat this control on a metric has shown nothing on that metric.
     """
+    x, target = explained_inputs(x, target)  # the classes too: a wrong call is told here too
     noise = torch.empty(x.shape, dtype=torch.float64)
     for index, image in enumerate(x):
         generator = torch.Generator().manual_seed(_content_seed(image))
@@ -186,23 +234,37 @@ def _quiet_captum_hooks():
 def _captum_guided_backprop(model, x, target, *, relu6: bool):
     from captum.attr import GuidedBackprop
 
+    x, target = explained_inputs(x, target)
     net = _guided_copy(model) if relu6 else model
     inputs = x.detach().clone().requires_grad_(True)
-    with evaluation_mode(net), _quiet_captum_hooks():
+    with evaluation_mode(net), _quiet_captum_hooks(), _classes_checked(net, target):
         return GuidedBackprop(net).attribute(inputs, target=target).detach()
+
+
+def _cam_output_error(layer: str) -> PullbackWidgetsError:
+    return PullbackWidgetsError(
+        f"Grad-CAM needs layer {layer!r} to output (B, C, H, W) in the forward; pass a "
+        "convolutional layer as cam_layer")
 
 
 def _captum_guided_gradcam(model, x, target, *, layer):
     from captum.attr import GuidedGradCam
 
+    x, target = explained_inputs(x, target)
     net = _guided_copy(model)
     modules = dict(net.named_modules())
     if layer not in modules:
-        raise ValueError(f"Grad-CAM layer {layer!r} is not a module of the model")
+        raise PullbackWidgetsError(f"Grad-CAM layer {layer!r} is not a module of the model")
     inputs = x.detach().clone().requires_grad_(True)
-    with evaluation_mode(net), _quiet_captum_hooks():
-        return GuidedGradCam(net, modules[layer]).attribute(
+    with evaluation_mode(net), _quiet_captum_hooks(), _classes_checked(net, target), \
+            warnings.catch_warnings():
+        # Captum warns, and returns an empty tensor, where the layer's output is not 4-D.
+        warnings.filterwarnings("ignore", message="Couldn.t appropriately interpolate GradCAM")
+        attribution = GuidedGradCam(net, modules[layer]).attribute(
             inputs, target=target, interpolate_mode="bilinear").detach()
+    if attribution.shape != x.shape:
+        raise _cam_output_error(layer)
+    return attribution
 
 
 def _captum_gradcam(model, x, target, *, layer):
@@ -211,10 +273,15 @@ def _captum_gradcam(model, x, target, *, layer):
     so that its channel sum is the map."""
     from captum.attr import LayerAttribution, LayerGradCam
 
+    x, target = explained_inputs(x, target)
     modules = dict(model.named_modules())
-    with evaluation_mode(model):
+    if layer not in modules:
+        raise PullbackWidgetsError(f"Grad-CAM layer {layer!r} is not a module of the model")
+    with evaluation_mode(model), _classes_checked(model, target):
         cam = LayerGradCam(model, modules[layer]).attribute(
             x.detach(), target=target, relu_attributions=True).detach()
+    if cam.dim() != 4:
+        raise _cam_output_error(layer)
     cam = LayerAttribution.interpolate(cam, tuple(x.shape[2:]), interpolate_mode="bilinear")
     return (cam / x.shape[1]).expand(-1, x.shape[1], -1, -1).contiguous()
 
@@ -222,7 +289,8 @@ def _captum_gradcam(model, x, target, *, layer):
 def _captum_integrated_gradients(model, x, target, *, n_steps, batch_size):
     from captum.attr import IntegratedGradients
 
-    with evaluation_mode(model):
+    x, target = explained_inputs(x, target)
+    with evaluation_mode(model), _classes_checked(model, target):
         return IntegratedGradients(model).attribute(
             x, baselines=torch.zeros_like(x), target=target, n_steps=n_steps,
             internal_batch_size=batch_size).detach()
@@ -231,25 +299,38 @@ def _captum_integrated_gradients(model, x, target, *, n_steps, batch_size):
 def _captum_smoothgrad(model, x, target, *, samples, noise_std, seed):
     from captum.attr import NoiseTunnel, Saliency
 
+    x, target = explained_inputs(x, target)
     devices = [x.device] if x.device.type == "cuda" else []
-    smoothgrad = NoiseTunnel(Saliency(model))
+
+    def forward(inputs: Tensor) -> Tensor:
+        # Captum's noise is float32: a bfloat16 (float16) image plus it would reach the model
+        # as float32. (A no-op for float32 and float64 images.)
+        return model(inputs.to(x.dtype))
+
+    smoothgrad = NoiseTunnel(Saliency(forward))
     maps = []
     # Captum draws the noise from the global RNG: fork it so the draw is fixed and the
     # caller's random state is left alone. One image at a time, each seeded by the run's seed
     # and its own pixels: its noise, hence its map, is the same in any batch, shard or process.
-    with evaluation_mode(model), torch.random.fork_rng(devices=devices):
+    with evaluation_mode(model), torch.random.fork_rng(devices=devices), \
+            _classes_checked(model, target):
         for index in range(len(x)):
             torch.manual_seed((seed * 1_000_003 + _content_seed(x[index])) % 2 ** 63)
             maps.append(smoothgrad.attribute(
                 x[index:index + 1], nt_type="smoothgrad", nt_samples=samples, stdevs=noise_std,
                 target=target[index:index + 1], abs=False).detach())
-    return torch.cat(maps)
+    return torch.cat(maps).to(x.dtype)
+
+
+def _conv_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
 def _last_conv(model: nn.Module) -> str:
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    names = _conv_names(model)
     if not names:
-        raise ValueError("Grad-CAM and Guided Grad-CAM need a Conv2d layer; the model has none")
+        raise PullbackWidgetsError("Grad-CAM and Guided Grad-CAM need a Conv2d layer; the model "
+                                   "has none: pass cam_layer")
     return names[-1]
 
 
@@ -264,7 +345,7 @@ def captum_available() -> bool:
 def check_methods(names: Sequence[str]) -> list[str]:
     """``names`` if each is a stable method name (and Captum is there for Captum's); else a
     user error that names the unknown one or the missing ``compare`` extra."""
-    if isinstance(names, str) or not names:
+    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
         raise PullbackWidgetsTypeError("methods must be a non-empty list of method names")
     for name in names:
         check_choice(name, METHODS, "method")
@@ -310,6 +391,9 @@ def build_method(name: str, model: nn.Module, *, temperature: float | None = Non
         return partial(_captum_smoothgrad,
                        samples=check_index(smoothgrad_samples, "smoothgrad_samples", 1),
                        noise_std=check_positive(smoothgrad_std, "smoothgrad_std"), seed=0)
+    if cam_layer is not None and not isinstance(cam_layer, str):
+        raise PullbackWidgetsTypeError(f"cam_layer must be a module's name (a str), got "
+                                       f"{type(cam_layer).__name__}")
     layer = _last_conv(model) if cam_layer is None else cam_layer
     if layer not in dict(model.named_modules()):
         raise PullbackWidgetsError(f"cam_layer {layer!r} is not a module of the model")
@@ -321,12 +405,19 @@ def method_settings(name: str, model: nn.Module, *, cam_layer: str | None = None
                     ig_steps: int = IG_STEPS, smoothgrad_samples: int = SMOOTHGRAD_SAMPLES,
                     smoothgrad_std: float = SMOOTHGRAD_STD) -> str:
     """The settings :func:`build_method` gives ``name`` with these options, in words for a
-    title ("16 steps, black baseline"); "" for methods without settings."""
+    title ("16 steps, black baseline"); "" for methods without settings. What
+    :func:`build_method` refuses is refused here too: a title never names settings no map was
+    made with."""
+    check_choice(name, METHODS, "method")
     if name == "integrated_gradients":
-        return f"{ig_steps} steps, black baseline"
+        return f"{check_index(ig_steps, 'ig_steps', 1)} steps, black baseline"
     if name == "smoothgrad":
-        return f"{smoothgrad_samples} samples, noise σ = {smoothgrad_std:g}"
+        return (f"{check_index(smoothgrad_samples, 'smoothgrad_samples', 1)} samples, noise "
+                f"σ = {check_positive(smoothgrad_std, 'smoothgrad_std'):g}")
     if name in ("gradcam", "guided_gradcam"):
+        if cam_layer is not None and not isinstance(cam_layer, str):
+            raise PullbackWidgetsTypeError(f"cam_layer must be a module's name (a str), got "
+                                           f"{type(cam_layer).__name__}")
         return f"layer {_last_conv(model) if cam_layer is None else cam_layer}"
     return ""
 
@@ -344,7 +435,8 @@ def method_registry(model: nn.Module, *, temperatures: Sequence[float] = (0.1, 0
     ``gradient``, ``gradient_x_input`` and ``random`` and, where Captum is installed
     (``captum=None``: if importable), Captum's methods (:data:`CAPTUM_METHODS`), under their
     stable names (see the module docstring) and built by :func:`build_method` with these
-    options.
+    options; Grad-CAM and guided Grad-CAM only where they have a layer (``cam_layer``, else
+    the model's last Conv2d): a model without a Conv2d gets the other methods.
     """
     methods: dict[str, Explainer] = {}
     for mode in temperature_modes:
@@ -353,7 +445,8 @@ def method_registry(model: nn.Module, *, temperatures: Sequence[float] = (0.1, 0
                 methods[pullback_name(t, gate, mode)] = pullback_method(t, gate, mode)
     names = ["gradient", "gradient_x_input", "random"]
     if captum_available() if captum is None else captum:
-        names += CAPTUM_METHODS
+        names += [name for name in CAPTUM_METHODS if cam_layer is not None
+                  or name not in ("gradcam", "guided_gradcam") or _conv_names(model)]
     options = {"cam_layer": cam_layer, "ig_steps": ig_steps,
                "smoothgrad_samples": smoothgrad_samples, "smoothgrad_std": smoothgrad_std,
                "batch_size": batch_size}

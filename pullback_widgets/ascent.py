@@ -99,7 +99,8 @@ def _target_score(session: PullbackSession, target: Target) -> tuple[Tensor, Ten
         activation = session.activations[target.layer].detach()
         seed = unit_seed(target, activation, len(session.logits), session.token_grid,
                          session.channels_last, target.layer in session.channels_last_layers)
-        return (activation * seed).flatten(1).sum(1), None
+        # Only the unit's own values count: inf elsewhere in the layer times a 0 seed is NaN.
+        return torch.where(seed != 0, activation * seed, 0).flatten(1).sum(1), None
     batch, num_classes = session.logits.shape
     classes = class_indices(target, batch, num_classes, session.logits.device)
     rows = torch.arange(batch, device=classes.device)

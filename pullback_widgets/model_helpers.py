@@ -218,12 +218,15 @@ def _channels_last_output(module: nn.Module, args: tuple, output: Tensor,
         return False
     if isinstance(module, nn.Linear) or getattr(module, "output_fmt", None) == "NHWC":
         return True
+    first = next((a for a in args if isinstance(a, Tensor)), None)
     if isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) == (
-            output.shape[-1],) and output.shape[1] != output.shape[-1]:
+            output.shape[-1],) and (output.shape[1] != output.shape[-1] or (
+                # H == C: its input a (0, 2, 3, 1) view of a (B, C, H, W) map tells
+                first is not None and first.dim() == 4 and not first.is_contiguous()
+                and first.permute(0, 3, 1, 2).is_contiguous())):
         return True
     if type(module).__name__ == "Permute" and list(getattr(module, "dims", ())) == [0, 2, 3, 1]:
         return True
-    first = next((a for a in args if isinstance(a, Tensor)), None)
     return first is not None and id(first) in marked and first.shape[:-1] == output.shape[:-1]
 
 

@@ -30,8 +30,16 @@ class Unit:
         if not isinstance(self.layer, str):
             raise PullbackWidgetsTypeError(
                 f"Unit layer must be a module name (str), got {self.layer!r}")
+        # A str subclass (numpy's str_ from an array of names) as a plain str: messages quote
+        # it as 'name', not np.str_('name').
+        object.__setattr__(self, "layer", str(self.layer))
         for name in ("channel", "y", "x"):
             value = getattr(self, name)
+            if isinstance(value, Tensor) and value.is_meta:
+                # operator.index would fail inside torch (Tensor.item() on a meta tensor)
+                raise PullbackWidgetsTypeError(
+                    f"Unit {name} must be an int, got a tensor on the meta device, which holds "
+                    "no value")
             if isinstance(value, Tensor) and (value.dtype == torch.bool or value.dim() != 0):
                 # operator.index reads tensor(True) as 1 and tensor([3]) as 3
                 raise PullbackWidgetsTypeError(

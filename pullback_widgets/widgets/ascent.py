@@ -98,6 +98,7 @@ class AscentExplorer(w.VBox):
                  *, labels: Sequence[str] | None = None, temperature: float | None = None,
                  gate: str = "sigmoid") -> None:
         source = model_source(model, temperature)
+        gate = check_choice(gate, tuple(GATES), "gate")  # before any widget is made
         prepared = prepare_model(model, labels)
         self.model, self.labels, self.input_size = \
             prepared.model, prepared.labels, prepared.input_size
@@ -139,7 +140,7 @@ class AscentExplorer(w.VBox):
         self.temperature_control = TemperatureControl(source.temperature)
         self.temperature = self.temperature_control.slider
         self.gate = w.Dropdown(description="Gate", options=list(GATES),
-                               value=check_choice(gate, tuple(GATES), "gate"), style=STYLE)
+                               value=gate, style=STYLE)
         self.method = w.ToggleButtons(description="Method", options=list(ASCENT_METHODS),
                                       style=STYLE)
         self.run_button = w.Button(description="Run", button_style="primary", icon="play")
@@ -178,11 +179,15 @@ class AscentExplorer(w.VBox):
                                         on_interrupt=self._show_error)
         self._closed = False
         self._notices: tuple[str, ...] = ()
-        self._check_gating(self._images[first_key])
-        sync_figure(self.frames_figure, figures.ascent_frames([self._images[first_key][0]],
-                                                              labels=["start"]))
-        resend_on_new_views(self)
-        close_earlier_runs(self)
+        try:  # the caller never gets an explorer that fails here: it must not keep its thread
+            self._check_gating(self._images[first_key])
+            sync_figure(self.frames_figure, figures.ascent_frames([self._images[first_key][0]],
+                                                                  labels=["start"]))
+            resend_on_new_views(self)
+            close_earlier_runs(self)
+        except BaseException:
+            self.close()
+            raise
 
     def _check_gating(self, image: Tensor) -> None:
         """One forward on the start image: where nothing is gated, pullback ascent is
@@ -290,11 +295,13 @@ class AscentExplorer(w.VBox):
         with self._state_lock:
             self._closed = True
             self._stop.set()
-        self._worker.close()
-        close_children(self)
-        self.result = None
-        self._images.clear()
-        super().close()
+        try:  # a Ctrl-C while the worker finishes its job must not leave the widgets open
+            self._worker.close()
+        finally:
+            close_children(self)
+            self.result = self.model = None  # what holds it (Out[n]) keeps no model
+            self._images.clear()
+            super().close()
 
     # ------------------------------------------------------------------ worker side
 
@@ -335,6 +342,8 @@ class AscentExplorer(w.VBox):
                 if results[-1].stopped:
                     break
             with self._draw_lock:
+                if self._closed:
+                    return
                 self._names = [f"{method}: {name}" for method in methods[:len(results)]
                                for name in names] if len(methods) > 1 else names
                 self.result = results[0] if len(results) == 1 else stack_results(results)
@@ -356,6 +365,8 @@ class AscentExplorer(w.VBox):
         # a failure there would leave a frame without one under the Frame slider. Its names
         # with it: set before, in "both" the gradient's names went on the pullback's frames.
         with self._draw_lock:
+            if self._closed:  # closed meanwhile (from this thread): keep nothing
+                return True
             self.result = replace(result, images=list(result.images))
             self._names = self._step_names
         self.progress.value = self._steps_before + step

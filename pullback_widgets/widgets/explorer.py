@@ -130,6 +130,8 @@ class PullbackExplorer(w.VBox):
                  max_upload_bytes: int = MAX_UPLOAD_BYTES,
                  max_upload_pixels: int = MAX_UPLOAD_PIXELS) -> None:
         source = model_source(model, temperature)
+        gates = (*GATES, *PAPER_PRESETS)  # the raw gates, then the paper versions' settings
+        gate = check_choice(gate, gates, "gate")  # before any widget is made
         # The model loads here, in the kernel's thread: loaded on another thread, every later
         # backward on the worker ran 4 to 8 times slower (measured; cause not found).
         self._prepared = prepare_model(model, labels)
@@ -170,9 +172,7 @@ class PullbackExplorer(w.VBox):
         self.top_buttons = [w.Button(layout=w.Layout(width="auto")) for _ in range(5)]
         self.temperature_control = TemperatureControl(source.temperature)
         self.temperature = self.temperature_control.slider
-        gates = (*GATES, *PAPER_PRESETS)  # the raw gates, then the paper versions' settings
-        self.gate = w.Dropdown(description="Gate", options=list(gates),
-                               value=check_choice(gate, gates, "gate"), style=STYLE)
+        self.gate = w.Dropdown(description="Gate", options=list(gates), value=gate, style=STYLE)
         self.layer_control = LayerControl()
         self.layer, self.channel, self.all_layers = \
             self.layer_control.layer, self.layer_control.channel, self.layer_control.all_layers
@@ -572,6 +572,9 @@ class PullbackExplorer(w.VBox):
             self._worker.close()
         finally:
             close_children(self)
+            # What still holds the explorer (Out[n], a list) keeps no model.
+            self.model = self._prepared = self._photo_pending = None
+            self._evidence.clear()
             self._session = self._session_key = None
             self._images.clear()
             self._compare_cache.clear()

@@ -24,7 +24,8 @@ def test_run_all_draws_the_heatmaps(notebook7_explorer):
     page = notebook7_explorer.page
     summary = harness.heatmap_summary(page)
     assert summary is not None and summary["count"] > 0
-    assert page.evaluate(HEATMAP_FIGURES_JS) >= 2  # the pullback and the plain gradient
+    # The pullback and the plain gradient: drawn one after the other, the second a moment later.
+    page.wait_for_function(f"() => ({HEATMAP_FIGURES_JS})() >= 2", timeout=60_000)
     harness.assert_figures_drawn_from_one_bundle(page)
     harness.temperature_slider(page).scroll_into_view_if_needed()
     harness.save_screenshot(page, "notebook7-explorer")

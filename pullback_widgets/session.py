@@ -283,6 +283,8 @@ class PullbackSession:
         self._live = self.settings.replaced()
         self._live.batch_size = len(inputs)
         self._lock = threading.RLock()
+        # Backward passes of this session running now (in this thread: the lock is held).
+        self._backwards = 0
         # A ViT's token layout: Units on its (B, N, C) token maps address patches.
         self.token_grid = token_grid(model, inputs)
         self.channels_last = outputs_channels_last(model)
@@ -501,13 +503,20 @@ class PullbackSession:
             if state is not self._state:
                 self._state = state
                 self._model_state = ModelState.of(self.model) if self._records_model else None
+            # A call from inside this session's own backward (a backward hook of the model's
+            # calls it; the lock is this thread's) must hand the graph back with the outer
+            # call's settings: set back to the session's, the outer backward's later gates ran
+            # at the session's T, not its call's.
+            outer = self.settings if self._backwards == 0 else self._live.replaced()
             self._live.assign(call)
+            self._backwards += 1
             try:
                 with _autograd_on(), autocast_as(self._inputs.device.type, self._autocast), \
                         explained_errors(changed_in_place_error, checkpointing_error):
                     grads = self._grads(state, seeds, batched, retain_graph)
             finally:
-                self._live.assign(self.settings)
+                self._backwards -= 1
+                self._live.assign(outer)
         if grads is None:
             if state.gated_kinds.get("attention") and call.attention_weights == "detached":
                 raise PullbackWidgetsError(_NO_PATH_THROUGH_DETACHED_ATTENTION)
@@ -557,8 +566,9 @@ class PullbackSession:
         save (benchmarks/speed.py measures both), and for models with module backward hooks,
         which a batched backward would call once, on batched tensors, instead of k times.
         """
-        if isinstance(targets, (str, Unit, Tensor)) or not isinstance(targets, Sequence) \
-                or len(targets) == 0:
+        # bytes are a sequence of ints: b"cat" was three pullbacks, of classes 99, 97, 116.
+        if isinstance(targets, (str, bytes, bytearray, memoryview, Unit, Tensor)) \
+                or not isinstance(targets, Sequence) or len(targets) == 0:
             raise PullbackWidgetsTypeError("targets must be a non-empty list of targets")
         call = self._call_settings(temperature=temperature, gate=gate,
                                    pool_temperature=pool_temperature,

@@ -81,18 +81,19 @@ def _uniform(shape: tuple[int, ...], low: float, high: float, g: torch.Generator
     return low + (high - low) * torch.rand(shape, generator=g)
 
 
-def _texture(base: Tensor, size: int, g: torch.Generator) -> Tensor:
-    """The background: each image's base colour (count, 3, 1, 1) plus coloured value noise,
-    three octaves (4, 8 and 16 cells across), ±0.12 at most; (count, 3, size, size)."""
+def _texture(base: Tensor, size: int, keep: int, g: torch.Generator) -> Tensor:
+    """The background of the first ``keep`` images: each image's base colour (count, 3, 1, 1)
+    plus coloured value noise, three octaves (4, 8 and 16 cells across), ±0.12 at most;
+    (keep, 3, size, size)."""
     count = base.shape[0]
-    noise = torch.zeros(count, 3, size, size)
+    noise = torch.zeros(keep, 3, size, size)
     for cells, weight in ((4, 0.06), (8, 0.04), (16, 0.02)):
-        grid = torch.rand((count, 3, cells, cells), generator=g) * 2 - 1
+        grid = torch.rand((count, 3, cells, cells), generator=g)[:keep] * 2 - 1
         noise += weight * F.interpolate(grid, size=(size, size), mode="bicubic",
                                         align_corners=False)
     # Mostly luminance with a little colour, as textures in photos are.
     luminance = noise.mean(1, keepdim=True)
-    return base + 0.7 * luminance + 0.3 * noise
+    return base[:keep] + 0.7 * luminance + 0.3 * noise
 
 
 def _contrasting_colour(reference: Tensor, g: torch.Generator) -> Tensor:
@@ -103,15 +104,17 @@ def _contrasting_colour(reference: Tensor, g: torch.Generator) -> Tensor:
     return (reference + sign * offset).clamp(0, 1)
 
 
-def _shape_masks(labels: Tensor, size: int, g: torch.Generator) -> Tensor:
-    """Bool masks (count, size, size) of each label's shape at a random centre, scale (radius
-    0.14-0.25 of the size) and rotation; every shape lies fully inside the image."""
+def _shape_masks(labels: Tensor, size: int, keep: int, g: torch.Generator) -> Tensor:
+    """Bool masks (keep, size, size) of the first ``keep`` labels' shapes at a random centre,
+    scale (radius 0.14-0.25 of the size) and rotation; every shape lies fully inside the
+    image."""
     count = labels.shape[0]
     radius = _uniform((count,), 0.14, 0.25, g) * size
     margin = 1.25 * radius + 1  # the triangle's circumradius is 1.2 r, the others' less
-    centre_y = margin + torch.rand(count, generator=g) * (size - 2 * margin)
-    centre_x = margin + torch.rand(count, generator=g) * (size - 2 * margin)
-    angle = torch.rand(count, generator=g) * 2 * math.pi
+    centre_y = (margin + torch.rand(count, generator=g) * (size - 2 * margin))[:keep]
+    centre_x = (margin + torch.rand(count, generator=g) * (size - 2 * margin))[:keep]
+    angle = torch.rand(count, generator=g)[:keep] * 2 * math.pi
+    labels, radius = labels[:keep], radius[:keep]
     pixels = torch.arange(size, dtype=torch.float32) + 0.5
     dy = pixels.view(1, -1, 1) - centre_y.view(-1, 1, 1)
     dx = pixels.view(1, 1, -1) - centre_x.view(-1, 1, 1)
@@ -128,25 +131,27 @@ def _shape_masks(labels: Tensor, size: int, g: torch.Generator) -> Tensor:
     arm = 0.3 * r
     cross = ((u.abs() <= arm) & (v.abs() <= r)) | ((v.abs() <= arm) & (u.abs() <= r))
     shapes = torch.stack([circle, square, triangle, cross], dim=1)  # CLASSES order
-    return shapes[torch.arange(count), labels]
+    return shapes[torch.arange(keep), labels]
 
 
 def _draw_distractors(images: Tensor, base: Tensor, g: torch.Generator) -> Tensor:
     """Two soft Gaussian blobs (sigma 2-6 px, opacity up to 0.8) and two strokes (1.5 px wide)
-    per image, in colours that contrast with the background, at positions that ignore the label."""
-    count, _, size, _ = images.shape
+    per image, in colours that contrast with the background, at positions that ignore the label.
+    ``images`` (keep, 3, size, size) are the first of ``base``'s (count, 3, 1, 1)."""
+    keep, _, size, _ = images.shape
+    count = base.shape[0]
     pixels = torch.arange(size, dtype=torch.float32) + 0.5
     py, px = pixels.view(1, -1, 1), pixels.view(1, 1, -1)
     for _ in range(2):
-        centre = torch.rand((count, 2, 1, 1), generator=g).mul(size)
-        sigma = _uniform((count, 1, 1), 2.0, 6.0, g)
+        centre = torch.rand((count, 2, 1, 1), generator=g)[:keep].mul(size)
+        sigma = _uniform((count, 1, 1), 2.0, 6.0, g)[:keep]
         distance2 = (py - centre[:, 0]).square() + (px - centre[:, 1]).square()
         alpha = 0.8 * torch.exp(-distance2 / (2 * sigma.square()))
-        colour = _contrasting_colour(base, g)
+        colour = _contrasting_colour(base, g)[:keep]
         images = images + alpha.unsqueeze(1) * (colour - images)
     for _ in range(2):
-        start = torch.rand((count, 2, 1, 1), generator=g).mul(size)
-        end = torch.rand((count, 2, 1, 1), generator=g).mul(size)
+        start = torch.rand((count, 2, 1, 1), generator=g)[:keep].mul(size)
+        end = torch.rand((count, 2, 1, 1), generator=g)[:keep].mul(size)
         direction = end - start
         length2 = direction.square().sum(1).clamp_min(1e-6)
         # Distance from each pixel to the segment start-end.
@@ -155,19 +160,25 @@ def _draw_distractors(images: Tensor, base: Tensor, g: torch.Generator) -> Tenso
         distance = torch.hypot(py - start[:, 0] - t * direction[:, 0],
                                px - start[:, 1] - t * direction[:, 1])
         stroke = (distance <= 0.75).unsqueeze(1)
-        images = torch.where(stroke, _contrasting_colour(base, g), images)
+        images = torch.where(stroke, _contrasting_colour(base, g)[:keep], images)
     return images
 
 
-def _generate(count: int, size: int, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+def _generate(count: int, size: int, g: torch.Generator, keep: int | None = None
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """The first ``keep`` (default all) of ``count`` images drawn from ``g``. Every random
+    number of all ``count`` is drawn, in the same order, so image i is the same for any
+    ``keep`` > i; only the pixels of the others are not painted (one image of a 64-block at
+    2048 px painted all 64, 3.2 GB a tensor and several such tensors at once)."""
+    keep = count if keep is None else keep
     labels = torch.randint(0, len(CLASSES), (count,), generator=g)
     base = _uniform((count, 3, 1, 1), 0.3, 0.7, g)
-    images = _texture(base, size, g)
+    images = _texture(base, size, keep, g)
     images = _draw_distractors(images, base, g)
-    masks = _shape_masks(labels, size, g)
-    colour = _contrasting_colour(base, g)
+    masks = _shape_masks(labels, size, keep, g)
+    colour = _contrasting_colour(base, g)[:keep]
     images = torch.where(masks.unsqueeze(1), colour, images)
-    return images.clamp(0, 1), labels, masks
+    return images.clamp(0, 1), labels[:keep], masks
 
 
 def make_dataset(n: int, *, size: int = INPUT_SIZE, seed: int = 0
@@ -182,10 +193,20 @@ def make_dataset(n: int, *, size: int = INPUT_SIZE, seed: int = 0
     n = check_index(n, "n", minimum=1)
     size = check_index(size, "size", minimum=MIN_SIZE)
     seed = check_index(seed, "seed")
-    parts = [_generate(_BLOCK, size, _generator(_DATASET_STREAM, seed, block))
-             for block in range(math.ceil(n / _BLOCK))]
-    images, labels, masks = (torch.cat(column)[:n] for column in zip(*parts))
-    return images.contiguous(), labels, masks
+    try:  # made once and filled: a list of blocks joined at the end held every image twice
+        images = torch.empty(n, 3, size, size)
+        masks = torch.empty(n, size, size, dtype=torch.bool)
+    except RuntimeError:
+        raise PullbackWidgetsError(
+            f"{n} images of {size} x {size} pixels need {n * size * size * 13 / 1e9:.1f} GB, "
+            "more than this machine can give; make fewer or smaller ones") from None
+    labels = torch.empty(n, dtype=torch.long)
+    for start in range(0, n, _BLOCK):
+        keep = min(_BLOCK, n - start)
+        block = _generate(_BLOCK, size, _generator(_DATASET_STREAM, seed, start // _BLOCK), keep)
+        for column, part in zip((images, labels, masks), block):
+            column[start:start + keep] = part
+    return images, labels, masks
 
 
 # --------------------------------------------------------------------------- the model

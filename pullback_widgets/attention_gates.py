@@ -73,6 +73,8 @@ def softened_weights(query: Tensor, key: Tensor, mask: Tensor | None, call: Atte
     dtype = compute_dtype(query.dtype)
     scale = call.scale if call.scale is not None else 1.0 / math.sqrt(query.shape[-1])
     scores = (query.to(dtype) @ key.to(dtype).transpose(-2, -1)) * scale
+    if scores.shape[-1] == 0:  # no keys: no weights (torch's output is zeros)
+        return scores, scale
     if mask is None and not call.is_causal:  # the common case, without the masking passes
         inverse_t = capped_reciprocal(settings.temperature_for(scores, kind="attention"), dtype)
         return torch.softmax((scores - scores.amax(-1, keepdim=True)) * inverse_t, dim=-1), \

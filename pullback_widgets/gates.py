@@ -270,7 +270,7 @@ _SIGMOID_SATURATION = 40.0
 def _spread(values: Tensor, where: Tensor | None) -> Tensor:
     """The standard deviation of each row of ``values`` (N, M), over the entries where
     ``where`` (N, M) is True if given (masked entries hold 0); one value has none (0)."""
-    if values.shape[1] == 0:  # an empty tensor (its std would be NaN)
+    if values.numel() == 0:  # an empty tensor (its std would be NaN; of no rows, a warning)
         return values.new_zeros(len(values))
     if where is None:
         return values.std(dim=1, correction=1 if values.shape[1] > 1 else 0)
@@ -463,6 +463,8 @@ def soft_max_pool_backward(grad_out: Tensor, x: Tensor, geometry: PoolGeometry,
     """
     n, c, h, w = x.shape
     out_h, out_w = grad_out.shape[-2:]
+    if x.numel() == 0 or grad_out.numel() == 0:  # an empty batch (a selection of no example)
+        return grad_out.new_zeros((n, c, h, w))
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry.as_args()[:4]
     dtype = compute_dtype(x.dtype)
     bound = torch.finfo(dtype).max / 4

@@ -225,6 +225,11 @@ def stack_results(results: Sequence[AscentResult]) -> AscentResult:
     results = list(results)
     if not results:
         raise PullbackWidgetsError("stack_results needs at least one result")
+    if any(len(result.images) != len(result.logits) for result in results):
+        # Its [start, end] beside every step's logits: frame 1 would be the end beside step 1.
+        raise PullbackWidgetsError(
+            "stack_results needs every frame of each result; one made with keep_frames=False "
+            "holds only its start and end")
     sizes = {tuple(result.images[0].shape[1:]) for result in results}
     if len(sizes) > 1:
         raise PullbackWidgetsError(f"stack_results needs images of one size, got {sorted(sizes)}")

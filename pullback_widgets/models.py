@@ -15,6 +15,7 @@ names, list[str]), ``input_size`` (pixels) and ``default_temperature``
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -87,11 +88,18 @@ class Normalize(nn.Module):
         if len(mean) != 3 or len(std) != 3:
             raise PullbackWidgetsError(
                 f"mean and std need 3 values (RGB), got {mean!r} and {std!r}")
-        if any(s <= 0 for s in std):
-            raise PullbackWidgetsError(f"std must be > 0, got {std!r}")
+        # float32 whatever they came as (numpy's float64 made float32 images float64), and
+        # finite there: a NaN passed "> 0", and an inf or a std of 0 in float32 gave a channel
+        # of zeros, NaN or infinities.
+        mean, std = (_rgb_values(values, name) for values, name in ((mean, "mean"), (std, "std")))
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise PullbackWidgetsError(f"mean and std must be finite (in float32), got "
+                                       f"{mean.tolist()} and {std.tolist()}")
+        if (std <= 0).any():
+            raise PullbackWidgetsError(f"std must be > 0 (in float32), got {std.tolist()}")
         # (3, 1, 1) broadcasts over (B, 3, H, W) and over a single (3, H, W) image alike.
-        self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(3, 1, 1), persistent=False)
+        self.register_buffer("mean", mean.view(3, 1, 1), persistent=False)
+        self.register_buffer("std", std.view(3, 1, 1), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
@@ -100,6 +108,15 @@ class Normalize(nn.Module):
         mean = ", ".join(f"{v:.4g}" for v in self.mean.flatten().tolist())
         std = ", ".join(f"{v:.4g}" for v in self.std.flatten().tolist())
         return f"mean=({mean}), std=({std})"
+
+
+def _rgb_values(values: object, name: str) -> Tensor:
+    """Three numbers (a sequence, a numpy array or a tensor) as a float32 tensor (3,)."""
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().reshape(-1).tolist()
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+        raise PullbackWidgetsTypeError(f"{name} must hold 3 numbers, got {values!r}")
+    return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
 
 def _normalize_input(module: nn.Module, args: tuple) -> tuple:

@@ -165,6 +165,8 @@ def baseline_image(x: Tensor, baseline: str | Tensor = "blur") -> Tensor:
     ``x`` (e.g. zeros for black).
     """
     if isinstance(baseline, Tensor):
+        if baseline.is_meta:
+            raise PullbackWidgetsError("baseline is on the meta device, which holds no values")
         try:
             expanded = baseline.to(x.device, x.dtype).expand_as(x)
         except RuntimeError:
@@ -173,6 +175,9 @@ def baseline_image(x: Tensor, baseline: str | Tensor = "blur") -> Tensor:
         if not torch.isfinite(expanded).all():  # every curve would be NaN
             raise PullbackWidgetsError("baseline contains NaN or infinite values")
         return expanded
+    if not isinstance(baseline, str):  # == on a numpy array is elementwise
+        raise PullbackWidgetsTypeError(f"baseline must be one of {BASELINES} or a torch.Tensor, "
+                                       f"got {type(baseline).__name__}")
     if baseline == "blur":
         if min(x.shape[-2:]) <= BLUR_KERNEL // 2:
             raise PullbackWidgetsError(f"baseline='blur' needs images larger than "

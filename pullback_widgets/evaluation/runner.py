@@ -316,7 +316,8 @@ class EvaluationSettings:
     def __post_init__(self) -> None:
         if isinstance(self.methods, str) or not self.methods:
             raise PullbackWidgetsTypeError("methods must be a non-empty list of method names")
-        check_metrics(list(self.metrics))
+        # A bare name is refused as one, not split into one-letter names.
+        check_metrics(self.metrics if isinstance(self.metrics, str) else list(self.metrics))
         self.top_k()
         if self.pool_weights is not None and self.pool_weights not in POOL_WEIGHTS:
             raise PullbackWidgetsError(f"pool_weights must be one of {POOL_WEIGHTS}, "
@@ -356,6 +357,10 @@ class EvaluationSettings:
 
     def top_k(self) -> int | None:
         """K for ``top-K`` (1 for ``predicted``), None for ``label``."""
+        if not isinstance(self.targets, str):  # re would fail on it with its own words
+            raise PullbackWidgetsTypeError(
+                f"targets must be 'predicted', 'top-K' (e.g. top-5) or 'label', got "
+                f"{type(self.targets).__name__}")
         if self.targets == "predicted":
             return 1
         if self.targets == "label":
@@ -1334,8 +1339,10 @@ def run_command(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike,
                                    "image paths; --synthetic images carry their own")
     if targets is None:
         targets = "label" if labels_from_folders or synthetic_images else "predicted"
-    model = settings.get("model", EvaluationSettings.model)
-    if image_size is None and model in MODELS:
+    # The model is loaded by this name: one the registry lacks left image_size None below.
+    model = check_choice(settings.get("model", EvaluationSettings.model), list(MODELS),
+                         "model name")
+    if image_size is None:
         image_size = MODELS[model].input_size
     run_settings = EvaluationSettings(targets=targets, image_size=image_size, **settings)
     if synthetic_images is not None and targets == "label" and model != "shapes":

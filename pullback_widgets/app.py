@@ -63,8 +63,16 @@ def _check_notebook(notebook: Path | str | None) -> Path:
     if not isinstance(notebook, (str, os.PathLike)):
         raise PullbackWidgetsTypeError(
             f"notebook must be a path to a .ipynb file, got {type(notebook).__name__}")
-    path = Path(notebook).expanduser()
-    if not path.is_file():
+    try:
+        path = Path(notebook).expanduser()
+    except RuntimeError:  # "~nosuchuser/...": a shell leaves it as written, and so do we
+        path = Path(notebook)
+    try:
+        found = path.is_file()
+    except OSError as error:  # is_file() passes on all but "no such file": a name too long
+        raise PullbackWidgetsError(f"cannot read notebook {str(path)!r}: "
+                                   f"{error.strerror or error}") from None
+    if not found:
         raise PullbackWidgetsError(f"notebook not found: {str(path)!r}")
     if path.suffix != ".ipynb":
         raise PullbackWidgetsError(f"expected a Jupyter notebook (.ipynb), got {str(path)!r}")

@@ -78,13 +78,24 @@ def _steps(text: str) -> int:
     return steps
 
 
-def _report_path(text: str) -> Path:
-    """``--out`` as a Path; one written as a folder (``reports/``) is refused: Path drops the
-    final separator, and the report would be written as a file named ``reports``."""
-    if text.endswith(os.sep) or (os.altsep and text.endswith(os.altsep)):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} names a folder; give a file name, e.g. {text + 'report.html'!r}")
-    return Path(text)
+def _out_path(example: str) -> Callable[[str], Path]:
+    """An ``--out`` parser: the text as a Path, refusing one written as a folder (``reports/``,
+    ``reports/.``, ``..``): Path drops a final separator or ".", and the output would be
+    written as a file named ``reports`` (or, for "..", fail once all the work was done)."""
+    def parse(text: str) -> Path:
+        last = text.replace(os.altsep, os.sep) if os.altsep else text
+        if last.rsplit(os.sep, 1)[-1] in ("", ".", ".."):
+            if not text:
+                raise argparse.ArgumentTypeError("is empty; give a file name, e.g. "
+                                                 f"{example!r}")
+            raise argparse.ArgumentTypeError(
+                f"{text!r} names a folder; give a file name, e.g. {str(Path(text) / example)!r}")
+        return Path(text)
+
+    return parse
+
+
+_report_path = _out_path("report.html")
 
 
 def _input_sizes() -> str:
@@ -180,7 +191,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--limit", type=int, default=None,
                                  help="only the first N files found (sorted by path; a "
                                  "file that turns out not to be an image counts too)")
-    evaluate_parser.add_argument("--out", type=Path, required=True,
+    evaluate_parser.add_argument("--out", type=_out_path("results.csv"), required=True,
                                  help="results.csv or results.parquet")
     evaluate_parser.add_argument("--resume", action="store_true",
                                  help="continue a run: skip the rows already in --out")

@@ -100,6 +100,10 @@ def _raw_array(x: Any, name: str) -> np.ndarray:
             # numpy has no bfloat16; such tensors go through float32.
             arr = np.asarray(x.float())
     else:
+        if isinstance(x, np.ma.MaskedArray):  # np.asarray drops the mask: drawn as they are
+            raise TypeError(f"{name} is a masked array, whose masked entries would be drawn "
+                            "as the values under the mask; fill them first, e.g. "
+                            "array.filled(0.0)")
         arr = np.asarray(x)
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) \
             or np.iscomplexobj(arr):  # drawn, the imaginary part would vanish without a word
@@ -786,10 +790,14 @@ def _compact_heatmap(trace: go.Heatmap) -> None:
     zmin, zmax = trace.zmin, trace.zmax
     if zmin is None or zmax is None or not zmax > zmin or not np.all(np.isfinite(z)):
         return  # no fixed scale to code against, or gaps that codes cannot hold: left as is
-    # Halves first: zmax - zmin overflows for a range near float64's largest number.
-    half_step = (zmax / 2 - zmin / 2) / _TOP_CODE
-    codes = np.rint((np.clip(z, zmin, zmax) / 2 - zmin / 2) / half_step).astype(np.uint8)
-    values = np.linspace(zmin / 2, zmax / 2, _COLORBAR_TICKS) * 2  # halves too
+    # In units of the range's largest end: zmax - zmin overflows for a range near float64's
+    # largest number, and a step of a subnormal range loses its bits (5e-324 / 2 is 0).
+    scale = max(abs(zmin), abs(zmax))
+    low, high = zmin / scale, zmax / scale
+    step = (high - low) / _TOP_CODE
+    codes = np.rint((np.clip(z, zmin, zmax) / scale - low) / step).astype(np.uint8)
+    ticks = np.linspace(low, high, _COLORBAR_TICKS)
+    values = ticks * scale
     trace.update(
         z=codes,
         zmin=0,
@@ -797,7 +805,7 @@ def _compact_heatmap(trace: go.Heatmap) -> None:
         zmid=None,
         # Hover would show codes, not values; the colour bar carries the scale instead.
         hovertemplate="x=%{x}, y=%{y}<extra></extra>",
-        colorbar=dict(tickmode="array", tickvals=(values / 2 - zmin / 2) / half_step,
+        colorbar=dict(tickmode="array", tickvals=(ticks - low) / step,
                       ticktext=[f"{v:.3g}" for v in values]),
     )
 

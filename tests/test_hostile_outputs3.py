@@ -49,6 +49,14 @@ def test_app_notebook_whose_name_is_too_long_is_a_one_line_error(capsys, no_comp
     assert "cannot read notebook" in line and "too long" in line
 
 
+def test_evaluate_image_whose_name_is_too_long_is_a_one_line_error(tmp_path, capsys):
+    # find_images' Path.exists() raised ENAMETOOLONG: an OSError traceback.
+    line = _one_line_error(capsys, ["evaluate", "i" * 300 + ".png",
+                                    "--out", str(tmp_path / "r.csv")])
+    assert "cannot read" in line and "too long" in line
+    assert not (tmp_path / "r.csv").exists()
+
+
 # =========================================================================== --out as a folder
 
 

@@ -205,7 +205,12 @@ def find_images(paths: Sequence[str | os.PathLike],
     walked: set[str] = set()
     for raw in paths:
         path = Path(raw)
-        if not path.exists():
+        try:
+            exists = path.exists()
+        except OSError as error:  # exists() passes on all but "no such file": a name too long
+            raise PullbackWidgetsError(f"cannot read {str(path)!r}: "
+                                       f"{error.strerror or error}") from None
+        if not exists:
             raise PullbackWidgetsError(f"no such file or folder: {str(path)!r}")
         if not path.is_dir():  # a file, or something the loader refuses with its reason
             found.add(path)

@@ -319,8 +319,12 @@ class AscentExplorer(w.VBox):
                 targets: list = [Unit(run.layer, run.channel)]
                 names = [f"{run.layer} channel {run.channel}"]
             else:
-                if any(t is None for t in run.targets):
-                    predicted = int(predict(self.model, start).argmax())
+                logits = predict(self.model, start)
+                if logits.shape[-1] != len(self.labels):  # a new head: the names are another's
+                    raise PullbackWidgetsError(
+                        f"the model now has {logits.shape[-1]} classes, not the "
+                        f"{len(self.labels)} this explorer names: make a new explorer for it")
+                predicted = int(logits[0].argmax())
                 targets = [predicted if t is None else t for t in run.targets]
                 names = [self.labels[t] for t in targets]
             self._unit = run.layer != LOGITS
@@ -348,7 +352,7 @@ class AscentExplorer(w.VBox):
                                for name in names] if len(methods) > 1 else names
                 self.result = results[0] if len(results) == 1 else stack_results(results)
             self._finish(self.result, run)
-        except Exception:
+        except BaseException:  # a Ctrl-C too: the frames so far, under the Frame slider
             if self.result is not None:  # a run that failed part-way: its frames so far
                 self._show_last_frame(self.result)
             raise

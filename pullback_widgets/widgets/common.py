@@ -138,6 +138,10 @@ class LatestOnlyWorker:
             finally:
                 with self._lock:
                     self._busy = False
+                    if self._ended and self._has_pending and not self._closed:
+                        # submitted while the interrupt unwound the job, before this thread
+                        # was marked as ended: it would wait for a thread that is gone
+                        self._ended, self._thread = False, self._start()
                     self._lock.notify_all()
 
 
@@ -468,7 +472,11 @@ def status_html(message: str, *, error: bool = False) -> str:
 def describe(error: BaseException) -> str:
     """One line for the status bar: a user error's message; for anything else (a bug, or a
     failure inside the user's model) its type too, so that it does not pass for a user error."""
-    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    try:  # a user's exception class whose __str__ fails must not leave "computing …" up
+        text = str(error).strip()
+    except Exception:
+        text = ""
+    message = text.splitlines()[0] if text else ""
     if isinstance(error, PullbackWidgetsError) and message:
         return message
     return f"{type(error).__name__}: {message}" if message else type(error).__name__

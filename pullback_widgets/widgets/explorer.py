@@ -293,8 +293,12 @@ class PullbackExplorer(w.VBox):
     def _choose_top_class(self, button: w.Button) -> None:
         if button.class_index is None:  # the first forward has not finished yet
             return
-        self.layer.value = LOGITS
-        self.target.value = class_options(self.labels)[button.class_index]
+        option = class_options(self.labels)[button.class_index]
+        # Two controls, one request: the logits of the old target are no map the user chose.
+        with self._settling():
+            self.layer.value = LOGITS
+            self.target.value = option
+        self._on_change({"owner": self.target, "new": option})
 
     def _on_strip(self, button=None) -> None:
         self._strip_token += 1
@@ -497,6 +501,11 @@ class PullbackExplorer(w.VBox):
                        request.gate if preset else None,  # a preset's own temperatures
                        label if request.strip_compare else None)
         if request.strip_token != self._strip_done:
+            # Asked for once: a strip that fails (or is interrupted) is not computed again, and
+            # failed again, with every later change of the controls. Until the new one is
+            # drawn, an older strip shows only where it is of these settings.
+            self._strip_done = request.strip_token
+            self.strip_box.layout.display = None if strip_shown == self._strip_shown else "none"
             # Each panel as the slider at its T gives it: every kind of gate scaled alike.
             strip = [check_finite(session.pullback(
                 target, temperature=scaled_temperatures(
@@ -507,7 +516,7 @@ class PullbackExplorer(w.VBox):
             sync_figure(self.strip_figure, figures.temperature_strip(
                 strip, STRIP_TEMPERATURES, extra_panel=extra,
                 title=f"{what}: from gradient-like to linear"))
-            self._strip_done, self._strip_shown = request.strip_token, strip_shown
+            self._strip_shown = strip_shown
             self.strip_box.layout.display = None
         else:  # shown while it is of this image, target and gate (and of the model as it is)
             self.strip_box.layout.display = None if strip_shown == self._strip_shown else "none"

@@ -1127,6 +1127,7 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
     world = _join_world()
     lock = None
     try:
+        world.barrier()  # every rank has checked the output before rank 0 writes there
         if model is None:
             from ..models import load_model
 

@@ -67,3 +67,4 @@ def assert_untouched(model: nn.Module, before: dict) -> None:
         assert before[field] == after[field], field
     assert all(g is None for g in after["grads"])
     assert _active_gating_mode() is None
+

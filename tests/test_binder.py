@@ -109,21 +109,20 @@ def test_prefetch_covers_the_paper_models():
         assert f'"{name}"' in text
 
 
-def _closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_prefetch_tolerates_being_offline(tmp_path):
     # Every download goes to a proxy port where nobody listens: offline, but failing at once.
-    proxy = f"http://127.0.0.1:{_closed_port()}"
-    env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"), http_proxy=proxy,
-               https_proxy=proxy, HTTP_PROXY=proxy, HTTPS_PROXY=proxy)
-    env.pop("no_proxy", None)
-    env.pop("NO_PROXY", None)
-    result = subprocess.run([sys.executable, str(BINDER / "prefetch_weights.py")], env=env,
-                            capture_output=True, text=True, timeout=120)
+    # The port stays bound (never listening) until the script ends: one closed again at once
+    # could be taken meanwhile by another process of a shared machine, which would answer.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as closed:
+        closed.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"), http_proxy=proxy,
+                   https_proxy=proxy, HTTP_PROXY=proxy, HTTPS_PROXY=proxy)
+        env.pop("no_proxy", None)
+        env.pop("NO_PROXY", None)
+        # Long, against a hang only: the script imports torch, slow on a loaded machine.
+        result = subprocess.run([sys.executable, str(BINDER / "prefetch_weights.py")], env=env,
+                                capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "could not fetch resnet50, vgg11_bn, densenet121" in result.stderr
     assert "The build goes on" in result.stderr

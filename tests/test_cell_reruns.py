@@ -6,14 +6,20 @@ import weakref
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
+from traitlets.config import Config
 
 import pullback_widgets as pw
 from tests.conftest import LABELS
 
 
 @pytest.fixture
-def shell(net):
-    shell = InteractiveShell.instance()
+def shell(net, tmp_path, monkeypatch):
+    # Its profile in tmp_path and its history in memory: a shell writes both to the home
+    # folder by default (shared with every other run as this user), and a history file
+    # keeps a saving thread of its own running until the interpreter exits.
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    shell = InteractiveShell.instance(
+        config=Config({"HistoryManager": {"hist_file": ":memory:"}}))
     shell.user_ns.update(pw=pw, net=net, LABELS=LABELS, made=[])
     yield shell
     for explorer in shell.user_ns["made"]:

@@ -146,11 +146,30 @@ def test_torchrun_two_processes_merge_to_the_single_process_rows(single_run, pho
     assert len(settings["skipped"]) == 2
 
 
+# The command, held for good once it has written its second part: the test kills it there. A
+# run left to go on could finish all its parts, and end, while a loaded machine's test process
+# was still between seeing two parts and its kill.
+_HELD_AFTER_TWO_PARTS = """
+import sys, threading
+from pullback_widgets import cli
+from pullback_widgets.evaluation import runner
+write, parts = runner.atomic_write, []
+def atomic_write(path, write_file):
+    write(path, write_file)
+    if path.parent.name.endswith(".parts"):
+        parts.append(path)
+        if len(parts) == 2:
+            threading.Event().wait()
+runner.atomic_write = atomic_write
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def test_a_killed_run_resumes_to_the_same_rows(single_run, photos, tmp_path):
     out = tmp_path / "results.csv"
     parts = tmp_path / "results.csv.parts"
     args = ["evaluate", str(photos), *COMMON[:-1], "1", "--out", str(out)]
-    process = subprocess.Popen([sys.executable, "-m", "pullback_widgets.cli", *args],
+    process = subprocess.Popen([sys.executable, "-c", _HELD_AFTER_TWO_PARTS, *args],
                                env=_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:

@@ -214,7 +214,7 @@ def test_a_pullback_explorer_whose_worker_was_interrupted_is_collected(net, thre
     try:
         explorer.image.value = "rocket"  # a new forward: the hook interrupts it
         assert explorer.wait(30)
-        explorer._worker._thread.join(10)
+        explorer._worker._thread.join(60)
     finally:
         interrupt.remove()
     assert threads_quiet == [KeyboardInterrupt]
@@ -238,7 +238,7 @@ def test_an_ascent_explorer_closed_on_its_worker_keeps_no_result(net, tidy):
     explorer.progress.observe(lambda change: explorer.close() if change["new"] == 2 else None,
                               names="value")
     assert explorer.run()
-    explorer._worker._thread.join(30)
+    explorer._worker._thread.join(60)
     assert explorer._closed and not explorer._worker.alive  # it did stop
     assert explorer.progress.value == 2
     assert explorer.result is None, "the closed explorer took the stopped run's result"
@@ -253,7 +253,7 @@ def test_a_worker_closed_from_inside_its_job_lets_its_owner_go():
     worker = LatestOnlyWorker(owner.job, on_error=lambda error, request: None)
     reference = weakref.ref(owner)
     worker.submit("close yourself")
-    worker._thread.join(10)
+    worker._thread.join(60)
     del owner
     gc.collect()
     assert not worker.alive and reference() is None

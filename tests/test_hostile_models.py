@@ -284,7 +284,9 @@ def test_captum_noise_tunnel_wraps_the_pullback():
 
 class _Pause(nn.Module):
     """Holds the forward of thread "first" until ``first_may_go``, and that of thread "second"
-    until ``first_done`` (each at most 2 s)."""
+    until ``first_done`` (each at most 60 s, against a hang). With holds of 2 s, a main thread
+    delayed 1.5 s on a loaded machine let "first" go on by itself before it had checked that
+    "second" waits; "second" then got inside, and the check failed as if no lock held it."""
 
     def __init__(self):
         super().__init__()
@@ -295,10 +297,10 @@ class _Pause(nn.Module):
         name = threading.current_thread().name
         if name == "first":
             self.first_inside.set()
-            self.first_may_go.wait(2.0)
+            self.first_may_go.wait(60)
         elif name == "second":
             self.second_inside.set()
-            self.first_done.wait(2.0)
+            self.first_done.wait(60)
         return x
 
 
@@ -316,14 +318,19 @@ def test_two_models_sharing_a_backbone_take_turns_and_keep_their_flags():
     second = threading.Thread(target=pw.excitation_pullback, args=(heads[1], x, 0),
                               name="second")
     first.start()
-    assert pause.first_inside.wait(5.0)
-    second.start()
-    # The second forward must wait for the first: it may not get inside meanwhile.
-    assert not pause.second_inside.wait(0.5)
-    pause.first_may_go.set()
-    first.join()
-    pause.first_done.set()
-    second.join()
+    try:
+        assert pause.first_inside.wait(60)
+        second.start()
+        # The second forward must wait for the first: it may not get inside meanwhile.
+        assert not pause.second_inside.wait(0.5)
+        pause.first_may_go.set()
+        first.join()
+    finally:  # a failure above must not leave the threads held for a minute
+        pause.first_may_go.set()
+        pause.first_done.set()
+        first.join()
+        if second.ident is not None:  # started
+            second.join()
     assert all(module.training for head in heads for module in head.modules())
 
 

@@ -1,5 +1,6 @@
-"""The tutorial notebooks in notebooks/: each runs top to bottom on a fresh kernel, offline, in
-well under a minute on a 2-core machine, and is committed without outputs.
+"""The tutorial notebooks in notebooks/: each runs top to bottom on a fresh kernel, offline, and
+is committed without outputs. (Each takes well under a minute on an idle 2-core machine; that is
+not checked here, where a stopwatch would fail on a loaded shared runner.)
 
 Every notebook is executed by nbclient on the "python3" kernel, which jupyter_client starts with
 this very interpreter (the kernel spec's argv[0] "python" is replaced by sys.executable), so the
@@ -14,7 +15,6 @@ import os
 import re
 import socket
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -37,8 +37,8 @@ NOTEBOOKS = (
     "06_paper_models.ipynb",
     "07_ground_truth.ipynb",
 )
-# Each takes 10-25 s on an idle 2-core machine; the limit leaves room for a busy CI runner and
-# still stops a hung cell.
+# Each takes 10-25 s on an idle 2-core machine; the limit on each cell (and on the kernel's
+# start) leaves room for a busy CI runner and still stops a hung cell.
 NOTEBOOK_TIMEOUT_S = 180
 MAX_NOTEBOOK_BYTES = 64_000
 
@@ -117,19 +117,24 @@ assert classes.images.shape == (1, 4, 3, 64, 64)
 CHECK_PRELUDE = "import re\n"
 
 
-def _offline_port() -> int:
-    """A local port that refuses connections: the proxy that makes downloads fail at once."""
+@pytest.fixture
+def offline_port():
+    """A local port that refuses connections: the proxy that makes downloads fail at once.
+
+    Bound, never listening, for the whole test: a port closed again at once could be taken
+    meanwhile by another process of a shared machine (a server of another test run), which
+    would then answer the notebook's downloads."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # closed again when we return, so nobody listens there
+        yield sock.getsockname()[1]
 
 
 @pytest.fixture
-def kernel_env(tmp_path, monkeypatch):
+def kernel_env(tmp_path, monkeypatch, offline_port):
     """Environment the kernel inherits: no user IPython profile, connection files and the torch
     hub cache in tmp_path, one torch thread, and every HTTP(S) download refused, so that
     notebook 06 takes its offline path at once whether or not this machine has internet."""
-    proxy = f"http://127.0.0.1:{_offline_port()}"
+    proxy = f"http://127.0.0.1:{offline_port}"
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     if "OMP_NUM_THREADS" not in os.environ:
         # Two torch threads on two cores stall each other whenever another process holds one
@@ -145,14 +150,15 @@ def kernel_env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _execute(nb, workdir: Path, timeout_s: float = NOTEBOOK_TIMEOUT_S) -> float:
-    """Run ``nb`` in place on a fresh "python3" kernel; returns the wall time in seconds."""
+def _execute(nb, workdir: Path) -> None:
+    """Run ``nb`` in place on a fresh "python3" kernel."""
+    # nbclient's own start limit is 60 s, which a kernel importing torch on a loaded machine
+    # can pass; a hung start still fails.
     client = nbclient.NotebookClient(
-        nb, kernel_name="python3", timeout=int(timeout_s), allow_errors=False,
+        nb, kernel_name="python3", timeout=NOTEBOOK_TIMEOUT_S,
+        startup_timeout=NOTEBOOK_TIMEOUT_S, allow_errors=False,
         resources={"metadata": {"path": str(workdir)}})
-    started = time.perf_counter()
     client.execute()
-    return time.perf_counter() - started
 
 
 def _text_outputs(cell) -> str:
@@ -207,7 +213,7 @@ def test_kernel_is_this_environment(kernel_env):
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("import sys, pullback_widgets\n"
                                           "print(sys.prefix)\nprint(pullback_widgets.__file__)")]
-    _execute(nb, kernel_env, timeout_s=60)
+    _execute(nb, kernel_env)
     prefix, package = _text_outputs(nb.cells[0]).split()
     assert Path(prefix).resolve() == Path(sys.prefix).resolve()
     import pullback_widgets
@@ -220,8 +226,7 @@ def test_runs_top_to_bottom(name, kernel_env):
     nb = _read(name)
     if name in CHECKS:
         nb.cells.append(nbformat.v4.new_code_cell(CHECK_PRELUDE + CHECKS[name]))
-    elapsed = _execute(nb, kernel_env)
-    assert elapsed < NOTEBOOK_TIMEOUT_S, f"{name} took {elapsed:.0f} s"
+    _execute(nb, kernel_env)
     texts = [_text_outputs(cell) for cell in nb.cells if cell.cell_type == "code"]
     assert not any("Traceback" in text for text in texts)
 

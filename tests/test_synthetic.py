@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +148,8 @@ def test_load_model_shapes(model) -> None:
 
 # The reduced budget: 100 steps of 32 reached 0.555 on the 400 test images when this was
 # written (80 steps: 0.405, 150: 0.59; chance is 0.25), in 60 s on 1 thread of a loaded
-# machine (load average 9 on 2 cores).
+# machine (load average 9 on 2 cores). The time is not checked here: a stopwatch in a test
+# fails on a slower shared runner for no fault of the code (the benchmarks measure speed).
 REDUCED_STEPS, REDUCED_BATCH, REDUCED_ACCURACY = 100, 32, 0.45
 
 
@@ -157,15 +157,12 @@ def test_training_reaches_the_stated_accuracy_on_a_reduced_budget() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        started = time.perf_counter()
         net, provenance = synthetic.train(steps=REDUCED_STEPS, batch_size=REDUCED_BATCH,
                                           test_size=400)
-        elapsed = time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
     assert provenance["test_accuracy"] >= REDUCED_ACCURACY, provenance
     assert not net.training
-    assert elapsed < 120  # the budget is meant for < 60 s; the margin is for a loaded runner
 
 
 def test_train_command_writes_weights_and_refuses_to_overwrite(tmp_path, capsys) -> None:

@@ -377,20 +377,24 @@ def test_two_explorers_on_one_model_do_not_interfere(net):
 
 
 def test_worker_computes_only_the_latest_of_a_burst():
-    seen, release = [], threading.Event()
+    seen, entered, release = [], threading.Event(), threading.Event()
 
     def job(request):
-        release.wait(5)
+        entered.set()
+        assert release.wait(60), "the test never released the job"
         seen.append(request)
 
     worker = LatestOnlyWorker(job, on_error=lambda error, request: None)
     worker.submit(0)
-    time.sleep(0.05)  # the worker is now blocked inside job(0)
+    # Not a sleep: on a loaded machine the worker may not take job 0 within 50 ms; the burst
+    # then replaces it, and the worker computes [49] alone.
+    assert entered.wait(60)  # the worker is now blocked inside job(0)
     for value in range(1, 50):
         worker.submit(value)
     release.set()
-    assert worker.wait(5)
+    assert worker.wait()
     assert seen == [0, 49]
+    worker.close()
 
 
 def test_worker_survives_a_failing_job():
@@ -402,9 +406,9 @@ def test_worker_survives_a_failing_job():
 
     worker = LatestOnlyWorker(job, on_error=lambda error, request: errors.append(error))
     worker.submit("bad")
-    worker.wait(5)
+    assert worker.wait()
     worker.submit("good")
-    worker.wait(5)
+    assert worker.wait()
     assert [str(e) for e in errors] == ["nope"] and worker.completed == 1
 
 
@@ -493,9 +497,22 @@ def test_ascent_explorer_counterfactual_and_stop(net):
     assert len(explorer.frames_figure.data) == 3
     explorer.counterfactual.value = False
     explorer.steps.value = 30
-    explorer.run()
-    explorer.stop()
-    explorer.wait()
+    # The run's forwards wait for Stop: on a loaded machine the worker could run all 30 steps
+    # before this thread pressed it.
+    stop_pressed = threading.Event()
+
+    def wait_for_stop(module, args):
+        if threading.current_thread() is not threading.main_thread():
+            assert stop_pressed.wait(60), "the test never pressed Stop"
+
+    hold = net.register_forward_pre_hook(wait_for_stop)
+    try:
+        explorer.run()
+        explorer.stop()
+        stop_pressed.set()
+        assert explorer.wait()
+    finally:
+        hold.remove()
     assert explorer.result.stopped and len(explorer.result.images) < 31
     assert "stopped" in explorer.status.value
 
@@ -555,9 +572,12 @@ def test_busy_state_names_the_request_at_once_and_the_time_when_done(net):
         assert explorer.wait()
     finally:
         handle.remove()
-    explorer.temperature.value = 2.0
-    assert "computing" in explorer.status.value and "T = 2" in explorer.status.value
-    explorer.wait()
+    # The worker may not take the request before we have read the status line: on a loaded
+    # machine it could compute the map, and say "drawn in", before this thread looked.
+    with explorer._worker._lock:
+        explorer.temperature.value = 2.0
+        assert "computing" in explorer.status.value and "T = 2" in explorer.status.value
+    assert explorer.wait()
     # Each panel's time; the plain gradient does not depend on T and comes from the cache.
     assert re.search(r"T = 2 · sigmoid · pullback \d+ ms · Plain gradient \d+ ms \(cached\) · "
                      r"drawn in \d+ ms", explorer.status.value)

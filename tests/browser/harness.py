@@ -15,7 +15,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
+
+from tests.ports import reserved_port
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Locator, Page, Playwright
@@ -61,12 +62,14 @@ def explorer_cells(module: str = EXPLORER_MODULE) -> list[str]:
 NOTEBOOK_NAME = "explorer.ipynb"
 TEMPERATURE_LABEL = "Temperature"
 
-SERVER_START_TIMEOUT_S = 90.0
+# Every limit here only stops a hang (the benchmarks measure speed): each is far above what a
+# busy, shared 2-core CI machine takes, where everything is several times slower than idle.
+SERVER_START_TIMEOUT_S = 180.0
 SERVER_STOP_GRACE_S = 15.0
 # Kernel start, imports, model load and the first CPU forward pass all happen before the first
 # heatmap appears; on a busy 2-core CI machine that can take a while.
-FIRST_RENDER_TIMEOUT_MS = 120_000
-UPDATE_TIMEOUT_MS = 30_000
+FIRST_RENDER_TIMEOUT_MS = 300_000
+UPDATE_TIMEOUT_MS = 60_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,13 +79,6 @@ UPDATE_TIMEOUT_MS = 30_000
 
 class ServerError(RuntimeError):
     """A server did not come up; the message carries the tail of its log."""
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (the OS picks it when binding to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -228,7 +224,7 @@ def _jupyter_server_args(root_dir: Path, workdir: Path, port: int, app: str) -> 
 
 
 def _start_jupyter(name: str, module: str, app: str, root_dir: Path, workdir: Path) -> Server:
-    port = free_port()
+    port = reserved_port()
     # ``-m <module>`` runs the application in this very process (the ``jupyter lab`` and
     # ``jupyter notebook`` scripts would exec another one first), so the pid is the server's.
     server = _spawn(
@@ -262,7 +258,7 @@ def start_voila(notebook: Path, workdir: Path) -> Server:
     We poll a static file, not "/", because every GET of "/" starts a kernel and runs the
     notebook.
     """
-    port = free_port()
+    port = reserved_port()
     server = _spawn(
         "voila",
         [
@@ -704,7 +700,7 @@ def assert_changes_heatmap(page: Page, act: Callable[[], object], what: str) -> 
 # Notebook 7 is built from JupyterLab's own components: the same notebook panel, kernel
 # indicator and Lumino menu bar, so the helpers below serve both.
 
-KERNEL_START_TIMEOUT_MS = 60_000
+KERNEL_START_TIMEOUT_MS = 120_000
 
 
 def wait_for_lab_kernel_idle(page: Page, timeout_ms: float = KERNEL_START_TIMEOUT_MS,
@@ -779,7 +775,8 @@ def run_in_notebook_kernel(server: Server, notebook: str, code: str,
 
 
 def _open_notebook_page(page: Page, server: Server, path: str) -> None:
-    page.goto(f"{server.url}{path}")
+    # The page loads megabytes of JupyterLab's scripts: slow on a busy machine.
+    page.goto(f"{server.url}{path}", timeout=KERNEL_START_TIMEOUT_MS)
     page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(timeout=KERNEL_START_TIMEOUT_MS)
     wait_for_lab_kernel_idle(page, server=server)
 
@@ -812,7 +809,7 @@ def run_all_cells_in_lab(page: Page, attempts: int = 2) -> None:
         page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
         page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
         try:
-            prompt.filter(has_text=re.compile(r"\[(\*|\d+)\]")).wait_for(timeout=10_000)
+            prompt.filter(has_text=re.compile(r"\[(\*|\d+)\]")).wait_for(timeout=20_000)
             return
         except PlaywrightTimeout:
             if attempt == attempts:
@@ -840,7 +837,10 @@ def start_explorer_in_notebook7(page: Page, server: Server, name: str = NOTEBOOK
 
 def start_explorer_in_voila(page: Page, server: Server) -> str:
     """Load the Voilà page (which runs the notebook) and wait for the first heatmap."""
-    page.goto(f"{server.url}/")
+    # The page loads only once Voilà has run the notebook's cells (a kernel started, torch
+    # imported, the model loaded): the page's default limit, meant for an update, is too
+    # short for that on a busy machine.
+    page.goto(f"{server.url}/", timeout=FIRST_RENDER_TIMEOUT_MS)
     return wait_for_heatmap(page)
 
 

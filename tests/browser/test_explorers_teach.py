@@ -67,10 +67,11 @@ def ascent_page(browser, jupyterlab_server, notebook_root: Path) -> Iterator:
         # A workspace of its own, so that JupyterLab does not reopen this notebook beside the
         # explorer's on the other tests' pages (they read the page's first figure).
         page.goto(f"{jupyterlab_server.url}/lab/workspaces/ascent-explorer/tree/"
-                  f"{ASCENT_NOTEBOOK}")
+                  f"{ASCENT_NOTEBOOK}", timeout=harness.KERNEL_START_TIMEOUT_MS)
         page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(
             timeout=harness.KERNEL_START_TIMEOUT_MS)
-        harness.wait_for_lab_kernel_idle(page)
+        # With the server: a kernel that started before Lab drew its indicator still counts.
+        harness.wait_for_lab_kernel_idle(page, server=jupyterlab_server)
         harness.run_all_cells_in_lab(page)
         harness.wait_for_js(page, "() => document.querySelectorAll('.js-plotly-plot').length"
                             " >= 3", None, harness.FIRST_RENDER_TIMEOUT_MS,

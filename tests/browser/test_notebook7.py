@@ -25,7 +25,8 @@ def test_run_all_draws_the_heatmaps(notebook7_explorer):
     summary = harness.heatmap_summary(page)
     assert summary is not None and summary["count"] > 0
     # The pullback and the plain gradient: drawn one after the other, the second a moment later.
-    page.wait_for_function(f"() => ({HEATMAP_FIGURES_JS})() >= 2", timeout=60_000)
+    page.wait_for_function(f"() => ({HEATMAP_FIGURES_JS})() >= 2",
+                           timeout=harness.FIRST_RENDER_TIMEOUT_MS)
     harness.assert_figures_drawn_from_one_bundle(page)
     harness.temperature_slider(page).scroll_into_view_if_needed()
     harness.save_screenshot(page, "notebook7-explorer")
@@ -84,6 +85,7 @@ def test_arrow_keys_go_to_the_notebook_not_the_slider(notebook7_explorer):
     assert harness.temperature_readout(page) == readout, moved
     assert harness.temperature_handle(page).evaluate("(el) => el === document.activeElement")
     page.keyboard.press("ArrowUp")
-    harness.wait_for_js(page, f"() => ({ACTIVE_CELL_JS})() === {cell - 1}", None, 5_000,
+    harness.wait_for_js(page, f"() => ({ACTIVE_CELL_JS})() === {cell - 1}", None,
+                        harness.UPDATE_TIMEOUT_MS,
                         "ArrowUp on the focused slider did not select the cell above")
     assert harness.temperature_readout(page) == readout

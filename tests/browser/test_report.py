@@ -47,7 +47,7 @@ def _open(browser, report: Path, init_script: str | None = None):
         route.abort()
 
     page.route(lambda url: not url.startswith("file:"), refuse)
-    page.goto(report.as_uri())
+    page.goto(report.as_uri(), timeout=DRAW_TIMEOUT_MS)  # 6.5 MB: slow on a busy machine
     return page, errors, fetched
 
 

@@ -10,7 +10,11 @@ under ``torchrun`` (one process per GPU or CPU slot, ``gloo`` on CPU, ``nccl`` o
   :func:`folder_items` makes them from files and folders (searched recursively, every
   non-hidden file tried, torchvision's ImageFolder layout for labels).
 - **Sharding.** Rank r of W takes items r, r + W, r + 2W, ... of the item list (sorted by name
-  for folders): deterministic, and every rank knows every other rank's share.
+  for folders): deterministic, and every rank knows every other rank's share. So every rank
+  must be given the same items, settings, model weights and output: a run whose ranks were
+  not is refused before any work. The ranks meet between the run's steps; an error in one
+  ends the run in all (the others name its rank and reason), none waits for a rank that has
+  given up.
 - **Output.** Each batch of each method is written to its own part file in ``OUT.parts/``,
   atomically (a temporary file, then a rename), so a run killed at any moment loses at most
   the batch in flight and never leaves half a row. After every rank is done, rank 0 merges the
@@ -797,15 +801,41 @@ class _World:
     owned: bool = False  # this run started the process group, so it ends it
 
     def gather(self, value: object) -> list[object]:
+        """Every rank's ``value``, by rank, on every rank."""
         if not self.initialised:
             return [value]
         gathered: list[object] = [None] * self.size
-        torch.distributed.all_gather_object(gathered, value)
+        try:
+            torch.distributed.all_gather_object(gathered, value)
+        except RuntimeError as error:  # gloo's "Connection closed by peer", a timeout
+            raise PullbackWidgetsError(
+                "a process of the run stopped (killed, or it left the process group) or stopped "
+                "answering: see its output; --resume continues from the rows written"
+            ) from error
         return gathered
 
-    def barrier(self) -> None:
-        if self.initialised:
-            torch.distributed.barrier()
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """A part of the run that every rank does, ended together: an error on one rank ends
+        the run on every rank (there as it is, on the others as a PullbackWidgetsError that
+        names the rank and its reason). Else the others waited for it at their next meeting,
+        for ever where its process lived on (a caller that caught the error)."""
+        try:
+            yield
+        except Exception as error:
+            with contextlib.suppress(PullbackWidgetsError):  # a broken group: ours stands
+                self.gather(_reason(error))
+            raise
+        for rank, reason in enumerate(self.gather(None)):
+            if reason is not None:
+                raise PullbackWidgetsError(f"rank {rank} of {self.size} failed: {reason}")
+
+
+def _reason(error: Exception) -> str:
+    """An error as one line for the other ranks: a user error's message, else with its type."""
+    if isinstance(error, PullbackWidgetsError):
+        return first_line(error)
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def _environment_int(name: str, default: str, minimum: int) -> int:
@@ -826,15 +856,21 @@ def _environment_int(name: str, default: str, minimum: int) -> int:
 def _join_world() -> _World:
     """This process's place among torchrun's (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), or
     in the process group the caller started (its rank and size: it may have been started
-    without those variables); a world of one without either. GPU ``LOCAL_RANK`` and NCCL
-    where CUDA is available, else the CPU and gloo."""
+    without those variables); a world of one without either. GPU ``LOCAL_RANK`` (in the
+    caller's group without it: the GPU it chose) and NCCL where CUDA is available, else the CPU
+    and gloo."""
     joined = torch.distributed.is_available() and torch.distributed.is_initialized()
     if joined:  # read from the environment, every process would run every image
         size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     else:
         size = _environment_int("WORLD_SIZE", "1", 1)
         rank = _environment_int("RANK", "0", 0)
-    local = _environment_int("LOCAL_RANK", "0", 0)
+    if joined and "LOCAL_RANK" not in os.environ and torch.cuda.is_available():
+        # The GPU the caller chose (torch.cuda.set_device): LOCAL_RANK's default, 0, put every
+        # rank of its group on GPU 0 (NCCL refuses two ranks on one GPU).
+        local = torch.cuda.current_device()
+    else:
+        local = _environment_int("LOCAL_RANK", "0", 0)
     if rank >= size:  # its share would be empty, and the process group would wait for it
         raise PullbackWidgetsError(f"RANK {rank} is not below WORLD_SIZE {size}: start the "
                                    "processes with torchrun")
@@ -892,9 +928,10 @@ def _load_batch(items: Sequence[Item], size: int, skipped: list[tuple[str, str]]
 def _evaluate_shard(items: Sequence[Item], model: nn.Module, settings: EvaluationSettings,
                     methods: Mapping[str, Explainer], world: _World, out: Path,
                     done: set[tuple[str, int, str, str]],
-                    progress: bool) -> tuple[int, list[tuple[str, str]]]:
+                    progress: bool) -> tuple[int, list[tuple[str, str]], list[str]]:
     """Score this rank's share; each (batch, method) goes to its own part file. Returns the
-    number of images that got new rows, and the files skipped as unreadable."""
+    number of images that got new rows, the files skipped as unreadable, and the names of the
+    part files written."""
     randomised = (randomised_copy(model, settings.seed)
                   if "randomisation" in settings.metrics else None)
     k = settings.top_k()
@@ -906,7 +943,8 @@ def _evaluate_shard(items: Sequence[Item], model: nn.Module, settings: Evaluatio
     parts = _parts_dir(out)
     parts.mkdir(exist_ok=True)
     stamp = f"{time.time_ns():x}-r{world.rank:05d}"
-    written, evaluated, skipped = 0, 0, []
+    written: list[str] = []  # the part files, by name: rank 0 checks that it sees them
+    evaluated, skipped = 0, []
     bar = tqdm(total=len(items), desc=f"rank {world.rank}", unit="image", position=world.rank,
                file=sys.stderr, disable=not progress, dynamic_ncols=True)
     with bar:
@@ -931,13 +969,13 @@ def _evaluate_shard(items: Sequence[Item], model: nn.Module, settings: Evaluatio
                         continue
                     rows = _score(model, x, masks, todo, kept, method, explain, settings,
                                   randomised)
-                    path = parts / f"{stamp}-{written:06d}{_PART_SUFFIX}"
+                    path = parts / f"{stamp}-{len(written):06d}{_PART_SUFFIX}"
                     atomic_write(path, lambda tmp, rows=rows: _write_csv(tmp, rows))
-                    written += 1
+                    written.append(path.name)
                     scored.update(i for i, _, _ in todo)
                 evaluated += len(scored)
             bar.update(len(chunk))
-    return evaluated, skipped
+    return evaluated, skipped, written
 
 
 def _score(model: nn.Module, x: Tensor, masks: Tensor | None,
@@ -1084,6 +1122,46 @@ def _write_settings(out: Path, settings: EvaluationSettings, extra: Mapping[str,
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def _run_identity(settings: EvaluationSettings, sources: Mapping[str, str],
+                  items: Sequence[Item], out: Path, resume: bool) -> dict[str, object]:
+    """What every rank of one run must be given alike: its settings field by field (a model
+    passed in is named there with a digest of its weights), the methods' sources, the items'
+    names and labels (as a digest), the output as given and ``resume``."""
+    listed = repr([(item.name, item.label) for item in items])
+    return {**dataclasses.asdict(settings), "methods' sources": dict(sources),
+            "items": hashlib.sha256(listed.encode("utf-8", "backslashreplace")).hexdigest(),
+            "out": str(out), "resume": resume}
+
+
+def _check_same_run(world: _World, identity: Mapping[str, object]) -> None:
+    """Refuse, on every rank and before any work, ranks given other items, settings, model or
+    output than rank 0: each takes its share of its own list and writes beside its own
+    output, and rank 0 merges by its own, so the merged output missed images and held others
+    twice, or mixed rows of two settings or two models, without a word."""
+    gathered = world.gather(identity)
+    first = gathered[0]
+    for rank, theirs in enumerate(gathered[1:], 1):
+        differ = [key for key in {**first, **theirs} if first.get(key) != theirs.get(key)]
+        if differ:
+            raise PullbackWidgetsError(
+                f"rank {rank} of {world.size} was given other {', '.join(differ)} than rank 0: "
+                "every process of a run must pass the same items, settings, model weights and "
+                "out (each takes its share of its own list)")
+
+
+def _check_shares_here(out: Path, written: Sequence[Sequence[str]]) -> None:
+    """Refuse to merge without a rank's rows: the part files each rank wrote (``written``, by
+    rank) must be in rank 0's parts folder. A rank writes beside its own ``out``: a relative
+    one from another folder, or a folder on another node's disk, is not rank 0's."""
+    here = {part.name for part in _finished_parts(out)}
+    for rank, names in enumerate(written):
+        if not here.issuperset(names):
+            raise PullbackWidgetsError(
+                f"rank {rank}'s rows are not where rank 0 merges them "
+                f"({str(_parts_dir(out))!r}): every process must write the same --out, in a "
+                "folder they all share; its rows stay in its own parts folder")
+
+
 def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
              out: str | os.PathLike, *, resume: bool = False, model: nn.Module | None = None,
              methods: Mapping[str, Explainer] | None = None,
@@ -1091,7 +1169,10 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
     """Score every item for every method and metric of ``settings``; see the module docstring.
 
     Call it in every process of a torchrun job (or in one process): each takes its share,
-    rank 0 merges and returns the :class:`RunReport`; the other ranks return None. ``model``:
+    rank 0 merges and returns the :class:`RunReport`; the other ranks return None, once the
+    output is written. Every process must pass the same items, settings, model weights and
+    ``out`` (refused otherwise); an error in one process ends the run in all of them, the
+    others raising a PullbackWidgetsError that names its rank and reason. ``model``:
     an already loaded network (default: ``load_model(settings.model)`` on this rank's
     device). ``methods``: name -> :data:`~.methods.Explainer` to evaluate instead of
     ``settings.methods`` (e.g. a grid of pullback temperatures). Raises
@@ -1099,96 +1180,110 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
     settings that a resumed run does not share.
     """
     began = time.perf_counter()
-    if methods is None:
-        check_methods(list(settings.methods))
-    else:
-        settings = dataclasses.replace(settings, methods=tuple(methods))
-    if model is not None:  # recorded (and checked on resume) as the model that ran
-        settings = dataclasses.replace(settings, model=_model_record(model))
-    sources = _method_sources(methods, settings)
-    out = check_output(out, resume)
-    started_in = _check_resume_settings(out, settings, resume, sources)
-    items = [as_item(item) for item in items]
-    names = [item.name for item in items]
-    if len(set(names)) != len(names):
-        raise PullbackWidgetsError("item names must be unique")
-    if out.suffix.lower() == ".parquet":
-        _check_parquet_names(names)
-    if settings.top_k() is None and any(item.label is None for item in items):
-        raise PullbackWidgetsError("targets='label' needs a label for every image "
-                                   "(--labels-from-folders)")
-    needs_mask = [m for m in settings.metrics if m in MASK_METRICS]
-    if needs_mask and any(item.mask is None for item in items):
-        raise PullbackWidgetsError(f"metric(s) {', '.join(needs_mask)} need an evidence mask "
-                                   "for every image (--synthetic N)")
-    if needs_mask:
-        for item in items:
-            _check_mask(item, settings.image_size)
     world = _join_world()
     lock = None
     try:
-        world.barrier()  # every rank has checked the output before rank 0 writes there
-        if model is None:
-            from ..models import load_model
+        # Each step ends on every rank together, and an error in it on one rank ends the run
+        # on all: no rank waits for one that has given up.
+        with world.step():  # every rank checks what it was given before any rank writes
+            if methods is None:
+                check_methods(list(settings.methods))
+            else:
+                settings = dataclasses.replace(settings, methods=tuple(methods))
+            if model is not None:  # recorded (and checked on resume) as the model that ran
+                settings = dataclasses.replace(settings, model=_model_record(model))
+            sources = _method_sources(methods, settings)
+            out = check_output(out, resume)
+            started_in = _check_resume_settings(out, settings, resume, sources)
+            items = [as_item(item) for item in items]
+            names = [item.name for item in items]
+            if len(set(names)) != len(names):
+                raise PullbackWidgetsError("item names must be unique")
+            if out.suffix.lower() == ".parquet":
+                _check_parquet_names(names)
+            if settings.top_k() is None and any(item.label is None for item in items):
+                raise PullbackWidgetsError("targets='label' needs a label for every image "
+                                           "(--labels-from-folders)")
+            needs_mask = [m for m in settings.metrics if m in MASK_METRICS]
+            if needs_mask and any(item.mask is None for item in items):
+                raise PullbackWidgetsError(f"metric(s) {', '.join(needs_mask)} need an evidence "
+                                           "mask for every image (--synthetic N)")
+            if needs_mask:
+                for item in items:
+                    _check_mask(item, settings.image_size)
+            identity = _run_identity(settings, sources, items, out, resume)
+        _check_same_run(world, identity)
+        with world.step():
+            if model is None:
+                from ..models import load_model
 
-            model = load_model(settings.model, device=world.device)
-        explainers = settings.explainers(model) if methods is None else dict(methods)
-        # Also: does the model run at that size, and how many classes has it, before anything
-        # is written.
-        notices, classes = gating_probe(
-            model, settings.image_size,
-            pullbacks=any(name.startswith("pullback") for name in explainers))
-        k = settings.top_k()
-        if k is not None and k > classes:
-            raise PullbackWidgetsError(f"top-{k} asks for more classes than the model's "
-                                       f"{classes}")
-        if k is None:  # a label past the logits failed mid-run, inside a method's gather
-            for item in items:  # (an Item made directly has an unchecked label)
-                if check_index(item.label, f"{item.name}: label") >= classes:
-                    raise PullbackWidgetsError(f"{item.name}: label {item.label} is not a class "
-                                               f"of the model, which has {classes}")
-        if methods is not None:
-            notices = (*notices, "the methods were passed in as functions: the temperature, gate "
-                       "and pool_weights above are those of the built-in pullback, not theirs")
+                model = load_model(settings.model, device=world.device)
+            explainers = settings.explainers(model) if methods is None else dict(methods)
+            # Also: does the model run at that size, and how many classes has it, before
+            # anything is written.
+            notices, classes = gating_probe(
+                model, settings.image_size,
+                pullbacks=any(name.startswith("pullback") for name in explainers))
+            k = settings.top_k()
+            if k is not None and k > classes:
+                raise PullbackWidgetsError(f"top-{k} asks for more classes than the model's "
+                                           f"{classes}")
+            if k is None:  # a label past the logits failed mid-run, inside a method's gather
+                for item in items:  # (an Item made directly has an unchecked label)
+                    if check_index(item.label, f"{item.name}: label") >= classes:
+                        raise PullbackWidgetsError(f"{item.name}: label {item.label} is not a "
+                                                   f"class of the model, which has {classes}")
+            if methods is not None:
+                notices = (*notices, "the methods were passed in as functions: the temperature, "
+                           "gate and pool_weights above are those of the built-in pullback, not "
+                           "theirs")
+
         def rows_done() -> set[tuple]:
             return {row[:4] for row in _existing_rows(out, names, started_in)} if resume \
                 else set()
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if world.rank == 0:
-            lock = OutputLock(out)
-            # Again, now that no other run writes here: one may have, since the first checks.
-            check_output(out, resume)
-            _check_resume_settings(out, settings, resume, sources)
-            done = rows_done()  # before anything is written: a damaged output changes nothing
-            _write_settings(out, settings, {"world_size": world.size, "status": "running",
-                                            "cwd": started_in, "method_sources": sources})
-        world.barrier()  # rank 0 holds the lock: what is done no longer changes
-        if world.rank != 0:
-            done = rows_done()
-        world.barrier()  # every rank has read what is done before anyone writes a part
-        evaluated, skipped = _evaluate_shard(items[world.rank::world.size], model, settings,
-                                             explainers, world, out, done, progress)
-        counts = world.gather((evaluated, skipped))  # also the barrier before the merge
-        if world.rank != 0:
-            return None
-        evaluated = sum(n for n, _ in counts)
-        skipped = [entry for _, entries in counts for entry in entries]
-        rows = _merge(_existing_rows(out), items, settings)
-        parquet = out.suffix.lower() == ".parquet"
-        atomic_write(out, lambda tmp: _write_rows(tmp, rows, parquet))
-        shutil.rmtree(_parts_dir(out), ignore_errors=True)
-        seconds = time.perf_counter() - began
-        summary = summarise(rows, settings, images=evaluated, skipped=skipped,
-                            seconds=seconds, world_size=world.size, notices=notices)
-        atomic_write(summary_path(out), lambda tmp: tmp.write_text(summary, encoding="utf-8",
-                                                                     errors="replace"))
-        _write_settings(out, settings, {"world_size": world.size, "status": "complete",
-                                        "cwd": started_in, "method_sources": sources,
-                                        "images": evaluated, "skipped": skipped,
-                                        "rows": len(rows), "seconds": round(seconds, 3),
-                                        "notices": list(notices)})
-        return RunReport(rows, summary, evaluated, skipped, seconds)
+        with world.step():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if world.rank == 0:
+                lock = OutputLock(out)
+                # Again, now that no other run writes here: one may have, since the first
+                # checks.
+                check_output(out, resume)
+                _check_resume_settings(out, settings, resume, sources)
+                done = rows_done()  # before anything is written: a damaged output changes nothing
+                _write_settings(out, settings, {"world_size": world.size, "status": "running",
+                                                "cwd": started_in, "method_sources": sources})
+        with world.step():  # rank 0 holds the lock: what is done no longer changes
+            if world.rank != 0:
+                done = rows_done()
+        # Every rank has read what is done before any writes a part.
+        with world.step():
+            evaluated, skipped, written = _evaluate_shard(
+                items[world.rank::world.size], model, settings, explainers, world, out, done,
+                progress)
+        shares = world.gather((evaluated, skipped, written))
+        report = None
+        with world.step():  # every rank returns once the output is written, or with the error
+            if world.rank == 0:
+                _check_shares_here(out, [parts for _, _, parts in shares])
+                evaluated = sum(n for n, _, _ in shares)
+                skipped = [entry for _, entries, _ in shares for entry in entries]
+                rows = _merge(_existing_rows(out), items, settings)
+                parquet = out.suffix.lower() == ".parquet"
+                atomic_write(out, lambda tmp: _write_rows(tmp, rows, parquet))
+                shutil.rmtree(_parts_dir(out), ignore_errors=True)
+                seconds = time.perf_counter() - began
+                summary = summarise(rows, settings, images=evaluated, skipped=skipped,
+                                    seconds=seconds, world_size=world.size, notices=notices)
+                atomic_write(summary_path(out), lambda tmp: tmp.write_text(
+                    summary, encoding="utf-8", errors="replace"))
+                _write_settings(out, settings, {"world_size": world.size, "status": "complete",
+                                                "cwd": started_in, "method_sources": sources,
+                                                "images": evaluated, "skipped": skipped,
+                                                "rows": len(rows), "seconds": round(seconds, 3),
+                                                "notices": list(notices)})
+                report = RunReport(rows, summary, evaluated, skipped, seconds)
+        return report
     finally:
         if lock is not None:
             lock.release()

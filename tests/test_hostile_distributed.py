@@ -1,0 +1,268 @@
+"""A hostile user against the evaluation runner's multi-process paths: process groups the caller
+started (gloo on CPU, two ranks in subprocesses) and torchrun. Each test failed before its fix:
+a merged output that silently missed images or mixed settings, a rank that waited for one that
+had given up, a torch traceback where a one-line error belongs.
+
+Small on purpose (16 px images, a tiny model, one method and metric): the point is how the ranks
+meet, not the metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pullback_widgets import cli
+from pullback_widgets import evaluation as ev
+from pullback_widgets.evaluation import runner
+from tests.ports import reserved_port
+from tests.test_evaluation import _relu6_net
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 240  # the CI host is slow and shared
+
+# Every scenario runs in both ranks of one process group, one after the other; each prints
+# "scenario|seconds|outcome". Rank 1 is the one given something else, or the one that fails.
+_GROUP = """
+import os, signal, sys, time, torch, pullback_widgets.evaluation as ev
+from tests.test_evaluation import SmallReLU6Net, _relu6_net
+rank, port, base, scenarios = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                     rank=rank, world_size=2)
+images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+ITEMS = [(f"image-{i}", images[i], i % 3) for i in range(6)]
+for scenario in scenarios:
+    folder = os.path.join(base, scenario)
+    os.makedirs(folder, exist_ok=True)
+    os.chdir(folder)
+    items, model, out, resume = list(ITEMS), _relu6_net(), "r.csv", False
+    fields = dict(methods=("gradient",), metrics=("deletion",), targets="label",
+                  image_size=16, steps=4, batch_size=1)
+    if scenario == "late" and rank == 0:
+        time.sleep(3)  # rank 1 has checked everything and waits
+    if rank == 1:
+        if scenario == "items":  # its listing missed a file
+            items = items[1:]
+        elif scenario == "steps":
+            fields["steps"] = 8
+        elif scenario == "weights":  # a model made without a seed
+            model = SmallReLU6Net().double().eval()
+        elif scenario == "out":
+            out = "r-1.csv"
+        elif scenario == "elsewhere":  # the same name in another folder (another node's disk)
+            os.makedirs("../rank-1s-own", exist_ok=True)
+            os.chdir("../rank-1s-own")
+        elif scenario == "names":
+            items.append(items[0])
+        elif scenario in ("fails", "killed"):  # its second image (image-3) cannot be had
+
+            def lost():
+                if scenario == "killed":
+                    os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer, a node lost
+                raise RuntimeError("the data server went away")
+
+            items[3] = ("image-3", lost, 0)
+    if scenario == "resumed":  # of "fails", whose parts are there
+        out, resume = os.path.join(base, "fails", "r.csv"), True
+    started = time.monotonic()
+    try:
+        ev.evaluate(items, ev.EvaluationSettings(**fields), out, model=model, resume=resume,
+                    progress=False)
+        outcome = f"ok, {len(ev.read_rows(out))} rows"  # on every rank, once it returns
+    except Exception as error:
+        outcome = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    print(f"{scenario}|{time.monotonic() - started:.1f}|{outcome}", flush=True)
+os._exit(0)  # every run has ended together; a killed rank's group cannot be ended cleanly
+"""
+
+
+def _env() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return env
+
+
+def _in_a_group(base: Path, *scenarios: str) -> list[dict[str, tuple[float, str]]]:
+    """Run ``scenarios`` in a two-rank process group; per rank, scenario -> (seconds,
+    outcome) for each scenario it finished."""
+    port = str(reserved_port())  # rank 0's store binds it; no other process may take it first
+    # Each rank's output to a file: a pipe nobody reads while the test waits for the other rank
+    # could fill, and the ranks wait for each other.
+    logs = [base / f"rank{rank}.log" for rank in (0, 1)]
+    processes = []
+    try:
+        for rank, log in enumerate(logs):
+            with log.open("w") as output:
+                processes.append(subprocess.Popen(
+                    [sys.executable, "-c", _GROUP, str(rank), port, str(base), *scenarios],
+                    env=_env(), cwd=ROOT, stdout=output, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + TIMEOUT
+        for process in processes:  # one that waits past it shows as the scenarios it lacks
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:  # a rank left waiting for the other must not outlive the test
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    outputs = [log.read_text() for log in logs]
+    results = []
+    for output in outputs:
+        found = {}
+        for line in output.splitlines():
+            scenario, seconds, outcome = [*line.split("|", 2), "", ""][:3]
+            if scenario in scenarios and outcome:
+                found[scenario] = (float(seconds), outcome)
+        results.append(found)
+    return results
+
+
+def _reference(tmp_path: Path) -> list[tuple]:
+    """The six images' rows from one process."""
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    items = [(f"image-{i}", images[i], i % 3) for i in range(6)]
+    settings = ev.EvaluationSettings(methods=("gradient",), metrics=("deletion",),
+                                     targets="label", image_size=16, steps=4, batch_size=1)
+    return ev.evaluate(items, settings, tmp_path / "reference.csv", model=_relu6_net(),
+                       progress=False).rows
+
+
+def test_ranks_given_other_items_settings_model_or_output_are_refused_on_every_rank(tmp_path):
+    # Each rank takes its share of its own list and rank 0 merges: a rank whose listing missed
+    # a file ran images 2 and 4 again and none of 1, 3 and 5; the merged output held three
+    # images of six, or rows of two step counts or two models, without a word. A rank writing
+    # its parts where rank 0 does not look (another --out, another folder) lost its rows.
+    ranks = _in_a_group(tmp_path, "late", "items", "steps", "weights", "out", "elsewhere")
+    # Rank 1 returned while rank 0 still merged, and found no output, or an older one.
+    assert [ranks[rank]["late"][1] for rank in (0, 1)] == ["ok, 6 rows"] * 2, ranks
+    assert [r[0] for r in runner.read_rows(tmp_path / "late" / "r.csv")] == \
+        [f"image-{i}" for i in range(6)]
+    for scenario, differs in [("items", "items"), ("steps", "steps"), ("weights", "model"),
+                              ("out", "out")]:
+        for rank in (0, 1):
+            outcome = ranks[rank][scenario][1]
+            assert outcome.startswith("PullbackWidgetsError: rank 1 of 2 was given other"), \
+                (scenario, rank, outcome)
+            assert differs in outcome.split(" than rank 0")[0], (scenario, outcome)
+        assert not (tmp_path / scenario / "r.csv").exists()
+    assert ranks[0]["elsewhere"][1].startswith(
+        "PullbackWidgetsError: rank 1's rows are not where rank 0 merges"), ranks[0]
+    assert ranks[1]["elsewhere"][1].startswith("PullbackWidgetsError: rank 0 of 2 failed: "
+                                               "rank 1's rows"), ranks[1]
+    assert not (tmp_path / "elsewhere" / "r.csv").exists()
+
+
+def test_a_rank_that_fails_stops_every_rank_with_its_reason_and_the_run_resumes(tmp_path):
+    # Rank 1 raised (before the first meeting, or mid-run) and its caller went on: rank 0
+    # waited for it at the next meeting until rank 1's process ended (30 minutes, torch's
+    # default, had it lived on), then failed with gloo's "Connection closed by peer".
+    ranks = _in_a_group(tmp_path, "names", "fails", "resumed")
+    assert ranks[1]["names"][1] == "PullbackWidgetsError: item names must be unique", ranks
+    assert ranks[0]["names"][1] == ("PullbackWidgetsError: rank 1 of 2 failed: item names must "
+                                    "be unique"), ranks
+    assert ranks[1]["fails"][1] == "RuntimeError: the data server went away", ranks
+    assert ranks[0]["fails"][1] == ("PullbackWidgetsError: rank 1 of 2 failed: RuntimeError: "
+                                    "the data server went away"), ranks
+    assert [ranks[rank]["resumed"][1] for rank in (0, 1)] == ["ok, 6 rows"] * 2, ranks
+    rows = runner.read_rows(tmp_path / "fails" / "r.csv")
+    reference = _reference(tmp_path)
+    assert [r[:4] for r in rows] == [r[:4] for r in reference]  # every image once, in order
+    torch.testing.assert_close([r[4] for r in rows], [r[4] for r in reference])
+
+
+def test_a_killed_rank_is_one_line_on_the_other_and_one_process_resumes_its_run(tmp_path):
+    # gloo's own RuntimeError ("Connection closed by peer ... GLHF!") reached the caller.
+    ranks = _in_a_group(tmp_path, "killed")
+    assert "killed" not in ranks[1]  # it was
+    outcome = ranks[0]["killed"][1]  # a rank that waited past TIMEOUT has no outcome
+    assert outcome.startswith("PullbackWidgetsError: a process of the run stopped"), outcome
+    parts = tmp_path / "killed" / "r.csv.parts"
+    kept = [row for part in parts.glob("*.csv") for row in runner.read_rows(part)]
+    assert 0 < len(kept) < 6  # rank 0's images, rank 1's first
+    # Resumed in one process (a world of another size): the rows already there are kept.
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    items = [(f"image-{i}", images[i], i % 3) for i in range(6)]
+    settings = ev.EvaluationSettings(methods=("gradient",), metrics=("deletion",),
+                                     targets="label", image_size=16, steps=4, batch_size=1)
+    report = ev.evaluate(items, settings, tmp_path / "killed" / "r.csv", model=_relu6_net(),
+                         resume=True, progress=False)
+    assert report.images == 6 - len(kept)
+    reference = _reference(tmp_path)
+    assert [r[:4] for r in report.rows] == [r[:4] for r in reference]
+    torch.testing.assert_close([r[4] for r in report.rows], [r[4] for r in reference])
+    assert all(row in report.rows for row in kept)
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone",
+               "--nproc-per-node", "2", "-m", "pullback_widgets.cli", "evaluate", *args]
+    return subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+
+
+SYNTHETIC = ["--synthetic", "5", "--image-size", "32", "--methods", "gradient", "pullback",
+             "--metrics", "mass", "pointing", "--batch-size", "2"]
+
+
+def _main(*args: str) -> int:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return cli.main(["evaluate", *args])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_torchrun_resumes_a_one_process_run_and_its_ranks_fail_in_one_line(tmp_path):
+    one, out = tmp_path / "one.csv", tmp_path / "r.csv"
+    assert _main(*SYNTHETIC, "--out", str(one)) == 0
+    assert _main(*SYNTHETIC, "--limit", "2", "--out", str(out)) == 0  # two of five images
+    done = _torchrun(*SYNTHETIC, "--resume", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows, reference = runner.read_rows(out), runner.read_rows(one)
+    assert [r[:4] for r in rows] == [r[:4] for r in reference]  # each image once, in order
+    # (float32 sums over batches of other images: the last bits differ)
+    torch.testing.assert_close([r[4] for r in rows], [r[4] for r in reference], rtol=1e-5,
+                               atol=1e-7)
+
+    # Another run holds the output: rank 0 refuses, and rank 1, which waited for it, said so
+    # with gloo's traceback. (torchrun may end rank 1 before it prints its line, once rank 0
+    # has ended: one line or two.)
+    held = runner.OutputLock(out)
+    try:
+        done = _torchrun(*SYNTHETIC, "--resume", "--out", str(out))
+    finally:
+        held.release()
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if "pullback-widgets: error:" in line]
+    assert 1 <= len(lines) <= 2, done.stderr[-3000:]
+    assert all("another run is writing" in line for line in lines), lines
+    assert "[rank1]: Traceback" not in done.stderr and "[rank0]: Traceback" not in done.stderr
+    assert runner.read_rows(out) == rows
+
+
+def test_a_caller_started_group_keeps_the_gpu_each_rank_chose(monkeypatch):
+    # Without LOCAL_RANK (init_method="tcp://...", mp.spawn), every rank was put on GPU 0,
+    # undoing the caller's torch.cuda.set_device(rank): NCCL refuses two ranks on one GPU, and
+    # a model the caller had placed on its GPU met images on GPU 0.
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    chosen = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    world = runner._join_world()
+    assert (world.rank, world.size, world.owned) == (1, 2, False)
+    assert world.device == torch.device("cuda", 1)
+    assert all(torch.device(device) == torch.device("cuda", 1) for device in chosen)

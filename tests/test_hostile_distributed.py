@@ -9,6 +9,7 @@ meet, not the metrics."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import os
 import subprocess
@@ -89,9 +90,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _in_a_group(base: Path, *scenarios: str) -> list[dict[str, tuple[float, str]]]:
-    """Run ``scenarios`` in a two-rank process group; per rank, scenario -> (seconds,
-    outcome) for each scenario it finished."""
+def _in_a_group(base: Path, *scenarios: str,
+                script: str = _GROUP) -> list[dict[str, tuple[float, str]]]:
+    """Run ``scenarios`` of ``script`` in a two-rank process group; per rank, scenario ->
+    (seconds, outcome) for each scenario it finished."""
     port = str(reserved_port())  # rank 0's store binds it; no other process may take it first
     # Each rank's output to a file: a pipe nobody reads while the test waits for the other rank
     # could fill, and the ranks wait for each other.
@@ -101,7 +103,7 @@ def _in_a_group(base: Path, *scenarios: str) -> list[dict[str, tuple[float, str]
         for rank, log in enumerate(logs):
             with log.open("w") as output:
                 processes.append(subprocess.Popen(
-                    [sys.executable, "-c", _GROUP, str(rank), port, str(base), *scenarios],
+                    [sys.executable, "-c", script, str(rank), port, str(base), *scenarios],
                     env=_env(), cwd=ROOT, stdout=output, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + TIMEOUT
         for process in processes:  # one that waits past it shows as the scenarios it lacks
@@ -144,19 +146,15 @@ def test_ranks_given_other_items_settings_model_or_output_are_refused_on_every_r
     assert [ranks[rank]["late"][1] for rank in (0, 1)] == ["ok, 6 rows"] * 2, ranks
     assert [r[0] for r in runner.read_rows(tmp_path / "late" / "r.csv")] == \
         [f"image-{i}" for i in range(6)]
+    # (A relative out from another folder is another file: refused before any work too.)
     for scenario, differs in [("items", "items"), ("steps", "steps"), ("weights", "model"),
-                              ("out", "out")]:
+                              ("out", "out"), ("elsewhere", "out")]:
         for rank in (0, 1):
             outcome = ranks[rank][scenario][1]
             assert outcome.startswith("PullbackWidgetsError: rank 1 of 2 was given other"), \
                 (scenario, rank, outcome)
             assert differs in outcome.split(" than rank 0")[0], (scenario, outcome)
         assert not (tmp_path / scenario / "r.csv").exists()
-    assert ranks[0]["elsewhere"][1].startswith(
-        "PullbackWidgetsError: rank 1's rows are not where rank 0 merges"), ranks[0]
-    assert ranks[1]["elsewhere"][1].startswith("PullbackWidgetsError: rank 0 of 2 failed: "
-                                               "rank 1's rows"), ranks[1]
-    assert not (tmp_path / "elsewhere" / "r.csv").exists()
 
 
 def test_a_rank_that_fails_stops_every_rank_with_its_reason_and_the_run_resumes(tmp_path):
@@ -266,3 +264,233 @@ def test_a_caller_started_group_keeps_the_gpu_each_rank_chose(monkeypatch):
     assert (world.rank, world.size, world.owned) == (1, 2, False)
     assert world.device == torch.device("cuda", 1)
     assert all(torch.device(device) == torch.device("cuda", 1) for device in chosen)
+
+
+def _as_reference(path: Path, tmp_path: Path) -> None:
+    """The output at ``path`` holds the single-process rows: every image once, in order (the
+    values to rounding: the threads of this process may sum in another order)."""
+    rows, reference = runner.read_rows(path), _reference(tmp_path)
+    assert [r[:4] for r in rows] == [r[:4] for r in reference]
+    torch.testing.assert_close([r[4] for r in rows], [r[4] for r in reference])
+
+
+# Scenarios of a caller that catches whatever evaluate raises (a notebook's Ctrl-C too) and
+# calls it again: "NAME-again" resumes the run of "NAME" in the same process group. The group
+# waits 120 s at most: a rank left waiting fails then instead of after torch's 30 minutes.
+_AGAIN = """
+import datetime, errno, os, sys, time, numpy, torch, pullback_widgets.evaluation as ev
+from torchvision.utils import save_image
+from pullback_widgets.evaluation import runner
+from tests.test_evaluation import _relu6_net
+rank, port, base, scenarios = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                     rank=rank, world_size=2,
+                                     timeout=datetime.timedelta(seconds=120))
+images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+ITEMS = [(f"image-{i}", images[i], i % 3) for i in range(6)]
+write_rows = runner._write_rows
+for scenario in scenarios:
+    name, again = scenario.removesuffix("-again"), scenario.endswith("-again")
+    folder = os.path.join(base, name.removesuffix("-before"))
+    os.makedirs(folder, exist_ok=True)
+    os.chdir(folder)
+    items, out = list(ITEMS), "r.csv"
+    fields = dict(methods=("gradient",), metrics=("deletion",), targets="label",
+                  image_size=16, steps=4, batch_size=1)
+    runner._write_rows = write_rows
+    if name == "full-before":
+        items = items[:2]
+    elif name == "full" and rank == 0 and not again:  # the disk filled as rank 0 merged
+
+        def full(*args):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        runner._write_rows = full
+    elif name == "exit" and rank == 1 and not again:  # the caller's loader ends the process
+
+        def leave():
+            sys.exit(3)
+
+        items[3] = ("image-3", leave, 0)
+    elif name == "interrupted" and rank == 1 and not again:  # Ctrl-C as it listed the images
+
+        def listing():
+            yield ITEMS[0]
+            raise KeyboardInterrupt
+
+        items = listing()
+    elif name == "alike" and rank == 1:  # the same run, other types
+        fields.update(methods=["gradient"], metrics=["deletion"])
+        items = [ev.Item(n, image, label=numpy.int64(label)) for n, image, label in ITEMS]
+        out = os.path.abspath(out)
+    elif name == "cwd":  # each rank's own images under the same relative names
+        os.makedirs(f"rank{rank}/images", exist_ok=True)
+        os.chdir(f"rank{rank}")
+        for i in range(6):
+            save_image(torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(rank)),
+                       f"images/image-{i}.png")
+        items = [(f"images/image-{i}.png", f"images/image-{i}.png", i % 3) for i in range(6)]
+        out = os.path.join(folder, "r.csv")
+    started = time.monotonic()
+    try:
+        ev.evaluate(items, ev.EvaluationSettings(**fields), out, model=_relu6_net(),
+                    resume=again or name == "full", progress=False)
+        outcome = f"ok, {len(ev.read_rows(out))} rows"  # on every rank, once it returns
+    except BaseException as error:
+        outcome = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+        if os.path.exists(out):
+            outcome += f" ({len(ev.read_rows(out))} rows in the output)"
+    print(f"{scenario}|{time.monotonic() - started:.1f}|{outcome}", flush=True)
+os._exit(0)
+"""
+
+
+def test_a_rank_that_exits_or_is_interrupted_stops_every_rank_and_they_stay_in_step(tmp_path):
+    # SystemExit and KeyboardInterrupt (no Exception) left the other ranks' step without
+    # them: rank 0 waited at the step's end and met rank 1's next call there (rank 0 took
+    # the next call's first meeting for the end of its shard, then failed with a raw
+    # ValueError, rank 1 with a TypeError); a caller that went on without calling again left
+    # rank 0 waiting 30 minutes.
+    ranks = _in_a_group(tmp_path, "exit", "exit-again", "interrupted", "interrupted-again",
+                        script=_AGAIN)
+    assert ranks[1]["exit"][1] == "SystemExit: 3", ranks
+    assert ranks[0]["exit"][1] == "PullbackWidgetsError: rank 1 of 2 failed: SystemExit: 3", \
+        ranks
+    assert ranks[1]["interrupted"][1] == "KeyboardInterrupt: ", ranks
+    assert ranks[0]["interrupted"][1] == ("PullbackWidgetsError: rank 1 of 2 failed: "
+                                          "KeyboardInterrupt"), ranks
+    for scenario in ("exit-again", "interrupted-again"):
+        assert [ranks[rank][scenario][1] for rank in (0, 1)] == ["ok, 6 rows"] * 2, ranks
+    _as_reference(tmp_path / "exit" / "r.csv", tmp_path)
+
+
+def test_a_merge_that_fails_fails_every_rank_keeps_the_output_and_resumes(tmp_path):
+    # Rank 0's disk filled as it wrote the merged output: every rank says so, the output
+    # is the one before, the lock is let go (the resume would be "another run is writing").
+    ranks = _in_a_group(tmp_path, "full-before", "full", "full-again", script=_AGAIN)
+    assert [ranks[rank]["full-before"][1] for rank in (0, 1)] == ["ok, 2 rows"] * 2, ranks
+    full = "OSError: [Errno 28] No space left on device"
+    assert ranks[0]["full"][1] == f"{full} (2 rows in the output)", ranks
+    assert ranks[1]["full"][1] == (f"PullbackWidgetsError: rank 0 of 2 failed: {full} "
+                                   "(2 rows in the output)"), ranks
+    assert [ranks[rank]["full-again"][1] for rank in (0, 1)] == ["ok, 6 rows"] * 2, ranks
+    _as_reference(tmp_path / "full" / "r.csv", tmp_path)
+
+
+def test_ranks_given_one_run_in_other_types_run_it_and_other_folders_are_refused(tmp_path):
+    # Methods as a list, numpy labels, out absolute where rank 0's was relative: one run,
+    # refused as "other methods, metrics, items, out". And relative image paths read from
+    # another folder on rank 1 (out the same absolute file) were other images under the
+    # same names: the merged output mixed them without a word.
+    ranks = _in_a_group(tmp_path, "alike", "cwd", script=_AGAIN)
+    assert [ranks[rank]["alike"][1] for rank in (0, 1)] == ["ok, 6 rows"] * 2, ranks
+    _as_reference(tmp_path / "alike" / "r.csv", tmp_path)
+    for rank in (0, 1):
+        assert ranks[rank]["cwd"][1].startswith(
+            "PullbackWidgetsError: rank 1 of 2 was given other working folder than rank 0"), \
+            ranks
+    assert not (tmp_path / "cwd" / "r.csv").exists()
+
+
+def test_one_process_does_no_cross_rank_work(tmp_path, monkeypatch):
+    # The comparison of what the ranks were given (a digest of every item) and the look for
+    # their parts ran in one process too, where there is no other rank.
+    def cross_rank(*args):
+        raise AssertionError("cross-rank work in one process")
+
+    for name in ("_run_identity", "_check_same_run", "_check_shares_here"):
+        monkeypatch.setattr(runner, name, cross_rank)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", cross_rank)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    settings = ev.EvaluationSettings(methods=("gradient",), metrics=("deletion",),
+                                     targets="label", image_size=16, steps=4)
+    report = ev.evaluate([("a", images[0], 0), ("b", images[1], 1)], settings,
+                         tmp_path / "r.csv", model=_relu6_net(), progress=False)
+    assert report.images == 2
+
+
+def _two_ranks(monkeypatch, theirs: object) -> runner._World:
+    """A world of two whose all_gather_object hands rank 1's ``theirs`` beside ours."""
+    def all_gather_object(gathered, ours):
+        gathered[:] = [ours, theirs]
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    return runner._World(0, 2, initialised=True)
+
+
+def test_a_rank_at_another_meeting_is_out_of_step_not_read_as_its_answer(monkeypatch):
+    # A rank that left a call without the others (Ctrl-C between two steps, caught) met them
+    # at another point of the run: its identity was read as the end of their shard, their
+    # None as its identity (raw AttributeError, ValueError), or worse, nothing was said.
+    world = _two_ranks(monkeypatch, ("same run", {"steps": 4}))
+    try:
+        with world.step("scored"):
+            pass
+    except runner.PullbackWidgetsError as error:
+        assert str(error).startswith("the processes of the run are out of step (rank 1 of 2 "
+                                     "is at 'same run', this one at 'scored')"), error
+    else:
+        raise AssertionError("out of step, unsaid")
+    # The caller's own gather met ours
+    world = _two_ranks(monkeypatch, [1, 2, 3])
+    try:
+        world.gather("mine", at="shares")
+    except runner.PullbackWidgetsError as error:
+        assert "rank 1 of 2 is at [1, 2, 3]" in str(error), error
+    else:
+        raise AssertionError("out of step, unsaid")
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no")
+
+
+def test_a_failed_rank_tells_the_others_whatever_its_error_prints(monkeypatch):
+    # An error whose str() raised left the step before telling the others: they waited.
+    told = []
+    monkeypatch.setattr(torch.distributed, "all_gather_object",
+                        lambda gathered, ours: (told.append(ours), gathered.__setitem__(
+                            slice(None), [ours, ("checked", None)])))
+    world = runner._World(0, 2, initialised=True)
+    for error, reason in [(_Unprintable(), "_Unprintable"),
+                          (KeyboardInterrupt(), "KeyboardInterrupt"),
+                          (SystemExit(3), "SystemExit: 3"),
+                          (runner.PullbackWidgetsError("bad\nsecond line"), "bad")]:
+        try:
+            with world.step("checked"):
+                raise error
+        except BaseException as raised:  # raised as it was, after telling the others
+            assert raised is error
+        assert told[-1] == ("checked", reason)
+
+
+def test_a_rank_whose_parts_rank_0_cannot_see_fails_the_merge(tmp_path):
+    # The same --out on each node's own disk names one file everywhere: rank 0 finds only the
+    # parts written on its node, and merged without the others' rows.
+    out = tmp_path / "r.csv"
+    parts = runner._parts_dir(out)
+    parts.mkdir()
+    runner._write_csv(parts / "a.csv", [("image-0", 0, "gradient", "deletion", 0.5)])
+    runner._check_shares_here(out, [["a.csv"], []])
+    try:
+        runner._check_shares_here(out, [["a.csv"], ["b.csv"]])
+    except runner.PullbackWidgetsError as error:
+        assert str(error).startswith("rank 1's rows are not where rank 0 merges them"), error
+    else:
+        raise AssertionError("a rank's rows went missing without a word")
+
+
+def test_a_group_the_run_starts_waits_for_a_slow_rank_longer_than_torchs_default(monkeypatch):
+    # At torch's default (30 min for gloo), a rank whose share took half an hour longer than
+    # another's failed the whole run at the meeting after scoring ("stopped answering").
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    started = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **options: started.append((backend, options)))
+    world = runner._join_world()
+    assert world.owned and started == [("gloo", {"timeout": runner.MEETING_TIMEOUT})]
+    assert datetime.timedelta(hours=12) <= runner.MEETING_TIMEOUT

@@ -38,11 +38,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
 import os
 import re
+import reprlib
 import shutil
 import stat
 import sys
@@ -120,6 +122,8 @@ METRICS = {"deletion": False, "insertion": True, "infidelity": False, "ascent_ga
 METRIC_WIDTHS = {"deletion": 1.0, "insertion": 1.0, "randomisation": 2.0, "mass": 1.0,
                  "pointing": 1.0, "mask_auc": 1.0}
 OUTPUT_SUFFIXES = (".csv", ".parquet")
+# How long the processes of a run that started its own process group wait for each other.
+MEETING_TIMEOUT = datetime.timedelta(days=1)
 _PART_SUFFIX = ".csv"
 
 
@@ -800,42 +804,62 @@ class _World:
     initialised: bool = False
     owned: bool = False  # this run started the process group, so it ends it
 
-    def gather(self, value: object) -> list[object]:
-        """Every rank's ``value``, by rank, on every rank."""
+    def gather(self, value: object, at: str) -> list[object]:
+        """Every rank's ``value``, by rank, on every rank, at the meeting named ``at``. A rank
+        at another meeting is refused, not read as its answer: one that left an earlier call
+        without the others (Ctrl-C between two steps, caught) met them at another point of the
+        run, or the caller's own gather."""
         if not self.initialised:
             return [value]
         gathered: list[object] = [None] * self.size
         try:
-            torch.distributed.all_gather_object(gathered, value)
+            torch.distributed.all_gather_object(gathered, (at, value))
         except RuntimeError as error:  # gloo's "Connection closed by peer", a timeout
             raise PullbackWidgetsError(
                 "a process of the run stopped (killed, or it left the process group) or stopped "
                 "answering: see its output; --resume continues from the rows written"
             ) from error
-        return gathered
+        for rank, entry in enumerate(gathered):
+            tagged = isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)
+            if not tagged or entry[0] != at:
+                # Every rank raises here, at this one meeting: the next call finds them in step.
+                raise PullbackWidgetsError(
+                    f"the processes of the run are out of step (rank {rank} of {self.size} is at "
+                    f"{reprlib.repr(entry[0] if tagged else entry)}, this one at {at!r}): one "
+                    "is not in this call (it left an earlier one without the others, or never "
+                    "called evaluate); call it again in every process of the group")
+        return [value for _, value in gathered]
 
     @contextlib.contextmanager
-    def step(self) -> Iterator[None]:
+    def step(self, name: str) -> Iterator[None]:
         """A part of the run that every rank does, ended together: an error on one rank ends
         the run on every rank (there as it is, on the others as a PullbackWidgetsError that
         names the rank and its reason). Else the others waited for it at their next meeting,
-        for ever where its process lived on (a caller that caught the error)."""
+        for ever where its process lived on (a caller that caught the error), or met its next
+        call there. SystemExit and KeyboardInterrupt too (a caller may catch them and call
+        again): the rank that has them tells the others once they end the step."""
         try:
             yield
-        except Exception as error:
+        except BaseException as error:
             with contextlib.suppress(PullbackWidgetsError):  # a broken group: ours stands
-                self.gather(_reason(error))
+                self.gather(_reason(error), name)
             raise
-        for rank, reason in enumerate(self.gather(None)):
+        for rank, reason in enumerate(self.gather(None, name)):
             if reason is not None:
                 raise PullbackWidgetsError(f"rank {rank} of {self.size} failed: {reason}")
 
 
-def _reason(error: Exception) -> str:
-    """An error as one line for the other ranks: a user error's message, else with its type."""
-    if isinstance(error, PullbackWidgetsError):
-        return first_line(error)
-    return f"{type(error).__name__}: {first_line(error)}"
+def _reason(error: BaseException) -> str:
+    """An error as one line for the other ranks: a user error's message, else its type and
+    message; its type alone where it has none (KeyboardInterrupt) or cannot print it."""
+    try:
+        message = str(error).strip()
+    except Exception:  # a broken __str__: the others must still be told
+        message = ""
+    if not message:
+        return type(error).__name__
+    line = message.splitlines()[0][:200]
+    return line if isinstance(error, PullbackWidgetsError) else f"{type(error).__name__}: {line}"
 
 
 def _environment_int(name: str, default: str, minimum: int) -> int:
@@ -887,7 +911,11 @@ def _join_world() -> _World:
         return _World(0, 1, device)
     owned = not joined
     if owned:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Each meeting waits for the slowest rank's part of the run, its whole share at the
+        # end of scoring: torch's default limit (30 min for gloo, 10 for NCCL) failed long runs
+        # whose ranks differ that much. A rank that dies still fails the others at once.
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=MEETING_TIMEOUT)
     return _World(rank, size, device, initialised=True, owned=owned)
 
 
@@ -1126,11 +1154,19 @@ def _run_identity(settings: EvaluationSettings, sources: Mapping[str, str],
                   items: Sequence[Item], out: Path, resume: bool) -> dict[str, object]:
     """What every rank of one run must be given alike: its settings field by field (a model
     passed in is named there with a digest of its weights), the methods' sources, the items'
-    names and labels (as a digest), the output as given and ``resume``."""
-    listed = repr([(item.name, item.label) for item in items])
-    return {**dataclasses.asdict(settings), "methods' sources": dict(sources),
-            "items": hashlib.sha256(listed.encode("utf-8", "backslashreplace")).hexdigest(),
-            "out": str(out), "resume": resume}
+    names and labels (as a digest), the file the output names, ``resume``, and the working
+    folder where an image is a relative path (another one reads other files by the same
+    names). As the settings file holds them: a list and a tuple of the same methods, a numpy
+    label and an int, ``r.csv`` and its absolute path, are one run."""
+    listed = repr([(item.name, int(item.label) if is_integer(item.label) else item.label)
+                   for item in items])
+    relative = any(isinstance(item.image, (str, os.PathLike)) and not os.path.isabs(item.image)
+                   for item in items)
+    identity = {**dataclasses.asdict(settings), "methods' sources": dict(sources),
+                "items": hashlib.sha256(listed.encode("utf-8", "backslashreplace")).hexdigest(),
+                "out": os.path.realpath(out), "resume": resume,
+                "working folder": os.getcwd() if relative else None}
+    return json.loads(json.dumps(identity))
 
 
 def _check_same_run(world: _World, identity: Mapping[str, object]) -> None:
@@ -1138,7 +1174,7 @@ def _check_same_run(world: _World, identity: Mapping[str, object]) -> None:
     output than rank 0: each takes its share of its own list and writes beside its own
     output, and rank 0 merges by its own, so the merged output missed images and held others
     twice, or mixed rows of two settings or two models, without a word."""
-    gathered = world.gather(identity)
+    gathered = world.gather(identity, "same run")
     first = gathered[0]
     for rank, theirs in enumerate(gathered[1:], 1):
         differ = [key for key in {**first, **theirs} if first.get(key) != theirs.get(key)]
@@ -1185,7 +1221,7 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
     try:
         # Each step ends on every rank together, and an error in it on one rank ends the run
         # on all: no rank waits for one that has given up.
-        with world.step():  # every rank checks what it was given before any rank writes
+        with world.step("checked"):  # every rank checks what it was given before any writes
             if methods is None:
                 check_methods(list(settings.methods))
             else:
@@ -1211,9 +1247,12 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
             if needs_mask:
                 for item in items:
                     _check_mask(item, settings.image_size)
-            identity = _run_identity(settings, sources, items, out, resume)
-        _check_same_run(world, identity)
-        with world.step():
+            # (One process has no other to compare with: no digest of every item.)
+            identity = (_run_identity(settings, sources, items, out, resume)
+                        if world.initialised else None)
+        if world.initialised:
+            _check_same_run(world, identity)
+        with world.step("model"):
             if model is None:
                 from ..models import load_model
 
@@ -1242,7 +1281,7 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
             return {row[:4] for row in _existing_rows(out, names, started_in)} if resume \
                 else set()
 
-        with world.step():
+        with world.step("locked"):
             out.parent.mkdir(parents=True, exist_ok=True)
             if world.rank == 0:
                 lock = OutputLock(out)
@@ -1253,19 +1292,20 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
                 done = rows_done()  # before anything is written: a damaged output changes nothing
                 _write_settings(out, settings, {"world_size": world.size, "status": "running",
                                                 "cwd": started_in, "method_sources": sources})
-        with world.step():  # rank 0 holds the lock: what is done no longer changes
+        with world.step("read"):  # rank 0 holds the lock: what is done no longer changes
             if world.rank != 0:
                 done = rows_done()
         # Every rank has read what is done before any writes a part.
-        with world.step():
+        with world.step("scored"):
             evaluated, skipped, written = _evaluate_shard(
                 items[world.rank::world.size], model, settings, explainers, world, out, done,
                 progress)
-        shares = world.gather((evaluated, skipped, written))
+        shares = world.gather((evaluated, skipped, written), "shares")
         report = None
-        with world.step():  # every rank returns once the output is written, or with the error
+        with world.step("merged"):  # every rank returns once the output is written, or fails
             if world.rank == 0:
-                _check_shares_here(out, [parts for _, _, parts in shares])
+                if world.initialised:
+                    _check_shares_here(out, [parts for _, _, parts in shares])
                 evaluated = sum(n for n, _, _ in shares)
                 skipped = [entry for _, entries, _ in shares for entry in entries]
                 rows = _merge(_existing_rows(out), items, settings)

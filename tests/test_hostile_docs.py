@@ -12,13 +12,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import pullback_widgets as pw
 from pullback_widgets import app, cli
 from pullback_widgets.models import MODELS
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+DOCS = {path.name: path.read_text() for path in sorted((ROOT / "docs").glob("*.md"))}
 PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
 BASH_BLOCKS = re.findall(r"```bash\n(.*?)```", README, re.S)
 
@@ -120,3 +123,60 @@ def test_python_dash_m_pullback_widgets_is_the_command():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "usage: pullback-widgets" in done.stdout
+
+
+def _doc_commands(text: str) -> list[str]:
+    """Every command a doc shows, in a bash block or an inline code span, on one line."""
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    spans = re.findall(r"`([^`\n]+(?:\n[^`\n]+)?)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    commands = []
+    for block in blocks:
+        commands += block.replace("\\\n", " ").splitlines()
+    return commands + [" ".join(span.split()) for span in spans]
+
+
+def _options_in_source(path: Path) -> set[str]:
+    return set(re.findall(r"add_argument\(\s*\"(--[a-z][a-z-]*)\"", path.read_text()))
+
+
+def _unknown_options(text: str) -> list[str]:
+    """The options a doc's commands pass that their parsers do not define: the command line
+    (also after torchrun), the benchmark scripts and ``python -m pullback_widgets.synthetic``."""
+    commands = _subparsers()
+    unknown = []
+    for command in _doc_commands(text):
+        command = command.split(" #")[0]
+        if (found := re.search(r"\bpullback-widgets (\w+)(.*)", command)) and \
+                found[1] in commands:
+            known = {s for a in commands[found[1]]._actions for s in a.option_strings}
+            rest, name = found[2], f"pullback-widgets {found[1]}"
+        elif found := re.search(r"\b(\w+)\.py\b(.*)", command):
+            script = ROOT / "benchmarks" / f"{found[1]}.py"
+            if not script.exists():
+                continue
+            known, rest, name = _options_in_source(script) | {"--help"}, found[2], script.name
+        elif found := re.search(r"pullback_widgets\.synthetic train(.*)", command):
+            known = _options_in_source(ROOT / "pullback_widgets" / "synthetic.py")
+            rest, name = found[1], "synthetic train"
+        else:
+            continue
+        unknown += [f"{name} {flag}" for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*", rest)
+                    if flag not in known]
+    return unknown
+
+
+def test_every_command_in_the_docs_names_only_real_options():
+    # The README's synopses are checked above; this covers docs/, inline code spans and the
+    # benchmark scripts too (`speed.py --keep-heap`, `zoo.py --threads 1`).
+    assert "--batch-size" in " ".join(_doc_commands(DOCS["scale_out.md"]))
+    wrong = {name: _unknown_options(text) for name, text in {"README.md": README, **DOCS}.items()}
+    assert not any(wrong.values()), wrong
+
+
+def test_the_ambiguous_class_name_scale_out_gives_is_ambiguous():
+    # It named ImageNet's two "crane"s, which torchvision's labels tell apart ("crane" and
+    # "crane bird"): --labels-from-folders took a folder "crane" as class 517 without a word.
+    (name,) = re.findall(r'an ambiguous name such as ImageNet\'s\s+(?:two\s+)?"(\w+)"',
+                         DOCS["scale_out.md"])
+    with pytest.raises(pw.PullbackWidgetsError, match="ambiguous"):
+        pw.labels.find_class(name, pw.imagenet_labels())

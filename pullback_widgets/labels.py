@@ -46,8 +46,8 @@ def find_class(query: int | str, labels: Sequence[str]) -> int:
 
     Names match ignoring case, surrounding whitespace (labels read with ``readlines()`` keep
     their newlines) and Unicode normal form; any integer type is an index (numpy's too). A name
-    that matches no class, or several (ImageNet has two "crane"s), raises a PullbackWidgetsError
-    (a ValueError) that lists close matches with their indices.
+    that matches no class, or several (ImageNet's "cardigan", the dog and the sweater), raises
+    a PullbackWidgetsError (a ValueError) that lists close matches with their indices.
     """
     if isinstance(query, str):
         # At most 18 digits: int() refuses thousands with a plain ValueError.

@@ -145,7 +145,7 @@ def _normalize_input(module: nn.Module, args: tuple) -> tuple:
 def imagenet_labels() -> list[str]:
     """The 1000 ImageNet-1k class names in logit order (from torchvision's metadata, offline).
 
-    Names are not all unique (e.g. "crane" is both the bird and the machine); index by position.
+    Names are not all unique (e.g. "cardigan" is both the dog and the sweater); index by position.
     """
     return list(tvm.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -422,3 +424,12 @@ def test_explorer_shows_the_evidence_mask(model) -> None:
         pw.PullbackExplorer(model, image=images[0], evidence=masks[0].float())
     with pytest.raises(PullbackWidgetsError, match="input size"):
         pw.PullbackExplorer(model, image=images[0, :, :32, :32], evidence=masks[0])
+
+
+def test_the_training_command_runs_as_documented_without_a_warning() -> None:
+    # `python -m pullback_widgets.synthetic` ran the module the package had already imported:
+    # runpy warned of "unpredictable behaviour" before every training.
+    done = subprocess.run([sys.executable, "-W", "default", "-m", "pullback_widgets.synthetic",
+                           "train", "--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "--steps" in done.stdout and "Warning" not in done.stderr, done.stderr

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .validation import PullbackWidgetsError, check_index, check_positive
+from ..validation import PullbackWidgetsError, check_index, check_positive
 
 __all__ = [
     "CLASSES",
@@ -54,7 +54,7 @@ INPUT_SIZE = 64
 # The network sees (x - 0.5) / 0.25: pixels in [0, 1] become roughly zero-mean, unit-scale.
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 WEIGHTS_PATH = DATA_DIR / "shapes_cnn.pt"
 PROVENANCE_PATH = DATA_DIR / "shapes_cnn.json"
 
@@ -388,6 +388,3 @@ def _main(argv: list[str] | None = None) -> int:
     print(json.dumps(provenance, indent=2))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(_main())

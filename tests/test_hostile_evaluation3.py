@@ -362,3 +362,23 @@ def test_a_process_group_the_caller_started_without_torchruns_variables_shares_t
     recorded = json.loads((tmp_path / "r.settings.json").read_text())
     assert recorded["world_size"] == 2
     assert sorted(row[0] for row in runner.read_rows(out)) == [f"image-{i}" for i in range(4)]
+
+
+@pytest.mark.parametrize("methods, message", [
+    ({"x": None}, r"method 'x' must be a function .* got NoneType"),
+    ({"x": 3}, r"method 'x' must be a function .* got int"),
+    ({1: pw.excitation_pullback}, r"a method's name must be a non-empty string, got 1"),
+    ({"": pw.excitation_pullback}, r"a method's name must be a non-empty string, got ''"),
+    (["gradient"], r"methods must map names to functions .* got list"),
+])
+def test_methods_passed_in_are_names_to_functions_or_refused_before_any_file(methods, message,
+                                                                              tmp_path):
+    # A method that is no function failed at its first call, after the run had written its
+    # settings and parts folder (a rerun was then refused until they were removed by hand);
+    # an unnamed one ran, and its rows had an empty method.
+    settings = ev.EvaluationSettings(methods=("gradient",), metrics=("deletion",),
+                                     image_size=8, baseline="mean")
+    with pytest.raises(PullbackWidgetsTypeError, match=message):
+        ev.evaluate([("a", _images()[0])], settings, tmp_path / "r.csv", model=_conv_net(),
+                    methods=methods, progress=False)
+    assert _files(tmp_path) == []

@@ -1076,6 +1076,21 @@ def _model_record(model: nn.Module) -> str:
     return f"{name} (passed in, weights {digest.hexdigest()[:12]})"
 
 
+def _check_given_methods(methods: object) -> None:
+    """Refuse ``methods`` that are not a mapping of names to functions: the first call of one
+    failed mid-run, after the run's settings and parts folder were written."""
+    if not isinstance(methods, Mapping):
+        raise PullbackWidgetsTypeError(f"methods must map names to functions explain(model, x, "
+                                       f"target), got {type(methods).__name__}")
+    for name, explain in methods.items():
+        if not isinstance(name, str) or not name.strip():
+            raise PullbackWidgetsTypeError(f"a method's name must be a non-empty string, got "
+                                           f"{name!r}")
+        if not callable(explain):
+            raise PullbackWidgetsTypeError(f"method {name!r} must be a function explain(model, "
+                                           f"x, target), got {type(explain).__name__}")
+
+
 def _method_sources(methods: Mapping[str, Explainer] | None,
                     settings: EvaluationSettings) -> dict[str, str]:
     """Where each method comes from: ``built-in``, or a passed-in function's module and
@@ -1225,6 +1240,7 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
             if methods is None:
                 check_methods(list(settings.methods))
             else:
+                _check_given_methods(methods)
                 settings = dataclasses.replace(settings, methods=tuple(methods))
             if model is not None:  # recorded (and checked on resume) as the model that ran
                 settings = dataclasses.replace(settings, model=_model_record(model))

@@ -156,7 +156,7 @@ def _unknown_options(text: str) -> list[str]:
                 continue
             known, rest, name = _options_in_source(script) | {"--help"}, found[2], script.name
         elif found := re.search(r"pullback_widgets\.synthetic train(.*)", command):
-            known = _options_in_source(ROOT / "pullback_widgets" / "synthetic.py")
+            known = _options_in_source(ROOT / "pullback_widgets" / "synthetic" / "__init__.py")
             rest, name = found[1], "synthetic train"
         else:
             continue

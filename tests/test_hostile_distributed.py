@@ -11,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,11 +20,8 @@ import torch
 from pullback_widgets import cli
 from pullback_widgets import evaluation as ev
 from pullback_widgets.evaluation import runner
-from tests.ports import reserved_port
 from tests.test_evaluation import _relu6_net
-
-ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT = 240  # the CI host is slow and shared
+from tests.two_ranks import ROOT, TIMEOUT_S, rank_environment, run_two_ranks
 
 # Every scenario runs in both ranks of one process group, one after the other; each prints
 # "scenario|seconds|outcome". Rank 1 is the one given something else, or the one that fails.
@@ -83,38 +78,12 @@ os._exit(0)  # every run has ended together; a killed rank's group cannot be end
 """
 
 
-def _env() -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return env
-
-
 def _in_a_group(base: Path, *scenarios: str,
                 script: str = _GROUP) -> list[dict[str, tuple[float, str]]]:
     """Run ``scenarios`` of ``script`` in a two-rank process group; per rank, scenario ->
-    (seconds, outcome) for each scenario it finished."""
-    port = str(reserved_port())  # rank 0's store binds it; no other process may take it first
-    # Each rank's output to a file: a pipe nobody reads while the test waits for the other rank
-    # could fill, and the ranks wait for each other.
-    logs = [base / f"rank{rank}.log" for rank in (0, 1)]
-    processes = []
-    try:
-        for rank, log in enumerate(logs):
-            with log.open("w") as output:
-                processes.append(subprocess.Popen(
-                    [sys.executable, "-c", script, str(rank), port, str(base), *scenarios],
-                    env=_env(), cwd=ROOT, stdout=output, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + TIMEOUT
-        for process in processes:  # one that waits past it shows as the scenarios it lacks
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=max(deadline - time.monotonic(), 1))
-    finally:  # a rank left waiting for the other must not outlive the test
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    outputs = [log.read_text() for log in logs]
+    (seconds, outcome) for each scenario it finished (one that waited past the time limit
+    shows as the scenarios it lacks)."""
+    outputs = [output for _, output in run_two_ranks(script, [str(base), *scenarios], base)]
     results = []
     for output in outputs:
         found = {}
@@ -179,7 +148,7 @@ def test_a_killed_rank_is_one_line_on_the_other_and_one_process_resumes_its_run(
     # gloo's own RuntimeError ("Connection closed by peer ... GLHF!") reached the caller.
     ranks = _in_a_group(tmp_path, "killed")
     assert "killed" not in ranks[1]  # it was
-    outcome = ranks[0]["killed"][1]  # a rank that waited past TIMEOUT has no outcome
+    outcome = ranks[0]["killed"][1]  # a rank that waited past TIMEOUT_S has no outcome
     assert outcome.startswith("PullbackWidgetsError: a process of the run stopped"), outcome
     parts = tmp_path / "killed" / "r.csv.parts"
     kept = [row for part in parts.glob("*.csv") for row in runner.read_rows(part)]
@@ -201,8 +170,8 @@ def test_a_killed_rank_is_one_line_on_the_other_and_one_process_resumes_its_run(
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone",
                "--nproc-per-node", "2", "-m", "pullback_widgets.cli", "evaluate", *args]
-    return subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    return subprocess.run(command, env=rank_environment(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
 
 
 SYNTHETIC = ["--synthetic", "5", "--image-size", "32", "--methods", "gradient", "pullback",

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +16,7 @@ import pullback_widgets as pw
 from pullback_widgets import evaluation as ev
 from pullback_widgets.evaluation import runner
 from pullback_widgets.validation import PullbackWidgetsError, PullbackWidgetsTypeError
-from tests.ports import reserved_port
+from tests.two_ranks import run_two_ranks
 
 
 def _conv_net(seed: int = 0) -> nn.Module:
@@ -334,31 +330,9 @@ def test_a_process_group_the_caller_started_without_torchruns_variables_shares_t
     # process read a world of one from the environment and ran every image itself. Then a
     # rank that came to evaluate() after rank 0 had written the run's settings found them
     # there and refused the run as someone else's (a CI run failed so).
-    port = reserved_port()  # rank 0's store binds it; another process must not take it first
-    root = Path(__file__).resolve().parent.parent
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(PYTHONPATH=str(root), OMP_NUM_THREADS="1")
     out = tmp_path / "r.csv"
-    # Each rank's stderr to a file: a pipe that nobody reads while the test waits for the
-    # other rank could fill, and the ranks wait for each other.
-    logs = [tmp_path / f"rank{rank}.log" for rank in (0, 1)]
-    processes = []
-    try:
-        for rank, log in enumerate(logs):
-            with log.open("w") as stderr:
-                processes.append(subprocess.Popen(
-                    [sys.executable, "-c", _OWN_GROUP, str(rank), str(port), str(out)],
-                    env=env, cwd=root, stderr=stderr))
-        for process in processes:
-            process.wait(timeout=240)
-    finally:  # a rank left waiting for the other must not outlive the test
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    errors = [log.read_text() for log in logs]
-    assert [process.returncode for process in processes] == [0, 0], errors
+    ranks = run_two_ranks(_OWN_GROUP, [str(out)], tmp_path)
+    assert [status for status, _ in ranks] == [0, 0], [output for _, output in ranks]
     recorded = json.loads((tmp_path / "r.settings.json").read_text())
     assert recorded["world_size"] == 2
     assert sorted(row[0] for row in runner.read_rows(out)) == [f"image-{i}" for i in range(4)]

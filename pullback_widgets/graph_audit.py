@@ -83,6 +83,10 @@ PLAIN_GATE_NODES = {
     "GluBackward0": "GLU",
     "HardshrinkBackward0": "shrink",
     "SoftshrinkBackward0": "shrink",
+    "LogSigmoidBackward0": "LogSigmoid",  # -softplus(-z): Softplus mirrored
+    # Its statistics are the input's, differentiated (as InstanceNorm's). F.local_response_norm
+    # is marked by the interception: torch writes it with ops that name nothing.
+    "CrossMapLRN2dBackward": "LocalResponseNorm",
     # A norm written by hand (RMSNorm, EvoNorm, F.normalize): its statistics of the input.
     **dict.fromkeys(("VarBackward0", "VarMeanBackward0", "StdBackward0", "StdMeanBackward0",
                      "RsqrtBackward0", "LinalgVectorNormBackward0"),
@@ -93,11 +97,13 @@ PLAIN_GATE_NODES = {
     "ScaledDotProductCudnnAttentionBackward0": "attention",
 }
 
-# A sigmoid or tanh is a smooth activation alone, and a gate where its output multiplies a
-# tensor on the input's path (squeeze-excite, SiLU or GELU written by hand, QuickGELU, LSTM
-# cells): named there. Between it and the product, only reshapes and arithmetic with numbers
-# or constants (nodes with one input that needs a gradient: a number is no input).
-_SMOOTH_GATE_NODES = {"SigmoidBackward0", "TanhBackward0"}
+# A sigmoid, tanh or erf is a smooth activation alone, and a gate where its output multiplies
+# a tensor on the input's path (squeeze-excite, SiLU or GELU written by hand, with tanh or with
+# erf as BERT's gelu, QuickGELU, LSTM cells): named there. Between it and the product, only
+# reshapes and arithmetic with numbers or constants (nodes with one input that needs a
+# gradient: a number is no input). A sigmoid written with exp, 1 / (1 + exp(-z)) as a factor
+# or 1 + exp(-z) as a divisor, is one too (its exp is the node named).
+_SMOOTH_GATE_NODES = {"SigmoidBackward0", "TanhBackward0", "ErfBackward0", "ErfcBackward0"}
 _TOWARDS_A_GATE = {
     "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "ExpandBackward0",
     "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2",
@@ -111,6 +117,14 @@ SMOOTH_GATE = "sigmoid/tanh gate"
 # as F.normalize's epsilon guard, has the plain gradient's every slope 1 anyway).
 _CLAMP_NODES = {"ClampBackward0", "ClampBackward1", "ClampMinBackward0", "ClampMaxBackward0",
                 "ClampMinBackward1", "ClampMaxBackward1"}  # 1: a tensor bound, h.clamp_min(zero)
+
+# Fake quantization (quantization-aware training): its straight-through backward passes the
+# gradient where a value lies in the quantized range and is zero where it was clipped, a clamp
+# there; named, as clamps are, only where it clipped a value of this input.
+_FAKE_QUANTIZE_NODES = {"FakeQuantizePerTensorAffineCachemaskBackward0",
+                        "FakeQuantizePerChannelAffineCachemaskBackward0",
+                        "FakeQuantizePerTensorAffineCachemaskTensorQparamsBackward0"}
+FAKE_QUANTIZE = "fake quantization (clamp)"
 
 # Nodes whose backward runs compiled code the audit cannot read, and the node types they have
 # (ApplyTemplateBackward: a torch.compile'd function, eager backend, calling a soft op).
@@ -131,7 +145,8 @@ PLAIN_GATES = (
     "tanh gates such as squeeze-excite's or SiLU written by hand, masks from comparisons such "
     "as a ReLU written torch.where(h > 0, h, 0), abs, sign, clamps, max/min, "
     "top-k, sort, median, 1-D/3-D/adaptive max-pools, max-pools returning indices, RMSNorm, "
-    "InstanceNorm, norms written by hand, batch norms using batch statistics, custom autograd "
+    "InstanceNorm, LocalResponseNorm, norms written by hand, batch norms using batch "
+    "statistics, fake quantization that clips, custom autograd "
     "Functions, which keep their own backward), or they ran where it cannot see (a TorchScript "
     "function, a C++ extension, or another thread: the engine gates the thread that runs the "
     "forward, not the worker threads a model's forward hands its parts to)")
@@ -159,25 +174,50 @@ def _clamp_binds(node) -> bool:
         return True
 
 
+def _fake_quantize_clips(node) -> bool:
+    """Whether a fake quantization clipped any value of its input (its mask, True where the
+    gradient passes, is not all True); True where torch no longer has the mask."""
+    try:
+        return not bool(node._saved_mask.all())
+    except RuntimeError:
+        return True
+
+
+def _towards_a_gate(node) -> object:
+    """The node reached from ``node`` through reshapes and arithmetic with numbers."""
+    while type(node).__name__ in _TOWARDS_A_GATE:
+        inputs = [child for child, _ in node.next_functions if child is not None]
+        if len(inputs) != 1:
+            break
+        node = inputs[0]
+    return node
+
+
+def _gate_behind(factor, divisor: bool) -> object | None:
+    """The sigmoid, tanh or erf node behind a product's ``factor``, or the exp node of a
+    sigmoid written with exp (the ``divisor`` of a quotient: 1 + exp(-z)); None if neither."""
+    node = _towards_a_gate(factor)
+    if not divisor and type(node).__name__ == "ReciprocalBackward0":  # 1 / (1 + exp(-z))
+        inputs = [child for child, _ in node.next_functions if child is not None]
+        if len(inputs) != 1:
+            return None
+        node, divisor = _towards_a_gate(inputs[0]), True
+    gates = {"ExpBackward0"} if divisor else _SMOOTH_GATE_NODES
+    return node if type(node).__name__ in gates else None
+
+
 def _smooth_gates_of(product, on_path: set[int]) -> list:
-    """The sigmoid and tanh nodes a product (``MulBackward0``) on the input's path uses as
-    gates: reached through reshapes and scalar arithmetic from one factor, while another
-    factor is on the input's path too."""
+    """The smooth gates (see :func:`_gate_behind`) a product or quotient (``MulBackward0``,
+    ``DivBackward0``) on the input's path uses, reached from one factor while another factor
+    is on the input's path too."""
     factors = [child for child, _ in product.next_functions
                if child is not None and id(child) in on_path]
     if len(factors) < 2:
         return []
-    gates = []
-    for factor in factors:
-        node = factor
-        while type(node).__name__ in _TOWARDS_A_GATE:
-            inputs = [child for child, _ in node.next_functions if child is not None]
-            if len(inputs) != 1:
-                break
-            node = inputs[0]
-        if type(node).__name__ in _SMOOTH_GATE_NODES:
-            gates.append(node)
-    return gates
+    quotient = type(product).__name__ == "DivBackward0"
+    gates = (_gate_behind(factor, divisor=quotient and index == 1)
+             for index, factor in enumerate(factors))
+    return [gate for gate in gates if gate is not None]
 
 
 def _custom_function(node) -> str | None:
@@ -286,7 +326,10 @@ def audit_graph(outputs: Sequence[Tensor], leaf: Tensor,
                 plain_ops["clamp"] += 1
         elif name in ("SoftmaxBackward0", "SafeSoftmaxBackward0"):  # Safe: SDPA's math kernel
             softmaxes += 1
-        elif name == "MulBackward0":
+        elif name in _FAKE_QUANTIZE_NODES:
+            if _fake_quantize_clips(node):
+                plain_ops[FAKE_QUANTIZE] += 1
+        elif name in ("MulBackward0", "DivBackward0"):
             smooth_gates.update((id(gate), gate) for gate in _smooth_gates_of(node, on_path))
         elif custom := _custom_function(node):
             plain_ops[custom] += 1

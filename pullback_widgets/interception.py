@@ -398,6 +398,9 @@ _PLAIN_ACTIVATIONS = {
     F.elu: "ELU/SELU", F.elu_: "ELU/SELU", F.selu: "ELU/SELU", F.selu_: "ELU/SELU",
     F.celu: "CELU", F.celu_: "CELU", F.hardsigmoid: "Hardsigmoid", F.mish: "Mish",
     F.rrelu: "RReLU", F.rrelu_: "RReLU", F.threshold: "threshold", F.threshold_: "threshold",
+    # Gates too: (h + h.abs_()) / 2 is a ReLU, as is h * (h.sign_() + 1) / 2.
+    torch.Tensor.abs_: "abs", torch.abs_: "abs", torch.Tensor.sign_: "sign",
+    torch.Tensor.sgn_: "sign",
 }
 _CLAMPS_IN_PLACE = (torch.Tensor.clamp_, torch.clamp_, torch.Tensor.clip_, torch.clip_,
                     torch.Tensor.clamp_min_, torch.clamp_min_, torch.Tensor.clamp_max_,
@@ -412,6 +415,8 @@ _ROUTES: dict[Callable, Callable] = {
     torch.rms_norm: _plain_route("RMSNorm", decomposed=True),
     F.instance_norm: _plain_route("InstanceNorm", decomposed=True),
     torch.instance_norm: _plain_route("InstanceNorm", decomposed=True),
+    # Its statistics (a mean of squares over neighbouring channels) are differentiated.
+    F.local_response_norm: _plain_route("LocalResponseNorm", decomposed=True),
     F.silu: _activation_route(lambda a, k: SILU, _inplace_argument(1)),
     F.hardswish: _activation_route(lambda a, k: HARDSWISH, _inplace_argument(1)),
     F.gelu: _activation_route(lambda a, k: gelu_rule(_arg(a, k, 1, "approximate", "none")),

@@ -310,6 +310,11 @@ def gate_times(grad: Tensor, x: Tensor, scale: float | Tensor, gate: str,
             x, scale = x * scale, 1.0
         if out is None:
             return torch.ops.aten.softplus_backward(grad, x, scale, _SIGMOID_SATURATION)
+        if torch.autograd.graph._allow_mutation_on_saved_tensors_enabled:
+            # That context's dispatch mode takes every written argument to be named "out"
+            # (KeyError on grad_input), so this write goes through copy_.
+            return out.copy_(torch.ops.aten.softplus_backward(grad, x, scale,
+                                                              _SIGMOID_SATURATION))
         return torch.ops.aten.softplus_backward.grad_input(
             grad, x, scale, _SIGMOID_SATURATION, grad_input=out)
     return torch.mul(grad, torch.special.ndtr(x * scale), **({} if out is None else {"out": out}))

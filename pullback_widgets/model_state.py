@@ -10,8 +10,9 @@ Four things tell a change:
   tensor, nor its version;
 - a sample of the values: in-place changes through ``.data`` (``p.data.mul_(0.9)``, an
   exponential moving average, zeroing a layer to ablate it) move neither;
-- the modules themselves, and a ``forward`` set on one of them: a module swapped for one
-  without weights (``net.act = nn.Identity()``) or a patched forward changes no tensor.
+- the modules themselves, their classes, and a ``forward`` set on one of them: a module swapped
+  for one without weights (``net.act = nn.Identity()``), a class swapped
+  (``module.__class__ = ...``) or a patched forward changes no tensor.
 
 Other attributes (a convolution's ``padding`` set anew) are not compared: modules may set
 their own as they run.
@@ -42,17 +43,18 @@ def _tensors(modules: list[nn.Module]) -> list[Tensor]:
             for t in tensors.values() if t is not None]
 
 
-def _structure(modules: list[nn.Module]) -> tuple[tuple[nn.Module, object], ...]:
-    """Each module, with the ``forward`` set on it as an attribute (None where its class's
+def _structure(modules: list[nn.Module]) -> tuple[tuple[nn.Module, type, object], ...]:
+    """Each module, with its class (``module.__class__ = ...`` swaps the forward and keeps
+    everything else) and the ``forward`` set on it as an attribute (None where its class's
     runs)."""
-    return tuple((module, module.__dict__.get("forward")) for module in modules)
+    return tuple((module, type(module), module.__dict__.get("forward")) for module in modules)
 
 
-def _same_structure(then: tuple[tuple[nn.Module, object], ...],
-                    now: tuple[tuple[nn.Module, object], ...]) -> bool:
+def _same_structure(then: tuple[tuple[nn.Module, type, object], ...],
+                    now: tuple[tuple[nn.Module, type, object], ...]) -> bool:
     return len(then) == len(now) and all(
-        a is b and forward_then is forward_now
-        for (a, forward_then), (b, forward_now) in zip(then, now))
+        a is b and class_then is class_now and forward_then is forward_now
+        for (a, class_then, forward_then), (b, class_now, forward_now) in zip(then, now))
 
 
 def _address(tensor: Tensor) -> int | None:
@@ -118,7 +120,7 @@ class ModelState:
     entries: tuple[tuple[Tensor, int, int | None], ...]
     views: dict[tuple, list[Tensor]]
     values: dict[tuple, Tensor | None]
-    structure: tuple[tuple[nn.Module, object], ...]
+    structure: tuple[tuple[nn.Module, type, object], ...]
 
     @staticmethod
     def of(model: nn.Module) -> ModelState:

@@ -264,6 +264,14 @@ class PullbackSession:
         # A copy: a forward for new layers runs later, on these inputs, not on what the
         # caller's tensor holds by then.
         inputs = _copy_as_laid_out(check_inputs(inputs).detach())
+        if type(inputs) is not Tensor:
+            # A subclass whose operations keep it (torch's default __torch_function__; not
+            # nn.Parameter, nor tv_tensors.Image, whose copies are plain): autograd finds its
+            # leaf through that __torch_function__, a view, so the input's gradient path was
+            # reported missing, as if the forward ran under no_grad.
+            raise PullbackWidgetsTypeError(
+                f"inputs are a {type(inputs).__name__}, a tensor subclass whose operations "
+                "return that subclass: pass a plain tensor, inputs.as_subclass(torch.Tensor)")
         names = None if isinstance(layers, str) or not isinstance(layers, Iterable) \
             else tuple(layers)
         if names is None or not all(isinstance(name, str) for name in names):

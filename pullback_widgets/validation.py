@@ -143,6 +143,9 @@ _TORCHSCRIPT_HINT = ("TorchScript runs compiled code whose ReLUs and max-pools t
                      "eager nn.Module you scripted or traced instead.")
 _COMPILED_HINT = ("torch.compile'd code is traced once, so the gate and temperature would be "
                   "frozen at the first call. Pass the module you compiled instead.")
+_EXPORTED_HINT = ("An exported program runs torch's decomposed aten ops, whose ReLUs and "
+                  "max-pools the engine does not gate, and it cannot be put in eval mode. Pass "
+                  "the eager nn.Module you exported instead.")
 _told_unwrapped: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -150,6 +153,12 @@ def _compiled_module_type() -> type | None:
     # torch._dynamo takes seconds to import: if nobody imported it, nothing is compiled.
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     return getattr(eval_frame, "OptimizedModule", None)
+
+
+def _exported_module_type() -> type | None:
+    # What torch.export.export(...).module() returns; as above, no import if nobody exported.
+    unlift = sys.modules.get("torch.export._unlift")
+    return getattr(unlift, "_StatefulGraphModule", None)
 
 
 def check_model(model: object, *, unwrap_compiled: bool = True) -> nn.Module:
@@ -168,7 +177,7 @@ def check_model(model: object, *, unwrap_compiled: bool = True) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise PullbackWidgetsTypeError(
             f"model must be a torch.nn.Module, got {type(model).__name__}")
-    compiled = _compiled_module_type()
+    compiled, exported = _compiled_module_type(), _exported_module_type()
     if compiled is not None and isinstance(model, compiled):
         model = _unwrapped(
             model._orig_mod, unwrap_compiled,
@@ -187,8 +196,8 @@ def check_model(model: object, *, unwrap_compiled: bool = True) -> nn.Module:
     modules = submodules(model)
     # By type first: isinstance against ScriptModule's metaclass is slow, and the engine checks
     # the model on every call (0.19 against 0.07 ms for Lite0's 274 modules).
-    refused = tuple(kind for kind in (torch.jit.ScriptModule, compiled, nn.DataParallel)
-                    if kind is not None)
+    refused = tuple(kind for kind in (torch.jit.ScriptModule, compiled, exported,
+                                      nn.DataParallel) if kind is not None)
     suspects = {kind for kind in {type(module) for module in modules}
                 if issubclass(kind, refused)}
     for module in modules:
@@ -197,6 +206,9 @@ def check_model(model: object, *, unwrap_compiled: bool = True) -> nn.Module:
         if isinstance(module, torch.jit.ScriptModule):
             raise PullbackWidgetsTypeError(f"{_where(model, module)} is a TorchScript module. "
                                            + _TORCHSCRIPT_HINT)
+        if exported is not None and isinstance(module, exported):
+            raise PullbackWidgetsTypeError(f"{_where(model, module)} is a torch.export "
+                                           "program's module. " + _EXPORTED_HINT)
         if (compiled is not None and isinstance(module, compiled)) \
                 or getattr(module, "_compiled_call_impl", None) is not None:
             raise PullbackWidgetsTypeError(f"{_where(model, module)} is compiled (torch.compile "

@@ -201,9 +201,14 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
             probs.append(prob)
             result.logits = torch.stack(logits)
             result.probs = None if prob is None else torch.stack(probs)
-            if step > 0 and callback is not None and callback(step, result):
-                result.stopped = True
-                break
+            if step > 0 and callback is not None:
+                if callback(step, result):
+                    result.stopped = True
+                    break
+                if not session.model_unchanged():  # the session's refusal would name sessions
+                    raise PullbackWidgetsError(
+                        f"the callback changed the model at step {step}: an ascent follows one "
+                        "model, so change it before or after the run")
             if step == steps:
                 break
             direction = _unit_l2(check_finite(session.pullback(target),

@@ -109,3 +109,16 @@ def test_a_torch_export_program_is_refused_in_one_line(where):
                  lambda: pw.PullbackSession(wrapped, x)):
         with pytest.raises(TypeError, match=r"torch\.export program's module\. .*Pass the eager"):
             call()
+
+
+def test_an_ascent_whose_callback_changes_the_model_names_the_callback():
+    # The next step's pullback was refused with "make a new PullbackSession", in a call where
+    # the user made no session.
+    model, x = small_cnn(), image()
+
+    def ablate(step, result):
+        with torch.no_grad():
+            model[0].weight[0].zero_()
+
+    with pytest.raises(pw.PullbackWidgetsError, match="callback changed the model at step 1"):
+        pw.pullback_ascent(model, x, 1, steps=3, callback=ablate, progress=False)

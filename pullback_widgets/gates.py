@@ -85,9 +85,10 @@ _FIELD_CHECKS = {
     "attention_weights": lambda value: check_choice(value, ATTENTION_WEIGHTS,
                                                     "attention_weights"),
     "pool_weights": lambda value: check_choice(value, POOL_WEIGHTS, "pool_weights"),
-    "defaults": lambda value: {**KIND_TEMPERATURES, **{
+    # The kinds given; update() keeps the current defaults (the model's) for the rest.
+    "defaults": lambda value: {
         check_choice(kind, KINDS, "defaults key"): check_positive(t, f"defaults[{kind!r}]")
-        for kind, t in value.items()}},
+        for kind, t in value.items()},
 }
 
 
@@ -159,6 +160,9 @@ class GateSettings:
         # One step: the fields checked together are those written, whatever another thread
         # updates meanwhile, and its assign() sees all of the update or none.
         with _SETTINGS_LOCK:
+            if "defaults" in checked:  # a partial mapping put the package's T in the model's
+                checked["defaults"] = {**getattr(self, "defaults", KIND_TEMPERATURES),
+                                       **checked["defaults"]}
             temperature = checked.get("temperature", getattr(self, "temperature", None))
             pool_temperature = checked.get("pool_temperature",
                                            getattr(self, "pool_temperature", None))
@@ -183,14 +187,18 @@ class GateSettings:
         replaces what these settings hold under the other, where :meth:`update` would refuse
         the two as disagreeing. A call's own pool T must win over the session's, as every
         other per-call setting does (a session made with ``**PAPER_LATEST`` refused
-        ``pullback(..., pool_temperature=0.5)``). Both names in ``changes`` still must agree."""
+        ``pullback(..., pool_temperature=0.5)``). A ``temperature`` in ``changes`` replaces
+        these settings' whole temperature, the pool T under its alias included: a number sets
+        every kind, a mapping the kinds it names, the rest at their defaults (a session made
+        with ``pool_temperature=0.5`` kept that pool T under ``pullback(..., temperature=0.9)``,
+        where one made with ``temperature={"pool": 0.5}`` took 0.9). Both names in ``changes``
+        still must agree."""
         changes = {name: value for name, value in changes.items() if value is not None}
-        temperature = changes.get("temperature")
         if "pool_temperature" in changes and "temperature" not in changes \
                 and isinstance(self.temperature, Mapping) and "pool" in self.temperature:
             rest = {kind: t for kind, t in self.temperature.items() if kind != "pool"}
             changes["temperature"] = rest or None  # None: every kind at its default
-        elif isinstance(temperature, Mapping) and "pool" in temperature:
+        elif "temperature" in changes:
             changes.setdefault("pool_temperature", None)
         return changes
 
@@ -201,7 +209,11 @@ class GateSettings:
         with _SETTINGS_LOCK:
             for name in _FIELD_CHECKS:
                 if defaults or name != "defaults":
-                    super().__setattr__(name, getattr(other, name))
+                    value = getattr(other, name)
+                    # Mappings copied: one shared dict let a change in place to one session's
+                    # temperatures change another's, and reach a backward already running.
+                    super().__setattr__(name, dict(value) if isinstance(value, Mapping)
+                                        else value)
 
     def temperature_of(self, kind: str) -> float:
         """The base temperature of one kind of op (before ``temperature_mode``)."""

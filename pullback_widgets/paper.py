@@ -49,11 +49,14 @@ class PaperSettings(Mapping):
 
     ``temperature``: kind -> T, in units of the pre-activations. ``gate``: the ReLU gate
     g(z/T). ``pool_weights``: the soft max-pool's softmax weights, differentiated or detached.
+    ``temperature_mode``: "absolute", as the paper's temperatures are; a preset passed to a
+    call of a session made with ``temperature_mode="relative"`` read them as relative.
     """
 
     gate: str
     temperature: Mapping[str, float]
     pool_weights: str
+    temperature_mode: str = "absolute"
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperature, Mapping):

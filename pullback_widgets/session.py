@@ -684,13 +684,16 @@ class ExcitationPullback:
         else:
             forward_args = (additional_forward_args,)
         target = _one_class_for_all(target)
-        s = self.settings
+        # One copy, taken under the settings' lock: read field by field, an update from
+        # another thread in between mixed old and new settings.
+        s = self.settings.replaced()
         session = PullbackSession(
             self.forward_func, inputs, temperature=s.temperature, gate=s.gate,
             pool_temperature=s.pool_temperature, temperature_mode=s.temperature_mode,
             attention_weights=s.attention_weights, pool_weights=s.pool_weights,
             forward_args=forward_args,
             layers=(target.layer,) if isinstance(target, Unit) else ())
+        session.settings.update(defaults=s.defaults)  # the explainer's, where they were changed
         if target is None:
             target = session.logits.detach().argmax(dim=1)
         attribution = session.pullback(target)

@@ -702,11 +702,12 @@ def test_paper_versions_splat_into_every_door(own_temperature):
 
 def test_paper_versions_are_frozen_mappings():
     assert dict(pw.PAPER_V1) == {"gate": "sigmoid", "temperature": {"relu": 0.3, "pool": 0.3},
-                                 "pool_weights": "differentiated"}
+                                 "pool_weights": "differentiated",
+                                 "temperature_mode": "absolute"}
     assert dict(pw.PAPER_LATEST) == {"gate": "normal_cdf",
                                      "temperature": {"relu": 0.6, "pool": 0.3, "silu": 1.6,
                                                      "gelu": 1.0, "attention": 1.0},
-                                     "pool_weights": "detached"}
+                                     "pool_weights": "detached", "temperature_mode": "absolute"}
     with pytest.raises(AttributeError):
         pw.PAPER_V1.gate = "hard"
     with pytest.raises(TypeError):

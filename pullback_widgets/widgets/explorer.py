@@ -14,6 +14,7 @@ photo, the Top-5 buttons and the Target box's automatic value; the status line h
 from __future__ import annotations
 
 import hashlib
+import html
 import io
 import threading
 import time
@@ -37,6 +38,7 @@ from ..model_helpers import (
     describe_temperatures,
     scaled_temperatures,
 )
+from ..model_state import ModelState
 from ..paper import PAPER_PRESETS
 from ..session import PullbackSession, notices_unwarned
 from ..targets import Target, Unit
@@ -275,7 +277,7 @@ class PullbackExplorer(w.VBox):
             what += " and the temperature strip"
         return f"{what} · T = {request.temperature:.3g} · {request.gate}"
 
-    def _on_change(self, change=None) -> None:
+    def _on_change(self, change=None, force: bool = False) -> None:
         # The worker changes the Target box too (to name the class it drew), which calls this
         # on its thread: the snapshot and its submission are one step, or an older snapshot
         # could replace a newer one in the worker's slot, and its status event with it.
@@ -288,6 +290,8 @@ class PullbackExplorer(w.VBox):
                 # once filled in: the predicted class of another image may be another.
                 self._auto_target = ""
             if not self._closed:
+                if force:
+                    self._submitted = None
                 self._submit(self._request())
 
     def _choose_top_class(self, button: w.Button) -> None:
@@ -328,7 +332,9 @@ class PullbackExplorer(w.VBox):
         with self._settling():  # new options select the first image: no forward of that one
             self.image.options = list(self._images)
             self.image.value = key
-        self._on_change()
+        # Requested even where the controls are those drawn (the photo on show uploaded
+        # again): its status line replaces the error of an upload that failed before it.
+        self._on_change(force=True)
 
     # ------------------------------------------------------------------ worker side
 
@@ -372,11 +378,11 @@ class PullbackExplorer(w.VBox):
                 self._on_change()  # the Layer box may have gone back to the logits
                 if self._submitted != request:
                     return None
-            session = PullbackSession(self.model, image,
-                                      layers=list(self.layer_control.short_list))
-            if bool(session.logits.isnan().any()):  # -inf logits (masked classes) are fine
-                raise PullbackWidgetsError("the model's output for this image holds NaN: "
-                                           "there is nothing to explain")
+            session = self._forward(image)
+            # -inf logits (masked classes) are fine; NaN or +inf makes the probabilities NaN.
+            if bool(session.probabilities.isnan().any()):
+                raise PullbackWidgetsError("the model's output for this image holds NaN or "
+                                           "+inf: there is nothing to explain")
             classes = session.logits.shape[-1]
             if classes != len(self.labels):  # a new head: the names would be another's
                 raise PullbackWidgetsError(
@@ -388,6 +394,21 @@ class PullbackExplorer(w.VBox):
             # and classes of the maps still on show, not the new image's beside the old maps.
             self._photo_pending = (image[0], self._session.probabilities[0])
         return self._session
+
+    def _forward(self, image: Tensor) -> PullbackSession:
+        """A session of ``image``. The session records the model as its forward left it: a
+        change made meanwhile (a training cell run while the worker computes) would be in that
+        record but not in the graph, and every later map of the image would fail or, for a
+        change through ``.data``, pull back through the new weights along the old gates. So
+        the forward is made once more then; a model that changes itself as it runs keeps its
+        second session."""
+        for _ in range(2):
+            before = ModelState.of(self.model)
+            session = PullbackSession(self.model, image,
+                                      layers=list(self.layer_control.short_list))
+            if before.matches(self.model):
+                break
+        return session
 
     def _show_notices(self, notices: tuple[str, ...], plain: bool) -> None:
         """Keep the engine's notices for the status line; where nothing is gated, the
@@ -557,7 +578,8 @@ class PullbackExplorer(w.VBox):
             self._compare_cache[key] = (attribution, time.perf_counter() - began)
         attribution, seconds = self._compare_cache[key]
         settings = method_settings(method, self.model)
-        label = _label(method) + (f" ({settings})" if settings else "")
+        # Escaped for the titles (Plotly reads some HTML): Grad-CAM's settings name a module.
+        label = _label(method) + (f" ({html.escape(settings, quote=False)})" if settings else "")
         return label, attribution, seconds, cached, note
 
     def _show_error(self, error: BaseException, request: _Request) -> None:

@@ -183,10 +183,12 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
     result = AscentResult(images=[start])
     logits, probs = [], []
     current = start
+    first = None  # the first step's session: its record is the model the ascent follows
     bar = tqdm(total=steps, desc=f"{method} ascent", disable=not progress, leave=False)
     try:
         for step in range(steps + 1):
             session = PullbackSession(model, current, layers=layers, **settings)
+            first = first or session
             logit, prob = _target_score(session, target)
             # At the last step no pullback would say so. An infinite logit of any class makes
             # every probability NaN.
@@ -201,14 +203,16 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
             probs.append(prob)
             result.logits = torch.stack(logits)
             result.probs = None if prob is None else torch.stack(probs)
-            if step > 0 and callback is not None:
-                if callback(step, result):
-                    result.stopped = True
-                    break
-                if not session.model_unchanged():  # the session's refusal would name sessions
-                    raise PullbackWidgetsError(
-                        f"the callback changed the model at step {step}: an ascent follows one "
-                        "model, so change it before or after the run")
+            if step > 0 and callback is not None and callback(step, result):
+                result.stopped = True
+                break
+            # A change between steps (the callback, or a training cell while a widget's
+            # worker runs the ascent) would make each step follow another model.
+            if not first.model_unchanged():
+                raise PullbackWidgetsError(
+                    f"the model changed during the ascent, by step {step} (in the callback, or "
+                    "in another thread): an ascent follows one model, so change it before or "
+                    "after the run")
             if step == steps:
                 break
             direction = _unit_l2(check_finite(session.pullback(target),

@@ -120,5 +120,31 @@ def test_an_ascent_whose_callback_changes_the_model_names_the_callback():
         with torch.no_grad():
             model[0].weight[0].zero_()
 
-    with pytest.raises(pw.PullbackWidgetsError, match="callback changed the model at step 1"):
+    with pytest.raises(pw.PullbackWidgetsError,
+                       match=r"model changed during the ascent, by step 1 \(in the callback"):
         pw.pullback_ascent(model, x, 1, steps=3, callback=ablate, progress=False)
+
+
+def test_an_ascent_refuses_a_model_changed_by_another_thread_between_its_steps():
+    # A training cell run while a widget's worker ascends: each later step followed the new
+    # model, with no error. The change comes in step 1's forward, after its session began.
+    model, x = small_cnn(), image()
+    forwards = []
+
+    def train_once(module, inputs, output):
+        forwards.append(1)
+        if len(forwards) == 2:
+            model[0].weight.data.mul_(0.5)  # as another thread would, through .data
+
+    model[3].register_forward_hook(train_once)
+    with pytest.raises(pw.PullbackWidgetsError, match="model changed during the ascent, by "
+                                                      "step 1"):
+        pw.pullback_ascent(model, x, 1, steps=3, progress=False)
+
+
+def test_an_ascent_of_a_lazy_model_follows_the_model_its_first_forward_made():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.LazyLinear(3)).double().eval()
+    result = pw.pullback_ascent(model, image(), 1, steps=2, progress=False)
+    assert len(result.images) == 3

@@ -460,7 +460,9 @@ def magnitude_overlay(
             opacity=float(opacity),
             showscale=True,
             colorbar=dict(thickness=12, len=0.9, title=dict(text="|a| rel.")),
-            hovertemplate="x=%{x}, y=%{y}<br>|a| / limit = %{z:.2f}<extra></extra>",
+            # The layer is clipped for its colours: hover must not give 1 for a pixel of 100.
+            hovertemplate=f"x=%{{x}}, y=%{{y}}<br>|a| / its {percentile:g}th percentile, "
+                          "capped at 1: %{z:.2f}<extra></extra>",
         ),
         row=1,
         col=1,
@@ -600,7 +602,9 @@ def temperature_strip(
             col=j + 1,
         )
         if shared is None:
-            fig.update_xaxes(title=dict(text=f"±{zmax:.2g}", standoff=2), row=1, col=j + 1)
+            # A map that is 0 everywhere has no scale; its fallback range (1e-12) is no value's.
+            scale = f"±{zmax:.2g}" if np.any(z) else "all 0"
+            fig.update_xaxes(title=dict(text=scale, standoff=2), row=1, col=j + 1)
     return _style_image_figure(
         fig,
         title=title,

@@ -112,11 +112,25 @@ def explain(model: nn.Module, image: Tensor, target: int | None = None, *,
                        ascent, gradient_ascent, notices=session.notices)
 
 
+def _number(value: float, sign: str = "") -> str:
+    """``value`` with two decimals where they hold it, else three significant digits: a logit
+    of 1e-7 read "0.00" (and its gain "+0.00"), one of 1.2e7 "12345678.00"."""
+    return f"{value:{sign}.2f}" if value == 0 or 0.01 <= abs(value) < 1e5 else \
+        f"{value:{sign}.3g}"
+
+
+def _raw_scale(attribution: Tensor) -> str:
+    """The map's :func:`figures.signed_range`, or that it is 0 everywhere (the range's
+    fallback, 1e-12, is no value of the map's)."""
+    summed = figures.channel_sum(attribution)
+    return f"{figures.signed_range(summed):.3g}" if summed.any() else "0 (0 everywhere)"
+
+
 def _frame_labels(result: AscentResult) -> list[str]:
     labels = []
     for step, logit in enumerate(result.logits[:, 0].tolist()):
         prob = "" if result.probs is None else f" · p={float(result.probs[step, 0]):.2f}"
-        labels.append(f"step {step}<br>logit {logit:.2f}{prob}")
+        labels.append(f"step {step}<br>logit {_number(logit)}{prob}")
     return labels
 
 
@@ -271,14 +285,15 @@ def explain_html(explanation: Explanation, labels: Sequence[str] | None = None) 
                               normalize=True),
          "Both maps summed over RGB, each divided by its own 99.5th percentile of |value| and "
          "drawn on one colour scale (red: raising the pixel raises the logit). Raw scales: "
-         f"pullback {figures.signed_range(figures.channel_sum(e.pullback)):.3g}, gradient "
-         f"{figures.signed_range(figures.channel_sum(e.gradient)):.3g}."),
+         f"pullback {_raw_scale(e.pullback)}, gradient {_raw_scale(e.gradient)}."),
         ("Where the pullback is large",
-         figures.magnitude_overlay(e.image, e.pullback), ""),
+         figures.magnitude_overlay(e.image, e.pullback),
+         "|pullback| summed over RGB, divided by its 99.5th percentile; pixels above it are "
+         "drawn at 1."),
         ("Pullback ascent, step by step",
          _frames(e.ascent),
-         f"Target-logit gain: pullback ascent {pullback_gain:+.2f}, gradient ascent "
-         f"{gradient_gain:+.2f} (same steps, step size and eps). {_frames_note(e.ascent)}"
+         f"Target-logit gain: pullback ascent {_number(pullback_gain, '+')}, gradient ascent "
+         f"{_number(gradient_gain, '+')} (same steps, step size and eps). {_frames_note(e.ascent)}"
          .strip()),
         ("What the ascent changed (final minus start)",
          figures.rgb_difference(e.ascent.diff[0]), "Per-image min–max scaled, as in the paper."),
@@ -290,7 +305,8 @@ def explain_html(explanation: Explanation, labels: Sequence[str] | None = None) 
          f"model that is linear in path space), gate {e.strip_gate}"
          + (" (the hard gate has no temperature)" if e.strip_gate != e.parameters.get("gate",
                                                                                   e.strip_gate)
-            else "") + "; each panel on its own colour scale."),
+            else "") + "; each panel on its own colour scale, ± its 99.5th percentile of "
+         "|value| (beyond it the colour saturates)."),
     ]
     return render_html(f"Excitation pullback: {name}", sections, e.parameters)
 

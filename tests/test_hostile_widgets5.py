@@ -154,3 +154,12 @@ def test_the_name_of_grad_cams_layer_draws_no_markup_in_titles():
         assert explorer.strip_figure.layout.annotations[-1].text == escaped
     finally:
         explorer.close()
+
+
+def test_the_signed_views_colour_bar_says_its_numbers_are_relative():
+    # It read -1 … 1 with no title, as if those were the attribution's own units.
+    from pullback_widgets.widgets.explorer import _view_figure
+
+    attribution = torch.full((1, 3, 8, 8), 250.0)
+    figure = _view_figure("signed heatmap", torch.rand(1, 3, 8, 8), attribution, "t")
+    assert figure.data[0].colorbar.title.text == "rel."

@@ -632,6 +632,8 @@ def _view_figure(view: str, image: Tensor, attribution: Tensor, title: str,
         # pullback, so on raw values one of the two panels would look blank.
         figure = figures.signed_heatmap(figures.relative_map(attribution), zmax=1.0,
                                         title=title)
+        # Its numbers are the map's over its own 99.5th percentile of |value|, not raw units.
+        figure.update_traces(colorbar_title_text="rel.")
     return figure if mask is None else figures.mask_outline(figure, mask)
 
 

@@ -1326,6 +1326,9 @@ def evaluate(items: Iterable[Item | tuple], settings: EvaluationSettings,
                 skipped = [entry for _, entries, _ in shares for entry in entries]
                 rows = _merge(_existing_rows(out), items, settings)
                 parquet = out.suffix.lower() == ".parquet"
+                # The summary of the rows before goes first: a run stopped from here on (the
+                # settings still say "running") leaves none, never one of other rows than OUT's.
+                summary_path(out).unlink(missing_ok=True)
                 atomic_write(out, lambda tmp: _write_rows(tmp, rows, parquet))
                 shutil.rmtree(_parts_dir(out), ignore_errors=True)
                 seconds = time.perf_counter() - began

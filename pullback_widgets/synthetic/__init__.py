@@ -360,6 +360,8 @@ def _main(argv: list[str] | None = None) -> int:
     command.add_argument("--overwrite", action="store_true",
                          help="replace an existing weights file")
     args = parser.parse_args(argv)
+    from ..evaluation.runner import check_writable_folder  # (runner imports this module)
+
     provenance_path = args.out.with_suffix(".json")
     try:
         if args.out.is_dir() or args.out.suffix == ".json":
@@ -368,6 +370,8 @@ def _main(argv: list[str] | None = None) -> int:
         for path in (args.out, provenance_path):
             if path.exists() and not args.overwrite:
                 raise PullbackWidgetsError(f"{path} exists; pass --overwrite to replace it")
+        # Before training, not after it: the folder is made and written once the work is done.
+        check_writable_folder(args.out)
         threads = check_index(args.threads, "threads", minimum=1)
         torch.set_num_threads(threads)
         net, provenance = train(steps=args.steps, batch_size=args.batch_size,
@@ -376,15 +380,27 @@ def _main(argv: list[str] | None = None) -> int:
     except PullbackWidgetsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    # A temporary file of our own beside the weights (not NAME.tmp, which may be the user's).
-    temporary = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
+    # Temporary files of our own beside them (not NAME.tmp, which may be the user's), both
+    # written before either is renamed: a failed write leaves the earlier pair as it was. The
+    # earlier provenance goes first, so that a run stopped between the renames leaves the new
+    # weights without one, never beside the old one. A rename replaces a link, never writes
+    # through it.
+    temporaries = [path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                   for path in (args.out, provenance_path)]
     try:
-        torch.save(net.state_dict(), temporary)
-        temporary.replace(args.out)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), temporaries[0])
+        temporaries[1].write_text(json.dumps(provenance, indent=2) + "\n")
+        provenance_path.unlink(missing_ok=True)
+        temporaries[0].replace(args.out)
+        temporaries[1].replace(provenance_path)
+    except OSError as err:  # a full disk, say: the training is lost, but in one line
+        print(f"error: could not write --out {str(args.out)!r}: {err.strerror or err}",
+              file=sys.stderr)
+        return 2
     finally:
-        temporary.unlink(missing_ok=True)
-    provenance_path.write_text(json.dumps(provenance, indent=2) + "\n")
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)
     print(json.dumps(provenance, indent=2))
     return 0
 

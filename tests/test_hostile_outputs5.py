@@ -137,3 +137,21 @@ def test_a_run_stopped_after_its_output_leaves_no_summary_of_other_rows(tmp_path
     assert _evaluate(out, 4, "--resume") == 0
     assert len(runner.read_rows(out)) == 4 * 2
     assert "8 rows in the output" in summary.read_text()
+
+
+def test_a_resume_with_another_torch_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    # The versions were recorded but not compared: rows of two torch versions (or two versions
+    # of the package's rules) were merged into one output without a word.
+    out = tmp_path / "r.csv"
+    assert _evaluate(out, 2) == 0
+    monkeypatch.setattr(torch, "__version__", "0.0.1-other")
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--synthetic", "4", "--methods", "gradient", "random",
+                     "--metrics", "mass", "--batch-size", "2", "--out", str(out),
+                     "--resume"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0
+    assert "other versions (torch" in error and "0.0.1-other' now" in error
+    assert len(runner.read_rows(out)) == 2 * 2  # the output as it was
+    monkeypatch.undo()
+    assert _evaluate(out, 4, "--resume") == 0

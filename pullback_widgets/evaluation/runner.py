@@ -1125,6 +1125,8 @@ def _check_resume_settings(out: Path, settings: EvaluationSettings, resume: bool
         output = record.get("output", out.name)
         started_in = str(record.get("cwd", os.getcwd()))
         then = {str(k): v for k, v in record.get("method_sources", {}).items()}  # older: none
+        versions_then = {name: record.get(name, now)
+                         for name, now in _versions().items()}  # older records: not compared
     except (ValueError, AttributeError, TypeError, RecursionError) as error:  # JSON, UTF-8
         raise PullbackWidgetsError(
             f"{str(path)!r} is damaged ({type(error).__name__}); remove it and {str(out)!r} to "
@@ -1133,6 +1135,12 @@ def _check_resume_settings(out: Path, settings: EvaluationSettings, resume: bool
         raise PullbackWidgetsError(
             f"{str(path)!r} records the run that wrote {output!r}, not {str(out.name)!r} (they "
             "share a name stem); resume that output, or write this one under another name")
+    if versions_then != _versions():  # each may change values (a rule, torch's kernels)
+        listed = ", ".join(f"{name} {then_!r} then, {now!r} now" for (name, then_), now
+                           in zip(versions_then.items(), _versions().values()) if then_ != now)
+        raise PullbackWidgetsError(
+            f"cannot resume {str(out)!r} with other versions ({listed}): its rows would mix "
+            "two versions' values; resume with the versions it started with, or start anew")
     current = json.loads(json.dumps(settings.values_key()))
     differ = sorted(k for k in set(recorded) | set(current)
                     if recorded.get(k) != current.get(k))
@@ -1149,16 +1157,20 @@ def _check_resume_settings(out: Path, settings: EvaluationSettings, resume: bool
     return started_in
 
 
-def _write_settings(out: Path, settings: EvaluationSettings, extra: Mapping[str, object]):
+def _versions() -> dict[str, str | None]:
+    """The torch and pullback-widgets versions this run computes with, as recorded."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         package = version("pullback-widgets")
     except PackageNotFoundError:
         package = None
+    return {"torch": torch.__version__, "pullback-widgets": package}
+
+
+def _write_settings(out: Path, settings: EvaluationSettings, extra: Mapping[str, object]):
     record = {"output": out.name, "settings": dataclasses.asdict(settings),
-              "values": settings.values_key(),
-              "torch": torch.__version__, "pullback-widgets": package, **extra}
+              "values": settings.values_key(), **_versions(), **extra}
     # ASCII: a skipped file's name that is not UTF-8 (surrogate-escaped bytes) is escaped too.
     text = json.dumps(record, indent=1, ensure_ascii=True)
     path = _settings_path(out)

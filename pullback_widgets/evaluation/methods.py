@@ -12,9 +12,12 @@ Stable method names (:data:`METHODS`), used by ``pullback-widgets evaluate --met
 - ``gradient_x_input``: gradient times the image (pixel space).
 - ``random``: the control, standard normal noise seeded by the image's content.
 - Captum's (the ``compare`` extra): ``guided_backprop`` (run on a copy whose ReLU6 modules
-  Captum can hook), ``guided_backprop_captum`` (Captum as is: on a ReLU6 network such as
+  Captum can hook; refused for a model with another rectifier module, LeakyReLU, SiLU, GELU,
+  Hardswish ..., or with no ReLU module, where its map would be the gradient there or
+  everywhere), ``guided_backprop_captum`` (Captum as is: on a ReLU6 network such as
   Lite0 it equals the gradient), ``integrated_gradients`` (black baseline),
-  ``smoothgrad`` (signed) and ``guided_gradcam`` (bilinear upsampling, last Conv2d).
+  ``smoothgrad`` (signed) and ``guided_gradcam`` (bilinear upsampling, last Conv2d; refused
+  where ``guided_backprop`` is).
 
 :func:`method_registry` adds a grid of pullbacks named by :func:`pullback_name`
 (``"pullback sigmoid T=0.3"``) to the others; :func:`quantus_explain_func` adapts the pullback
@@ -77,7 +80,7 @@ METHODS = {
     "gradient": "plain input gradient of the target logit",
     "gradient_x_input": "gradient times the image",
     "random": "control: standard normal noise, seeded by the image",
-    "guided_backprop": "Captum's guided backprop on a ReLU6-hookable copy",
+    "guided_backprop": "Captum's guided backprop on a ReLU6-hookable copy (ReLU models)",
     "guided_backprop_captum": "Captum's guided backprop as is",
     "integrated_gradients": "Captum's integrated gradients, black baseline",
     "smoothgrad": "Captum's SmoothGrad, signed",
@@ -210,9 +213,44 @@ class _HookableReLU6(nn.ReLU):
         return F.hardtanh(x, 0.0, 6.0)
 
 
+# Activations whose backward Captum's guided backprop leaves as their plain gradient (it guides
+# nn.ReLU modules; ReLU6 through _HookableReLU6): a network with one of them is not guided
+# backprop. Sigmoid, Tanh and the like are left out: gates, not rectifiers, in every method's
+# textbook form.
+_UNGUIDED_ACTIVATIONS = (nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU,
+                         nn.SiLU, nn.Mish, nn.Hardswish, nn.Softplus, nn.Hardtanh, nn.Threshold)
+
+
+def _check_guidable(model: nn.Module) -> None:
+    """A clear error where guided backprop would not be guided backprop: a model with an
+    activation module Captum does not guide, or with no nn.ReLU (ReLU6) module at all (its
+    "guided" map was the plain gradient, under guided backprop's name)."""
+    modules = list(model.named_modules())
+    unguided = [(name, module) for name, module in modules
+                if isinstance(module, _UNGUIDED_ACTIVATIONS) and type(module) is not nn.ReLU6]
+    if unguided:
+        name, module = unguided[0]
+        raise PullbackWidgetsError(
+            f"guided backprop guides nn.ReLU and nn.ReLU6 modules only; this model's "
+            f"{type(module).__name__} ({name!r}) would pass its plain gradient, so the map would "
+            "not be guided backprop")
+    if not any(isinstance(module, nn.ReLU) or type(module) is nn.ReLU6 for _, module in modules):
+        raise PullbackWidgetsError(
+            "guided backprop guides nn.ReLU and nn.ReLU6 modules and this model has none: its "
+            "map would be the plain gradient")
+
+
+def _guidable(model: nn.Module) -> bool:
+    try:
+        _check_guidable(model)
+    except PullbackWidgetsError:
+        return False
+    return True
+
+
 def _guided_copy(model: nn.Module) -> nn.Module:
-    """A deep copy with every ReLU6 hookable by Captum, and no ReLU in place (module backward
-    hooks cannot see an in-place op's input)."""
+    """A deep copy with every ReLU6 hookable by Captum, no ReLU in place (module backward
+    hooks cannot see an in-place op's input), and each ReLU given its own copy of its input."""
     guided = copy.deepcopy(model)
     for parent in list(guided.modules()):
         for name, child in parent.named_children():
@@ -220,7 +258,16 @@ def _guided_copy(model: nn.Module) -> nn.Module:
                 setattr(parent, name, _HookableReLU6())
             elif isinstance(child, nn.ReLU):
                 child.inplace = False
+    for module in guided.modules():
+        if isinstance(module, nn.ReLU):
+            # Registered before Captum's: its hook, on the module's input, then sees the ReLU's
+            # gradient alone, not the sum of every path through a pre-activation used elsewhere.
+            module.register_forward_pre_hook(_own_input)
     return guided
+
+
+def _own_input(module: nn.Module, args: tuple) -> tuple:
+    return tuple(arg.clone() if isinstance(arg, Tensor) else arg for arg in args)
 
 
 @contextlib.contextmanager
@@ -235,6 +282,8 @@ def _captum_guided_backprop(model, x, target, *, relu6: bool):
     from captum.attr import GuidedBackprop
 
     x, target = explained_inputs(x, target)
+    if relu6:  # guided_backprop; guided_backprop_captum is Captum as is, whatever it guides
+        _check_guidable(model)
     net = _guided_copy(model) if relu6 else model
     inputs = x.detach().clone().requires_grad_(True)
     with evaluation_mode(net), _quiet_captum_hooks(), _classes_checked(net, target):
@@ -251,6 +300,7 @@ def _captum_guided_gradcam(model, x, target, *, layer):
     from captum.attr import GuidedGradCam
 
     x, target = explained_inputs(x, target)
+    _check_guidable(model)
     net = _guided_copy(model)
     modules = dict(net.named_modules())
     if layer not in modules:
@@ -382,6 +432,8 @@ def build_method(name: str, model: nn.Module, *, temperature: float | None = Non
     if name in simple:
         return simple[name]
     partial = functools.partial
+    if name in ("guided_backprop", "guided_gradcam"):
+        _check_guidable(model)
     if name in ("guided_backprop", "guided_backprop_captum"):
         return partial(_captum_guided_backprop, relu6=name == "guided_backprop")
     if name == "integrated_gradients":
@@ -436,7 +488,8 @@ def method_registry(model: nn.Module, *, temperatures: Sequence[float] = (0.1, 0
     (``captum=None``: if importable), Captum's methods (:data:`CAPTUM_METHODS`), under their
     stable names (see the module docstring) and built by :func:`build_method` with these
     options; Grad-CAM and guided Grad-CAM only where they have a layer (``cam_layer``, else
-    the model's last Conv2d): a model without a Conv2d gets the other methods.
+    the model's last Conv2d), guided backprop and guided Grad-CAM only where every rectifier
+    is a ReLU (ReLU6) module: a model without a Conv2d, or with SiLU, gets the other methods.
     """
     methods: dict[str, Explainer] = {}
     for mode in temperature_modes:
@@ -447,6 +500,8 @@ def method_registry(model: nn.Module, *, temperatures: Sequence[float] = (0.1, 0
     if captum_available() if captum is None else captum:
         names += [name for name in CAPTUM_METHODS if cam_layer is not None
                   or name not in ("gradcam", "guided_gradcam") or _conv_names(model)]
+        if not _guidable(model):
+            names = [name for name in names if name not in ("guided_backprop", "guided_gradcam")]
     options = {"cam_layer": cam_layer, "ig_steps": ig_steps,
                "smoothgrad_samples": smoothgrad_samples, "smoothgrad_std": smoothgrad_std,
                "batch_size": batch_size}

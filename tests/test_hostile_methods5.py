@@ -209,3 +209,30 @@ def test_guided_backprop_guides_the_relu_path_only_where_its_input_has_others():
         warnings.simplefilter("ignore")
         torch.testing.assert_close(ev.build_method("guided_backprop", net)(net, x, target),
                                    _guided_reference(net, x, target))
+
+
+class _AuxiliaryHead(nn.Module):
+    """A classifier whose last registered Conv2d is an auxiliary head that runs in training
+    only, as GoogLeNet's."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(4, 3)
+        self.aux = nn.Sequential(nn.Conv2d(4, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(2, 3))
+
+    def forward(self, x):
+        h = self.features(x)
+        logits = self.fc(h.mean((2, 3)))
+        return logits + self.aux(h) if self.training else logits
+
+
+@pytest.mark.parametrize("name", ["gradcam", "guided_gradcam"])
+def test_a_cam_layer_that_never_runs_is_a_one_line_error(name):
+    # Captum's bare AssertionError ("Forward hook did not obtain any outputs ...").
+    torch.manual_seed(0)
+    model = _AuxiliaryHead().double().eval()
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(PullbackWidgetsError, match=r"'aux\.0' does not run in the model's"):
+        ev.build_method(name, model)(model, x, torch.tensor([1]))

@@ -296,6 +296,20 @@ def _cam_output_error(layer: str) -> PullbackWidgetsError:
         "convolutional layer as cam_layer")
 
 
+@contextlib.contextmanager
+def _cam_layer_runs(layer: str):
+    """Captum's bare AssertionError where the layer never runs in the forward (GoogLeNet's
+    last Conv2d is in an auxiliary head that runs in training only), as one line."""
+    try:
+        yield
+    except AssertionError as error:
+        if "did not obtain any outputs" not in str(error):
+            raise
+        raise PullbackWidgetsError(
+            f"Grad-CAM layer {layer!r} does not run in the model's forward (an auxiliary head "
+            "that runs in training only?); pass a layer that does as cam_layer") from None
+
+
 def _captum_guided_gradcam(model, x, target, *, layer):
     from captum.attr import GuidedGradCam
 
@@ -307,7 +321,7 @@ def _captum_guided_gradcam(model, x, target, *, layer):
         raise PullbackWidgetsError(f"Grad-CAM layer {layer!r} is not a module of the model")
     inputs = x.detach().clone().requires_grad_(True)
     with evaluation_mode(net), _quiet_captum_hooks(), _classes_checked(net, target), \
-            warnings.catch_warnings():
+            warnings.catch_warnings(), _cam_layer_runs(layer):
         # Captum warns, and returns an empty tensor, where the layer's output is not 4-D.
         warnings.filterwarnings("ignore", message="Couldn.t appropriately interpolate GradCAM")
         attribution = GuidedGradCam(net, modules[layer]).attribute(
@@ -327,7 +341,7 @@ def _captum_gradcam(model, x, target, *, layer):
     modules = dict(model.named_modules())
     if layer not in modules:
         raise PullbackWidgetsError(f"Grad-CAM layer {layer!r} is not a module of the model")
-    with evaluation_mode(model), _classes_checked(model, target):
+    with evaluation_mode(model), _classes_checked(model, target), _cam_layer_runs(layer):
         cam = LayerGradCam(model, modules[layer]).attribute(
             x.detach(), target=target, relu_attributions=True).detach()
     if cam.dim() != 4:

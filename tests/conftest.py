@@ -45,6 +45,19 @@ def plain_gradient(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tens
     return grad
 
 
+def markup_named_cnn() -> nn.Module:
+    """A tiny 32-px CNN of 3 classes whose only convolution is named "<b>conv</b><br>FAKE":
+    markup that titles must not draw."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("<b>conv</b><br>FAKE", nn.Conv2d(3, 4, 3, padding=1))
+    for name, module in (("relu", nn.ReLU()), ("pool", nn.AdaptiveAvgPool2d(1)),
+                         ("flat", nn.Flatten()), ("fc", nn.Linear(4, 3))):
+        model.add_module(name, module)
+    model.eval().input_size = 32
+    return model
+
+
 def model_snapshot(model: nn.Module) -> dict:
     """Everything the package promises to leave as it found it."""
     return {

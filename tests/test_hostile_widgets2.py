@@ -11,7 +11,7 @@ import pullback_widgets as pw
 from pullback_widgets import figures
 from pullback_widgets.widgets.common import LatestOnlyWorker
 from pullback_widgets.widgets.figure_widget import figure_widget, sync_figure
-from tests.conftest import LABELS
+from tests.conftest import LABELS, markup_named_cnn
 
 
 def _nan_after(model, forwards: int):
@@ -424,13 +424,7 @@ def test_a_failed_comparison_leaves_both_panels_of_one_target():
 def test_names_are_escaped_once_in_titles_and_status_and_modules_draw_no_markup():
     # A module named "<b>conv</b><br>FAKE" was drawn bold over two lines in the unit's title,
     # and a label "a<b&c" read "a&lt;b&amp;c" on the status line, escaped twice (a review).
-    torch.manual_seed(0)
-    model = torch.nn.Sequential()
-    model.add_module("<b>conv</b><br>FAKE", torch.nn.Conv2d(3, 4, 3, padding=1))
-    for name, module in (("relu", torch.nn.ReLU()), ("pool", torch.nn.AdaptiveAvgPool2d(1)),
-                         ("flat", torch.nn.Flatten()), ("fc", torch.nn.Linear(4, 3))):
-        model.add_module(name, module)
-    model.eval().input_size = 32
+    model = markup_named_cnn()
     explorer = pw.PullbackExplorer(model, "coffee", labels=["a<b&c"] * 3)
     assert explorer.wait()
     assert "⁨a&lt;b&amp;c⁩" in explorer.pullback_figure.layout.title.text

@@ -13,7 +13,7 @@ from PIL import Image
 
 import pullback_widgets as pw
 from pullback_widgets import figures
-from tests.conftest import LABELS, every_op_net
+from tests.conftest import LABELS, every_op_net, markup_named_cnn
 
 
 def _net() -> torch.nn.Module:
@@ -136,13 +136,7 @@ def test_the_name_of_grad_cams_layer_draws_no_markup_in_titles():
     # Class and module names were escaped for Plotly, but not the layer in Grad-CAM's
     # settings: a last convolution named "<b>conv</b><br>FAKE" was drawn bold over two lines
     # in the right panel's title and the strip's last panel.
-    torch.manual_seed(0)
-    model = torch.nn.Sequential()
-    model.add_module("<b>conv</b><br>FAKE", torch.nn.Conv2d(3, 4, 3, padding=1))
-    for name, module in (("relu", torch.nn.ReLU()), ("pool", torch.nn.AdaptiveAvgPool2d(1)),
-                         ("flat", torch.nn.Flatten()), ("fc", torch.nn.Linear(4, 3))):
-        model.add_module(name, module)
-    model.eval().input_size = 32
+    model = markup_named_cnn()
     explorer = pw.PullbackExplorer(model, "coffee", labels=["a", "b", "c"])
     try:
         explorer.compare.value = "gradcam"

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .gates import GATES, GateSettings
 from .model_helpers import default_temperatures, predict
+from .model_state import ModelState
 from .session import PullbackSession, Temperature
 from .targets import Target, Unit, class_indices, unit_seed
 from .validation import (
@@ -183,12 +184,12 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
     result = AscentResult(images=[start])
     logits, probs = [], []
     current = start
-    first = None  # the first step's session: its record is the model the ascent follows
+    followed = None  # the model as the first step's forward left it (lazy modules made)
     bar = tqdm(total=steps, desc=f"{method} ascent", disable=not progress, leave=False)
     try:
         for step in range(steps + 1):
             session = PullbackSession(model, current, layers=layers, **settings)
-            first = first or session
+            followed = followed or ModelState.of(model)  # not the session: its graph is big
             logit, prob = _target_score(session, target)
             # At the last step no pullback would say so. An infinite logit of any class makes
             # every probability NaN.
@@ -208,7 +209,7 @@ def pullback_ascent(model: nn.Module, image: Tensor, target: Target, *, steps: i
                 break
             # A change between steps (the callback, or a training cell while a widget's
             # worker runs the ascent) would make each step follow another model.
-            if not first.model_unchanged():
+            if not followed.matches(model):
                 raise PullbackWidgetsError(
                     f"the model changed during the ascent, by step {step} (in the callback, or "
                     "in another thread): an ascent follows one model, so change it before or "

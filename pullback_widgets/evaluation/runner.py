@@ -1125,8 +1125,9 @@ def _check_resume_settings(out: Path, settings: EvaluationSettings, resume: bool
         output = record.get("output", out.name)
         started_in = str(record.get("cwd", os.getcwd()))
         then = {str(k): v for k, v in record.get("method_sources", {}).items()}  # older: none
+        versions_now = _versions()
         versions_then = {name: record.get(name, now)
-                         for name, now in _versions().items()}  # older records: not compared
+                         for name, now in versions_now.items()}  # older records: not compared
     except (ValueError, AttributeError, TypeError, RecursionError) as error:  # JSON, UTF-8
         raise PullbackWidgetsError(
             f"{str(path)!r} is damaged ({type(error).__name__}); remove it and {str(out)!r} to "
@@ -1135,9 +1136,9 @@ def _check_resume_settings(out: Path, settings: EvaluationSettings, resume: bool
         raise PullbackWidgetsError(
             f"{str(path)!r} records the run that wrote {output!r}, not {str(out.name)!r} (they "
             "share a name stem); resume that output, or write this one under another name")
-    if versions_then != _versions():  # each may change values (a rule, torch's kernels)
-        listed = ", ".join(f"{name} {then_!r} then, {now!r} now" for (name, then_), now
-                           in zip(versions_then.items(), _versions().values()) if then_ != now)
+    if versions_then != versions_now:  # each may change values (a rule, torch's kernels)
+        listed = ", ".join(f"{name} {versions_then[name]!r} then, {now!r} now"
+                           for name, now in versions_now.items() if versions_then[name] != now)
         raise PullbackWidgetsError(
             f"cannot resume {str(out)!r} with other versions ({listed}): its rows would mix "
             "two versions' values; resume with the versions it started with, or start anew")
